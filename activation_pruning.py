@@ -1,0 +1,149 @@
+"""Activation pruning: measure each hidden neuron's mean ReLU activation over the training set,
+remove the neurons below a threshold and rebuild genuinely smaller nn.Linear layers.
+
+    python activation_pruning.py                                        # the default threshold sweep
+    python activation_pruning.py --finetune-epochs 3 --bias-compensation  # and recover accuracy
+"""
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import common
+
+THRESHOLDS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0]
+
+
+@torch.no_grad()
+def mean_activations(model, x):
+    """Per hidden layer, each neuron's mean post-ReLU activation over x."""
+    means = []
+    for module in model:
+        x = module(x)
+        if isinstance(module, nn.ReLU):
+            means.append(x.mean(0))
+    return means
+
+
+def neurons_to_keep(means, threshold):
+    """Per hidden layer, a mask of the neurons with mean activation >= threshold. A layer is never
+    emptied: where no neuron reaches the threshold the strongest one stays (its index is in `rescued`)."""
+    keep, rescued = [], []
+    for i, m in enumerate(means):
+        k = m >= threshold
+        if not k.any():
+            k[m.argmax()] = True
+            rescued.append(i)
+        keep.append(k)
+    return keep, rescued
+
+
+@torch.no_grad()
+def remove_neurons(model, keep, means=None):
+    """A smaller model without the hidden neurons whose keep entry is False: their rows go from
+    one layer, their columns from the next. With means (bias compensation), every removed neuron's
+    mean activation times its outgoing weights is folded into the next layer's bias."""
+    layers = common.linears(model)
+    rows = [torch.arange(layers[0].in_features, device=keep[0].device)]
+    rows += [k.nonzero().squeeze(1) for k in keep]
+    rows += [torch.arange(layers[-1].out_features, device=keep[0].device)]
+    smaller = common.mlp([len(r) for r in rows]).to(keep[0].device)
+    for i, (old, new) in enumerate(zip(layers, common.linears(smaller))):
+        bias = old.bias.clone()
+        if means is not None and i > 0:
+            gone = ~keep[i - 1]
+            bias += old.weight[:, gone] @ means[i - 1][gone]
+        new.weight.copy_(old.weight[rows[i + 1]][:, rows[i]])
+        new.bias.copy_(bias[rows[i + 1]])
+    return smaller
+
+
+def sweep(model, train_data, test_data, args):
+    means = mean_activations(model, train_data[0])
+    original = common.count_params(model)
+    rows = []
+    for t in common.progress(args.thresholds, "thresholds"):
+        keep, rescued = neurons_to_keep(means, t)
+        pruned = remove_neurons(model, keep)
+        row = {"threshold": t, "accuracy": common.accuracy(pruned, test_data)}
+        if args.bias_compensation:
+            pruned = remove_neurons(model, keep, means)
+            row["compensated_accuracy"] = common.accuracy(pruned, test_data)
+        if args.finetune_epochs:
+            common.train(pruned, train_data, args.finetune_epochs, args.finetune_lr, args.batch_size, args.seed,
+                         desc=f"fine-tuning at {t}")
+            row["finetuned_accuracy"] = common.accuracy(pruned, test_data)
+        if args.save_dir:
+            common.save_torch(pruned.state_dict(), Path(args.save_dir) / f"activation-{t:g}.pt")
+        new = common.count_params(pruned)
+        row.update(original_params=original, new_params=new, hidden_widths=list(common.widths(pruned)[1:-1]),
+                   kept_strongest_only=rescued,
+                   inference_time_s=common.inference_time(pruned, test_data[0], args.threads),
+                   size_reduction=100 * (1 - new / original))
+        rows.append(row)
+    return rows
+
+
+def columns(compensated, finetuned):
+    return [("Threshold", "threshold", "{:.4g}"), ("Accuracy", "accuracy", "{:.2f}%")] + \
+        ([("Bias-compensated", "compensated_accuracy", "{:.2f}%")] if compensated else []) + \
+        ([("Fine-tuned", "finetuned_accuracy", "{:.2f}%")] if finetuned else []) + [
+        ("Original Params", "original_params", "{:,}"), ("New Params", "new_params", "{:,}"),
+        ("Hidden Widths", "hidden_widths", "{}"), ("Inference Time (s)", "inference_time_s", "{:.4f}"),
+        ("Size Reduction", "size_reduction", "{:.2f}%")]
+
+
+def plot(rows, baseline):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    reduction = [r["size_reduction"] for r in rows]
+    ax.plot(reduction, [r["accuracy"] for r in rows], "o-", label="one-shot")
+    for key, label, marker in [("compensated_accuracy", "bias-compensated", "^-"),
+                               ("finetuned_accuracy", "fine-tuned", "s-")]:
+        if key in rows[0]:
+            ax.plot(reduction, [r[key] for r in rows], marker, label=label)
+    ax.axhline(baseline, color="gray", ls=":", label=f"unpruned model ({baseline:.2f}%)")
+    ax.set(xlabel="parameters removed (%)", ylabel="test accuracy (%)",
+           title="Activation pruning: accuracy against size reduction")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(common.IMAGES / "activation_pruning_accuracy.png", dpi=120)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    thresholds = [r["threshold"] for r in rows]
+    for layer in range(len(rows[0]["hidden_widths"])):
+        ax.plot(thresholds, [r["hidden_widths"][layer] for r in rows], "o-", label=f"hidden layer {layer + 1}")
+    ax.set(xlabel="mean-activation threshold", ylabel="neurons left", yscale="log",
+           title="Activation pruning: width of each hidden layer")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(common.IMAGES / "activation_widths.png", dpi=120)
+
+
+def main():
+    p = common.parser(__doc__.split("\n\n")[0], THRESHOLDS)
+    p.add_argument("--bias-compensation", action="store_true",
+                   help="fold each removed neuron's mean activation into the next layer's bias")
+    args = p.parse_args()
+    model, train_data, test_data = common.setup(args)
+    rows = sweep(model, train_data, test_data, args)
+    print(common.markdown_table(rows, columns(args.bias_compensation, args.finetune_epochs > 0)))
+    print(f"\nInference time: classifying all {len(test_data[1]):,} test images in one batch, median of repeats "
+          f"after warm-up, {args.threads} threads.")
+    for r in rows:
+        if r["kept_strongest_only"]:
+            layers = ", ".join(str(i + 1) for i in r["kept_strongest_only"])
+            print(f"At threshold {r['threshold']:g} no neuron of hidden layer {layers} reached it; "
+                  "the strongest one was kept.")
+    if args.json:
+        common.write_json(args.json, common.settings(args), rows)
+    if args.plot:
+        plot(rows, common.accuracy(model, test_data))
+
+
+if __name__ == "__main__":
+    common.run(main)

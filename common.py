@@ -1,0 +1,362 @@
+"""What both pruning scripts share: the MNIST MLP, its data, training, evaluation,
+measurement, results tables and the command line around them."""
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SIZES = (784, 512, 256, 128, 10)
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+MNIST_FILES = {  # name: IDX magic number (0x08: unsigned bytes; low byte: number of dimensions)
+    "train-images-idx3-ubyte": 0x803, "train-labels-idx1-ubyte": 0x801,
+    "t10k-images-idx3-ubyte": 0x803, "t10k-labels-idx1-ubyte": 0x801,
+}
+IMAGES = Path(__file__).parent / "images"
+TRAINING_RECIPE = "adam, cosine learning rate, cross-entropy"
+
+log = logging.getLogger("pruning")
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+warnings.filterwarnings("ignore", message="Validating sparse tensor invariants")
+
+
+class UserError(Exception):
+    """A problem the user can fix; reported as one line, exit code 2."""
+
+
+# The model ----------------------------------------------------------------------------
+
+def mlp(sizes=SIZES):
+    """Fully connected ReLU network: sizes[0] inputs, sizes[-1] logits."""
+    layers = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(n_in, n_out), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+def linears(model):
+    return [m for m in model if isinstance(m, nn.Linear)]
+
+
+def widths(model):
+    """Input size followed by every layer's output size, e.g. (784, 512, 256, 128, 10)."""
+    layers = linears(model)
+    return (layers[0].in_features, *(layer.out_features for layer in layers))
+
+
+def count_weights(model):
+    return sum(layer.weight.numel() for layer in linears(model))
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# The data -----------------------------------------------------------------------------
+
+def data_root(data_dir=None):
+    """--data-dir, else $MNIST_DATA_DIR, else ./data."""
+    return Path(data_dir or os.environ.get("MNIST_DATA_DIR") or "data")
+
+
+def check_idx(path, magic):
+    """Fail with a one-line reason unless `path` is a complete IDX file with that magic number."""
+    ndim = magic & 0xFF
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header = f.read(4 + 4 * ndim)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    if len(header) < 4 + 4 * ndim or int.from_bytes(header[:4], "big") != magic:
+        raise UserError(f"{path} is not an MNIST IDX file (magic number {header[:4].hex() or 'missing'}, "
+                        f"expected {magic:08x}); replace it with the original file")
+    shape = [int.from_bytes(header[i:i + 4], "big") for i in range(4, len(header), 4)]
+    if size != len(header) + math.prod(shape):
+        raise UserError(f"{path} is truncated or corrupted ({size:,} bytes, expected {len(header) + math.prod(shape):,} "
+                        f"for shape {shape}); replace it with the original file")
+
+
+def download_mnist(root):
+    """Fetch MNIST into root/MNIST/raw with torchvision; on failure, leave no new folders behind."""
+    from torchvision.datasets import MNIST
+    new = next((p for p in (root, root / "MNIST", root / "MNIST" / "raw") if not p.exists()), None)
+    try:
+        log.info(f"MNIST not found in {root}: downloading")
+        MNIST(root, train=True, download=True)
+    except Exception as e:
+        if new:
+            shutil.rmtree(new, ignore_errors=True)
+        raise UserError(f"MNIST is not in {root / 'MNIST' / 'raw'} and could not be downloaded "
+                        f"({type(e).__name__}); put the four IDX files there or pass --data-dir") from None
+
+
+def load_mnist(root):
+    """((x_train, y_train), (x_test, y_test)): normalised, flattened float images and int64 labels."""
+    from torchvision.datasets import MNIST
+    raw = root / "MNIST" / "raw"
+    if not all((raw / name).exists() for name in MNIST_FILES):
+        download_mnist(root)
+    for name, magic in MNIST_FILES.items():
+        check_idx(raw / name, magic)
+    splits = []
+    for train in (True, False):
+        ds = MNIST(root, train=train, download=False)
+        if ds.data.shape[1:] != (28, 28) or len(ds.data) != len(ds.targets) or (ds.targets > 9).any():
+            raise UserError(f"{raw} does not hold MNIST: images must be 28x28 with one label 0-9 each")
+        x = (ds.data.float() / 255 - MNIST_MEAN) / MNIST_STD
+        splits.append((x.flatten(1), ds.targets.long()))
+    return splits
+
+
+# Training and evaluation --------------------------------------------------------------
+
+def train(model, data, epochs, lr, batch_size, seed, desc="training"):
+    """Adam with a cosine-decayed learning rate, reshuffling every epoch from a seeded generator."""
+    x, y = data
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * math.ceil(len(x) / batch_size))
+    for _ in progress(range(epochs), desc, unit="epoch"):
+        for idx in torch.randperm(len(x), generator=gen).to(x.device).split(batch_size):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            schedule.step()
+    return model
+
+
+@torch.no_grad()
+def predict(model, x, batch_size=10000):
+    return torch.cat([model(xb).argmax(1) for xb in x.split(batch_size)])
+
+
+def accuracy(model, data):
+    """Percentage of correctly classified examples."""
+    x, y = data
+    return 100 * (predict(model, x) == y).double().mean().item()
+
+
+@torch.no_grad()
+def inference_time(fn, x, threads, min_run_time=0.5):
+    """Median seconds of fn(x), after warm-up, with a fixed thread count (torch.utils.benchmark)."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # a CUDA notice on import
+    from torch.utils.benchmark import Timer
+    timer = Timer("fn(x)", globals={"fn": fn, "x": x}, num_threads=threads)
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+# Saving, atomically -------------------------------------------------------------------
+
+def atomic_write(path, write):
+    """Call write(file) on a temporary file beside `path`, then rename it into place:
+    a reader sees the old complete file or the new complete one, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_torch(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
+    return Path(path).stat().st_size
+
+
+def check_writable(path):
+    """Fail now, before any long work, if `path` cannot be written later."""
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise UserError(f"cannot write {path}: folder {folder} does not exist")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
+
+
+def write_json(path, settings, rows):
+    text = json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+# The trained model, cached ------------------------------------------------------------
+
+def training_config(args):
+    return {"sizes": list(SIZES), "epochs": args.epochs, "lr": args.lr,
+            "batch_size": args.batch_size, "seed": args.seed, "recipe": TRAINING_RECIPE}
+
+
+def checkpoint_path(args, config):
+    if args.checkpoint:
+        return Path(args.checkpoint)
+    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(__file__).parent / "checkpoints" / f"mlp-{key}.pt"
+
+
+def load_checkpoint(path, config):
+    """The model stored at `path`, or None with a one-line reason why it cannot be used."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        return None, f"unreadable ({type(e).__name__})"
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        return None, "not a checkpoint of this project"
+    if ckpt.get("config") != config:
+        return None, "made with other settings"
+    model = mlp(config["sizes"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, TypeError, AttributeError):
+        return None, "weights do not fit the architecture"
+    return model, None
+
+
+def trained_model(args, train_data, test_data):
+    """The MLP trained with the settings in args: from its checkpoint when one fits, else trained and saved."""
+    config = training_config(args)
+    path = checkpoint_path(args, config)
+    if path.exists() and not args.retrain:
+        model, problem = load_checkpoint(path, config)
+        if model:
+            model.to(train_data[0].device)
+            log.info(f"model: loaded {path} (test accuracy {accuracy(model, test_data):.2f}%)")
+            return model
+        log.warning(f"model: checkpoint {path} is {problem}; retraining")
+    torch.manual_seed(args.seed)
+    model = mlp().to(train_data[0].device)
+    start = time.perf_counter()
+    train(model, train_data, args.epochs, args.lr, args.batch_size, args.seed)
+    state = {k: v.cpu() for k, v in model.state_dict().items()}
+    save_torch({"config": config, "state_dict": state}, path)
+    log.info(f"model: trained {args.epochs} epochs in {time.perf_counter() - start:.1f} s, saved to {path} "
+             f"(test accuracy {accuracy(model, test_data):.2f}%)")
+    return model
+
+
+# The command line ---------------------------------------------------------------------
+
+def threshold(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, not {text}")
+    return value
+
+
+def positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
+        return value
+    return parse
+
+
+def non_negative_int(text):
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, not {text!r}")
+    return int(text)
+
+
+def parser(description, thresholds):
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--thresholds", type=threshold, nargs="+", default=thresholds, metavar="T",
+                   help="thresholds to sweep, each a finite number >= 0")
+    p.add_argument("--data-dir", help="folder holding MNIST/raw/ (default: $MNIST_DATA_DIR, else ./data)")
+    p.add_argument("--checkpoint", help="trained model file (default: checkpoints/mlp-<hash of the "
+                   "training settings>.pt); retrained when it does not match the settings")
+    p.add_argument("--retrain", action="store_true", help="train the model even if a checkpoint fits")
+    p.add_argument("--epochs", type=positive(int), default=5, help="training epochs")
+    p.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate (cosine-decayed)")
+    p.add_argument("--batch-size", type=positive(int), default=128, help="training batch size")
+    p.add_argument("--seed", type=int, default=0, help="seed for initialisation and shuffling")
+    p.add_argument("--finetune-epochs", type=non_negative_int, default=0,
+                   help="epochs of fine-tuning after pruning (0: one-shot only)")
+    p.add_argument("--finetune-lr", type=positive(float), default=5e-4, help="fine-tuning learning rate")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto picks CUDA when present")
+    p.add_argument("--threads", type=positive(int), default=torch.get_num_threads(), help="CPU threads")
+    p.add_argument("--save-dir", help="keep the pruned model files in this existing folder")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    p.add_argument("--plot", action="store_true", help="write the figures to images/")
+    p.add_argument("--quiet", action="store_true", help="print only the results")
+    return p
+
+
+def setup(args):
+    """Check the arguments, then load the data and the trained model: (model, train, test)."""
+    logging.basicConfig(format="%(message)s", level=logging.WARNING if args.quiet else logging.INFO)
+    if len(set(args.thresholds)) != len(args.thresholds):
+        raise UserError(f"duplicate thresholds in {' '.join(map(str, args.thresholds))}")
+    for path in (args.json, args.save_dir and Path(args.save_dir) / "model.pt"):
+        if path:
+            check_writable(path)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(args.threads)
+    root = data_root(args.data_dir)
+    train_data, test_data = [(x.to(device), y.to(device)) for x, y in load_mnist(root)]
+    log.info(f"data: {root} ({len(train_data[1]):,} training, {len(test_data[1]):,} test images); "
+             f"device: {device}; threads: {args.threads}")
+    return trained_model(args, train_data, test_data), train_data, test_data
+
+
+def settings(args):
+    return {k: v for k, v in vars(args).items() if k not in ("json", "plot", "quiet")}
+
+
+def progress(iterable, desc, **kwargs):
+    """A tqdm bar on a terminal; nothing in CI, in a pipe or with --quiet."""
+    from tqdm import tqdm
+    quiet = not log.isEnabledFor(logging.INFO) or not sys.stderr.isatty()
+    return tqdm(iterable, desc=desc, disable=quiet, leave=False, **kwargs)
+
+
+def markdown_table(rows, columns):
+    """columns: (header, key, format) triples; rows: dicts holding those keys."""
+    cells = [[header for header, _, _ in columns]]
+    cells += [[fmt.format(row[key]) for _, key, fmt in columns] for row in rows]
+    width = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    lines = ["| " + " | ".join(c.rjust(w) for c, w in zip(line, width)) + " |" for line in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 1) + ":" for w in width) + "|")
+    return "\n".join(lines)
+
+
+def run(main):
+    """Run main(); a user error or Ctrl-C ends it with one line on stderr, never a traceback."""
+    name = Path(sys.argv[0]).name
+    try:
+        main()
+    except UserError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; saved files are left as they were or complete", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)

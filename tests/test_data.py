@@ -1,0 +1,83 @@
+"""The MNIST loader on small IDX files written here, and its errors on broken ones."""
+
+import pytest
+import torch
+import torchvision
+
+import common
+
+
+def write_idx(path, magic, data):
+    header = magic.to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in data.shape)
+    path.write_bytes(header + data.numpy().tobytes())
+
+
+def fake_mnist(root, n_train=5, n_test=3):
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in [("train", n_train), ("t10k", n_test)]:
+        images = torch.arange(n * 28 * 28, dtype=torch.int64).remainder(256).to(torch.uint8).view(n, 28, 28)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", 0x803, images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", 0x801, torch.arange(n, dtype=torch.uint8) % 10)
+    return raw
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Point torchvision's download at a closed local port, so a missing file fails at once."""
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+
+
+def test_loads_normalised_flat_tensors(tmp_path):
+    fake_mnist(tmp_path)
+    (x, y), (x_test, y_test) = common.load_mnist(tmp_path)
+    assert x.shape == (5, 784) and x_test.shape == (3, 784) and x.dtype == torch.float32
+    assert y.tolist() == [0, 1, 2, 3, 4] and y_test.tolist() == [0, 1, 2] and y.dtype == torch.int64
+    assert x[0, 0].item() == pytest.approx(-0.1307 / 0.3081)  # pixel value 0
+    assert x[0, 255].item() == pytest.approx((1 - 0.1307) / 0.3081)  # pixel value 255
+
+
+def broken(raw, name):
+    path = raw / name
+    return path, path.read_bytes()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda path, data: path.write_bytes(data[:-10]), "is truncated or corrupted"),
+    (lambda path, data: path.write_bytes(data + b"\0"), "is truncated or corrupted"),
+    (lambda path, data: path.write_bytes(b"\x00\x00\x08\x01" + data[4:]), "is not an MNIST IDX file"),
+    (lambda path, data: path.write_bytes(b""), "is not an MNIST IDX file"),
+    (lambda path, data: (path.unlink(), path.mkdir()), "cannot read"),
+])
+def test_broken_files_are_reported_in_one_line(tmp_path, damage, message):
+    raw = fake_mnist(tmp_path)
+    damage(*broken(raw, "train-images-idx3-ubyte"))
+    with pytest.raises(common.UserError, match=message) as error:
+        common.load_mnist(tmp_path)
+    assert "train-images-idx3-ubyte" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_labels_out_of_range_are_rejected(tmp_path):
+    raw = fake_mnist(tmp_path)
+    write_idx(raw / "t10k-labels-idx1-ubyte", 0x801, torch.tensor([1, 2, 11], dtype=torch.uint8))
+    with pytest.raises(common.UserError, match="one label 0-9"):
+        common.load_mnist(tmp_path)
+
+
+@pytest.mark.parametrize("make", [lambda root: None, lambda root: root.mkdir()])
+def test_missing_data_names_the_folder_and_leaves_nothing_behind(tmp_path, make):
+    root = tmp_path / "mnist"
+    make(root)
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(common.UserError, match="could not be downloaded") as error:
+        common.load_mnist(root)
+    assert str(root / "MNIST" / "raw") in str(error.value) and "--data-dir" in str(error.value)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_data_root_prefers_the_option_then_the_environment(monkeypatch):
+    monkeypatch.setenv("MNIST_DATA_DIR", "/from/env")
+    assert str(common.data_root("/from/option")) == "/from/option"
+    assert str(common.data_root()) == "/from/env"
+    monkeypatch.delenv("MNIST_DATA_DIR")
+    assert str(common.data_root()) == "data"

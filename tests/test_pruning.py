@@ -1,0 +1,193 @@
+"""Unit tests on tiny models whose answers can be worked out by hand."""
+
+import torch
+import torch.nn as nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+import activation_pruning as ap
+import common
+import zero_pruning as zp
+
+
+def tiny(sizes, weights, biases):
+    model = common.mlp(sizes)
+    with torch.no_grad():
+        for layer, w, b in zip(common.linears(model), weights, biases):
+            layer.weight.copy_(torch.tensor(w))
+            layer.bias.copy_(torch.tensor(b))
+    return model
+
+
+def test_the_mlp_has_the_documented_size():
+    model = common.mlp()
+    assert common.count_weights(model) == 784 * 512 + 512 * 256 + 256 * 128 + 128 * 10 == 566_528
+    assert common.count_params(model) == 566_528 + 512 + 256 + 128 + 10 == 567_434
+    assert common.widths(model) == (784, 512, 256, 128, 10)
+
+
+# Zero pruning -------------------------------------------------------------------------
+
+def zero_model():
+    return tiny([2, 2, 1], [[[0.5, -0.0625], [0.125, -0.375]], [[0.03125, 1.0]]], [[0.25, -0.5], [0.0]])
+
+
+def test_zero_pruning_zeroes_weights_strictly_below_the_threshold_and_no_bias():
+    pruned = zp.make_permanent(zp.prune_below(zero_model(), 0.125))
+    first, second = common.linears(pruned)
+    assert first.weight.tolist() == [[0.5, 0.0], [0.125, -0.375]]  # |0.125| is not < 0.125
+    assert second.weight.tolist() == [[0.0, 1.0]]
+    assert zp.count_zeros(pruned) == 2
+    assert first.bias.tolist() == [0.25, -0.5]
+
+
+def test_zero_pruning_at_threshold_zero_changes_nothing():
+    model = zero_model()
+    pruned = zp.make_permanent(zp.prune_below(model, 0.0))
+    assert zp.count_zeros(pruned) == 0
+    state = pruned.state_dict()
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+
+
+def test_threshold_for_sparsity_zeroes_exactly_that_fraction():
+    model = zero_model()  # magnitudes 0.03125 0.0625 0.125 0.375 0.5 1.0
+    for sparsity, zeros in [(0, 0), (1 / 6, 1), (0.5, 3), (5 / 6, 5)]:
+        t = zp.threshold_for_sparsity(model, sparsity)
+        assert zp.count_zeros(zp.make_permanent(zp.prune_below(model, t))) == zeros
+
+
+def test_fine_tuning_keeps_pruned_weights_at_exactly_zero_after_every_step():
+    torch.manual_seed(0)
+    model = common.mlp([6, 5, 4, 3])
+    pruned = zp.prune_below(model, 0.2)
+    masks = [layer.weight_mask.bool() for layer in common.linears(pruned)]
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    steps = []
+
+    def check(optimizer, args, kwargs):
+        pruned(x[:1])  # the forward pass recomputes each weight from weight_orig and its mask
+        steps.append(all((layer.weight[~m] == 0).all() for layer, m in zip(common.linears(pruned), masks)))
+
+    handle = register_optimizer_step_post_hook(check)
+    try:
+        common.train(pruned, (x, y), epochs=2, lr=0.1, batch_size=8, seed=0)
+    finally:
+        handle.remove()
+    assert len(steps) == 10 and all(steps)
+    zp.make_permanent(pruned)
+    for layer, m in zip(common.linears(pruned), masks):
+        assert (layer.weight[~m] == 0).all() and (layer.weight[m] != 0).all()
+
+
+def test_sparse_file_round_trips_to_identical_predictions(tmp_path):
+    torch.manual_seed(0)
+    model = common.mlp()
+    pruned = zp.make_permanent(zp.prune_below(model, zp.threshold_for_sparsity(model, 0.95)))
+    zp.save_sparse(pruned, tmp_path / "m.pt")
+    loaded = zp.load_sparse(tmp_path / "m.pt")
+    x = torch.randn(64, 784)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned(x))
+        assert torch.allclose(zp.sparse_forward(pruned)(x), pruned(x), atol=1e-5)
+
+
+def test_sparse_file_is_within_ten_percent_of_what_csr_needs(tmp_path):
+    torch.manual_seed(0)
+    model = common.mlp()
+    for sparsity in (0.9, 0.95, 0.98):
+        pruned = zp.make_permanent(zp.prune_below(model, zp.threshold_for_sparsity(model, sparsity)))
+        size = zp.save_sparse(pruned, tmp_path / "m.pt")
+        assert size == (tmp_path / "m.pt").stat().st_size
+        assert zp.csr_bytes_needed(pruned) <= size <= 1.10 * zp.csr_bytes_needed(pruned)
+
+
+def test_csr_bytes_needed_by_hand():
+    pruned = zp.make_permanent(zp.prune_below(zero_model(), 0.125))
+    # layer 1: 3 values and column indices, 3 row pointers, 2 biases; layer 2: 1, 2, 1
+    assert zp.csr_bytes_needed(pruned) == (8 * 3 + 4 * 3 + 4 * 2) + (8 * 1 + 4 * 2 + 4 * 1)
+
+
+# Activation pruning -------------------------------------------------------------------
+
+def test_mean_activations_by_hand():
+    model = tiny([1, 2, 1], [[[1.0], [-1.0]], [[1.0, 1.0]]], [[0.0, 0.0], [0.0]])
+    means = ap.mean_activations(model, torch.tensor([[1.0], [3.0], [-2.0], [2.0]]))
+    assert [m.tolist() for m in means] == [[1.5, 0.5]]  # (1 + 3 + 0 + 2) / 4 and (0 + 0 + 2 + 0) / 4
+
+
+def test_neurons_below_the_threshold_go_and_a_layer_is_never_emptied():
+    means = [torch.tensor([0.0, 0.5, 0.2]), torch.tensor([0.1, 0.05])]
+    keep, rescued = ap.neurons_to_keep(means, 0.3)
+    assert [k.tolist() for k in keep] == [[False, True, False], [True, False]]
+    assert rescued == [1]
+    keep, rescued = ap.neurons_to_keep(means, 0.0)
+    assert all(k.all() for k in keep) and rescued == []
+
+
+def dead_neuron_model():
+    # hidden neuron 1 gets no input and a negative bias: its activation is always 0
+    return tiny([2, 3, 2, 2], [[[1.0, 2.0], [0.0, 0.0], [-1.0, 1.0]], [[1.0, 5.0, 1.0], [2.0, -3.0, 1.0]],
+                               [[1.0, 0.0], [0.5, 1.0]]],
+                [[0.5, -1.0, 0.0], [0.25, 0.5], [0.0, 0.75]])
+
+
+def test_removing_dead_neurons_keeps_the_outputs_exactly():
+    model = dead_neuron_model()
+    keep = [torch.tensor([True, False, True]), torch.tensor([True, True])]
+    smaller = ap.remove_neurons(model, keep)
+    x = torch.tensor([[1.0, -2.0], [0.5, 0.5], [-3.0, 1.0]])
+    with torch.no_grad():
+        assert torch.equal(smaller(x), model(x))
+    assert common.widths(smaller) == (2, 2, 2, 2)
+    assert common.count_params(smaller) == (2 * 2 + 2) + (2 * 2 + 2) + (2 * 2 + 2) == 18
+    assert common.count_params(model) == (2 * 3 + 3) + (3 * 2 + 2) + (2 * 2 + 2) == 23
+
+
+def test_threshold_zero_keeps_the_model_unchanged():
+    torch.manual_seed(0)
+    model = common.mlp([20, 16, 8, 3])
+    x = torch.randn(50, 20)
+    keep, _ = ap.neurons_to_keep(ap.mean_activations(model, x), 0.0)
+    same = ap.remove_neurons(model, keep)
+    assert common.count_params(same) == common.count_params(model)
+    with torch.no_grad():
+        assert torch.equal(same(x), model(x))
+
+
+def test_rebuilt_layers_have_the_counted_parameters():
+    torch.manual_seed(0)
+    model = common.mlp([10, 6, 4, 2])
+    keep = [torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool), torch.tensor([0, 1, 0, 0], dtype=torch.bool)]
+    smaller = ap.remove_neurons(model, keep)
+    assert common.widths(smaller) == (10, 3, 1, 2)
+    assert common.count_params(smaller) == (10 * 3 + 3) + (3 * 1 + 1) + (1 * 2 + 2) == 41
+    assert all(isinstance(m, nn.Linear) for m in common.linears(smaller))
+    first = common.linears(smaller)[0]
+    assert torch.equal(first.weight, common.linears(model)[0].weight[[0, 2, 3]])
+
+
+def test_bias_compensation_is_exact_for_a_constant_activation():
+    # hidden neuron 1 gets no input and a positive bias: its activation is always 0.75
+    model = dead_neuron_model()
+    with torch.no_grad():
+        common.linears(model)[0].bias[1] = 0.75
+    x = torch.tensor([[1.0, -2.0], [0.5, 0.5], [-3.0, 1.0]])
+    means = ap.mean_activations(model, x)
+    assert means[0][1].item() == 0.75
+    keep = [torch.tensor([True, False, True]), torch.tensor([True, True])]
+    compensated = ap.remove_neurons(model, keep, means)
+    assert common.linears(compensated)[1].bias.tolist() == [0.25 + 5.0 * 0.75, 0.5 - 3.0 * 0.75]
+    with torch.no_grad():
+        assert torch.allclose(compensated(x), model(x), atol=1e-6)
+        assert not torch.allclose(ap.remove_neurons(model, keep)(x), model(x))
+
+
+# Tables -------------------------------------------------------------------------------
+
+def test_markdown_table():
+    rows = [{"t": 0.5, "n": 1234}, {"t": 0.25, "n": 5}]
+    assert common.markdown_table(rows, [("T", "t", "{:.2f}"), ("Count", "n", "{:,}")]) == (
+        "|    T | Count |\n"
+        "|-----:|------:|\n"
+        "| 0.50 | 1,234 |\n"
+        "| 0.25 |     5 |")

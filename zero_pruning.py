@@ -1,0 +1,183 @@
+"""Zero pruning: set every weight with |w| < threshold to exactly zero (biases stay), optionally
+fine-tune with the zeros held in place by pruning masks, and store the weights as CSR tensors.
+
+    python zero_pruning.py                      # the default threshold sweep
+    python zero_pruning.py --finetune-epochs 2  # and recover accuracy by fine-tuning
+"""
+
+import copy
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.utils.prune as prune
+
+import common
+
+THRESHOLDS = [0.0, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.10]
+
+
+def prune_below(model, threshold):
+    """A copy of model whose weights with |w| < threshold are held at zero by pruning masks."""
+    pruned = copy.deepcopy(model)
+    for layer in common.linears(pruned):
+        prune.custom_from_mask(layer, "weight", layer.weight.abs() >= threshold)
+    return pruned
+
+
+def make_permanent(model):
+    """Fold the pruning masks into the weights, leaving ordinary nn.Linear layers."""
+    for layer in common.linears(model):
+        prune.remove(layer, "weight")
+    return model
+
+
+def threshold_for_sparsity(model, sparsity):
+    """The smallest threshold that zeroes at least that fraction of all weights."""
+    magnitudes = torch.cat([layer.weight.detach().abs().flatten() for layer in common.linears(model)])
+    k = round(sparsity * len(magnitudes))
+    return 0.0 if k == 0 else torch.nextafter(magnitudes.kthvalue(k).values, torch.tensor(1.0)).item()
+
+
+def count_zeros(model):
+    return sum((layer.weight == 0).sum().item() for layer in common.linears(model))
+
+
+# Sparse storage and inference ---------------------------------------------------------
+
+def to_csr(weight):
+    """CSR with int32 indices: 4 bytes per non-zero value, 4 per column index, 4 per row pointer."""
+    csr = weight.detach().cpu().to_sparse_csr()
+    return torch.sparse_csr_tensor(csr.crow_indices().int(), csr.col_indices().int(), csr.values(), csr.shape,
+                                   check_invariants=True)
+
+
+def csr_bytes_needed(model):
+    """The least any CSR file of model holds: fp32 values, int32 indices and row pointers, fp32 biases."""
+    return sum(8 * layer.weight.count_nonzero().item() + 4 * (layer.out_features + 1) + 4 * layer.out_features
+               for layer in common.linears(model))
+
+
+def save_sparse(model, path):
+    """Save the weights as CSR tensors and the biases dense; returns the file's size in bytes."""
+    layers = [{"weight": to_csr(layer.weight), "bias": layer.bias.detach().cpu()} for layer in common.linears(model)]
+    return common.save_torch({"layers": layers}, path)
+
+
+def load_sparse(path):
+    """The dense nn.Sequential stored by save_sparse."""
+    layers = torch.load(path, weights_only=True)["layers"]
+    model = common.mlp([layers[0]["weight"].shape[1]] + [layer["weight"].shape[0] for layer in layers])
+    with torch.no_grad():
+        for linear, saved in zip(common.linears(model), layers):
+            linear.weight.copy_(saved["weight"].to_dense())
+            linear.bias.copy_(saved["bias"])
+    return model
+
+
+def sparse_forward(model):
+    """model's forward pass on CSR weights (CPU). Activations stay feature-major, so every layer
+    is one CSR @ dense product, the fast direction for torch.sparse."""
+    layers = [(to_csr(layer.weight), layer.bias.detach().cpu()[:, None]) for layer in common.linears(model)]
+
+    def forward(x):
+        h = x.T.contiguous()
+        for i, (weight, bias) in enumerate(layers):
+            h = torch.addmm(bias, weight, h)
+            h = h.relu() if i < len(layers) - 1 else h
+        return h.T
+    return forward
+
+
+# The sweep ----------------------------------------------------------------------------
+
+def sweep(model, train_data, test_data, args, save_dir):
+    weights = common.count_weights(model)
+    dense_bytes = common.save_torch(model.state_dict(), save_dir / "dense.pt")
+    rows = []
+    for t in common.progress(args.thresholds, "thresholds"):
+        pruned = prune_below(model, t)
+        row = {"threshold": t, "accuracy": common.accuracy(pruned, test_data)}
+        if args.finetune_epochs:
+            common.train(pruned, train_data, args.finetune_epochs, args.finetune_lr, args.batch_size, args.seed,
+                         desc=f"fine-tuning at {t}")
+            row["finetuned_accuracy"] = common.accuracy(pruned, test_data)
+        make_permanent(pruned)
+        zeroed = count_zeros(pruned)
+        row.update(original_params=weights, zeroed_params=zeroed, zero_percentage=100 * zeroed / weights,
+                   dense_bytes=dense_bytes, csr_bytes=save_sparse(pruned, save_dir / f"csr-{t:g}.pt"),
+                   csr_bytes_needed=csr_bytes_needed(pruned))
+        rows.append(row)
+    return rows
+
+
+def columns(finetuned):
+    return [("Threshold", "threshold", "{:.4g}"), ("Accuracy", "accuracy", "{:.2f}%")] + \
+        ([("Fine-tuned", "finetuned_accuracy", "{:.2f}%")] if finetuned else []) + [
+        ("Original Params", "original_params", "{:,}"), ("Zeroed Params", "zeroed_params", "{:,}"),
+        ("Zero Percentage", "zero_percentage", "{:.2f}%"),
+        ("Dense File (B)", "dense_bytes", "{:,}"), ("CSR File (B)", "csr_bytes", "{:,}")]
+
+
+def memory_impact(rows, baseline):
+    """One line on what the sparsest row saves, from the measured numbers."""
+    r = max(rows, key=lambda row: row["zero_percentage"])
+    acc = r.get("finetuned_accuracy", r["accuracy"])
+    verdict = "smaller" if r["csr_bytes"] < r["dense_bytes"] else "larger"
+    return (f"Memory impact: at threshold {r['threshold']:g}, {r['zero_percentage']:.1f}% of weights are zero; "
+            f"the CSR file is {r['csr_bytes']:,} B, {abs(1 - r['csr_bytes'] / r['dense_bytes']):.1%} {verdict} "
+            f"than the dense {r['dense_bytes']:,} B, at {acc:.2f}% accuracy ({acc - baseline:+.2f} points).")
+
+
+def plot(model, rows, baseline, thresholds):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    magnitudes = torch.cat([layer.weight.detach().abs().flatten().cpu() for layer in common.linears(model)])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist(magnitudes.numpy(), bins=200, color="tab:blue")
+    for t in thresholds:
+        ax.axvline(t, color="tab:red", lw=0.8, ls="--")
+    ax.set(xlabel="|w| (red: pruning thresholds)", ylabel="number of weights",
+           title=f"Weight magnitudes of the trained MLP ({len(magnitudes):,} weights)")
+    fig.tight_layout()
+    fig.savefig(common.IMAGES / "weight_magnitudes.png", dpi=120)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    zeros = [r["zero_percentage"] for r in rows]
+    ax.plot(zeros, [r["accuracy"] for r in rows], "o-", label="one-shot")
+    if "finetuned_accuracy" in rows[0]:
+        ax.plot(zeros, [r["finetuned_accuracy"] for r in rows], "s-", label="fine-tuned")
+    ax.axhline(baseline, color="gray", ls=":", label=f"dense model ({baseline:.2f}%)")
+    ax.set(xlabel="weights set to zero (%)", ylabel="test accuracy (%)", title="Zero pruning: accuracy against sparsity")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(common.IMAGES / "zero_pruning_accuracy.png", dpi=120)
+
+
+def main():
+    p = common.parser(__doc__.split("\n\n")[0], THRESHOLDS)
+    p.add_argument("--sparsity", type=float, nargs="+", metavar="S",
+                   help="instead of --thresholds, the fractions of weights to zero (e.g. 0.9 0.95); "
+                        "each is turned into the threshold that reaches it")
+    args = p.parse_args()
+    if args.sparsity and not all(0 <= s < 1 for s in args.sparsity):
+        raise common.UserError("--sparsity takes fractions in [0, 1)")
+    model, train_data, test_data = common.setup(args)
+    if args.sparsity:
+        args.thresholds = [threshold_for_sparsity(model, s) for s in args.sparsity]
+    baseline = common.accuracy(model, test_data)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = sweep(model, train_data, test_data, args, Path(args.save_dir or tmp))
+    print(common.markdown_table(rows, columns(args.finetune_epochs > 0)))
+    print("\nSizes are the files torch.save writes: dense fp32, and CSR with fp32 values and int32 indices.")
+    print(memory_impact(rows, baseline))
+    if args.json:
+        common.write_json(args.json, common.settings(args), rows)
+    if args.plot:
+        plot(model, rows, baseline, args.thresholds)
+
+
+if __name__ == "__main__":
+    common.run(main)
