@@ -86,12 +86,14 @@ def sweep(model, train_data, test_data, args):
 
 
 def columns(compensated, finetuned):
-    return [("Threshold", "threshold", "{:.4g}"), ("Accuracy", "accuracy", "{:.2f}%")] + \
-        ([("Bias-compensated", "compensated_accuracy", "{:.2f}%")] if compensated else []) + \
-        ([("Fine-tuned", "finetuned_accuracy", "{:.2f}%")] if finetuned else []) + [
-        ("Original Params", "original_params", "{:,}"), ("New Params", "new_params", "{:,}"),
-        ("Hidden Widths", "hidden_widths", "{}"), ("Inference Time (s)", "inference_time_s", "{:.4f}"),
-        ("Size Reduction", "size_reduction", "{:.2f}%")]
+    percent, count = "{:.2f}%".format, "{:,}".format
+    return [("Threshold", "threshold", "{:.4g}".format), ("Accuracy", "accuracy", percent),
+            *([("Bias-compensated", "compensated_accuracy", percent)] if compensated else []),
+            *([("Fine-tuned", "finetuned_accuracy", percent)] if finetuned else []),
+            ("Original Params", "original_params", count), ("New Params", "new_params", count),
+            ("Hidden Widths", "hidden_widths", lambda widths: "-".join(map(str, widths))),
+            ("Inference Time (s)", "inference_time_s", "{:.4f}".format),
+            ("Size Reduction", "size_reduction", percent)]
 
 
 def plot(rows, baseline):

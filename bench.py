@@ -43,8 +43,8 @@ def latency_rows(name, dense, pruned, x, threads):
     return rows
 
 
-COLUMNS = [("Model", "model", "{}"), ("Batch", "batch", "{:,}"), ("Dense (ms)", "dense_ms", "{:.3f}"),
-           ("Pruned (ms)", "pruned_ms", "{:.3f}"), ("Speed-up", "speedup", "{:.2f}x")]
+COLUMNS = [("Model", "model", str), ("Batch", "batch", "{:,}".format), ("Dense (ms)", "dense_ms", "{:.3f}".format),
+           ("Pruned (ms)", "pruned_ms", "{:.3f}".format), ("Speed-up", "speedup", "{:.2f}x".format)]
 
 
 def main():

@@ -340,9 +340,9 @@ def progress(iterable, desc, **kwargs):
 
 
 def markdown_table(rows, columns):
-    """columns: (header, key, format) triples; rows: dicts holding those keys."""
+    """columns: (header, key, format function) triples; rows: dicts holding those keys."""
     cells = [[header for header, _, _ in columns]]
-    cells += [[fmt.format(row[key]) for _, key, fmt in columns] for row in rows]
+    cells += [[fmt(row[key]) for _, key, fmt in columns] for row in rows]
     width = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     lines = ["| " + " | ".join(c.rjust(w) for c, w in zip(line, width)) + " |" for line in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 1) + ":" for w in width) + "|")

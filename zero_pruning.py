@@ -112,11 +112,12 @@ def sweep(model, train_data, test_data, args, save_dir):
 
 
 def columns(finetuned):
-    return [("Threshold", "threshold", "{:.4g}"), ("Accuracy", "accuracy", "{:.2f}%")] + \
-        ([("Fine-tuned", "finetuned_accuracy", "{:.2f}%")] if finetuned else []) + [
-        ("Original Params", "original_params", "{:,}"), ("Zeroed Params", "zeroed_params", "{:,}"),
-        ("Zero Percentage", "zero_percentage", "{:.2f}%"),
-        ("Dense File (B)", "dense_bytes", "{:,}"), ("CSR File (B)", "csr_bytes", "{:,}")]
+    percent, count = "{:.2f}%".format, "{:,}".format
+    return [("Threshold", "threshold", "{:.4g}".format), ("Accuracy", "accuracy", percent),
+            *([("Fine-tuned", "finetuned_accuracy", percent)] if finetuned else []),
+            ("Original Params", "original_params", count), ("Zeroed Params", "zeroed_params", count),
+            ("Zero Percentage", "zero_percentage", percent),
+            ("Dense File (B)", "dense_bytes", count), ("CSR File (B)", "csr_bytes", count)]
 
 
 def memory_impact(rows, baseline):

@@ -24,9 +24,12 @@ def mnist_dir():
 
 
 @pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory):
-    """One checkpoint path shared by the end-to-end tests, so the default model trains once."""
-    return tmp_path_factory.mktemp("checkpoints") / "mlp.pt"
+def checkpoint(mnist_dir, tmp_path_factory):
+    """The model trained with the default settings, once for all the end-to-end tests."""
+    path = tmp_path_factory.mktemp("checkpoints") / "mlp.pt"
+    result = run_script("zero_pruning.py", "--checkpoint", path, "--thresholds", "0", "--quiet")
+    assert result.returncode == 0, result.stderr
+    return path
 
 
 def run_script(script, *args, env=None, **kwargs):

@@ -186,7 +186,7 @@ def test_bias_compensation_is_exact_for_a_constant_activation():
 
 def test_markdown_table():
     rows = [{"t": 0.5, "n": 1234}, {"t": 0.25, "n": 5}]
-    assert common.markdown_table(rows, [("T", "t", "{:.2f}"), ("Count", "n", "{:,}")]) == (
+    assert common.markdown_table(rows, [("T", "t", "{:.2f}".format), ("Count", "n", "{:,}".format)]) == (
         "|    T | Count |\n"
         "|-----:|------:|\n"
         "| 0.50 | 1,234 |\n"

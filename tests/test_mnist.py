@@ -1,0 +1,188 @@
+"""End to end on real MNIST: both scripts as a user runs them, their saved models, their
+determinism, and what Ctrl-C and concurrent runs leave on disk."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import activation_pruning as ap
+import common
+import zero_pruning as zp
+from conftest import ROOT, run_script
+
+pytestmark = pytest.mark.usefixtures("mnist_dir")
+TIMINGS = {"inference_time_s"}
+
+
+def load(checkpoint):
+    """The model in checkpoint, which must be complete and consistent with its own settings."""
+    model, problem = common.load_checkpoint(checkpoint, torch.load(checkpoint, weights_only=True)["config"])
+    assert problem is None, problem
+    return model
+
+
+def header(table):
+    return [cell.strip() for cell in table.splitlines()[0].strip("|").split("|")]
+
+
+def run_json(script, tmp_path, *args, **kwargs):
+    """Run script with --json; returns (results, stdout, stderr)."""
+    out = tmp_path / f"{script}.json"
+    result = run_script(script, *args, "--json", out, **kwargs)
+    assert result.returncode == 0, result.stderr
+    return json.loads(out.read_text()), result.stdout, result.stderr
+
+
+def test_zero_pruning_default_sweep(checkpoint, tmp_path):
+    results, stdout, stderr = run_json("zero_pruning.py", tmp_path, "--checkpoint", checkpoint, "--save-dir", tmp_path)
+    rows = results["rows"]
+    assert [r["threshold"] for r in rows] == zp.THRESHOLDS
+    assert rows[0]["accuracy"] >= 97.5 and rows[0]["zeroed_params"] == 0
+    assert all(r["original_params"] == 566_528 for r in rows)
+    assert [r["zeroed_params"] for r in rows] == sorted(r["zeroed_params"] for r in rows)
+    assert rows[-1]["zero_percentage"] > 90
+    for r in rows:
+        assert r["zero_percentage"] == pytest.approx(100 * r["zeroed_params"] / 566_528)
+        assert r["csr_bytes"] == (tmp_path / f"csr-{r['threshold']:g}.pt").stat().st_size
+        assert r["csr_bytes_needed"] <= r["csr_bytes"]
+    assert rows[0]["dense_bytes"] == (tmp_path / "dense.pt").stat().st_size
+    assert header(stdout) == ["Threshold", "Accuracy", "Original Params", "Zeroed Params", "Zero Percentage",
+                              "Dense File (B)", "CSR File (B)"]
+    assert "Memory impact: at threshold 0.1," in stdout
+    assert f"model: loaded {checkpoint} (test accuracy {rows[0]['accuracy']:.2f}%)" in stderr
+
+    # the saved CSR file loads back into a model that predicts exactly as the pruned one
+    model = load(checkpoint)
+    _, test = common.load_mnist(common.data_root())
+    pruned = zp.make_permanent(zp.prune_below(model, 0.04))
+    loaded = zp.load_sparse(tmp_path / "csr-0.04.pt")
+    assert torch.equal(common.predict(loaded, test[0]), common.predict(pruned, test[0]))
+    assert common.accuracy(loaded, test) == rows[4]["accuracy"]
+
+
+def test_activation_pruning_default_sweep(checkpoint, tmp_path):
+    results, stdout, stderr = run_json("activation_pruning.py", tmp_path, "--checkpoint", checkpoint,
+                                       "--save-dir", tmp_path)
+    rows = results["rows"]
+    assert [r["threshold"] for r in rows] == ap.THRESHOLDS
+    assert rows[0]["new_params"] == rows[0]["original_params"] == 567_434
+    assert rows[0]["hidden_widths"] == [512, 256, 128] and rows[0]["size_reduction"] == 0
+    assert [r["new_params"] for r in rows] == sorted((r["new_params"] for r in rows), reverse=True)
+    assert all(r["inference_time_s"] > 0 for r in rows)
+    assert header(stdout) == ["Threshold", "Accuracy", "Original Params", "New Params", "Hidden Widths",
+                              "Inference Time (s)", "Size Reduction"]
+    assert " 512-256-128 |" in stdout
+
+    model = load(checkpoint)
+    _, test = common.load_mnist(common.data_root())
+    assert rows[0]["accuracy"] == common.accuracy(model, test)  # threshold 0: the unchanged model
+    for r in rows:  # each saved model is an ordinary state dict of the smaller architecture
+        smaller = common.mlp([784, *r["hidden_widths"], 10])
+        smaller.load_state_dict(torch.load(tmp_path / f"activation-{r['threshold']:g}.pt", weights_only=True))
+        assert common.count_params(smaller) == r["new_params"]
+        assert common.accuracy(smaller, test) == r["accuracy"]
+
+
+def test_fine_tuned_zero_pruning_keeps_accuracy_at_95_percent_zeros(checkpoint, tmp_path):
+    results, stdout, _ = run_json("zero_pruning.py", tmp_path, "--checkpoint", checkpoint,
+                                  "--sparsity", "0.95", "--finetune-epochs", "4")
+    dense = run_json("zero_pruning.py", tmp_path, "--checkpoint", checkpoint, "--thresholds", "0")[0]
+    (row,) = results["rows"]
+    assert row["zero_percentage"] >= 95
+    assert row["finetuned_accuracy"] >= dense["rows"][0]["accuracy"] - 0.5
+    assert row["finetuned_accuracy"] > row["accuracy"]
+    assert "Fine-tuned" in stdout
+
+
+def test_fine_tuned_activation_pruning_keeps_accuracy_at_80_percent_fewer_params(checkpoint, tmp_path):
+    results, stdout, _ = run_json("activation_pruning.py", tmp_path, "--checkpoint", checkpoint, "--thresholds",
+                                  "0", "0.9", "--finetune-epochs", "5", "--finetune-lr", "1e-3", "--bias-compensation")
+    dense, row = results["rows"]
+    assert row["size_reduction"] >= 80
+    assert row["finetuned_accuracy"] >= dense["accuracy"] - 0.5
+    assert row["compensated_accuracy"] > row["accuracy"]
+    assert "Bias-compensated" in stdout and "Fine-tuned" in stdout
+
+
+def test_same_seed_same_results(tmp_path):
+    """Two trainings from scratch with the same settings give the same accuracies and counts."""
+    runs = []
+    for i in range(2):
+        results = run_json("zero_pruning.py", tmp_path, "--checkpoint", tmp_path / f"m{i}.pt", "--epochs", "1",
+                           "--thresholds", "0", "0.05", "--finetune-epochs", "1")[0]
+        runs.append(results["rows"])
+    runs.append(run_json("activation_pruning.py", tmp_path, "--checkpoint", tmp_path / "m0.pt", "--epochs", "1",
+                         "--thresholds", "0", "0.5")[0]["rows"])
+    runs.append(run_json("activation_pruning.py", tmp_path, "--checkpoint", tmp_path / "m1.pt", "--epochs", "1",
+                         "--thresholds", "0", "0.5")[0]["rows"])
+    assert runs[0] == runs[1]
+    strip = [[{k: v for k, v in r.items() if k not in TIMINGS} for r in rows] for rows in runs[2:]]
+    assert strip[0] == strip[1]
+    first, second = (torch.load(tmp_path / f"m{i}.pt", weights_only=True)["state_dict"] for i in range(2))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("bad", [b"", b"not a checkpoint", "truncated", "other architecture"])
+def test_unusable_checkpoint_is_reported_and_replaced(bad, checkpoint, tmp_path):
+    path = tmp_path / "mlp.pt"
+    if bad == "truncated":
+        path.write_bytes(checkpoint.read_bytes()[:1000])
+    elif bad == "other architecture":
+        config = {**torch.load(checkpoint, weights_only=True)["config"], "epochs": 1}
+        torch.save({"config": config, "state_dict": common.mlp([784, 32, 10]).state_dict()}, path)
+    else:
+        path.write_bytes(bad)
+    result = run_script("zero_pruning.py", "--checkpoint", path, "--epochs", "1", "--thresholds", "0")
+    assert result.returncode == 0, result.stderr
+    assert f"model: checkpoint {path} is " in result.stderr and "; retraining" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert common.count_params(load(path)) == 567_434
+
+
+def start(script, *args):
+    return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def interrupt_after(process, line_start, delay):
+    """Send SIGINT `delay` seconds after the process logs a line starting with line_start."""
+    for line in process.stderr:
+        if line.startswith(line_start):
+            time.sleep(delay)
+            process.send_signal(signal.SIGINT)
+            break
+    out, err = process.communicate(timeout=60)
+    return process.returncode, err
+
+
+@pytest.mark.parametrize("script, moment", [("zero_pruning.py", "training"), ("activation_pruning.py", "sweep")])
+def test_ctrl_c_exits_cleanly_and_keeps_the_checkpoint_whole(script, moment, checkpoint, tmp_path):
+    path = tmp_path / "mlp.pt"
+    path.write_bytes(checkpoint.read_bytes())
+    if moment == "training":  # other settings: the run retrains, and is stopped while it does
+        process = start(script, "--checkpoint", path, "--epochs", "30")
+        code, err = interrupt_after(process, "data:", 3)
+    else:
+        process = start(script, "--checkpoint", path, "--json", tmp_path / "out.json")
+        code, err = interrupt_after(process, "model: loaded", 1)
+    assert code == 128 + signal.SIGINT, err
+    assert err.strip().splitlines()[-1] == f"{script}: interrupted; saved files are left as they were or complete"
+    assert "Traceback" not in err
+    assert path.read_bytes() == checkpoint.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.pt"]
+
+
+def test_concurrent_runs_share_a_checkpoint_safely(tmp_path):
+    path = tmp_path / "mlp.pt"
+    args = ("--checkpoint", path, "--epochs", "1", "--thresholds", "0", "--quiet")
+    processes = [start("zero_pruning.py", *args), start("activation_pruning.py", *args)]
+    results = [p.communicate(timeout=300) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], results
+    assert all("| Threshold |" in out for out, _ in results)
+    assert common.count_params(load(path)) == 567_434
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.pt"]
