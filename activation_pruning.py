@@ -97,9 +97,7 @@ def columns(compensated, finetuned):
 
 
 def plot(rows, baseline):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     reduction = [r["size_reduction"] for r in rows]
@@ -112,8 +110,7 @@ def plot(rows, baseline):
     ax.set(xlabel="parameters removed (%)", ylabel="test accuracy (%)",
            title="Activation pruning: accuracy against size reduction")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(common.IMAGES / "activation_pruning_accuracy.png", dpi=120)
+    common.save_figure(fig, "activation_pruning_accuracy.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))
     thresholds = [r["threshold"] for r in rows]
@@ -122,8 +119,7 @@ def plot(rows, baseline):
     ax.set(xlabel="mean-activation threshold", ylabel="neurons left", yscale="log",
            title="Activation pruning: width of each hidden layer")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(common.IMAGES / "activation_widths.png", dpi=120)
+    common.save_figure(fig, "activation_widths.png")
 
 
 def main():

@@ -285,27 +285,30 @@ def non_negative_int(text):
 
 
 def parser(description, thresholds):
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--thresholds", type=threshold, nargs="+", default=thresholds, metavar="T",
-                   help="thresholds to sweep, each a finite number >= 0")
-    p.add_argument("--data-dir", help="folder holding MNIST/raw/ (default: $MNIST_DATA_DIR, else ./data)")
-    p.add_argument("--checkpoint", help="trained model file (default: checkpoints/mlp-<hash of the "
-                   "training settings>.pt); retrained when it does not match the settings")
-    p.add_argument("--retrain", action="store_true", help="train the model even if a checkpoint fits")
-    p.add_argument("--epochs", type=positive(int), default=5, help="training epochs")
-    p.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate (cosine-decayed)")
-    p.add_argument("--batch-size", type=positive(int), default=128, help="training batch size")
-    p.add_argument("--seed", type=int, default=0, help="seed for initialisation and shuffling")
-    p.add_argument("--finetune-epochs", type=non_negative_int, default=0,
-                   help="epochs of fine-tuning after pruning (0: one-shot only)")
-    p.add_argument("--finetune-lr", type=positive(float), default=5e-4, help="fine-tuning learning rate")
+                   help=f"thresholds to sweep, each a finite number >= 0 (default: {' '.join(map(str, thresholds))})")
+    p.add_argument("--data-dir", metavar="DIR", help="folder holding MNIST/raw/ (default: $MNIST_DATA_DIR, else ./data)")
+    p.add_argument("--checkpoint", metavar="PATH", help="trained model file, retrained when it does not fit the "
+                   "training settings (default: checkpoints/mlp-<hash of the training settings>.pt)")
+    p.add_argument("--retrain", action="store_true", help="train the model even if its checkpoint fits")
+    p.add_argument("--epochs", type=positive(int), default=5, metavar="N", help="training epochs (default: 5)")
+    p.add_argument("--lr", type=positive(float), default=1e-3,
+                   help="Adam learning rate, cosine-decayed to 0 (default: 0.001)")
+    p.add_argument("--batch-size", type=positive(int), default=128, metavar="N", help="batch size (default: 128)")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and shuffling (default: 0)")
+    p.add_argument("--finetune-epochs", type=non_negative_int, default=0, metavar="N",
+                   help="epochs of fine-tuning each pruned model (default: 0, one-shot only)")
+    p.add_argument("--finetune-lr", type=positive(float), default=1e-3, metavar="LR",
+                   help="fine-tuning learning rate, cosine-decayed to 0 (default: 0.001)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto picks CUDA when present")
-    p.add_argument("--threads", type=positive(int), default=torch.get_num_threads(), help="CPU threads")
-    p.add_argument("--save-dir", help="keep the pruned model files in this existing folder")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
-    p.add_argument("--plot", action="store_true", help="write the figures to images/")
-    p.add_argument("--quiet", action="store_true", help="print only the results")
+                   help="where to train and evaluate; auto picks CUDA when present (default: auto)")
+    p.add_argument("--threads", type=positive(int), default=torch.get_num_threads(), metavar="N",
+                   help=f"CPU threads (default: {torch.get_num_threads()}, this machine's)")
+    p.add_argument("--save-dir", metavar="DIR", help="keep the pruned models as files in this existing folder")
+    p.add_argument("--json", metavar="PATH", help="also write the settings and results as JSON to PATH")
+    p.add_argument("--plot", action="store_true", help="write this script's figures to images/")
+    p.add_argument("--quiet", action="store_true", help="print only the results: no progress, no log")
     return p
 
 
@@ -337,6 +340,20 @@ def progress(iterable, desc, **kwargs):
     from tqdm import tqdm
     quiet = not log.isEnabledFor(logging.INFO) or not sys.stderr.isatty()
     return tqdm(iterable, desc=desc, disable=quiet, leave=False, **kwargs)
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, name):
+    IMAGES.mkdir(exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(IMAGES / name, dpi=120)
+    log.info(f"figure: {IMAGES / name}")
 
 
 def markdown_table(rows, columns):

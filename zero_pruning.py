@@ -131,9 +131,7 @@ def memory_impact(rows, baseline):
 
 
 def plot(model, rows, baseline, thresholds):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     magnitudes = torch.cat([layer.weight.detach().abs().flatten().cpu() for layer in common.linears(model)])
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -142,8 +140,7 @@ def plot(model, rows, baseline, thresholds):
         ax.axvline(t, color="tab:red", lw=0.8, ls="--")
     ax.set(xlabel="|w| (red: pruning thresholds)", ylabel="number of weights",
            title=f"Weight magnitudes of the trained MLP ({len(magnitudes):,} weights)")
-    fig.tight_layout()
-    fig.savefig(common.IMAGES / "weight_magnitudes.png", dpi=120)
+    common.save_figure(fig, "weight_magnitudes.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))
     zeros = [r["zero_percentage"] for r in rows]
@@ -153,8 +150,7 @@ def plot(model, rows, baseline, thresholds):
     ax.axhline(baseline, color="gray", ls=":", label=f"dense model ({baseline:.2f}%)")
     ax.set(xlabel="weights set to zero (%)", ylabel="test accuracy (%)", title="Zero pruning: accuracy against sparsity")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(common.IMAGES / "zero_pruning_accuracy.png", dpi=120)
+    common.save_figure(fig, "zero_pruning_accuracy.png")
 
 
 def main():
