@@ -129,7 +129,7 @@ def main():
     args = p.parse_args()
     model, train_data, test_data = common.setup(args)
     rows = sweep(model, train_data, test_data, args)
-    print(common.markdown_table(rows, columns(args.bias_compensation, args.finetune_epochs > 0)))
+    print(common.markdown_table(rows, columns(args.bias_compensation, bool(args.finetune_epochs))))
     print(f"\nInference time: classifying all {len(test_data[1]):,} test images in one batch, median of repeats "
           f"after warm-up, {args.threads} threads.")
     for r in rows:

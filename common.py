@@ -278,12 +278,6 @@ def positive(kind):
     return parse
 
 
-def non_negative_int(text):
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, not {text!r}")
-    return int(text)
-
-
 def parser(description, thresholds):
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--thresholds", type=threshold, nargs="+", default=thresholds, metavar="T",
@@ -297,8 +291,8 @@ def parser(description, thresholds):
                    help="Adam learning rate, cosine-decayed to 0 (default: 0.001)")
     p.add_argument("--batch-size", type=positive(int), default=128, metavar="N", help="batch size (default: 128)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and shuffling (default: 0)")
-    p.add_argument("--finetune-epochs", type=non_negative_int, default=0, metavar="N",
-                   help="epochs of fine-tuning each pruned model (default: 0, one-shot only)")
+    p.add_argument("--finetune-epochs", type=positive(int), metavar="N",
+                   help="fine-tune each pruned model for N epochs (default: none, one-shot pruning only)")
     p.add_argument("--finetune-lr", type=positive(float), default=1e-3, metavar="LR",
                    help="fine-tuning learning rate, cosine-decayed to 0 (default: 0.001)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",

@@ -159,15 +159,20 @@ def main():
                    help="instead of --thresholds, the fractions of weights to zero (e.g. 0.9 0.95); "
                         "each is turned into the threshold that reaches it")
     args = p.parse_args()
-    if args.sparsity and not all(0 <= s < 1 for s in args.sparsity):
-        raise common.UserError("--sparsity takes fractions in [0, 1)")
+    if args.sparsity:
+        if args.thresholds is not THRESHOLDS:
+            raise common.UserError("give --thresholds or --sparsity, not both")
+        if not all(0 <= s < 1 for s in args.sparsity):
+            raise common.UserError("--sparsity takes fractions in [0, 1)")
+        if len(set(args.sparsity)) < len(args.sparsity):
+            raise common.UserError(f"duplicate fractions in --sparsity {' '.join(map(str, args.sparsity))}")
     model, train_data, test_data = common.setup(args)
     if args.sparsity:
         args.thresholds = [threshold_for_sparsity(model, s) for s in args.sparsity]
     baseline = common.accuracy(model, test_data)
     with tempfile.TemporaryDirectory() as tmp:
         rows = sweep(model, train_data, test_data, args, Path(args.save_dir or tmp))
-    print(common.markdown_table(rows, columns(args.finetune_epochs > 0)))
+    print(common.markdown_table(rows, columns(bool(args.finetune_epochs))))
     print("\nSizes are the files torch.save writes: dense fp32, and CSR with fp32 values and int32 indices.")
     print(memory_impact(rows, baseline))
     if args.json:

@@ -55,7 +55,9 @@ def assert_rejected(script, args, message, tmp_path, capsys, monkeypatch, data_d
     (["--epochs", "1.5"], "not an integer: '1.5'"),
     (["--batch-size", "0"], "must be > 0, not 0"),
     (["--lr", "-1"], "must be > 0, not -1"),
-    (["--finetune-epochs", "-1"], "must be an integer >= 0"),
+    (["--finetune-epochs", "0"], "must be > 0, not 0"),
+    (["--finetune-epochs", "-1"], "must be > 0, not -1"),
+    (["--batch-size", "-5"], "must be > 0, not -5"),
     (["--device", "tpu"], "invalid choice: 'tpu'"),
     (["--json", "no/such/folder/out.json"], "folder no/such/folder does not exist"),
     (["--json", "/proc/out.json"], "cannot write /proc/out.json"),
@@ -71,9 +73,14 @@ def test_cuda_without_a_gpu_is_rejected(script, tmp_path, capsys, monkeypatch):
     assert_rejected(script, ["--device", "cuda"], "no CUDA device is available", tmp_path, capsys, monkeypatch)
 
 
-def test_zero_pruning_sparsity_must_be_a_fraction(tmp_path, capsys, monkeypatch):
-    assert_rejected("zero_pruning.py", ["--sparsity", "1.5"], "--sparsity takes fractions in [0, 1)",
-                    tmp_path, capsys, monkeypatch)
+@pytest.mark.parametrize("args, message", [
+    (["--sparsity", "1.5"], "--sparsity takes fractions in [0, 1)"),
+    (["--sparsity", "nan"], "--sparsity takes fractions in [0, 1)"),
+    (["--sparsity", "0.9", "0.9"], "duplicate fractions in --sparsity 0.9 0.9"),
+    (["--sparsity", "0.9", "--thresholds", "0.1"], "give --thresholds or --sparsity, not both"),
+])
+def test_zero_pruning_sparsity_must_be_distinct_fractions(args, message, tmp_path, capsys, monkeypatch):
+    assert_rejected("zero_pruning.py", args, message, tmp_path, capsys, monkeypatch)
 
 
 def write(path, data):
