@@ -116,7 +116,7 @@ def plot(rows, baseline):
     thresholds = [r["threshold"] for r in rows]
     for layer in range(len(rows[0]["hidden_widths"])):
         ax.plot(thresholds, [r["hidden_widths"][layer] for r in rows], "o-", label=f"hidden layer {layer + 1}")
-    ax.set(xlabel="mean-activation threshold", ylabel="neurons left", yscale="log",
+    ax.set(xlabel="mean-activation threshold", ylabel="neurons left", ylim=(0, None),
            title="Activation pruning: width of each hidden layer")
     ax.legend()
     common.save_figure(fig, "activation_widths.png")

@@ -130,16 +130,22 @@ def memory_impact(rows, baseline):
             f"than the dense {r['dense_bytes']:,} B, at {acc:.2f}% accuracy ({acc - baseline:+.2f} points).")
 
 
-def plot(model, rows, baseline, thresholds):
+def plot(model, rows, baseline):
     plt = common.pyplot()
 
     magnitudes = torch.cat([layer.weight.detach().abs().flatten().cpu() for layer in common.linears(model)])
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.hist(magnitudes.numpy(), bins=200, color="tab:blue")
-    for t in thresholds:
-        ax.axvline(t, color="tab:red", lw=0.8, ls="--")
-    ax.set(xlabel="|w| (red: pruning thresholds)", ylabel="number of weights",
-           title=f"Weight magnitudes of the trained MLP ({len(magnitudes):,} weights)")
+    right = 1.5 * max(r["threshold"] for r in rows) or magnitudes.max().item()
+    counts, _, _ = ax.hist(magnitudes.numpy(), bins=150, range=(0, right), color="tab:blue")
+    for r in rows:
+        ax.axvline(r["threshold"], color="tab:red", lw=0.8, ls="--")
+        ax.annotate(f"{r['zero_percentage']:.0f}%", (r["threshold"], 1), xycoords=("data", "axes fraction"),
+                    xytext=(2, -12), textcoords="offset points", color="tab:red", fontsize=8)
+    hidden = (magnitudes > right).sum().item()
+    ax.set(xlim=(0, right), ylim=(0, 1.15 * counts.max()), ylabel="number of weights",
+           xlabel=f"|w|  ({hidden:,} weights above {right:.3g} not shown)",
+           title=f"Weight magnitudes of the trained MLP ({len(magnitudes):,} weights)\n"
+                 "red: pruning thresholds, each with the share of weights below it")
     common.save_figure(fig, "weight_magnitudes.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -178,7 +184,7 @@ def main():
     if args.json:
         common.write_json(args.json, common.settings(args), rows)
     if args.plot:
-        plot(model, rows, baseline, args.thresholds)
+        plot(model, rows, baseline)
 
 
 if __name__ == "__main__":
