@@ -5,6 +5,7 @@ remove the neurons below a threshold and rebuild genuinely smaller nn.Linear lay
     python activation_pruning.py --finetune-epochs 3 --bias-compensation  # and recover accuracy
 """
 
+import math
 from pathlib import Path
 
 import torch
@@ -26,15 +27,19 @@ def mean_activations(model, x):
     return means
 
 
-def neurons_to_keep(means, threshold):
+def neurons_to_keep(means, threshold, multiple=1):
     """Per hidden layer, a mask of the neurons with mean activation >= threshold. A layer is never
-    emptied: where no neuron reaches the threshold the strongest one stays (its index is in `rescued`)."""
+    emptied: where no neuron reaches the threshold the strongest one stays (its index is in `rescued`).
+    With multiple > 1 each width is rounded up to a multiple of it by also keeping the strongest
+    neurons below the threshold, since matrix kernels run faster on such widths."""
     keep, rescued = [], []
     for i, m in enumerate(means):
-        k = m >= threshold
-        if not k.any():
-            k[m.argmax()] = True
+        above = (m >= threshold).sum().item()
+        if above == 0:
             rescued.append(i)
+        width = min(len(m), multiple * math.ceil(max(above, 1) / multiple))
+        k = torch.zeros_like(m, dtype=torch.bool)
+        k[m.argsort(descending=True, stable=True)[:width]] = True
         keep.append(k)
     return keep, rescued
 
@@ -64,7 +69,7 @@ def sweep(model, train_data, test_data, args):
     original = common.count_params(model)
     rows = []
     for t in common.progress(args.thresholds, "thresholds"):
-        keep, rescued = neurons_to_keep(means, t)
+        keep, rescued = neurons_to_keep(means, t, args.multiple_of)
         pruned = remove_neurons(model, keep)
         row = {"threshold": t, "accuracy": common.accuracy(pruned, test_data)}
         if args.bias_compensation:
@@ -126,6 +131,9 @@ def main():
     p = common.parser(__doc__.split("\n\n")[0], THRESHOLDS)
     p.add_argument("--bias-compensation", action="store_true",
                    help="fold each removed neuron's mean activation into the next layer's bias")
+    p.add_argument("--multiple-of", type=common.positive(int), default=1, metavar="N",
+                   help="round each hidden width up to a multiple of N by also keeping the strongest neurons "
+                        "below the threshold; 8 or 16 suit CPU vector units (default: 1, no rounding)")
     args = p.parse_args()
     model, train_data, test_data = common.setup(args)
     rows = sweep(model, train_data, test_data, args)

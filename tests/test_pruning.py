@@ -124,6 +124,15 @@ def test_neurons_below_the_threshold_go_and_a_layer_is_never_emptied():
     assert all(k.all() for k in keep) and rescued == []
 
 
+def test_widths_round_up_to_a_multiple_with_the_strongest_neurons_below_the_threshold():
+    means = [torch.tensor([0.0, 0.5, 0.2, 0.9, 0.1]), torch.tensor([0.1, 0.05, 0.3])]
+    keep, rescued = ap.neurons_to_keep(means, 0.3, multiple=2)
+    assert [k.tolist() for k in keep] == [[False, True, False, True, False], [True, False, True]]
+    keep, rescued = ap.neurons_to_keep(means, 0.4, multiple=4)
+    assert [k.tolist() for k in keep] == [[False, True, True, True, True], [True, True, True]]  # capped at 3
+    assert rescued == [1]
+
+
 def dead_neuron_model():
     # hidden neuron 1 gets no input and a negative bias: its activation is always 0
     return tiny([2, 3, 2, 2], [[[1.0, 2.0], [0.0, 0.0], [-1.0, 1.0]], [[1.0, 5.0, 1.0], [2.0, -3.0, 1.0]],
