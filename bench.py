@@ -6,6 +6,7 @@ pruning is timed with plain widths and with widths rounded up to a multiple of 8
 """
 
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,13 +33,15 @@ def time_job(args, checkpoint, retrain):
     return time.perf_counter() - start
 
 
-def latency_rows(name, dense, pruned, x, threads):
-    """Per batch size: dense and pruned median latency, and the speed-up."""
+def latency_rows(name, dense, pruned, x, threads, rounds=5):
+    """Per batch size: dense and pruned latency, and the speed-up. The two are timed in turn, `rounds`
+    times each, and each keeps the median of its rounds: a passing load on the machine slows both alike."""
     rows = []
     for batch in BATCHES:
         xb = x[:batch].contiguous()
-        t_dense = common.inference_time(dense, xb, threads)
-        t_pruned = common.inference_time(pruned, xb, threads)
+        times = [[common.inference_time(fn, xb, threads, min_run_time=0.2) for fn in (dense, pruned)]
+                 for _ in range(rounds)]
+        t_dense, t_pruned = (statistics.median(column) for column in zip(*times))
         rows.append({"model": name, "batch": batch, "dense_ms": 1e3 * t_dense, "pruned_ms": 1e3 * t_pruned,
                      "speedup": t_dense / t_pruned})
     return rows
@@ -62,7 +65,7 @@ def main():
 
     model, train_data, test_data = common.setup(args)
     x = test_data[0]
-    print(f"Inference latency, median of repeats after warm-up, {args.threads} threads, CPU.\n")
+    print(f"Inference latency: median of 5 rounds, each the median of repeats after warm-up; {args.threads} threads, CPU.\n")
     rows = []
     for s in SPARSITIES:
         pruned = zero_pruning.make_permanent(zero_pruning.prune_below(
