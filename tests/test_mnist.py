@@ -49,7 +49,7 @@ def test_zero_pruning_default_sweep(checkpoint, tmp_path):
     for r in rows:
         assert r["zero_percentage"] == pytest.approx(100 * r["zeroed_params"] / 566_528)
         assert r["csr_bytes"] == (tmp_path / f"csr-{r['threshold']:g}.pt").stat().st_size
-        assert r["csr_bytes_needed"] <= r["csr_bytes"]
+        assert r["csr_bytes_needed"] <= r["csr_bytes"] <= 1.10 * r["csr_bytes_needed"]
     assert rows[0]["dense_bytes"] == (tmp_path / "dense.pt").stat().st_size
     assert header(stdout) == ["Threshold", "Accuracy", "Original Params", "Zeroed Params", "Zero Percentage",
                               "Dense File (B)", "CSR File (B)"]
