@@ -107,8 +107,10 @@ def plot(rows, baseline):
     fig, ax = plt.subplots(figsize=(7, 4))
     reduction = [r["size_reduction"] for r in rows]
     ax.plot(reduction, [r["accuracy"] for r in rows], "o-", label="one-shot")
+    compensated = "compensated_accuracy" in rows[0]
     for key, label, marker in [("compensated_accuracy", "bias-compensated", "^-"),
-                               ("finetuned_accuracy", "fine-tuned", "s-")]:
+                               ("finetuned_accuracy", "bias-compensated, then fine-tuned" if compensated
+                                else "fine-tuned", "s-")]:
         if key in rows[0]:
             ax.plot(reduction, [r[key] for r in rows], marker, label=label)
     ax.axhline(baseline, color="gray", ls=":", label=f"unpruned model ({baseline:.2f}%)")
