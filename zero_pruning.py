@@ -90,14 +90,19 @@ def load_sparse(path):
 
 def sparse_forward(model):
     """model's forward pass on CSR weights (CPU). Activations stay feature-major, so every layer
-    is one CSR @ dense product, the fast direction for torch.sparse."""
-    layers = [(to_csr(layer.weight), layer.bias.detach().cpu()[:, None]) for layer in common.linears(model)]
+    is one CSR @ dense product, the fast direction for torch.sparse. Turning the batch
+    feature-major is a copy anyway, and it keeps only the inputs that some weight reads."""
+    first, *rest = common.linears(model)
+    used = first.weight.detach().cpu().ne(0).any(0).nonzero().squeeze(1)
+    weights = [to_csr(first.weight.detach().cpu()[:, used])] + [to_csr(layer.weight) for layer in rest]
+    biases = [layer.bias.detach().cpu()[:, None] for layer in (first, *rest)]
 
     def forward(x):
-        h = x.T.contiguous()
-        for i, (weight, bias) in enumerate(layers):
+        h = x.T[used]
+        for i, (weight, bias) in enumerate(zip(weights, biases)):
             h = torch.addmm(bias, weight, h)
-            h = h.relu() if i < len(layers) - 1 else h
+            if i < len(weights) - 1:
+                h.relu_()
         return h.T
     return forward
 

@@ -101,6 +101,12 @@ def test_sparse_file_is_within_ten_percent_of_what_csr_needs(tmp_path):
         assert zp.csr_bytes_needed(pruned) <= size <= 1.10 * zp.csr_bytes_needed(pruned)
 
 
+def test_sparse_forward_skips_inputs_no_weight_reads():
+    model = tiny([2, 2, 1], [[[0.5, 0.0], [-1.0, 0.0]], [[1.0, 2.0]]], [[0.25, 1.0], [0.5]])  # input 2 unused
+    x = torch.tensor([[1.0, 7.0], [-2.0, 3.0], [4.0, -1.0]])
+    assert zp.sparse_forward(model)(x).flatten().tolist() == [1.25, 6.5, 2.75]
+
+
 def test_csr_bytes_needed_by_hand():
     pruned = zp.make_permanent(zp.prune_below(zero_model(), 0.125))
     # layer 1: 3 values and column indices, 3 row pointers, 2 biases; layer 2: 1, 2, 1
