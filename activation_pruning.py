@@ -1,8 +1,8 @@
 """Activation pruning: measure each hidden neuron's mean ReLU activation over the training set,
 remove the neurons below a threshold and rebuild genuinely smaller nn.Linear layers.
 
-    python activation_pruning.py                                        # the default threshold sweep
-    python activation_pruning.py --finetune-epochs 3 --bias-compensation  # and recover accuracy
+    python activation_pruning.py                                           # the default threshold sweep
+    python activation_pruning.py --finetune-epochs 10 --bias-compensation  # and recover accuracy
 """
 
 import math

@@ -22,6 +22,7 @@ import zero_pruning
 BATCHES = [1, 32, 10000]
 SPARSITIES = [0.5, 0.8, 0.9, 0.95, 0.98]
 ACTIVATION_THRESHOLDS = [0.6, 0.8, 0.9, 1.0]
+ROUNDS = 5
 
 
 def time_job(args, checkpoint, retrain):
@@ -33,14 +34,14 @@ def time_job(args, checkpoint, retrain):
     return time.perf_counter() - start
 
 
-def latency_rows(name, dense, pruned, x, threads, rounds=5):
-    """Per batch size: dense and pruned latency, and the speed-up. The two are timed in turn, `rounds`
+def latency_rows(name, dense, pruned, x, threads):
+    """Per batch size: dense and pruned latency, and the speed-up. The two are timed in turn, ROUNDS
     times each, and each keeps the median of its rounds: a passing load on the machine slows both alike."""
     rows = []
     for batch in BATCHES:
         xb = x[:batch].contiguous()
         times = [[common.inference_time(fn, xb, threads, min_run_time=0.2) for fn in (dense, pruned)]
-                 for _ in range(rounds)]
+                 for _ in range(ROUNDS)]
         t_dense, t_pruned = (statistics.median(column) for column in zip(*times))
         rows.append({"model": name, "batch": batch, "dense_ms": 1e3 * t_dense, "pruned_ms": 1e3 * t_pruned,
                      "speedup": t_dense / t_pruned})
@@ -65,7 +66,8 @@ def main():
 
     model, train_data, test_data = common.setup(args)
     x = test_data[0]
-    print(f"Inference latency: median of 5 rounds, each the median of repeats after warm-up; {args.threads} threads, CPU.\n")
+    print(f"Inference latency: median of {ROUNDS} rounds, each the median of repeats after warm-up; "
+          f"{args.threads} threads, CPU.\n")
     rows = []
     for s in SPARSITIES:
         pruned = zero_pruning.make_permanent(zero_pruning.prune_below(

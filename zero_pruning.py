@@ -2,7 +2,7 @@
 fine-tune with the zeros held in place by pruning masks, and store the weights as CSR tensors.
 
     python zero_pruning.py                      # the default threshold sweep
-    python zero_pruning.py --finetune-epochs 2  # and recover accuracy by fine-tuning
+    python zero_pruning.py --finetune-epochs 4  # and recover accuracy by fine-tuning
 """
 
 import copy
@@ -92,10 +92,11 @@ def sparse_forward(model):
     """model's forward pass on CSR weights (CPU). Activations stay feature-major, so every layer
     is one CSR @ dense product, the fast direction for torch.sparse. Turning the batch
     feature-major is a copy anyway, and it keeps only the inputs that some weight reads."""
-    first, *rest = common.linears(model)
-    used = first.weight.detach().cpu().ne(0).any(0).nonzero().squeeze(1)
-    weights = [to_csr(first.weight.detach().cpu()[:, used])] + [to_csr(layer.weight) for layer in rest]
-    biases = [layer.bias.detach().cpu()[:, None] for layer in (first, *rest)]
+    layers = common.linears(model)
+    first = layers[0].weight.detach().cpu()
+    used = first.ne(0).any(0).nonzero().squeeze(1)
+    weights = [to_csr(first[:, used])] + [to_csr(layer.weight) for layer in layers[1:]]
+    biases = [layer.bias.detach().cpu()[:, None] for layer in layers]
 
     def forward(x):
         h = x.T[used]
