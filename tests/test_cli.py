@@ -83,6 +83,12 @@ def test_zero_pruning_sparsity_must_be_distinct_fractions(args, message, tmp_pat
     assert_rejected("zero_pruning.py", args, message, tmp_path, capsys, monkeypatch)
 
 
+@pytest.mark.parametrize("value", ["0", "-8", "eight"])
+def test_activation_pruning_multiple_must_be_a_positive_integer(value, tmp_path, capsys, monkeypatch):
+    message = "not an integer" if value == "eight" else f"must be > 0, not {value}"
+    assert_rejected("activation_pruning.py", ["--multiple-of", value], message, tmp_path, capsys, monkeypatch)
+
+
 def write(path, data):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
