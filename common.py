@@ -280,6 +280,7 @@ def positive(kind):
 
 def parser(description, thresholds):
     p = argparse.ArgumentParser(description=description)
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n")
     p.add_argument("--thresholds", type=threshold, nargs="+", default=thresholds, metavar="T",
                    help=f"thresholds to sweep, each a finite number >= 0 (default: {' '.join(map(str, thresholds))})")
     p.add_argument("--data-dir", metavar="DIR", help="folder holding MNIST/raw/ (default: $MNIST_DATA_DIR, else ./data)")

@@ -38,6 +38,7 @@ def assert_rejected(script, args, message, tmp_path, capsys, monkeypatch, data_d
     assert exit.value.code == 2, err
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"{script}: error:") and message in last, err
+    assert "usage:" not in err and "Traceback" not in err, err
     assert out == ""
     assert files(tmp_path) == before
 
