@@ -68,7 +68,7 @@ def sweep(model, train_data, test_data, args):
     means = mean_activations(model, train_data[0])
     original = common.count_params(model)
     rows = []
-    for t in common.progress(args.thresholds, "thresholds"):
+    for t in common.progress(args.thresholds, "sweep", unit="threshold"):
         keep, rescued = neurons_to_keep(means, t, args.multiple_of)
         pruned = remove_neurons(model, keep)
         row = {"threshold": t, "accuracy": common.accuracy(pruned, test_data)}

@@ -114,7 +114,7 @@ def sweep(model, train_data, test_data, args, save_dir):
     weights = common.count_weights(model)
     dense_bytes = common.save_torch(model.state_dict(), save_dir / "dense.pt")
     rows = []
-    for t in common.progress(args.thresholds, "thresholds"):
+    for t in common.progress(args.thresholds, "sweep", unit="threshold"):
         pruned = prune_below(model, t)
         row = {"threshold": t, "accuracy": common.accuracy(pruned, test_data)}
         if args.finetune_epochs:
