@@ -28,7 +28,7 @@ ROUNDS = 5
 def time_job(args, checkpoint, retrain):
     """Wall time of `python zero_pruning.py` as a user runs it, start-up and data loading included."""
     command = [sys.executable, "zero_pruning.py", "--quiet", "--checkpoint", checkpoint, "--threads", str(args.threads)]
-    command += ["--data-dir", str(common.data_root(args.data_dir))] + (["--retrain"] if retrain else [])
+    command += ["--data-dir", str(mnist.data_root(args.data_dir))] + (["--retrain"] if retrain else [])
     start = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, cwd=Path(__file__).parent)
     return time.perf_counter() - start

@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -19,12 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import mnist
+
 SIZES = (784, 512, 256, 128, 10)
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
-MNIST_FILES = {  # name: IDX magic number (0x08: unsigned bytes; low byte: number of dimensions)
-    "train-images-idx3-ubyte": 0x803, "train-labels-idx1-ubyte": 0x801,
-    "t10k-images-idx3-ubyte": 0x803, "t10k-labels-idx1-ubyte": 0x801,
-}
 IMAGES = Path(__file__).parent / "images"
 TRAINING_RECIPE = "adam, cosine learning rate, cross-entropy"
 
@@ -63,63 +59,6 @@ def count_weights(model):
 
 def count_params(model):
     return sum(p.numel() for p in model.parameters())
-
-
-# The data -----------------------------------------------------------------------------
-
-def data_root(data_dir=None):
-    """--data-dir, else $MNIST_DATA_DIR, else ./data."""
-    return Path(data_dir or os.environ.get("MNIST_DATA_DIR") or "data")
-
-
-def check_idx(path, magic):
-    """Fail with a one-line reason unless `path` is a complete IDX file with that magic number."""
-    ndim = magic & 0xFF
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            header = f.read(4 + 4 * ndim)
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
-    if len(header) < 4 + 4 * ndim or int.from_bytes(header[:4], "big") != magic:
-        raise UserError(f"{path} is not an MNIST IDX file (magic number {header[:4].hex() or 'missing'}, "
-                        f"expected {magic:08x}); replace it with the original file")
-    shape = [int.from_bytes(header[i:i + 4], "big") for i in range(4, len(header), 4)]
-    if size != len(header) + math.prod(shape):
-        raise UserError(f"{path} is truncated or corrupted ({size:,} bytes, expected {len(header) + math.prod(shape):,} "
-                        f"for shape {shape}); replace it with the original file")
-
-
-def download_mnist(root):
-    """Fetch MNIST into root/MNIST/raw with torchvision; on failure, leave no new folders behind."""
-    from torchvision.datasets import MNIST
-    new = next((p for p in (root, root / "MNIST", root / "MNIST" / "raw") if not p.exists()), None)
-    try:
-        log.info(f"MNIST not found in {root}: downloading")
-        MNIST(root, train=True, download=True)
-    except Exception as e:
-        if new:
-            shutil.rmtree(new, ignore_errors=True)
-        raise UserError(f"MNIST is not in {root / 'MNIST' / 'raw'} and could not be downloaded "
-                        f"({type(e).__name__}); put the four IDX files there or pass --data-dir") from None
-
-
-def load_mnist(root):
-    """((x_train, y_train), (x_test, y_test)): normalised, flattened float images and int64 labels."""
-    from torchvision.datasets import MNIST
-    raw = root / "MNIST" / "raw"
-    if not all((raw / name).exists() for name in MNIST_FILES):
-        download_mnist(root)
-    for name, magic in MNIST_FILES.items():
-        check_idx(raw / name, magic)
-    splits = []
-    for train in (True, False):
-        ds = MNIST(root, train=train, download=False)
-        if ds.data.shape[1:] != (28, 28) or len(ds.data) != len(ds.targets) or (ds.targets > 9).any():
-            raise UserError(f"{raw} does not hold MNIST: images must be 28x28 with one label 0-9 each")
-        x = (ds.data.float() / 255 - MNIST_MEAN) / MNIST_STD
-        splits.append((x.flatten(1), ds.targets.long()))
-    return splits
 
 
 # Training and evaluation --------------------------------------------------------------
@@ -319,8 +258,8 @@ def setup(args):
         raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     torch.set_num_threads(args.threads)
-    root = data_root(args.data_dir)
-    train_data, test_data = [(x.to(device), y.to(device)) for x, y in load_mnist(root)]
+    root = mnist.data_root(args.data_dir)
+    train_data, test_data = [(x.to(device), y.to(device)) for x, y in mnist.load(root)]
     log.info(f"data: {root} ({len(train_data[1]):,} training, {len(test_data[1]):,} test images); "
              f"device: {device}; threads: {args.threads}")
     return trained_model(args, train_data, test_data), train_data, test_data
@@ -366,7 +305,7 @@ def run(main):
     name = Path(sys.argv[0]).name
     try:
         main()
-    except UserError as e:
+    except (UserError, mnist.DataError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

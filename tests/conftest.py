@@ -8,14 +8,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import common  # noqa: E402
+import mnist  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def mnist_dir():
     """The real MNIST folder. Missing data skips these tests, unless REQUIRE_MNIST=1 (as in CI) fails them."""
-    root = common.data_root()
-    if not all((root / "MNIST" / "raw" / name).is_file() for name in common.MNIST_FILES):
+    root = mnist.data_root()
+    if not all((root / "MNIST" / "raw" / name).is_file() for name in mnist.FILES):
         message = f"real MNIST not found in {root.resolve()}; set MNIST_DATA_DIR"
         if os.environ.get("REQUIRE_MNIST") == "1":
             pytest.fail(message)

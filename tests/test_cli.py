@@ -118,8 +118,8 @@ def unreadable(raw, name):
 
 
 DATA_FOLDERS = {  # case: (make the folder, message)
-    "missing": (lambda data: None, "could not be downloaded"),
-    "empty": (lambda data: data.mkdir(), "could not be downloaded"),
+    "missing": (lambda data: None, "the download failed"),
+    "empty": (lambda data: data.mkdir(), "the download failed"),
     "truncated": (lambda data: write(mnist_folder(data) / "t10k-images-idx3-ubyte", idx(0x803, 2, 28, 28)[:-100]),
                   "is truncated or corrupted"),
     "wrong magic": (lambda data: write(mnist_folder(data) / "train-labels-idx1-ubyte", idx(0x803, 4)),

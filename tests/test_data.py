@@ -4,7 +4,7 @@ import pytest
 import torch
 import torchvision
 
-import common
+import mnist
 
 
 def write_idx(path, magic, data):
@@ -30,7 +30,7 @@ def no_network(monkeypatch):
 
 def test_loads_normalised_flat_tensors(tmp_path):
     fake_mnist(tmp_path)
-    (x, y), (x_test, y_test) = common.load_mnist(tmp_path)
+    (x, y), (x_test, y_test) = mnist.load(tmp_path)
     assert x.shape == (5, 784) and x_test.shape == (3, 784) and x.dtype == torch.float32
     assert y.tolist() == [0, 1, 2, 3, 4] and y_test.tolist() == [0, 1, 2] and y.dtype == torch.int64
     assert x[0, 0].item() == pytest.approx(-0.1307 / 0.3081)  # pixel value 0
@@ -52,16 +52,16 @@ def broken(raw, name):
 def test_broken_files_are_reported_in_one_line(tmp_path, damage, message):
     raw = fake_mnist(tmp_path)
     damage(*broken(raw, "train-images-idx3-ubyte"))
-    with pytest.raises(common.UserError, match=message) as error:
-        common.load_mnist(tmp_path)
+    with pytest.raises(mnist.DataError, match=message) as error:
+        mnist.load(tmp_path)
     assert "train-images-idx3-ubyte" in str(error.value) and "\n" not in str(error.value)
 
 
 def test_labels_out_of_range_are_rejected(tmp_path):
     raw = fake_mnist(tmp_path)
     write_idx(raw / "t10k-labels-idx1-ubyte", 0x801, torch.tensor([1, 2, 11], dtype=torch.uint8))
-    with pytest.raises(common.UserError, match="one label 0-9"):
-        common.load_mnist(tmp_path)
+    with pytest.raises(mnist.DataError, match="one label 0-9"):
+        mnist.load(tmp_path)
 
 
 @pytest.mark.parametrize("make", [lambda root: None, lambda root: root.mkdir()])
@@ -69,15 +69,34 @@ def test_missing_data_names_the_folder_and_leaves_nothing_behind(tmp_path, make)
     root = tmp_path / "mnist"
     make(root)
     before = sorted(tmp_path.rglob("*"))
-    with pytest.raises(common.UserError, match="could not be downloaded") as error:
-        common.load_mnist(root)
-    assert str(root / "MNIST" / "raw") in str(error.value) and "--data-dir" in str(error.value)
+    with pytest.raises(mnist.DataError, match="the download failed") as error:
+        mnist.load(root)
+    message = str(error.value)
+    assert str((root / "MNIST" / "raw").resolve()) in message and "\n" not in message
+    assert all(name in message for name in mnist.FILES)
+    assert "--data-dir" in message and "$MNIST_DATA_DIR" in message
+    assert "Connection refused" in message and "RuntimeError" not in message
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_file_of_no_images_is_refused(tmp_path):
+    raw = fake_mnist(tmp_path)
+    write_idx(raw / "t10k-images-idx3-ubyte", 0x803, torch.zeros(0, 28, 28, dtype=torch.uint8))
+    with pytest.raises(mnist.DataError, match="holds no images"):
+        mnist.load(tmp_path)
+
+
+def test_a_header_claiming_more_than_the_file_holds_is_refused_before_allocating(tmp_path):
+    raw = fake_mnist(tmp_path)
+    header = (0x803).to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in (2**31, 28, 28))
+    (raw / "train-images-idx3-ubyte").write_bytes(header + bytes(100))
+    with pytest.raises(mnist.DataError, match="is truncated or corrupted"):
+        mnist.load(tmp_path)
 
 
 def test_data_root_prefers_the_option_then_the_environment(monkeypatch):
     monkeypatch.setenv("MNIST_DATA_DIR", "/from/env")
-    assert str(common.data_root("/from/option")) == "/from/option"
-    assert str(common.data_root()) == "/from/env"
+    assert str(mnist.data_root("/from/option")) == "/from/option"
+    assert str(mnist.data_root()) == "/from/env"
     monkeypatch.delenv("MNIST_DATA_DIR")
-    assert str(common.data_root()) == "data"
+    assert str(mnist.data_root()) == "data"

@@ -12,6 +12,7 @@ import torch
 
 import activation_pruning as ap
 import common
+import mnist
 import zero_pruning as zp
 from conftest import ROOT, run_script
 
@@ -58,7 +59,7 @@ def test_zero_pruning_default_sweep(checkpoint, tmp_path):
 
     # the saved CSR file loads back into a model that predicts exactly as the pruned one
     model = load(checkpoint)
-    _, test = common.load_mnist(common.data_root())
+    _, test = mnist.load(mnist.data_root())
     pruned = zp.make_permanent(zp.prune_below(model, 0.04))
     loaded = zp.load_sparse(tmp_path / "csr-0.04.pt")
     assert torch.equal(common.predict(loaded, test[0]), common.predict(pruned, test[0]))
@@ -79,7 +80,7 @@ def test_activation_pruning_default_sweep(checkpoint, tmp_path):
     assert " 512-256-128 |" in stdout
 
     model = load(checkpoint)
-    _, test = common.load_mnist(common.data_root())
+    _, test = mnist.load(mnist.data_root())
     assert rows[0]["accuracy"] == common.accuracy(model, test)  # threshold 0: the unchanged model
     for r in rows:  # each saved model is an ordinary state dict of the smaller architecture
         smaller = common.mlp([784, *r["hidden_widths"], 10])
@@ -91,7 +92,7 @@ def test_activation_pruning_default_sweep(checkpoint, tmp_path):
 @pytest.fixture(scope="module")
 def dense_accuracy(checkpoint):
     """Test accuracy of the trained, unpruned model: the baseline of the fine-tuning bars."""
-    return common.accuracy(load(checkpoint), common.load_mnist(common.data_root())[1])
+    return common.accuracy(load(checkpoint), mnist.load(mnist.data_root())[1])
 
 
 def test_fine_tuned_zero_pruning_keeps_accuracy_at_95_percent_zeros(checkpoint, dense_accuracy, tmp_path):

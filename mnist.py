@@ -1,0 +1,83 @@
+"""MNIST from its four IDX files, read directly: torchvision is imported only to download them."""
+
+import contextlib
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+MEAN, STD = 0.1307, 0.3081
+FILES = {  # name: IDX magic number (0x08: unsigned bytes; low byte: number of dimensions)
+    "train-images-idx3-ubyte": 0x803, "train-labels-idx1-ubyte": 0x801,
+    "t10k-images-idx3-ubyte": 0x803, "t10k-labels-idx1-ubyte": 0x801,
+}
+
+
+class DataError(Exception):
+    """The data cannot be used; the message says why in one line."""
+
+
+def data_root(data_dir=None):
+    """--data-dir, else $MNIST_DATA_DIR, else ./data."""
+    return Path(data_dir or os.environ.get("MNIST_DATA_DIR") or "data")
+
+
+def read_idx(path, magic):
+    """The uint8 tensor stored in the IDX file at `path`, checked against its own header
+    before anything of its size is allocated."""
+    ndim = magic & 0xFF
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header = f.read(4 + 4 * ndim)
+            if len(header) < 4 + 4 * ndim or int.from_bytes(header[:4], "big") != magic:
+                raise DataError(f"{path} is not an MNIST IDX file (magic number {header[:4].hex() or 'missing'}, "
+                                f"expected {magic:08x}); replace it with the original file")
+            shape = [int.from_bytes(header[i:i + 4], "big") for i in range(4, len(header), 4)]
+            if size != len(header) + math.prod(shape):
+                raise DataError(f"{path} is truncated or corrupted ({size:,} bytes, expected "
+                                f"{len(header) + math.prod(shape):,} for shape {shape}); replace it with the original file")
+            if shape[0] == 0:
+                raise DataError(f"{path} holds no images; replace it with the original file")
+            return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8).view(shape)
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+
+
+def download(root):
+    """Fetch the four files into root/MNIST/raw with torchvision; on failure leave no new folder
+    behind and say why in one line."""
+    raw = root / "MNIST" / "raw"
+    new = next((p for p in (root, root / "MNIST", raw) if not p.exists()), None)
+    try:
+        from torchvision.datasets import MNIST
+        with contextlib.redirect_stdout(sys.stderr):
+            MNIST(root, train=True, download=True)
+    except Exception as e:
+        if new:
+            shutil.rmtree(new, ignore_errors=True)
+        reasons = [line for line in str(e).splitlines() if line and not line.startswith(("Error", "Tried"))]
+        reason = reasons[-1] if reasons else f"{type(e).__name__}: {e}"
+        raise DataError(f"MNIST is not in {raw.resolve()} (needs {', '.join(FILES)}) and the download failed "
+                        f"({reason}); put the files there, or point --data-dir or $MNIST_DATA_DIR at a folder "
+                        "holding MNIST/raw/") from None
+
+
+def load(root):
+    """((x_train, y_train), (x_test, y_test)): normalised, flattened float images and int64 labels.
+    Downloads the files first when any is missing."""
+    raw = root / "MNIST" / "raw"
+    if not all((raw / name).exists() for name in FILES):
+        download(root)
+    data = {name: read_idx(raw / name, magic) for name, magic in FILES.items()}
+    splits = []
+    for prefix in ("train", "t10k"):
+        images, labels = data[f"{prefix}-images-idx3-ubyte"], data[f"{prefix}-labels-idx1-ubyte"]
+        if images.shape[1:] != (28, 28) or len(images) != len(labels) or (labels > 9).any():
+            raise DataError(f"{raw} does not hold MNIST: images must be 28x28 with one label 0-9 each")
+        x = (images.float() / 255 - MEAN) / STD
+        splits.append((x.flatten(1), labels.long()))
+    return splits
