@@ -63,25 +63,52 @@ def count_params(model):
 
 # Training and evaluation --------------------------------------------------------------
 
-def train(model, data, epochs, lr, batch_size, seed, desc="training"):
-    """Adam with a cosine-decayed learning rate, reshuffling every epoch from a seeded generator."""
+def distillation_loss(logits, labels, teacher_logits=None, temperature=4.0, weight=0.5):
+    """Cross-entropy with the labels, mixed with weight of the KL divergence from the teacher's
+    outputs softened by the temperature (Hinton et al. 2015); scaled by T^2 so that its gradients
+    keep their size whatever the temperature. With no teacher or weight 0: plain cross-entropy."""
+    hard = F.cross_entropy(logits, labels)
+    if teacher_logits is None or weight == 0:
+        return hard
+    soft = F.kl_div(F.log_softmax(logits / temperature, 1), F.log_softmax(teacher_logits / temperature, 1),
+                    reduction="batchmean", log_target=True)
+    return (1 - weight) * hard + weight * temperature ** 2 * soft
+
+
+def train(model, data, epochs, lr, batch_size, seed, desc="training", teacher=None):
+    """Adam with a cosine-decayed learning rate, reshuffling every epoch from a seeded generator.
+    teacher: None, or (its logits for every training example, temperature, weight) to distil from."""
     x, y = data
+    teacher_logits, temperature, weight = teacher or (None, None, 0)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * math.ceil(len(x) / batch_size))
     for _ in progress(range(epochs), desc, unit="epoch"):
         for idx in torch.randperm(len(x), generator=gen).to(x.device).split(batch_size):
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            soft_targets = None if teacher_logits is None else teacher_logits[idx]
+            loss = distillation_loss(model(x[idx]), y[idx], soft_targets, temperature, weight)
             opt.zero_grad()
             loss.backward()
             opt.step()
             schedule.step()
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise UserError(f"{desc} diverged: the weights are no longer finite numbers; lower the learning rate")
     return model
 
 
+def finetune(model, train_data, args, epochs, teacher_logits=None, desc="fine-tuning"):
+    """Fine-tune with the --finetune-* settings; from the teacher's logits as well when --distill."""
+    teacher = (teacher_logits, args.temperature, args.distill_weight) if args.distill else None
+    return train(model, train_data, epochs, args.finetune_lr, args.batch_size, args.seed, desc, teacher)
+
+
 @torch.no_grad()
-def predict(model, x, batch_size=10000):
-    return torch.cat([model(xb).argmax(1) for xb in x.split(batch_size)])
+def logits(model, x, batch_size=10000):
+    return torch.cat([model(xb) for xb in x.split(batch_size)])
+
+
+def predict(model, x):
+    return logits(model, x).argmax(1)
 
 
 def accuracy(model, data):
@@ -97,6 +124,14 @@ def inference_time(fn, x, threads, min_run_time=0.5):
     from torch.utils.benchmark import Timer
     timer = Timer("fn(x)", globals={"fn": fn, "x": x}, num_threads=threads)
     return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+# Pruning schedules --------------------------------------------------------------------
+
+def cubic_schedule(target, steps):
+    """The fraction pruned after each of `steps` steps toward `target`, s_k = S (1 - (1 - k/K)^3)
+    (Zhu and Gupta 2017): large steps while the network has much to spare, small ones at the end."""
+    return [target * (1 - (1 - k / steps) ** 3) for k in range(1, steps + 1)]
 
 
 # Saving, atomically -------------------------------------------------------------------
@@ -134,15 +169,20 @@ def check_writable(path):
         raise UserError(f"cannot write {path}: {e.strerror}") from None
 
 
-def write_json(path, settings, rows):
-    text = json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n"
+def write_json(path, settings, rows, **results):
+    """settings, then the top-level results (dense_accuracy, ...), then one object per table row."""
+    text = json.dumps({"settings": settings, **results, "rows": rows}, indent=2) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
 # The trained model, cached ------------------------------------------------------------
 
+def sizes(args):
+    return [SIZES[0], *args.hidden, SIZES[-1]]
+
+
 def training_config(args):
-    return {"sizes": list(SIZES), "epochs": args.epochs, "lr": args.lr,
+    return {"sizes": sizes(args), "epochs": args.epochs, "lr": args.lr,
             "batch_size": args.batch_size, "seed": args.seed, "recipe": TRAINING_RECIPE}
 
 
@@ -183,7 +223,7 @@ def trained_model(args, train_data, test_data):
             return model
         log.warning(f"model: checkpoint {path} is {problem}; retraining")
     torch.manual_seed(args.seed)
-    model = mlp().to(train_data[0].device)
+    model = mlp(config["sizes"]).to(train_data[0].device)
     start = time.perf_counter()
     train(model, train_data, args.epochs, args.lr, args.batch_size, args.seed)
     state = {k: v.cpu() for k, v in model.state_dict().items()}
@@ -217,6 +257,16 @@ def positive(kind):
     return parse
 
 
+def fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], not {text}")
+    return value
+
+
 def parser(description, thresholds):
     p = argparse.ArgumentParser(description=description)
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n")
@@ -226,6 +276,9 @@ def parser(description, thresholds):
     p.add_argument("--checkpoint", metavar="PATH", help="trained model file, retrained when it does not fit the "
                    "training settings (default: checkpoints/mlp-<hash of the training settings>.pt)")
     p.add_argument("--retrain", action="store_true", help="train the model even if its checkpoint fits")
+    p.add_argument("--hidden", type=positive(int), nargs="+", default=list(SIZES[1:-1]), metavar="H",
+                   help=f"hidden widths of the MLP; 300 100 is LeNet-300-100 "
+                        f"(default: {' '.join(map(str, SIZES[1:-1]))})")
     p.add_argument("--epochs", type=positive(int), default=5, metavar="N", help="training epochs (default: 5)")
     p.add_argument("--lr", type=positive(float), default=1e-3,
                    help="Adam learning rate, cosine-decayed to 0 (default: 0.001)")
@@ -235,6 +288,13 @@ def parser(description, thresholds):
                    help="fine-tune each pruned model for N epochs (default: none, one-shot pruning only)")
     p.add_argument("--finetune-lr", type=positive(float), default=1e-3, metavar="LR",
                    help="fine-tuning learning rate, cosine-decayed to 0 (default: 0.001)")
+    p.add_argument("--distill", action="store_true",
+                   help="fine-tune against the dense model's softened outputs as well as the labels")
+    p.add_argument("--temperature", type=positive(float), default=4.0, metavar="T",
+                   help="softening temperature of --distill (default: 4)")
+    p.add_argument("--distill-weight", type=fraction, default=0.5, metavar="W",
+                   help="weight of the dense model's outputs in the --distill loss, the labels' is 1 - W "
+                        "(default: 0.5)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to train and evaluate; auto picks CUDA when present (default: auto)")
     p.add_argument("--threads", type=positive(int), default=torch.get_num_threads(), metavar="N",

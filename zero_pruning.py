@@ -6,6 +6,7 @@ fine-tune with the zeros held in place by pruning masks, and store the weights a
 """
 
 import copy
+import math
 import tempfile
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch.nn.utils.prune as prune
 import common
 
 THRESHOLDS = [0.0, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.10]
+FINAL_EPOCHS_FACTOR = 5
 
 
 def prune_below(model, threshold):
@@ -35,8 +37,21 @@ def make_permanent(model):
 def threshold_for_sparsity(model, sparsity):
     """The smallest threshold that zeroes at least that fraction of all weights."""
     magnitudes = torch.cat([layer.weight.detach().abs().flatten() for layer in common.linears(model)])
-    k = round(sparsity * len(magnitudes))
+    k = math.ceil(round(sparsity * len(magnitudes), 6))  # rounded first: 5/6 of 6 is 5.000000000000001
     return 0.0 if k == 0 else torch.nextafter(magnitudes.kthvalue(k).values, torch.tensor(1.0)).item()
+
+
+def prune_in_steps(model, sparsity, steps, finetune):
+    """Prune toward `sparsity` in steps on the cubic schedule: each step holds at zero the weights
+    smallest in magnitude over all layers together, then finetune(pruned, step) recovers from it.
+    Returns the pruned copy with its masks in place, as prune_below does."""
+    pruned = model
+    for step, s in enumerate(common.cubic_schedule(sparsity, steps), 1):
+        if step > 1:
+            make_permanent(pruned)
+        pruned = prune_below(pruned, threshold_for_sparsity(pruned, s))
+        finetune(pruned, step)
+    return pruned
 
 
 def count_zeros(model):
@@ -113,13 +128,21 @@ def sparse_forward(model):
 def sweep(model, train_data, test_data, args, save_dir):
     weights = common.count_weights(model)
     dense_bytes = common.save_torch(model.state_dict(), save_dir / "dense.pt")
+    teacher = common.logits(model, train_data[0]) if args.distill else None
     rows = []
-    for t in common.progress(args.thresholds, "sweep", unit="threshold"):
+    for t, sparsity in common.progress(list(zip(args.thresholds, args.sparsity or [None] * len(args.thresholds))), "sweep",
+                                       unit="threshold"):
         pruned = prune_below(model, t)
         row = {"threshold": t, "accuracy": common.accuracy(pruned, test_data)}
         if args.finetune_epochs:
-            common.train(pruned, train_data, args.finetune_epochs, args.finetune_lr, args.batch_size, args.seed,
-                         desc=f"fine-tuning at {t}")
+            def finetune(pruned, step):
+                epochs = args.final_epochs if step == args.steps else args.finetune_epochs
+                common.finetune(pruned, train_data, args, epochs, teacher,
+                                desc=f"fine-tuning at {t:.4g}" + (f", step {step}/{args.steps}" if args.steps > 1 else ""))
+            if args.steps > 1:
+                pruned = prune_in_steps(model, sparsity, args.steps, finetune)
+            else:
+                finetune(pruned, 1)
             row["finetuned_accuracy"] = common.accuracy(pruned, test_data)
         make_permanent(pruned)
         zeroed = count_zeros(pruned)
@@ -144,7 +167,7 @@ def memory_impact(rows, baseline):
     r = max(rows, key=lambda row: row["zero_percentage"])
     acc = r.get("finetuned_accuracy", r["accuracy"])
     verdict = "smaller" if r["csr_bytes"] < r["dense_bytes"] else "larger"
-    return (f"Memory impact: at threshold {r['threshold']:g}, {r['zero_percentage']:.1f}% of weights are zero; "
+    return (f"Memory impact: at threshold {r['threshold']:.4g}, {r['zero_percentage']:.1f}% of weights are zero; "
             f"the CSR file is {r['csr_bytes']:,} B, {abs(1 - r['csr_bytes'] / r['dense_bytes']):.1%} {verdict} "
             f"than the dense {r['dense_bytes']:,} B, at {acc:.2f}% accuracy ({acc - baseline:+.2f} points).")
 
@@ -183,7 +206,19 @@ def main():
     p.add_argument("--sparsity", type=float, nargs="+", metavar="S",
                    help="instead of --thresholds, the fractions of weights to zero (e.g. 0.9 0.95); "
                         "each is turned into the threshold that reaches it")
+    p.add_argument("--steps", type=common.positive(int), default=1, metavar="K",
+                   help="reach each --sparsity in K steps on a cubic schedule, fine-tuning after each (default: 1)")
+    p.add_argument("--final-epochs", type=common.positive(int), metavar="N",
+                   help=f"fine-tuning epochs after the last of several --steps (default: {FINAL_EPOCHS_FACTOR} times "
+                        "--finetune-epochs)")
     args = p.parse_args()
+    if args.steps > 1 and not (args.sparsity and args.finetune_epochs):
+        raise common.UserError("--steps takes --sparsity and --finetune-epochs")
+    if args.final_epochs and args.steps == 1:
+        raise common.UserError("--final-epochs takes --steps 2 or more")
+    args.final_epochs = args.final_epochs or FINAL_EPOCHS_FACTOR * (args.finetune_epochs or 0)
+    if args.steps == 1:
+        args.final_epochs = args.finetune_epochs
     if args.sparsity:
         if args.thresholds is not THRESHOLDS:
             raise common.UserError("give --thresholds or --sparsity, not both")
@@ -201,7 +236,7 @@ def main():
     print("\nSizes are the files torch.save writes: dense fp32, and CSR with fp32 values and int32 indices.")
     print(memory_impact(rows, baseline))
     if args.json:
-        common.write_json(args.json, common.settings(args), rows)
+        common.write_json(args.json, common.settings(args), rows, dense_accuracy=baseline)
     if args.plot:
         plot(model, rows, baseline)
 

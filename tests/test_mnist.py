@@ -105,6 +105,33 @@ def test_fine_tuned_zero_pruning_keeps_accuracy_at_95_percent_zeros(checkpoint, 
     assert "Fine-tuned" in stdout
 
 
+def test_one_step_is_the_one_shot_path(checkpoint, tmp_path):
+    args = ("--checkpoint", checkpoint, "--sparsity", "0.9", "--finetune-epochs", "1")
+    one_shot = run_json("zero_pruning.py", tmp_path, *args)[0]
+    one_step = run_json("zero_pruning.py", tmp_path, *args, "--steps", "1")[0]
+    assert one_step["rows"] == one_shot["rows"]
+
+
+def test_pruning_in_steps_with_distillation_keeps_accuracy_at_98_5_percent_zeros(checkpoint, dense_accuracy, tmp_path):
+    results, stdout, stderr = run_json("zero_pruning.py", tmp_path, "--checkpoint", checkpoint, "--sparsity", "0.985",
+                                       "--steps", "10", "--finetune-epochs", "2", "--distill")
+    (row,) = results["rows"]
+    assert results["dense_accuracy"] == dense_accuracy
+    assert results["settings"]["final_epochs"] + 9 * 2 <= 30
+    assert row["zero_percentage"] >= 98.5
+    assert row["finetuned_accuracy"] >= dense_accuracy - 0.5
+
+
+def test_lenet_300_100_keeps_accuracy_at_98_percent_zeros(tmp_path):
+    results, _, stderr = run_json("zero_pruning.py", tmp_path, "--checkpoint", tmp_path / "lenet.pt", "--hidden", "300",
+                                  "100", "--sparsity", "0.98", "--steps", "10", "--finetune-epochs", "2", "--distill")
+    (row,) = results["rows"]
+    assert row["original_params"] == 784 * 300 + 300 * 100 + 100 * 10
+    assert row["zero_percentage"] >= 98
+    assert row["finetuned_accuracy"] >= results["dense_accuracy"] - 0.5
+    assert results["dense_accuracy"] >= 97.5
+
+
 def test_fine_tuned_activation_pruning_keeps_accuracy_at_80_percent_fewer_params(checkpoint, dense_accuracy, tmp_path):
     results, stdout, _ = run_json("activation_pruning.py", tmp_path, "--checkpoint", checkpoint, "--thresholds",
                                   "0.9", "--finetune-epochs", "10", "--bias-compensation")

@@ -1,7 +1,9 @@
 """Unit tests on tiny models whose answers can be worked out by hand."""
 
+import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import activation_pruning as ap
@@ -77,6 +79,70 @@ def test_fine_tuning_keeps_pruned_weights_at_exactly_zero_after_every_step():
     zp.make_permanent(pruned)
     for layer, m in zip(common.linears(pruned), masks):
         assert (layer.weight[~m] == 0).all() and (layer.weight[m] != 0).all()
+
+
+def test_cubic_schedule_by_hand():
+    # s_k = 0.8 (1 - (1 - k/4)^3): 0.8 * 37/64, 0.8 * 7/8, 0.8 * 63/64, 0.8
+    assert common.cubic_schedule(0.8, 4) == pytest.approx([0.4625, 0.7, 0.7875, 0.8])
+    assert common.cubic_schedule(0.985, 1) == [0.985]
+
+
+def test_magnitude_ranking_is_global_across_layers():
+    # magnitudes: layer 1 holds 0.5 0.0625 0.125 0.375, layer 2 holds 0.03125 1.0; the three
+    # smallest overall are in both layers, though layer 2 is the smaller layer
+    model = zero_model()
+    pruned = zp.make_permanent(zp.prune_below(model, zp.threshold_for_sparsity(model, 0.5)))
+    first, second = common.linears(pruned)
+    assert first.weight.tolist() == [[0.5, 0.0], [0.0, -0.375]]
+    assert second.weight.tolist() == [[0.0, 1.0]]
+
+
+def test_pruning_in_steps_holds_every_pruned_weight_at_zero_after_every_optimiser_step():
+    torch.manual_seed(0)
+    model = common.mlp([6, 5, 4, 3])
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    zeros_per_step, held = [], []
+
+    def finetune(pruned, step):
+        masks = [layer.weight_mask.bool() for layer in common.linears(pruned)]
+        zeros_per_step.append(sum((~m).sum().item() for m in masks))
+
+        def check(optimizer, args, kwargs):
+            pruned(x[:1])  # the forward pass recomputes each weight from weight_orig and its mask
+            held.append(all((layer.weight[~m] == 0).all() for layer, m in zip(common.linears(pruned), masks)))
+
+        handle = register_optimizer_step_post_hook(check)
+        try:
+            common.train(pruned, (x, y), epochs=1, lr=0.1, batch_size=8, seed=step)
+        finally:
+            handle.remove()
+
+    pruned = zp.prune_in_steps(model, 0.5, 3, finetune)
+    weights = common.count_weights(model)  # 6*5 + 5*4 + 4*3 = 62
+    assert zeros_per_step == [round(s * weights) for s in common.cubic_schedule(0.5, 3)] == [22, 30, 31]
+    assert len(held) == 3 * 5 and all(held)
+    assert zp.count_zeros(zp.make_permanent(pruned)) == 31
+    assert zp.count_zeros(model) == 0  # the dense model is left as it was
+
+
+def test_distillation_loss_is_cross_entropy_at_weight_zero_and_kl_at_weight_one():
+    torch.manual_seed(0)
+    logits, teacher, labels = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
+    ce = F.cross_entropy(logits, labels)
+    assert torch.equal(common.distillation_loss(logits, labels, teacher, 4.0, 0.0), ce)
+    assert torch.equal(common.distillation_loss(logits, labels, None, 4.0, 0.5), ce)
+    # at weight 1 only the teacher counts: T^2 KL(softmax(t/T) || softmax(s/T)), zero for the teacher itself
+    p, log_q = F.softmax(teacher / 2, 1), F.log_softmax(logits / 2, 1)
+    kl = (p * (p.log() - log_q)).sum(1).mean()
+    assert common.distillation_loss(logits, labels, teacher, 2.0, 1.0).item() == pytest.approx(4 * kl.item())
+    assert common.distillation_loss(teacher, labels, teacher, 2.0, 1.0).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_the_mlp_takes_the_hidden_widths_asked_for():
+    args = common.parser("", []).parse_args(["--hidden", "300", "100"])
+    model = common.mlp(common.sizes(args))
+    assert common.widths(model) == (784, 300, 100, 10)
+    assert common.count_weights(model) == 784 * 300 + 300 * 100 + 100 * 10 == 266_200
 
 
 def test_sparse_file_round_trips_to_identical_predictions(tmp_path):
