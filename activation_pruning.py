@@ -6,12 +6,14 @@ remove the neurons below a threshold and rebuild genuinely smaller nn.Linear lay
 """
 
 import math
+import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 import common
+import compressed
 
 THRESHOLDS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0]
 
@@ -64,8 +66,10 @@ def remove_neurons(model, keep, means=None):
     return smaller
 
 
-def sweep(model, train_data, test_data, args):
+def sweep(model, train_data, test_data, args, save_dir):
     means = mean_activations(model, train_data[0])
+    teacher = common.logits(model, train_data[0]) if args.distill else None
+    dense_bytes = args.bits and common.save_torch(model.state_dict(), Path(save_dir) / "dense.pt")
     original = common.count_params(model)
     rows = []
     for t in common.progress(args.thresholds, "sweep", unit="threshold"):
@@ -76,12 +80,15 @@ def sweep(model, train_data, test_data, args):
             pruned = remove_neurons(model, keep, means)
             row["compensated_accuracy"] = common.accuracy(pruned, test_data)
         if args.finetune_epochs:
-            common.train(pruned, train_data, args.finetune_epochs, args.finetune_lr, args.batch_size, args.seed,
-                         desc=f"fine-tuning at {t}")
+            common.finetune(pruned, train_data, args, args.finetune_epochs, teacher, desc=f"fine-tuning at {t:.4g}")
             row["finetuned_accuracy"] = common.accuracy(pruned, test_data)
         if args.save_dir:
             common.save_torch(pruned.state_dict(), Path(args.save_dir) / f"activation-{t:g}.pt")
         new = common.count_params(pruned)
+        if args.bits:
+            row.update(compressed.compress(pruned, train_data, test_data, args, teacher,
+                                           Path(save_dir) / f"compressed-{t:g}.bin", f"fine-tuning shared values at {t:.4g}"))
+            row["times_smaller"] = dense_bytes / row["compressed_bytes"]
         row.update(original_params=original, new_params=new, hidden_widths=list(common.widths(pruned)[1:-1]),
                    kept_strongest_only=rescued,
                    inference_time_s=common.inference_time(pruned, test_data[0], args.threads),
@@ -90,7 +97,7 @@ def sweep(model, train_data, test_data, args):
     return rows
 
 
-def columns(compensated, finetuned):
+def columns(compensated, finetuned, bits):
     percent, count = "{:.2f}%".format, "{:,}".format
     return [("Threshold", "threshold", "{:.4g}".format), ("Accuracy", "accuracy", percent),
             *([("Bias-compensated", "compensated_accuracy", percent)] if compensated else []),
@@ -98,7 +105,8 @@ def columns(compensated, finetuned):
             ("Original Params", "original_params", count), ("New Params", "new_params", count),
             ("Hidden Widths", "hidden_widths", lambda widths: "-".join(map(str, widths))),
             ("Inference Time (s)", "inference_time_s", "{:.4f}".format),
-            ("Size Reduction", "size_reduction", percent)]
+            ("Size Reduction", "size_reduction", percent),
+            *(compressed.columns(finetuned) if bits else [])]
 
 
 def plot(rows, baseline):
@@ -138,19 +146,23 @@ def main():
                         "below the threshold; 8 or 16 suit CPU vector units (default: 1, no rounding)")
     args = p.parse_args()
     model, train_data, test_data = common.setup(args)
-    rows = sweep(model, train_data, test_data, args)
-    print(common.markdown_table(rows, columns(args.bias_compensation, bool(args.finetune_epochs))))
+    baseline = common.accuracy(model, test_data)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = sweep(model, train_data, test_data, args, args.save_dir or tmp)
+    print(common.markdown_table(rows, columns(args.bias_compensation, bool(args.finetune_epochs), args.bits)))
     print(f"\nInference time: classifying all {len(test_data[1]):,} test images in one batch, median of repeats "
           f"after warm-up, {args.threads} threads.")
+    if args.bits:
+        print(compressed.note(args.bits))
     for r in rows:
         if r["kept_strongest_only"]:
             layers = ", ".join(str(i + 1) for i in r["kept_strongest_only"])
             print(f"At threshold {r['threshold']:g} no neuron of hidden layer {layers} reached it; "
                   "the strongest one was kept.")
     if args.json:
-        common.write_json(args.json, common.settings(args), rows)
+        common.write_json(args.json, common.settings(args), rows, dense_accuracy=baseline)
     if args.plot:
-        plot(rows, common.accuracy(model, test_data))
+        plot(rows, baseline)
 
 
 if __name__ == "__main__":

@@ -138,19 +138,28 @@ def cubic_schedule(target, steps):
 
 def atomic_write(path, write):
     """Call write(file) on a temporary file beside `path`, then rename it into place:
-    a reader sees the old complete file or the new complete one, never a partial one."""
+    a reader sees the old complete file or the new complete one, never a partial one.
+    A new file gets the mode the umask gives; a replaced one keeps its own."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~umask()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def umask():
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
 
 
 def save_torch(obj, path):
@@ -257,6 +266,16 @@ def positive(kind):
     return parse
 
 
+def bits(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 2 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"must be 2 to 8, not {text}")
+    return value
+
+
 def fraction(text):
     try:
         value = float(text)
@@ -295,6 +314,9 @@ def parser(description, thresholds):
     p.add_argument("--distill-weight", type=fraction, default=0.5, metavar="W",
                    help="weight of the dense model's outputs in the --distill loss, the labels' is 1 - W "
                         "(default: 0.5)")
+    p.add_argument("--bits", type=bits, metavar="B",
+                   help="also store each pruned model compressed: each layer's weights shared among 2^B values "
+                        "(k-means; fine-tuned too with --finetune-epochs), positions and codes LZMA-coded")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to train and evaluate; auto picks CUDA when present (default: auto)")
     p.add_argument("--threads", type=positive(int), default=torch.get_num_threads(), metavar="N",

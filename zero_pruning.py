@@ -14,6 +14,7 @@ import torch
 import torch.nn.utils.prune as prune
 
 import common
+import compressed
 
 THRESHOLDS = [0.0, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.10]
 FINAL_EPOCHS_FACTOR = 5
@@ -149,17 +150,23 @@ def sweep(model, train_data, test_data, args, save_dir):
         row.update(original_params=weights, zeroed_params=zeroed, zero_percentage=100 * zeroed / weights,
                    dense_bytes=dense_bytes, csr_bytes=save_sparse(pruned, save_dir / f"csr-{t:g}.pt"),
                    csr_bytes_needed=csr_bytes_needed(pruned))
+        if args.bits:
+            row.update(compressed.compress(pruned, train_data, test_data, args, teacher, save_dir / f"compressed-{t:g}.bin",
+                                f"fine-tuning shared values at {t:.4g}"))
+            row["bits_per_nonzero"] = 8 * row["compressed_bytes"] / (weights - zeroed)
+            row["times_smaller"] = dense_bytes / row["compressed_bytes"]
         rows.append(row)
     return rows
 
 
-def columns(finetuned):
+def columns(finetuned, bits):
     percent, count = "{:.2f}%".format, "{:,}".format
     return [("Threshold", "threshold", "{:.4g}".format), ("Accuracy", "accuracy", percent),
             *([("Fine-tuned", "finetuned_accuracy", percent)] if finetuned else []),
             ("Original Params", "original_params", count), ("Zeroed Params", "zeroed_params", count),
             ("Zero Percentage", "zero_percentage", percent),
-            ("Dense File (B)", "dense_bytes", count), ("CSR File (B)", "csr_bytes", count)]
+            ("Dense File (B)", "dense_bytes", count), ("CSR File (B)", "csr_bytes", count),
+            *(compressed.columns(finetuned) if bits else [])]
 
 
 def memory_impact(rows, baseline):
@@ -232,8 +239,10 @@ def main():
     baseline = common.accuracy(model, test_data)
     with tempfile.TemporaryDirectory() as tmp:
         rows = sweep(model, train_data, test_data, args, Path(args.save_dir or tmp))
-    print(common.markdown_table(rows, columns(bool(args.finetune_epochs))))
+    print(common.markdown_table(rows, columns(bool(args.finetune_epochs), args.bits)))
     print("\nSizes are the files torch.save writes: dense fp32, and CSR with fp32 values and int32 indices.")
+    if args.bits:
+        print(compressed.note(args.bits))
     print(memory_impact(rows, baseline))
     if args.json:
         common.write_json(args.json, common.settings(args), rows, dense_accuracy=baseline)

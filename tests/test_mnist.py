@@ -12,6 +12,7 @@ import torch
 
 import activation_pruning as ap
 import common
+import compressed
 import mnist
 import zero_pruning as zp
 from conftest import ROOT, run_script
@@ -42,6 +43,7 @@ def run_json(script, tmp_path, *args, **kwargs):
 def test_zero_pruning_default_sweep(checkpoint, tmp_path):
     results, stdout, stderr = run_json("zero_pruning.py", tmp_path, "--checkpoint", checkpoint, "--save-dir", tmp_path)
     rows = results["rows"]
+    assert all((p.stat().st_mode & 0o777) == 0o666 & ~common.umask() for p in tmp_path.iterdir())  # not 0600
     assert [r["threshold"] for r in rows] == zp.THRESHOLDS
     assert rows[0]["accuracy"] >= 97.5 and rows[0]["zeroed_params"] == 0
     assert all(r["original_params"] == 566_528 for r in rows)
@@ -112,14 +114,24 @@ def test_one_step_is_the_one_shot_path(checkpoint, tmp_path):
     assert one_step["rows"] == one_shot["rows"]
 
 
-def test_pruning_in_steps_with_distillation_keeps_accuracy_at_98_5_percent_zeros(checkpoint, dense_accuracy, tmp_path):
+def test_pruning_in_steps_with_distillation_keeps_accuracy_at_98_5_percent_zeros_in_a_file_100_times_smaller(
+        checkpoint, dense_accuracy, tmp_path):
     results, stdout, stderr = run_json("zero_pruning.py", tmp_path, "--checkpoint", checkpoint, "--sparsity", "0.985",
-                                       "--steps", "10", "--finetune-epochs", "2", "--distill")
+                                       "--steps", "10", "--finetune-epochs", "2", "--distill", "--bits", "5",
+                                       "--save-dir", tmp_path)
     (row,) = results["rows"]
     assert results["dense_accuracy"] == dense_accuracy
     assert results["settings"]["final_epochs"] + 9 * 2 <= 30
     assert row["zero_percentage"] >= 98.5
     assert row["finetuned_accuracy"] >= dense_accuracy - 0.5
+
+    path = tmp_path / f"compressed-{row['threshold']:g}.bin"
+    assert row["compressed_bytes"] == path.stat().st_size <= 2_272_781 / 100
+    assert row["quantized_accuracy"] >= dense_accuracy - 0.5
+    assert row["quantized_finetuned_accuracy"] >= dense_accuracy - 0.5
+    assert header(stdout)[-4:] == ["Quantized", "Q. Fine-tuned", "Compressed File (B)", "x Smaller"]
+    assert common.accuracy(compressed.load_compressed(path), mnist.load(mnist.data_root())[1]) == \
+        row["quantized_finetuned_accuracy"]
 
 
 def test_lenet_300_100_keeps_accuracy_at_98_percent_zeros(tmp_path):

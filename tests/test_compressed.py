@@ -1,0 +1,115 @@
+"""The compressed model file: weight sharing, position encodings, and refusing damaged files."""
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import compressed as cz
+import zero_pruning as zp
+
+
+def pruned_mlp(sizes=(784, 64, 32, 10), sparsity=0.9, seed=0):
+    torch.manual_seed(seed)
+    model = common.mlp(sizes)
+    return zp.make_permanent(zp.prune_below(model, zp.threshold_for_sparsity(model, sparsity)))
+
+
+def test_kmeans_by_hand():
+    # linear start at 0, 5, 10; the values settle into their three groups
+    centroids, codes = cz.kmeans(torch.tensor([0.0, 1.0, 2.0, 9.0, 10.0, 4.0, 6.0]), 3)
+    assert centroids.tolist() == [1.0, 5.0, 9.5]
+    assert codes.tolist() == [0, 0, 0, 2, 2, 1, 1]
+
+
+def test_kmeans_drops_centroids_no_value_is_nearest_to():
+    centroids, codes = cz.kmeans(torch.tensor([0.0, 0.0, 1.0]), 4)
+    assert centroids.tolist() == [0.0, 1.0] and codes.tolist() == [0, 0, 1]
+
+
+@pytest.mark.parametrize("bits", [2, 5, 8])
+def test_each_layer_shares_at_most_2_to_the_bits_values_and_zeros_stay_zero(bits):
+    model = pruned_mlp()
+    quantized = cz.quantize(model, bits)
+    for layer, original in zip(common.linears(quantized), common.linears(model)):
+        stored = layer.weight[layer.weight != 0]
+        assert len(stored.unique()) <= 2 ** bits
+        assert torch.equal(layer.weight == 0, original.weight == 0)
+
+
+def test_zeros_stay_zero_while_the_shared_values_are_fine_tuned():
+    model = pruned_mlp((6, 5, 3), sparsity=0.5)
+    quantized = cz.quantize(model, 2)
+    codes = [layer.parametrizations.weight[0].codes.clone() for layer in common.linears(quantized)]
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    before = [layer.parametrizations.weight[0].codebook.detach().clone() for layer in common.linears(quantized)]
+    common.train(quantized, (x, y), epochs=3, lr=0.05, batch_size=8, seed=0)
+    for layer, original, c, b in zip(common.linears(quantized), common.linears(model), codes, before):
+        assert torch.equal(layer.weight == 0, original.weight == 0)
+        assert torch.equal(layer.parametrizations.weight[0].codes, c)  # the assignment is fixed
+        assert not torch.equal(layer.parametrizations.weight[0].codebook, b)  # the shared values moved
+        assert len(layer.weight[layer.weight != 0].unique()) <= 4
+
+
+def test_a_shared_value_gets_the_sum_of_its_weights_gradients():
+    shared = cz.SharedWeights(torch.tensor([1.0, 2.0]), torch.tensor([[0, -1], [1, 0]]))
+    weight = shared(None)
+    assert weight.tolist() == [[1.0, 0.0], [2.0, 1.0]]
+    (weight * torch.tensor([[3.0, 5.0], [7.0, 11.0]])).sum().backward()
+    assert shared.codebook.grad.tolist() == [3.0 + 11.0, 7.0]
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.98, 0.999])
+def test_the_file_round_trips_to_identical_predictions(sparsity, tmp_path):
+    quantized = cz.quantize(pruned_mlp(sparsity=sparsity), 5)
+    size = cz.save_compressed(quantized, tmp_path / "m.bin")
+    assert size == (tmp_path / "m.bin").stat().st_size
+    loaded = cz.load_compressed(tmp_path / "m.bin")
+    x = torch.randn(100, 784)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), quantized(x))
+    for a, b in zip(common.linears(loaded), common.linears(quantized)):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+
+
+def test_long_gaps_are_written_with_escape_bytes_and_decode_to_the_same_positions():
+    positions = np.array([0, 254, 255 + 254 + 1, 100_000, 100_001])
+    data = cz.encode_gaps(positions)
+    # gaps 0, 253, 255 (= 255 + 0), 99,489 (= 390 * 255 + 39), 0
+    assert list(data) == [0, 253, 255, 0] + [255] * 390 + [39, 0]
+    assert cz.decode_gaps(data).tolist() == positions.tolist()
+
+
+def test_positions_use_the_encoding_that_fits():
+    dense = torch.zeros(4, 5, dtype=torch.long)
+    assert set(cz.position_streams(dense)) == {cz.ALL}
+    sparse = torch.full((4, 5), -1)
+    sparse[1, 2] = 0
+    streams = cz.position_streams(sparse)
+    assert set(streams) == {cz.GAPS, cz.BITMASK}
+    for kind, data in streams.items():
+        assert cz.decode_positions(kind, data, 20).tolist() == [7]
+
+
+def saved(tmp_path):
+    path = tmp_path / "m.bin"
+    cz.save_compressed(cz.quantize(pruned_mlp(), 4), path)
+    return path, path.read_bytes()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda data: data[:-1], "truncated"),
+    (lambda data: data[:40], "truncated"),
+    (lambda data: data[:10], "not a compressed model file"),
+    (lambda data: data + b"\0", "truncated or extended"),
+    (lambda data: data[:100] + bytes([data[100] ^ 1]) + data[101:], "checksum does not match"),
+    (lambda data: data[:4] + b"\x09" + data[5:], "format version 9"),
+    (lambda data: b"\x89PNG\r\n\x1a\n" + data[8:], "not a compressed model file"),
+    (lambda data: b"", "not a compressed model file"),
+])
+def test_damaged_or_foreign_files_are_refused_in_one_line(damage, message, tmp_path):
+    path, data = saved(tmp_path)
+    path.write_bytes(damage(data))
+    with pytest.raises(common.UserError, match=message) as error:
+        cz.load_compressed(path)
+    assert "\n" not in str(error.value) and str(path) in str(error.value)
