@@ -72,7 +72,7 @@ def sweep(model, train_data, test_data, args, save_dir):
     dense_bytes = args.bits and common.save_torch(model.state_dict(), Path(save_dir) / "dense.pt")
     original = common.count_params(model)
     rows = []
-    for t in common.progress(args.thresholds, "sweep", unit="threshold"):
+    for t in common.progress(args.thresholds, "sweep", "threshold"):
         keep, rescued = neurons_to_keep(means, t, args.multiple_of)
         pruned = remove_neurons(model, keep)
         row = {"threshold": t, "accuracy": common.accuracy(pruned, test_data)}
@@ -109,23 +109,15 @@ def columns(compensated, finetuned, bits):
             *(compressed.columns(finetuned) if bits else [])]
 
 
-def plot(rows, baseline):
+def plot(rows, baseline, plot_dir):
     plt = common.pyplot()
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    reduction = [r["size_reduction"] for r in rows]
-    ax.plot(reduction, [r["accuracy"] for r in rows], "o-", label="one-shot")
     compensated = "compensated_accuracy" in rows[0]
-    for key, label, marker in [("compensated_accuracy", "bias-compensated", "^-"),
-                               ("finetuned_accuracy", "bias-compensated, then fine-tuned" if compensated
-                                else "fine-tuned", "s-")]:
-        if key in rows[0]:
-            ax.plot(reduction, [r[key] for r in rows], marker, label=label)
-    ax.axhline(baseline, color="gray", ls=":", label=f"unpruned model ({baseline:.2f}%)")
-    ax.set(xlabel="parameters removed (%)", ylabel="test accuracy (%)",
-           title="Activation pruning: accuracy against size reduction")
-    ax.legend()
-    common.save_figure(fig, "activation_pruning_accuracy.png")
+    curves = [("accuracy", "one-shot"), ("compensated_accuracy", "bias-compensated"),
+              ("finetuned_accuracy", "bias-compensated, then fine-tuned" if compensated else "fine-tuned"),
+              ("quantized_accuracy", "quantized"), ("quantized_finetuned_accuracy", "quantized, fine-tuned")]
+    fig = common.accuracy_figure(rows, baseline, "size_reduction", "parameters", curves)
+    fig.suptitle(f"Activation pruning, MLP 784-{'-'.join(map(str, rows[0]['hidden_widths']))}-10")
+    common.save_figure(fig, plot_dir, "activation_pruning_accuracy.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))
     thresholds = [r["threshold"] for r in rows]
@@ -134,7 +126,7 @@ def plot(rows, baseline):
     ax.set(xlabel="mean-activation threshold", ylabel="neurons left", ylim=(0, None),
            title="Activation pruning: width of each hidden layer")
     ax.legend()
-    common.save_figure(fig, "activation_widths.png")
+    common.save_figure(fig, plot_dir, "activation_widths.png")
 
 
 def main():
@@ -162,7 +154,7 @@ def main():
     if args.json:
         common.write_json(args.json, common.settings(args), rows, dense_accuracy=baseline)
     if args.plot:
-        plot(rows, baseline)
+        plot(rows, baseline, args.plot_dir)
 
 
 if __name__ == "__main__":

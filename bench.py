@@ -1,6 +1,7 @@
 """Benchmarks that print their figures: the zero-pruning job's wall time from scratch and from the
-cached model, and the inference latency of pruned models against the dense one. Activation
-pruning is timed with plain widths and with widths rounded up to a multiple of 8 (--multiple-of).
+cached model beside a tutorial-style version of the same job, training throughput beside this
+machine's matrix-multiply speed, and the inference latency of pruned models against the dense
+one. Activation pruning is timed with plain widths and with widths rounded up to a multiple of 8.
 
     python bench.py
 """
@@ -14,9 +15,12 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import activation_pruning
 import common
+import mnist
 import zero_pruning
 
 BATCHES = [1, 32, 10000]
@@ -29,42 +33,121 @@ def time_job(args, checkpoint, retrain):
     """Wall time of `python zero_pruning.py` as a user runs it, start-up and data loading included."""
     command = [sys.executable, "zero_pruning.py", "--quiet", "--checkpoint", checkpoint, "--threads", str(args.threads)]
     command += ["--data-dir", str(mnist.data_root(args.data_dir))] + (["--retrain"] if retrain else [])
+    return time_command(command)
+
+
+def time_command(command):
     start = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, cwd=Path(__file__).parent)
     return time.perf_counter() - start
 
 
-def latency_rows(name, dense, pruned, x, threads):
-    """Per batch size: dense and pruned latency, and the speed-up. The two are timed in turn, ROUNDS
-    times each, and each keeps the median of its rounds: a passing load on the machine slows both alike."""
-    rows = []
-    for batch in BATCHES:
-        xb = x[:batch].contiguous()
-        times = [[common.inference_time(fn, xb, threads, min_run_time=0.2) for fn in (dense, pruned)]
-                 for _ in range(ROUNDS)]
-        t_dense, t_pruned = (statistics.median(column) for column in zip(*times))
-        rows.append({"model": name, "batch": batch, "dense_ms": 1e3 * t_dense, "pruned_ms": 1e3 * t_pruned,
-                     "speedup": t_dense / t_pruned})
-    return rows
+def tutorial_job(data_dir, save_dir, epochs=5):
+    """The zero-pruning job as tutorials write it: torchvision's MNIST with per-sample ToTensor and
+    Normalize, a DataLoader of batch 64, the same MLP, recipe and threshold sweep, each pruned model
+    evaluated through a DataLoader and saved dense and as CSR. The reference for the job's speed."""
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+    train_set = datasets.MNIST(data_dir, train=True, transform=transform)
+    test_loader = DataLoader(datasets.MNIST(data_dir, train=False, transform=transform), batch_size=1000)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), common.mlp())
+    loader = DataLoader(train_set, batch_size=64, shuffle=True)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * len(loader))
+    for _ in range(epochs):
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            schedule.step()
+    for t in zero_pruning.THRESHOLDS:
+        pruned = zero_pruning.prune_below(model[1], t)
+        correct = 0
+        with torch.no_grad():
+            for x, y in test_loader:
+                correct += (pruned(x.flatten(1)).argmax(1) == y).sum().item()
+        zero_pruning.make_permanent(pruned)
+        torch.save(pruned.state_dict(), Path(save_dir) / "dense.pt")
+        torch.save({k: v.to_sparse_csr() if v.dim() == 2 else v for k, v in pruned.state_dict().items()},
+                   Path(save_dir) / f"csr-{t:g}.pt")
+        print(f"threshold {t:g}: {correct / 100:.2f}%")
 
 
-COLUMNS = [("Model", "model", str), ("Batch", "batch", "{:,}".format), ("Dense (ms)", "dense_ms", "{:.3f}".format),
-           ("Pruned (ms)", "pruned_ms", "{:.3f}".format), ("Speed-up", "speedup", "{:.2f}x".format)]
+def sgemm_gflops(threads, n=4096, repeats=5):
+    """This machine's single-precision matrix-multiply speed: the ceiling for training the MLP."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    seconds = common.inference_time(lambda x: x @ b, a, threads, min_run_time=1.0)
+    return 2 * n ** 3 / seconds / 1e9
+
+
+def training_throughput(args, model, train_data):
+    """(seconds, GFLOP/s) of training a fresh copy of the model with the default recipe:
+    6 floating-point operations per weight per example (forward, two backward products)."""
+    fresh = common.mlp(common.widths(model))
+    start = time.perf_counter()
+    common.train(fresh, train_data, args.epochs, args.lr, args.batch_size, args.seed)
+    seconds = time.perf_counter() - start
+    return seconds, 6 * common.count_weights(model) * len(train_data[1]) * args.epochs / seconds / 1e9
+
+
+def cpu_used_by_others(seconds=1.0):
+    """The share of this machine's CPU time that other processes used over `seconds`, while this
+    one sleeps (from /proc/stat: Linux), or None where that cannot be read."""
+    def busy_and_total():
+        ticks = [int(n) for n in Path("/proc/stat").read_text().split()[1:9]]
+        return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # all but idle and iowait
+    try:
+        busy, total = busy_and_total()
+        time.sleep(seconds)
+        busy_after, total_after = busy_and_total()
+    except (OSError, ValueError):
+        return None
+    return (busy_after - busy) / max(1, total_after - total)
+
+
+def report_load(label):
+    """Print what else was running; True when the machine was busy."""
+    share = cpu_used_by_others()
+    if share is None:
+        print(f"CPU used by other processes {label}: unknown here (no /proc/stat)")
+        return False
+    busy = share > 0.1
+    print(f"CPU used by other processes {label}: {share:.0%}"
+          + (" -- the machine is busy, and timings taken now are slower than on an idle one" if busy else ""))
+    return busy
 
 
 def main():
     p = common.parser(__doc__.split("\n\n")[0], [])
     p.add_argument("--skip-job", action="store_true", help="skip timing the whole zero-pruning job")
+    p.add_argument("--skip-tutorial", action="store_true", help="skip the tutorial-style reference job (about 2 minutes)")
     args = p.parse_args()
     args.device = "cpu"
+    busy = report_load("before")
+    model, train_data, test_data = common.setup(args)
+    print()
     if not args.skip_job:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = os.path.join(tmp, "mlp.pt")
             scratch, cached = time_job(args, checkpoint, True), time_job(args, checkpoint, False)
-        print(f"zero_pruning.py from scratch (training + sweep): {scratch:.1f} s (bar: 45 s)")
-        print(f"zero_pruning.py with the cached model:           {cached:.1f} s (bar: 10 s)\n")
+            if not args.skip_tutorial:
+                tutorial = time_command([sys.executable, "-c", f"import bench; bench.tutorial_job({str(mnist.data_root(args.data_dir))!r}, {tmp!r})"])
+        print(f"zero_pruning.py from scratch (training + sweep): {scratch:.1f} s")
+        if not args.skip_tutorial:
+            print(f"the same job written as tutorials write it:      {tutorial:.1f} s, {tutorial / scratch:.1f} times slower "
+                  "(bar: 10)")
+        print(f"zero_pruning.py with the cached model:           {cached:.1f} s (bar: 3.5 s)\n")
 
-    model, train_data, test_data = common.setup(args)
+    gflops = sgemm_gflops(args.threads)
+    seconds, throughput = training_throughput(args, model, train_data)
+    bound = 6 * common.count_weights(model) * len(train_data[1]) * args.epochs / gflops / 1e9
+    print(f"Training, {args.epochs} epochs at batch {args.batch_size}: {seconds:.1f} s, {throughput:.0f} GFLOP/s; "
+          f"a 4096 x 4096 sgemm here runs at {gflops:.0f} GFLOP/s, which allows {bound:.1f} s: "
+          f"{seconds / bound:.2f} times that (bar: 1.5)\n")
+
     x = test_data[0]
     print(f"Inference latency: median of {ROUNDS} rounds, each the median of repeats after warm-up; "
           f"{args.threads} threads, CPU.\n")
@@ -86,7 +169,9 @@ def main():
             widths = "-".join(map(str, common.widths(pruned)[1:-1]))
             name = f"activation pruning at {t:g}, widths {widths}, {reduction:.1f}% fewer params"
             rows += latency_rows(name, model, pruned, x, args.threads)
-    print(common.markdown_table(rows, COLUMNS))
+    print(common.markdown_table(rows, COLUMNS) + "\n")
+    if report_load("after") or busy:
+        print("Warning: the machine was busy while these figures were taken; rerun them on an idle machine.")
 
 
 if __name__ == "__main__":

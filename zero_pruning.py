@@ -18,6 +18,8 @@ import compressed
 
 THRESHOLDS = [0.0, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.10]
 FINAL_EPOCHS_FACTOR = 5
+PUBLISHED_LENET = [  # LeNet-300-100 on MNIST: (method, weights kept %, test error %)
+    ("Han 2015", 8.0, 1.59), ("DNS 2016", 1.8, 1.99), ("Sparse VD 2017", 1.5, 1.92)]
 
 
 def prune_below(model, threshold):
@@ -131,8 +133,7 @@ def sweep(model, train_data, test_data, args, save_dir):
     dense_bytes = common.save_torch(model.state_dict(), save_dir / "dense.pt")
     teacher = common.logits(model, train_data[0]) if args.distill else None
     rows = []
-    for t, sparsity in common.progress(list(zip(args.thresholds, args.sparsity or [None] * len(args.thresholds))), "sweep",
-                                       unit="threshold"):
+    for t, sparsity in common.progress(targets(args), "sweep", "threshold"):
         pruned = prune_below(model, t)
         row = {"threshold": t, "accuracy": common.accuracy(pruned, test_data)}
         if args.finetune_epochs:
@@ -179,7 +180,7 @@ def memory_impact(rows, baseline):
             f"than the dense {r['dense_bytes']:,} B, at {acc:.2f}% accuracy ({acc - baseline:+.2f} points).")
 
 
-def plot(model, rows, baseline):
+def plot(model, rows, baseline, plot_dir):
     plt = common.pyplot()
 
     magnitudes = torch.cat([layer.weight.detach().abs().flatten().cpu() for layer in common.linears(model)])
@@ -195,17 +196,20 @@ def plot(model, rows, baseline):
            xlabel=f"|w|  ({hidden:,} weights above {right:.3g} not shown)",
            title=f"Weight magnitudes of the trained MLP ({len(magnitudes):,} weights)\n"
                  "red: pruning thresholds, each with the share of weights below it")
-    common.save_figure(fig, "weight_magnitudes.png")
+    common.save_figure(fig, plot_dir, "weight_magnitudes.png")
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    zeros = [r["zero_percentage"] for r in rows]
-    ax.plot(zeros, [r["accuracy"] for r in rows], "o-", label="one-shot")
-    if "finetuned_accuracy" in rows[0]:
-        ax.plot(zeros, [r["finetuned_accuracy"] for r in rows], "s-", label="fine-tuned")
-    ax.axhline(baseline, color="gray", ls=":", label=f"dense model ({baseline:.2f}%)")
-    ax.set(xlabel="weights set to zero (%)", ylabel="test accuracy (%)", title="Zero pruning: accuracy against sparsity")
-    ax.legend()
-    common.save_figure(fig, "zero_pruning_accuracy.png")
+    curves = [("accuracy", "one-shot"), ("finetuned_accuracy", "fine-tuned"), ("quantized_accuracy", "quantized"),
+              ("quantized_finetuned_accuracy", "quantized, fine-tuned")]
+    published = PUBLISHED_LENET if common.widths(model) == (784, 300, 100, 10) else []
+    fig = common.accuracy_figure(rows, baseline, "zero_percentage", "weights", curves, published)
+    fig.suptitle(f"Zero pruning, MLP {'-'.join(map(str, common.widths(model)))}"
+                 + (": published LeNet-300-100 results as stars" if published else ""))
+    common.save_figure(fig, plot_dir, "zero_pruning_accuracy.png")
+
+
+def targets(args):
+    """(threshold, sparsity or None) for each row of the sweep."""
+    return list(zip(args.thresholds, args.sparsity or [None] * len(args.thresholds)))
 
 
 def main():
@@ -247,7 +251,7 @@ def main():
     if args.json:
         common.write_json(args.json, common.settings(args), rows, dense_accuracy=baseline)
     if args.plot:
-        plot(model, rows, baseline)
+        plot(model, rows, baseline, args.plot_dir)
 
 
 if __name__ == "__main__":

@@ -231,3 +231,29 @@ def test_concurrent_runs_share_a_checkpoint_safely(tmp_path):
     assert all("| Threshold |" in out for out, _ in results)
     assert common.count_params(load(path)) == 567_434
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.pt"]
+
+
+def test_figures_go_to_the_plot_dir_and_leave_the_readmes_alone(checkpoint, tmp_path):
+    committed = {p.name: p.read_bytes() for p in (ROOT / "images").iterdir()}
+    result = run_script("zero_pruning.py", "--checkpoint", checkpoint, "--thresholds", "0", "0.05",
+                        "--plot-dir", tmp_path / "figs")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["weight_magnitudes.png",
+                                                                      "zero_pruning_accuracy.png"]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in (tmp_path / "figs").iterdir())
+    assert {p.name: p.read_bytes() for p in (ROOT / "images").iterdir()} == committed
+
+
+def test_a_run_in_a_pipe_logs_a_line_per_finished_step_and_names_its_inputs(tmp_path):
+    results, _, stderr = run_json("zero_pruning.py", tmp_path, "--checkpoint", tmp_path / "m.pt", "--epochs", "2",
+                                  "--thresholds", "0", "0.05", "--finetune-epochs", "1")
+    lines = stderr.splitlines()
+    assert [line.split(" (")[0] for line in lines if " done (" in line] == [
+        "training: epoch 1/2 done", "training: epoch 2/2 done",
+        "fine-tuning at 0: epoch 1/1 done", "sweep: threshold 1/2 done",
+        "fine-tuning at 0.05: epoch 1/1 done", "sweep: threshold 2/2 done"]
+    assert results["settings"]["data_folder"] == str(mnist.data_root().resolve())
+    assert results["settings"]["checkpoint_file"] == str((tmp_path / "m.pt").resolve())
+    quiet = run_script("zero_pruning.py", "--checkpoint", tmp_path / "m.pt", "--epochs", "2", "--thresholds", "0",
+                       "--quiet")
+    assert quiet.returncode == 0 and quiet.stderr == ""
