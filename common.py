@@ -7,7 +7,9 @@ import json
 import logging
 import math
 import os
+import platform
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 import mnist
 
 SIZES = (784, 512, 256, 128, 10)
+FINAL_EPOCHS_FACTOR = 5
 TRAINING_RECIPE = "fused adam, cosine learning rate, cross-entropy"
 
 log = logging.getLogger("pruning")
@@ -34,12 +37,31 @@ class UserError(Exception):
 
 # The model ----------------------------------------------------------------------------
 
-def mlp(sizes=SIZES):
-    """Fully connected ReLU network: sizes[0] inputs, sizes[-1] logits."""
-    layers = []
+def mlp(sizes=SIZES, inputs=None):
+    """Fully connected ReLU network: sizes[0] inputs, sizes[-1] logits. With `inputs`, the indices
+    of sizes[0] pixels, it takes whole images and reads only those pixels."""
+    layers = [KeepInputs(inputs)] if inputs is not None else []
     for n_in, n_out in zip(sizes[:-1], sizes[1:]):
         layers += [nn.Linear(n_in, n_out), nn.ReLU()]
     return nn.Sequential(*layers[:-1])
+
+
+class KeepInputs(nn.Module):
+    """The first module of a model whose input pixels were pruned: it keeps the pixels it indexes."""
+
+    def __init__(self, indices):
+        super().__init__()
+        self.register_buffer("indices", torch.as_tensor(indices, dtype=torch.long))
+
+    def forward(self, x):
+        return x.index_select(1, self.indices)
+
+
+def kept_inputs(model):
+    """The indices of the input pixels the model reads: all of them unless it starts with KeepInputs."""
+    if isinstance(model[0], KeepInputs):
+        return model[0].indices
+    return torch.arange(linears(model)[0].in_features, device=linears(model)[0].weight.device)
 
 
 def linears(model):
@@ -99,6 +121,28 @@ def finetune(model, train_data, args, epochs, teacher_logits=None, desc="fine-tu
     """Fine-tune with the --finetune-* settings; from the teacher's logits as well when --distill."""
     teacher = (teacher_logits, args.temperature, args.distill_weight) if args.distill else None
     return train(model, train_data, epochs, args.finetune_lr, args.batch_size, args.seed, desc, teacher)
+
+
+def step_finetuner(train_data, args, teacher_logits, label):
+    """finetune(model, step) for pruning in args.steps steps: --finetune-epochs after each step,
+    --final-epochs after the last."""
+    def finetune_step(model, step):
+        epochs = args.final_epochs if step == args.steps else args.finetune_epochs
+        finetune(model, train_data, args, epochs, teacher_logits,
+                 f"fine-tuning at {label}" + (f", step {step}/{args.steps}" if args.steps > 1 else ""))
+    return finetune_step
+
+
+def check_steps(args, target_option):
+    """--steps needs a target and fine-tuning; --final-epochs defaults to FINAL_EPOCHS_FACTOR times
+    --finetune-epochs, and is --finetune-epochs itself with a single step."""
+    if args.steps > 1 and not (getattr(args, target_option.strip("-")) and args.finetune_epochs):
+        raise UserError(f"--steps takes {target_option} and --finetune-epochs")
+    if args.final_epochs and args.steps == 1:
+        raise UserError("--final-epochs takes --steps 2 or more")
+    if args.steps == 1:
+        args.final_epochs = args.finetune_epochs
+    args.final_epochs = args.final_epochs or FINAL_EPOCHS_FACTOR * (args.finetune_epochs or 0)
 
 
 @torch.no_grad()
@@ -177,9 +221,16 @@ def check_writable(path):
         raise UserError(f"cannot write {path}: {e.strerror}") from None
 
 
-def write_json(path, settings, rows, **results):
-    """settings, then the top-level results (dense_accuracy, ...), then one object per table row."""
-    text = json.dumps({"settings": settings, **results, "rows": rows}, indent=2) + "\n"
+def write_json(path, settings, rows, dense_accuracies, per_seed):
+    """settings, the dense model's accuracy, one object per table row, and with several seeds
+    each seed's rows."""
+    results = {"settings": settings, "dense_accuracy": statistics.mean(dense_accuracies)}
+    if len(per_seed) > 1:
+        results["dense_accuracy_std"] = statistics.stdev(dense_accuracies)
+    results["rows"] = rows
+    if len(per_seed) > 1:
+        results["per_seed"] = per_seed
+    text = json.dumps(results, indent=2) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
@@ -195,8 +246,10 @@ def training_config(args):
 
 
 def checkpoint_path(args, config):
+    """--checkpoint (one per seed, PATH-seedN, with several seeds), else one named by the settings."""
     if args.checkpoint:
-        return Path(args.checkpoint)
+        path = Path(args.checkpoint)
+        return path.with_stem(f"{path.stem}-seed{args.seed}") if args.seeds > 1 else path
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
     return Path(__file__).parent / "checkpoints" / f"mlp-{key}.pt"
 
@@ -302,10 +355,18 @@ def parser(description, thresholds):
                    help="Adam learning rate, cosine-decayed to 0 (default: 0.001)")
     p.add_argument("--batch-size", type=positive(int), default=128, metavar="N", help="batch size (default: 128)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and shuffling (default: 0)")
+    p.add_argument("--seeds", type=positive(int), default=1, metavar="N",
+                   help="repeat the whole run with seeds --seed, --seed + 1, ...: the table shows each figure's "
+                        "mean and standard deviation over them (default: 1)")
     p.add_argument("--finetune-epochs", type=positive(int), metavar="N",
                    help="fine-tune each pruned model for N epochs (default: none, one-shot pruning only)")
     p.add_argument("--finetune-lr", type=positive(float), default=1e-3, metavar="LR",
                    help="fine-tuning learning rate, cosine-decayed to 0 (default: 0.001)")
+    p.add_argument("--steps", type=positive(int), default=1, metavar="K",
+                   help="reach each target in K steps on a cubic schedule, fine-tuning after each (default: 1)")
+    p.add_argument("--final-epochs", type=positive(int), metavar="N",
+                   help=f"fine-tuning epochs after the last of several --steps (default: {FINAL_EPOCHS_FACTOR} times "
+                        "--finetune-epochs)")
     p.add_argument("--distill", action="store_true",
                    help="fine-tune against the dense model's softened outputs as well as the labels")
     p.add_argument("--temperature", type=positive(float), default=4.0, metavar="T",
@@ -332,6 +393,9 @@ def parser(description, thresholds):
 def setup(args):
     """Check the arguments, then load the data and the trained model: (model, train, test)."""
     logging.basicConfig(format="%(message)s", level=logging.WARNING if args.quiet else logging.INFO)
+    torch.set_num_threads(args.threads)
+    args.machine = machine()
+    log.info("machine: {cpu}, {cores} cores, {threads} threads, PyTorch {pytorch}".format(**args.machine))
     if len(set(args.thresholds)) != len(args.thresholds):
         raise UserError(f"duplicate thresholds in {' '.join(map(str, args.thresholds))}")
     if args.plot or args.plot_dir:
@@ -347,15 +411,69 @@ def setup(args):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    torch.set_num_threads(args.threads)
     root = mnist.data_root(args.data_dir)
     train_data, test_data = [(x.to(device), y.to(device)) for x, y in mnist.load(root)]
     log.info(f"data: {root} ({len(train_data[1]):,} training, {len(test_data[1]):,} test images); "
-             f"device: {device}; threads: {args.threads}")
+             f"device: {device}; threads: {args.threads}; seed: {args.seed}")
     model = trained_model(args, train_data, test_data)
     args.data_folder = str(root.resolve())
     args.checkpoint_file = str(checkpoint_path(args, training_config(args)).resolve())
     return model, train_data, test_data
+
+
+def machine():
+    """What the figures were measured on: another CPU rounds differently, and prints slightly different ones."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "pytorch": torch.__version__}
+
+
+def over_seeds(args, run_one):
+    """run_one() for each of args.seeds seeds from args.seed on: (rows, per-seed rows, dense
+    accuracies). With several seeds each row holds the mean of every number that varies and
+    <key>_std beside it, and "varies" for a value that is not a number and differs."""
+    first = args.seed
+    runs = []
+    for seed in range(first, first + args.seeds):
+        args.seed = seed
+        runs.append(run_one())
+    args.seed = first
+    per_seed = [rows for rows, _ in runs]
+    if args.seeds == 1:
+        return per_seed[0], per_seed, [runs[0][1]]
+    return [mean_row(rows) for rows in zip(*per_seed)], per_seed, [dense for _, dense in runs]
+
+
+VARIES = "varies"
+
+
+def mean_row(rows):
+    """One row from the same row of several runs: means and sample standard deviations."""
+    out = {}
+    for key, value in rows[0].items():
+        values = [r[key] for r in rows]
+        if all(v == value for v in values):
+            out[key] = value
+        elif all(isinstance(v, (int, float)) for v in values):
+            out[key], out[f"{key}_std"] = statistics.mean(values), statistics.stdev(values)
+        else:
+            out[key] = VARIES
+    return out
+
+
+def save_dir(args):
+    """Where this seed's files go: --save-dir, or a folder seed-N in it when there are several seeds."""
+    if not args.save_dir:
+        return None
+    if args.seeds == 1:
+        return Path(args.save_dir)
+    folder = Path(args.save_dir) / f"seed-{args.seed}"
+    folder.mkdir(exist_ok=True)
+    return folder
 
 
 def settings(args):
@@ -427,9 +545,19 @@ def save_figure(fig, folder, name):
 
 
 def markdown_table(rows, columns):
-    """columns: (header, key, format function) triples; rows: dicts holding those keys."""
+    """columns: (header, key, format function) triples; rows: dicts holding those keys, and
+    <key>_std for a mean over seeds, shown as 98.31 ± 0.06%."""
+    def cell(row, key, fmt):
+        if row[key] == VARIES:
+            return VARIES
+        text = fmt(row[key])
+        if f"{key}_std" not in row:
+            return text
+        unit = "%" if text.endswith("%") else ""
+        return f"{text.removesuffix(unit)} ± {fmt(row[f'{key}_std']).removesuffix(unit)}{unit}"
+
     cells = [[header for header, _, _ in columns]]
-    cells += [[fmt(row[key]) for _, key, fmt in columns] for row in rows]
+    cells += [[cell(row, key, fmt) for _, key, fmt in columns] for row in rows]
     width = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     lines = ["| " + " | ".join(c.rjust(w) for c, w in zip(line, width)) + " |" for line in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 1) + ":" for w in width) + "|")

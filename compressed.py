@@ -3,8 +3,8 @@ the positions of the non-zero weights as gaps or a bitmask, all entropy-coded by
 (Deep Compression, Han et al. 2016, with LZMA in place of Huffman coding).
 
 File: magic b"MLPZ", format version (1 byte), body length and CRC-32 of the body (4 bytes each,
-little-endian), then the body, an LZMA2 raw stream of: the number of layers and the widths,
-then per layer its position encoding, its shared values (fp32), its biases (fp32), its
+little-endian), then the body, an LZMA2 raw stream of: the number of layers, the widths, and the
+indices of the input pixels read (none: all of them), then per layer its position encoding, its shared values (fp32), its biases (fp32), its
 positions and one code (a byte) per stored weight.
 """
 
@@ -129,7 +129,9 @@ def compressed_size(data):
 def encode(model):
     """The file's bytes for a model made by quantize()."""
     layers = common.linears(model)
-    body = [struct.pack(f"<B{len(layers) + 1}I", len(layers), *common.widths(model))]
+    inputs = model[0].indices.cpu().numpy() if isinstance(model[0], common.KeepInputs) else np.zeros(0)
+    body = [struct.pack(f"<B{len(layers) + 1}II", len(layers), *common.widths(model), len(inputs)),
+            inputs.astype("<u4").tobytes()]
     for layer in layers:
         codebook, codes = shared_values(layer)
         streams = position_streams(codes)
@@ -165,8 +167,11 @@ def decode(data):
         return body[offset - size:offset]
 
     (n,) = struct.unpack("<B", read(1))
-    widths = struct.unpack(f"<{n + 1}I", read(4 * (n + 1)))
-    model = common.mlp(widths)
+    *widths, n_inputs = struct.unpack(f"<{n + 1}II", read(4 * (n + 2)))
+    inputs = torch.from_numpy(np.frombuffer(read(4 * n_inputs), dtype="<u4").astype(np.int64)) if n_inputs else None
+    if inputs is not None and n_inputs != widths[0]:
+        raise ValueError("corrupted: its input pixels do not fit the first layer")
+    model = common.mlp(widths, inputs)
     with torch.no_grad():
         for layer in common.linears(model):
             kind, k, index_bytes = struct.unpack("<BHI", read(7))

@@ -7,6 +7,7 @@ fine-tune with the zeros held in place by pruning masks, and store the weights a
 
 import copy
 import math
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -17,7 +18,6 @@ import common
 import compressed
 
 THRESHOLDS = [0.0, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.10]
-FINAL_EPOCHS_FACTOR = 5
 PUBLISHED_LENET = [  # LeNet-300-100 on MNIST: (method, weights kept %, test error %)
     ("Han 2015", 8.0, 1.59), ("DNS 2016", 1.8, 1.99), ("Sparse VD 2017", 1.5, 1.92)]
 
@@ -137,10 +137,7 @@ def sweep(model, train_data, test_data, args, save_dir):
         pruned = prune_below(model, t)
         row = {"threshold": t, "accuracy": common.accuracy(pruned, test_data)}
         if args.finetune_epochs:
-            def finetune(pruned, step):
-                epochs = args.final_epochs if step == args.steps else args.finetune_epochs
-                common.finetune(pruned, train_data, args, epochs, teacher,
-                                desc=f"fine-tuning at {t:.4g}" + (f", step {step}/{args.steps}" if args.steps > 1 else ""))
+            finetune = common.step_finetuner(train_data, args, teacher, f"{t:.4g}")
             if args.steps > 1:
                 pruned = prune_in_steps(model, sparsity, args.steps, finetune)
             else:
@@ -161,7 +158,7 @@ def sweep(model, train_data, test_data, args, save_dir):
 
 
 def columns(finetuned, bits):
-    percent, count = "{:.2f}%".format, "{:,}".format
+    percent, count = "{:.2f}%".format, "{:,.0f}".format
     return [("Threshold", "threshold", "{:.4g}".format), ("Accuracy", "accuracy", percent),
             *([("Fine-tuned", "finetuned_accuracy", percent)] if finetuned else []),
             ("Original Params", "original_params", count), ("Zeroed Params", "zeroed_params", count),
@@ -176,8 +173,8 @@ def memory_impact(rows, baseline):
     acc = r.get("finetuned_accuracy", r["accuracy"])
     verdict = "smaller" if r["csr_bytes"] < r["dense_bytes"] else "larger"
     return (f"Memory impact: at threshold {r['threshold']:.4g}, {r['zero_percentage']:.1f}% of weights are zero; "
-            f"the CSR file is {r['csr_bytes']:,} B, {abs(1 - r['csr_bytes'] / r['dense_bytes']):.1%} {verdict} "
-            f"than the dense {r['dense_bytes']:,} B, at {acc:.2f}% accuracy ({acc - baseline:+.2f} points).")
+            f"the CSR file is {r['csr_bytes']:,.0f} B, {abs(1 - r['csr_bytes'] / r['dense_bytes']):.1%} {verdict} "
+            f"than the dense {r['dense_bytes']:,.0f} B, at {acc:.2f}% accuracy ({acc - baseline:+.2f} points).")
 
 
 def plot(model, rows, baseline, plot_dir):
@@ -217,19 +214,8 @@ def main():
     p.add_argument("--sparsity", type=float, nargs="+", metavar="S",
                    help="instead of --thresholds, the fractions of weights to zero (e.g. 0.9 0.95); "
                         "each is turned into the threshold that reaches it")
-    p.add_argument("--steps", type=common.positive(int), default=1, metavar="K",
-                   help="reach each --sparsity in K steps on a cubic schedule, fine-tuning after each (default: 1)")
-    p.add_argument("--final-epochs", type=common.positive(int), metavar="N",
-                   help=f"fine-tuning epochs after the last of several --steps (default: {FINAL_EPOCHS_FACTOR} times "
-                        "--finetune-epochs)")
     args = p.parse_args()
-    if args.steps > 1 and not (args.sparsity and args.finetune_epochs):
-        raise common.UserError("--steps takes --sparsity and --finetune-epochs")
-    if args.final_epochs and args.steps == 1:
-        raise common.UserError("--final-epochs takes --steps 2 or more")
-    args.final_epochs = args.final_epochs or FINAL_EPOCHS_FACTOR * (args.finetune_epochs or 0)
-    if args.steps == 1:
-        args.final_epochs = args.finetune_epochs
+    common.check_steps(args, "--sparsity")
     if args.sparsity:
         if args.thresholds is not THRESHOLDS:
             raise common.UserError("give --thresholds or --sparsity, not both")
@@ -237,21 +223,28 @@ def main():
             raise common.UserError("--sparsity takes fractions in [0, 1)")
         if len(set(args.sparsity)) < len(args.sparsity):
             raise common.UserError(f"duplicate fractions in --sparsity {' '.join(map(str, args.sparsity))}")
-    model, train_data, test_data = common.setup(args)
-    if args.sparsity:
-        args.thresholds = [threshold_for_sparsity(model, s) for s in args.sparsity]
-    baseline = common.accuracy(model, test_data)
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = sweep(model, train_data, test_data, args, Path(args.save_dir or tmp))
+    models = []
+
+    def run_one():
+        model, train_data, test_data = common.setup(args)
+        if args.sparsity:
+            args.thresholds = [threshold_for_sparsity(model, s) for s in args.sparsity]
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = sweep(model, train_data, test_data, args, common.save_dir(args) or Path(tmp))
+        models.append(model)
+        return rows, common.accuracy(model, test_data)
+
+    rows, per_seed, dense_accuracies = common.over_seeds(args, run_one)
+    baseline = statistics.mean(dense_accuracies)
     print(common.markdown_table(rows, columns(bool(args.finetune_epochs), args.bits)))
     print("\nSizes are the files torch.save writes: dense fp32, and CSR with fp32 values and int32 indices.")
     if args.bits:
         print(compressed.note(args.bits))
     print(memory_impact(rows, baseline))
     if args.json:
-        common.write_json(args.json, common.settings(args), rows, dense_accuracy=baseline)
+        common.write_json(args.json, common.settings(args), rows, dense_accuracies, per_seed)
     if args.plot:
-        plot(model, rows, baseline, args.plot_dir)
+        plot(models[-1], rows, baseline, args.plot_dir)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,9 @@ def assert_rejected(script, args, message, tmp_path, capsys, monkeypatch, data_d
     (["--hidden", "-100"], "must be > 0, not -100"),
     (["--hidden"], "expected at least one argument"),
     (["--temperature", "0"], "must be > 0, not 0"),
+    (["--seeds", "0"], "must be > 0, not 0"),
+    (["--seeds", "-2"], "must be > 0, not -2"),
+    (["--seeds", "2.5"], "not an integer: '2.5'"),
     (["--bits", "1"], "must be 2 to 8, not 1"),
     (["--bits", "9"], "must be 2 to 8, not 9"),
     (["--bits", "five"], "not an integer: 'five'"),
@@ -97,6 +100,22 @@ def test_cuda_without_a_gpu_is_rejected(script, tmp_path, capsys, monkeypatch):
 ])
 def test_zero_pruning_sparsity_must_be_distinct_fractions(args, message, tmp_path, capsys, monkeypatch):
     assert_rejected("zero_pruning.py", args, message, tmp_path, capsys, monkeypatch)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--reduction", "0"], "must be a fraction between 0 and 1, not 0"),
+    (["--reduction", "1"], "must be a fraction between 0 and 1, not 1"),
+    (["--reduction", "-0.5"], "must be a fraction between 0 and 1, not -0.5"),
+    (["--reduction", "most"], "not a number: 'most'"),
+    (["--reduction", "0.9", "--thresholds", "0.5"], "give --thresholds or --reduction, not both"),
+    (["--reduction", "0.9", "0.9"], "duplicate fractions in --reduction"),
+    (["--prune-inputs"], "--prune-inputs takes --reduction"),
+    (["--criterion", "contribution"], "--criterion takes --reduction"),
+    (["--criterion", "loudness", "--reduction", "0.9"], "invalid choice: 'loudness'"),
+    (["--reduction", "0.9", "--steps", "3"], "--steps takes --reduction and --finetune-epochs"),
+])
+def test_activation_pruning_reduction_options_are_checked(args, message, tmp_path, capsys, monkeypatch):
+    assert_rejected("activation_pruning.py", args, message, tmp_path, capsys, monkeypatch)
 
 
 @pytest.mark.parametrize("value", ["0", "-8", "eight"])

@@ -113,3 +113,14 @@ def test_damaged_or_foreign_files_are_refused_in_one_line(damage, message, tmp_p
     with pytest.raises(common.UserError, match=message) as error:
         cz.load_compressed(path)
     assert "\n" not in str(error.value) and str(path) in str(error.value)
+
+
+def test_an_input_pruned_model_keeps_its_pixels_in_the_file(tmp_path):
+    torch.manual_seed(0)
+    model = common.mlp([5, 4, 3], inputs=[1, 7, 20, 300, 783])
+    cz.save_compressed(cz.quantize(model, 3), tmp_path / "m.bin")
+    loaded = cz.load_compressed(tmp_path / "m.bin")
+    assert common.kept_inputs(loaded).tolist() == [1, 7, 20, 300, 783]
+    x = torch.randn(10, 784)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), cz.quantize(model, 3)(x))

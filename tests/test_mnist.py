@@ -2,6 +2,7 @@
 determinism, and what Ctrl-C and concurrent runs leave on disk."""
 
 import json
+import statistics
 import signal
 import subprocess
 import sys
@@ -154,6 +155,29 @@ def test_fine_tuned_activation_pruning_keeps_accuracy_at_80_percent_fewer_params
     assert "Bias-compensated" in stdout and "Fine-tuned" in stdout
 
 
+def test_activation_pruning_in_steps_removes_95_percent_of_parameters_within_half_a_point(
+        checkpoint, dense_accuracy, tmp_path):
+    results, stdout, _ = run_json("activation_pruning.py", tmp_path, "--checkpoint", checkpoint, "--reduction", "0.95",
+                                  "--steps", "6", "--finetune-epochs", "4", "--distill", "--prune-inputs",
+                                  "--save-dir", tmp_path)
+    (row,) = results["rows"]
+    assert results["dense_accuracy"] == dense_accuracy
+    assert results["settings"]["final_epochs"] + 5 * 4 <= 40
+    assert row["new_params"] <= 28_371 and row["size_reduction"] >= 95
+    assert row["finetuned_accuracy"] >= dense_accuracy - 0.5
+    assert row["input_width"] == len(row["kept_pixels"]) < 784
+    assert header(stdout)[:7] == ["Reduction", "Accuracy", "Fine-tuned", "Original Params", "New Params",
+                                  "Input Pixels", "Hidden Widths"]
+
+    # the saved model holds its pixels and classifies whole images
+    state = torch.load(tmp_path / "activation-0.95.pt", weights_only=True)
+    model = common.mlp([row["input_width"], *row["hidden_widths"], 10], inputs=state["0.indices"])
+    model.load_state_dict(state)
+    assert common.count_params(model) == row["new_params"]
+    assert common.kept_inputs(model).tolist() == row["kept_pixels"]
+    assert common.accuracy(model, mnist.load(mnist.data_root())[1]) == row["finetuned_accuracy"]
+
+
 def test_same_seed_same_results(tmp_path):
     """Two trainings from scratch with the same settings give the same accuracies and counts."""
     runs = []
@@ -257,3 +281,26 @@ def test_a_run_in_a_pipe_logs_a_line_per_finished_step_and_names_its_inputs(tmp_
     quiet = run_script("zero_pruning.py", "--checkpoint", tmp_path / "m.pt", "--epochs", "2", "--thresholds", "0",
                        "--quiet")
     assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+def test_several_seeds_give_the_mean_and_spread_of_the_single_seed_runs(tmp_path):
+    args = ("--epochs", "1", "--thresholds", "0", "0.04")
+    both, stdout, stderr = run_json("zero_pruning.py", tmp_path, *args, "--checkpoint", tmp_path / "m.pt",
+                                    "--seeds", "2", "--seed", "3")
+    single = [run_json("zero_pruning.py", tmp_path, *args, "--checkpoint", tmp_path / f"m-seed{seed}.pt",
+                       "--seed", str(seed))[0] for seed in (3, 4)]
+    assert "retraining" not in "".join(run_script("zero_pruning.py", *args, "--checkpoint", tmp_path / f"m-seed{s}.pt",
+                                                  "--seed", str(s)).stderr for s in (3, 4))  # each seed its own file
+    assert both["per_seed"] == [s["rows"] for s in single]
+    for i, row in enumerate(both["rows"]):
+        accuracies = [s["rows"][i]["accuracy"] for s in single]
+        assert row["accuracy"] == pytest.approx(statistics.mean(accuracies))
+        assert row["accuracy_std"] == pytest.approx(statistics.stdev(accuracies))
+        assert row["original_params"] == 566_528 and "original_params_std" not in row
+    assert both["dense_accuracy"] == pytest.approx(statistics.mean(s["dense_accuracy"] for s in single))
+    assert f"{both['rows'][1]['accuracy']:.2f} ± {both['rows'][1]['accuracy_std']:.2f}%" in stdout
+    machine = both["settings"]["machine"]
+    assert machine["pytorch"] == torch.__version__ and machine["cpu"] and machine["cores"] >= 1
+    assert stderr.startswith(f"machine: {machine['cpu']}, ")
+    # one seed is the plain run: no spread, no per-seed list
+    assert "per_seed" not in single[0] and "accuracy_std" not in single[0]["rows"][0]

@@ -1,5 +1,7 @@
 """Unit tests on tiny models whose answers can be worked out by hand."""
 
+import argparse
+
 import pytest
 import torch
 import torch.nn as nn
@@ -261,6 +263,63 @@ def test_bias_compensation_is_exact_for_a_constant_activation():
     with torch.no_grad():
         assert torch.allclose(compensated(x), model(x), atol=1e-6)
         assert not torch.allclose(ap.remove_neurons(model, keep)(x), model(x))
+
+
+def test_removing_a_constant_input_pixel_keeps_every_output_exactly():
+    model = dead_neuron_model()  # inputs: pixel 0 varies, pixel 1 is always 0.5
+    x = torch.tensor([[1.0, 0.5], [-2.0, 0.5], [0.25, 0.5]])
+    strength, means = ap.scores(model, x, "activation")
+    assert strength[0].tolist() == [pytest.approx(x[:, 0].std().item()), 0.0] and means[0][1].item() == 0.5
+    smaller = ap.remove_neurons(model, [torch.ones(3, dtype=torch.bool), torch.ones(2, dtype=torch.bool)],
+                                inputs=(torch.tensor([True, False]), means[0]))
+    assert common.widths(smaller) == (1, 3, 2, 2) and common.kept_inputs(smaller).tolist() == [0]
+    # the first layer's bias takes the pixel's weights times 0.5: 0.5 + 2 * 0.5, -1 + 0, 0 + 1 * 0.5
+    assert common.linears(smaller)[0].bias.tolist() == [1.5, -1.0, 0.5]
+    with torch.no_grad():
+        assert torch.equal(smaller(x), model(x))
+
+
+def test_an_input_pruned_model_reads_whole_images_as_the_small_model_reads_its_pixels():
+    torch.manual_seed(0)
+    model = common.mlp([12, 6, 3])
+    x = torch.randn(30, 12)
+    keep = torch.tensor([i % 3 == 0 for i in range(12)])
+    pruned = ap.remove_neurons(model, [torch.ones(6, dtype=torch.bool)], inputs=(keep, x.mean(0)))
+    small = common.mlp([4, 6, 3])
+    small.load_state_dict({f"{int(k[0]) - 1}{k[1:]}": v for k, v in pruned.state_dict().items() if k != "0.indices"})
+    with torch.no_grad():
+        assert torch.equal(pruned(x), small(x[:, [0, 3, 6, 9]]))
+    # pruning again keeps indices into the original image, not into the kept pixels
+    again = ap.remove_neurons(pruned, [torch.ones(6, dtype=torch.bool)],
+                              inputs=(torch.tensor([False, True, True, False]), x[:, [0, 3, 6, 9]].mean(0)))
+    assert common.kept_inputs(again).tolist() == [3, 6]
+
+
+def test_target_widths_scale_every_layer_by_one_factor_to_the_parameter_budget():
+    # 784-512-256-128-10 has 567,434 parameters; at half of each width (392-256-128-64-10):
+    # 392*256+256 + 256*128+128 + 128*64+64 + 64*10+10 = 100,608 + 32,896 + 8,256 + 650 = 142,410
+    assert ap.params_of([784, 512, 256, 128, 10]) == 567_434
+    assert ap.params_of([392, 256, 128, 64, 10]) == 142_410
+    assert ap.target_widths([784, 512, 256, 128, 10], 142_410, prune_inputs=True) == [392, 256, 128, 64, 10]
+    assert ap.target_widths([784, 512, 256, 128, 10], 142_409, prune_inputs=True) == [391, 255, 127, 63, 10]
+    # without the inputs only the hidden layers shrink: 784*256+256 + 32,896 + 8,256 + 650 = 242,762 at half
+    assert ap.target_widths([784, 512, 256, 128, 10], 242_762, prune_inputs=False) == [784, 256, 128, 64, 10]
+
+
+def test_shrinking_in_steps_follows_the_cubic_schedule():
+    torch.manual_seed(0)
+    model = common.mlp([20, 16, 8, 3])
+    x = torch.randn(50, 20)
+    args = argparse.Namespace(steps=3, criterion="contribution", prune_inputs=True, bias_compensation=False)
+    widths = []
+    ap.shrink_in_steps(model, 0.6, x, args, lambda pruned, step: widths.append(list(common.widths(pruned))))
+    # 0.6 (1 - (1 - k/3)^3) of the 499 parameters (20*16+16 + 16*8+8 + 8*3+3) removed after step k:
+    # 0.6 * 19/27, 0.6 * 26/27, 0.6 of them, so at most 288.3, 210.7 and 199.6 left
+    assert common.count_params(model) == 499
+    budgets = [(1 - r) * 499 for r in common.cubic_schedule(0.6, 3)]
+    assert budgets == pytest.approx([288.3, 210.7, 199.6], abs=0.05)
+    assert widths == [ap.target_widths([20, 16, 8, 3], budget, prune_inputs=True) for budget in budgets]
+    assert all(ap.params_of(w) <= budget for w, budget in zip(widths, budgets))
 
 
 # Tables -------------------------------------------------------------------------------
