@@ -6,6 +6,8 @@ remove the neurons below a threshold and rebuild genuinely smaller nn.Linear lay
     python activation_pruning.py --reduction 0.95 --steps 6 --finetune-epochs 4 --distill --prune-inputs
 """
 
+import interrupts  # noqa: F401, I001 -- first: Ctrl-C while torch imports ends in one line
+
 import argparse
 import math
 import statistics
@@ -16,6 +18,7 @@ import torch
 import torch.nn as nn
 
 import common
+import files
 import compressed
 
 THRESHOLDS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0]
@@ -146,7 +149,7 @@ def shrink_in_steps(model, reduction, x, args, finetune):
 
 def sweep(model, train_data, test_data, args, save_dir):
     teacher = common.logits(model, train_data[0]) if args.distill else None
-    dense_bytes = args.bits and common.save_torch(model.state_dict(), Path(save_dir) / "dense.pt")
+    dense_bytes = args.bits and files.save_torch(model.state_dict(), Path(save_dir) / "dense.pt")
     original = common.count_params(model)
     means = mean_activations(model, train_data[0])
     rows = []
@@ -172,7 +175,7 @@ def sweep(model, train_data, test_data, args, save_dir):
                 finetune(pruned, 1)
             row["finetuned_accuracy"] = common.accuracy(pruned, test_data)
         if args.save_dir:
-            common.save_torch(pruned.state_dict(), Path(save_dir) / f"activation-{target:g}.pt")
+            files.save_torch(pruned.state_dict(), Path(save_dir) / f"activation-{target:g}.pt")
         new = common.count_params(pruned)
         if args.bits:
             row.update(compressed.compress(pruned, train_data, test_data, args, teacher,
@@ -239,7 +242,7 @@ def main():
     p = common.parser(__doc__.split("\n\n")[0], THRESHOLDS)
     p.add_argument("--bias-compensation", action="store_true",
                    help="fold each removed neuron's mean activation into the next layer's bias")
-    p.add_argument("--multiple-of", type=common.positive(int), default=1, metavar="N",
+    p.add_argument("--multiple-of", type=common.positive(int, 1024), default=1, metavar="N",
                    help="round each hidden width up to a multiple of N by also keeping the strongest neurons "
                         "below the threshold; 8 or 16 suit CPU vector units (default: 1, no rounding)")
     p.add_argument("--reduction", type=reduction, nargs="+", metavar="R",
@@ -256,8 +259,7 @@ def main():
     if args.reduction:
         if args.thresholds is not THRESHOLDS:
             raise common.UserError("give --thresholds or --reduction, not both")
-        if len(set(args.reduction)) < len(args.reduction):
-            raise common.UserError(f"duplicate fractions in --reduction {' '.join(map(str, args.reduction))}")
+        common.check_labels("--reduction", args.reduction)
         if args.multiple_of != 1:
             raise common.UserError("--multiple-of takes --thresholds, not --reduction")
     elif args.prune_inputs or args.criterion:
@@ -275,6 +277,10 @@ def main():
 
     rows, per_seed, dense_accuracies = common.over_seeds(args, run_one)
     baseline = statistics.mean(dense_accuracies)
+    if args.json:
+        common.write_json(args.json, common.settings(args), rows, dense_accuracies, per_seed)
+    if args.plot:
+        plot(rows, baseline, args.plot_dir)
     print(common.markdown_table(rows, columns(bool(args.reduction), args.bias_compensation and not args.reduction,
                                               bool(args.finetune_epochs), args.bits)))
     print(f"\nInference time: classifying all {test_images[0]:,} test images in one batch, median of repeats "
@@ -286,10 +292,6 @@ def main():
             layers = ", ".join(str(i + 1) for i in r["kept_strongest_only"])
             print(f"At threshold {r['threshold']:g} no neuron of hidden layer {layers} reached it; "
                   "the strongest one was kept.")
-    if args.json:
-        common.write_json(args.json, common.settings(args), rows, dense_accuracies, per_seed)
-    if args.plot:
-        plot(rows, baseline, args.plot_dir)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ one. Activation pruning is timed with plain widths and with widths rounded up to
     python bench.py
 """
 
+import interrupts  # noqa: F401, I001 -- first: Ctrl-C while torch imports ends in one line
+
 import os
 import statistics
 import subprocess
@@ -27,6 +29,14 @@ BATCHES = [1, 32, 10000]
 SPARSITIES = [0.5, 0.8, 0.9, 0.95, 0.98]
 ACTIVATION_THRESHOLDS = [0.6, 0.8, 0.9, 1.0]
 ROUNDS = 5
+STATE_OF_THE_ART = {  # name: the command, each timed from scratch (training of the dense model included)
+    "zero pruning to 98.5% zeros": ["zero_pruning.py", "--sparsity", "0.985", "--steps", "10", "--finetune-epochs", "2",
+                                    "--distill"],
+    "LeNet-300-100 to 98% zeros": ["zero_pruning.py", "--hidden", "300", "100", "--sparsity", "0.98", "--steps", "10",
+                                   "--finetune-epochs", "2", "--distill"],
+    "activation pruning to 95% fewer params": ["activation_pruning.py", "--reduction", "0.95", "--steps", "6",
+                                               "--finetune-epochs", "4", "--distill", "--prune-inputs"],
+}
 
 
 def time_job(args, checkpoint, retrain):
@@ -123,7 +133,9 @@ def report_load(label):
 def main():
     p = common.parser(__doc__.split("\n\n")[0], [])
     p.add_argument("--skip-job", action="store_true", help="skip timing the whole zero-pruning job")
-    p.add_argument("--skip-tutorial", action="store_true", help="skip the tutorial-style reference job (about 2 minutes)")
+    p.add_argument("--skip-tutorial", action="store_true", help="skip the tutorial-style reference job (about 1 minute)")
+    p.add_argument("--skip-state-of-the-art", action="store_true",
+                   help="skip timing the state-of-the-art pruning commands and the smallest model (about 2 minutes)")
     args = p.parse_args()
     args.device = "cpu"
     busy = report_load("before")
@@ -149,8 +161,27 @@ def main():
           f"{seconds / bound:.2f} times that (bar: 1.5)\n")
 
     x = test_data[0]
+    smallest = None
+    if not args.skip_state_of_the_art:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, command in STATE_OF_THE_ART.items():
+                seconds = time_command([sys.executable, *command, "--quiet", "--checkpoint", os.path.join(tmp, "m.pt"),
+                                        "--data-dir", str(mnist.data_root(args.data_dir)), "--save-dir", tmp])
+                print(f"{name}, from scratch: {seconds:.0f} s (bar: 180 s)")
+            state = torch.load(os.path.join(tmp, "activation-0.95.pt"), weights_only=True)
+        linear_sizes = [state[k].shape for k in state if k.endswith("weight")]
+        smallest = common.mlp([linear_sizes[0][1], *(shape[0] for shape in linear_sizes)], state["0.indices"])
+        smallest.load_state_dict(state)
+        print()
+
     print(f"Inference latency: median of {ROUNDS} rounds, each the median of repeats after warm-up; "
           f"{args.threads} threads, CPU.\n")
+    if smallest is not None:
+        widths = "-".join(map(str, common.widths(smallest)[:-1]))
+        reduction = 100 * (1 - common.count_params(smallest) / common.count_params(model))
+        rows = latency_rows(f"activation pruning in steps, widths {widths}, {reduction:.1f}% fewer params",
+                            model, smallest, x, args.threads)
+        print(common.markdown_table(rows, COLUMNS) + "\n(bars: 3x at batch 32, 8x at batch 10,000)\n")
     rows = []
     for s in SPARSITIES:
         pruned = zero_pruning.make_permanent(zero_pruning.prune_below(

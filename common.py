@@ -20,19 +20,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import files
+import interrupts
 import mnist
+from files import UserError
 
 SIZES = (784, 512, 256, 128, 10)
 FINAL_EPOCHS_FACTOR = 5
+MAX_EPOCHS, MAX_BATCH, MAX_WIDTH, MAX_SEEDS, MAX_STEPS, MAX_THREADS = 1000, 60_000, 100_000, 100, 1000, 1024
+MAX_LR, MAX_TEMPERATURE, MAX_THRESHOLD, MAX_SEED = 10.0, 100.0, 1e6, 2 ** 32 - MAX_SEEDS - 1
 TRAINING_RECIPE = "fused adam, cosine learning rate, cross-entropy"
 
 log = logging.getLogger("pruning")
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 warnings.filterwarnings("ignore", message="Validating sparse tensor invariants")
-
-
-class UserError(Exception):
-    """A problem the user can fix; reported as one line, exit code 2."""
 
 
 # The model ----------------------------------------------------------------------------
@@ -177,49 +178,7 @@ def cubic_schedule(target, steps):
     return [target * (1 - (1 - k / steps) ** 3) for k in range(1, steps + 1)]
 
 
-# Saving, atomically -------------------------------------------------------------------
-
-def atomic_write(path, write):
-    """Call write(file) on a temporary file beside `path`, then rename it into place:
-    a reader sees the old complete file or the new complete one, never a partial one.
-    A new file gets the mode the umask gives; a replaced one keeps its own."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~umask()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def umask():
-    mask = os.umask(0o22)
-    os.umask(mask)
-    return mask
-
-
-def save_torch(obj, path):
-    atomic_write(path, lambda f: torch.save(obj, f))
-    return Path(path).stat().st_size
-
-
-def check_writable(path):
-    """Fail now, before any long work, if `path` cannot be written later."""
-    folder = Path(path).parent
-    if not folder.is_dir():
-        raise UserError(f"cannot write {path}: folder {folder} does not exist")
-    try:
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror}") from None
-
+# Results ------------------------------------------------------------------------------
 
 def write_json(path, settings, rows, dense_accuracies, per_seed):
     """settings, the dense model's accuracy, one object per table row, and with several seeds
@@ -230,8 +189,8 @@ def write_json(path, settings, rows, dense_accuracies, per_seed):
     results["rows"] = rows
     if len(per_seed) > 1:
         results["per_seed"] = per_seed
-    text = json.dumps(results, indent=2) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode()))
+    text = json.dumps(results, indent=2, allow_nan=False) + "\n"
+    files.atomic_write(path, lambda f: f.write(text.encode()))
 
 
 # The trained model, cached ------------------------------------------------------------
@@ -269,6 +228,8 @@ def load_checkpoint(path, config):
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, TypeError, AttributeError):
         return None, "weights do not fit the architecture"
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        return None, "holding weights that are not finite numbers"
     return model, None
 
 
@@ -288,7 +249,7 @@ def trained_model(args, train_data, test_data):
     start = time.perf_counter()
     train(model, train_data, args.epochs, args.lr, args.batch_size, args.seed)
     state = {k: v.cpu() for k, v in model.state_dict().items()}
-    save_torch({"config": config, "state_dict": state}, path)
+    files.save_torch({"config": config, "state_dict": state}, path)
     log.info(f"model: trained {args.epochs} epochs in {time.perf_counter() - start:.1f} s, saved to {path} "
              f"(test accuracy {accuracy(model, test_data):.2f}%)")
     return model
@@ -303,10 +264,28 @@ def threshold(text):
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, not {text}")
+    if value > MAX_THRESHOLD:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_THRESHOLD:g}, not {text}")
     return value
 
 
-def positive(kind):
+def label(value):
+    """How a threshold or fraction is printed in the table."""
+    return f"{value:.4g}"
+
+
+def check_labels(option, values):
+    """Every row must print, and save, under its own label."""
+    seen = {}
+    for value in values:
+        if label(value) in seen:
+            same = "are the same" if seen[label(value)] == value else f"both print as {label(value)}"
+            raise UserError(f"{option}: {seen[label(value)]:g} and {value:g} {same}; give distinct values")
+        seen[label(value)] = value
+
+
+def positive(kind, limit):
+    """A number > 0 and at most `limit`, the most the code can honour or that makes sense."""
     def parse(text):
         try:
             value = kind(text)
@@ -314,8 +293,20 @@ def positive(kind):
             raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
         if not (math.isfinite(value) and value > 0):
             raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
+        if value > limit:
+            raise argparse.ArgumentTypeError(f"must be at most {limit:g}, not {text}")
         return value
     return parse
+
+
+def seed(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be 0 to {MAX_SEED:,}, not {text}")
+    return value
 
 
 def bits(text):
@@ -347,29 +338,29 @@ def parser(description, thresholds):
     p.add_argument("--checkpoint", metavar="PATH", help="trained model file, retrained when it does not fit the "
                    "training settings (default: checkpoints/mlp-<hash of the training settings>.pt)")
     p.add_argument("--retrain", action="store_true", help="train the model even if its checkpoint fits")
-    p.add_argument("--hidden", type=positive(int), nargs="+", default=list(SIZES[1:-1]), metavar="H",
+    p.add_argument("--hidden", type=positive(int, MAX_WIDTH), nargs="+", default=list(SIZES[1:-1]), metavar="H",
                    help=f"hidden widths of the MLP; 300 100 is LeNet-300-100 "
                         f"(default: {' '.join(map(str, SIZES[1:-1]))})")
-    p.add_argument("--epochs", type=positive(int), default=5, metavar="N", help="training epochs (default: 5)")
-    p.add_argument("--lr", type=positive(float), default=1e-3,
+    p.add_argument("--epochs", type=positive(int, MAX_EPOCHS), default=5, metavar="N", help="training epochs (default: 5)")
+    p.add_argument("--lr", type=positive(float, MAX_LR), default=1e-3,
                    help="Adam learning rate, cosine-decayed to 0 (default: 0.001)")
-    p.add_argument("--batch-size", type=positive(int), default=128, metavar="N", help="batch size (default: 128)")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and shuffling (default: 0)")
-    p.add_argument("--seeds", type=positive(int), default=1, metavar="N",
+    p.add_argument("--batch-size", type=positive(int, MAX_BATCH), default=128, metavar="N", help="batch size (default: 128)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of initialisation and shuffling (default: 0)")
+    p.add_argument("--seeds", type=positive(int, MAX_SEEDS), default=1, metavar="N",
                    help="repeat the whole run with seeds --seed, --seed + 1, ...: the table shows each figure's "
                         "mean and standard deviation over them (default: 1)")
-    p.add_argument("--finetune-epochs", type=positive(int), metavar="N",
+    p.add_argument("--finetune-epochs", type=positive(int, MAX_EPOCHS), metavar="N",
                    help="fine-tune each pruned model for N epochs (default: none, one-shot pruning only)")
-    p.add_argument("--finetune-lr", type=positive(float), default=1e-3, metavar="LR",
+    p.add_argument("--finetune-lr", type=positive(float, MAX_LR), default=1e-3, metavar="LR",
                    help="fine-tuning learning rate, cosine-decayed to 0 (default: 0.001)")
-    p.add_argument("--steps", type=positive(int), default=1, metavar="K",
+    p.add_argument("--steps", type=positive(int, MAX_STEPS), default=1, metavar="K",
                    help="reach each target in K steps on a cubic schedule, fine-tuning after each (default: 1)")
-    p.add_argument("--final-epochs", type=positive(int), metavar="N",
+    p.add_argument("--final-epochs", type=positive(int, MAX_EPOCHS), metavar="N",
                    help=f"fine-tuning epochs after the last of several --steps (default: {FINAL_EPOCHS_FACTOR} times "
                         "--finetune-epochs)")
     p.add_argument("--distill", action="store_true",
                    help="fine-tune against the dense model's softened outputs as well as the labels")
-    p.add_argument("--temperature", type=positive(float), default=4.0, metavar="T",
+    p.add_argument("--temperature", type=positive(float, MAX_TEMPERATURE), default=4.0, metavar="T",
                    help="softening temperature of --distill (default: 4)")
     p.add_argument("--distill-weight", type=fraction, default=0.5, metavar="W",
                    help="weight of the dense model's outputs in the --distill loss, the labels' is 1 - W "
@@ -379,7 +370,7 @@ def parser(description, thresholds):
                         "(k-means; fine-tuned too with --finetune-epochs), positions and codes LZMA-coded")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to train and evaluate; auto picks CUDA when present (default: auto)")
-    p.add_argument("--threads", type=positive(int), default=torch.get_num_threads(), metavar="N",
+    p.add_argument("--threads", type=positive(int, MAX_THREADS), default=torch.get_num_threads(), metavar="N",
                    help=f"CPU threads (default: {torch.get_num_threads()}, this machine's)")
     p.add_argument("--save-dir", metavar="DIR", help="keep the pruned models as files in this existing folder")
     p.add_argument("--json", metavar="PATH", help="also write the settings and results as JSON to PATH")
@@ -396,18 +387,28 @@ def setup(args):
     torch.set_num_threads(args.threads)
     args.machine = machine()
     log.info("machine: {cpu}, {cores} cores, {threads} threads, PyTorch {pytorch}".format(**args.machine))
-    if len(set(args.thresholds)) != len(args.thresholds):
-        raise UserError(f"duplicate thresholds in {' '.join(map(str, args.thresholds))}")
+    check_labels("--thresholds", args.thresholds)
+    if args.threads > (os.cpu_count() or 1):
+        log.warning(f"--threads {args.threads}: this machine has {os.cpu_count()} cores; more threads than cores "
+                    "make it slower, not faster")
+    checkpoint = checkpoint_path(args, training_config(args))
+    files.check_distinct([("--checkpoint", checkpoint), ("--json", args.json)],
+                         [("--save-dir", args.save_dir), ("--plot-dir", args.plot_dir)], checkpoint)
+    if args.json:
+        files.check_file_destination("--json", args.json)
+    if args.save_dir:
+        files.check_folder_destination("--save-dir", args.save_dir)
     if args.plot or args.plot_dir:
         args.plot, args.plot_dir = True, args.plot_dir or "figures"
-        try:
-            Path(args.plot_dir).mkdir(exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot make the figures' folder {args.plot_dir}: {e.strerror}") from None
-    for path in (args.json, args.save_dir and Path(args.save_dir) / "model.pt",
-                 args.plot_dir and Path(args.plot_dir) / "figure.png"):
-        if path:
-            check_writable(path)
+        if files.kind_of(Path(args.plot_dir)) == "absent" and files.kind_of(Path(args.plot_dir).parent) == "folder":
+            try:
+                Path(args.plot_dir).mkdir()
+            except OSError as e:
+                raise UserError(f"cannot make the figures' folder {args.plot_dir}: {e.strerror}") from None
+        files.check_folder_destination("--plot-dir", args.plot_dir)
+    for seed in range(args.seed, args.seed + args.seeds):
+        one = argparse.Namespace(**{**vars(args), "seed": seed})
+        files.check_checkpoint_destination(checkpoint_path(one, training_config(one)))
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
@@ -540,7 +541,7 @@ def accuracy_figure(rows, baseline, removed_key, what, curves, published=()):
 
 def save_figure(fig, folder, name):
     fig.tight_layout()
-    atomic_write(Path(folder) / name, lambda f: fig.savefig(f, format="png", dpi=120))
+    files.atomic_write(Path(folder) / name, lambda f: fig.savefig(f, format="png", dpi=120))
     log.info(f"figure: {Path(folder) / name}")
 
 
@@ -565,13 +566,20 @@ def markdown_table(rows, columns):
 
 
 def run(main):
-    """Run main(); a user error or Ctrl-C ends it with one line on stderr, never a traceback."""
+    """Run main(); a user error, Ctrl-C or SIGTERM ends it with one line on stderr, never a traceback,
+    and a closed stdout (a pipe into head) ends it quietly, its other files written."""
     name = Path(sys.argv[0]).name
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, interrupts.raise_terminated)
     try:
         main()
+        sys.stdout.flush()
     except (UserError, mnist.DataError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, interrupts.Terminated) as e:
         print(f"{name}: interrupted; saved files are left as they were or complete", file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
+        sys.exit(128 + (signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM))
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        sys.exit(128 + signal.SIGPIPE)

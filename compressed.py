@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import torch.nn.utils.parametrize as parametrize
 
 import common
+import files
 
 MAGIC, VERSION = b"MLPZ", 1
 HEADER = struct.Struct("<4sBII")
@@ -194,7 +195,7 @@ def decode(data):
 def save_compressed(model, path):
     """Write a model made by quantize() to path, atomically; returns the file's size in bytes."""
     data = encode(model)
-    common.atomic_write(path, lambda f: f.write(data))
+    files.atomic_write(path, lambda f: f.write(data))
     return len(data)
 
 

@@ -5,6 +5,8 @@ fine-tune with the zeros held in place by pruning masks, and store the weights a
     python zero_pruning.py --finetune-epochs 4  # and recover accuracy by fine-tuning
 """
 
+import interrupts  # noqa: F401, I001 -- first: Ctrl-C while torch imports ends in one line
+
 import copy
 import math
 import statistics
@@ -15,6 +17,7 @@ import torch
 import torch.nn.utils.prune as prune
 
 import common
+import files
 import compressed
 
 THRESHOLDS = [0.0, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.10]
@@ -81,7 +84,7 @@ def save_sparse(model, path):
     their numbers in one fp32 tensor, so the file's framing stays small. Returns its size in bytes."""
     layers = common.linears(model)
     weights = [to_csr(layer.weight) for layer in layers]
-    return common.save_torch({
+    return files.save_torch({
         "widths": list(common.widths(model)),
         "indices": torch.cat([t for w in weights for t in (w.crow_indices(), w.col_indices())]),
         "numbers": torch.cat([w.values() for w in weights] + [layer.bias.detach().cpu() for layer in layers]),
@@ -130,7 +133,7 @@ def sparse_forward(model):
 
 def sweep(model, train_data, test_data, args, save_dir):
     weights = common.count_weights(model)
-    dense_bytes = common.save_torch(model.state_dict(), save_dir / "dense.pt")
+    dense_bytes = files.save_torch(model.state_dict(), save_dir / "dense.pt")
     teacher = common.logits(model, train_data[0]) if args.distill else None
     rows = []
     for t, sparsity in common.progress(targets(args), "sweep", "threshold"):
@@ -221,8 +224,7 @@ def main():
             raise common.UserError("give --thresholds or --sparsity, not both")
         if not all(0 <= s < 1 for s in args.sparsity):
             raise common.UserError("--sparsity takes fractions in [0, 1)")
-        if len(set(args.sparsity)) < len(args.sparsity):
-            raise common.UserError(f"duplicate fractions in --sparsity {' '.join(map(str, args.sparsity))}")
+        common.check_labels("--sparsity", args.sparsity)
     models = []
 
     def run_one():
@@ -236,15 +238,15 @@ def main():
 
     rows, per_seed, dense_accuracies = common.over_seeds(args, run_one)
     baseline = statistics.mean(dense_accuracies)
+    if args.json:
+        common.write_json(args.json, common.settings(args), rows, dense_accuracies, per_seed)
+    if args.plot:
+        plot(models[-1], rows, baseline, args.plot_dir)
     print(common.markdown_table(rows, columns(bool(args.finetune_epochs), args.bits)))
     print("\nSizes are the files torch.save writes: dense fp32, and CSR with fp32 values and int32 indices.")
     if args.bits:
         print(compressed.note(args.bits))
     print(memory_impact(rows, baseline))
-    if args.json:
-        common.write_json(args.json, common.settings(args), rows, dense_accuracies, per_seed)
-    if args.plot:
-        plot(models[-1], rows, baseline, args.plot_dir)
 
 
 if __name__ == "__main__":

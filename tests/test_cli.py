@@ -1,6 +1,10 @@
 """Bad input on the command line: one clear error line, exit code 2, and no file written or damaged."""
 
+import os
+import stat
 import sys
+
+import zipfile
 
 import pytest
 import torch
@@ -8,7 +12,9 @@ import torchvision
 
 import activation_pruning
 import common
+import files as files_module
 import zero_pruning
+from conftest import run_script
 
 SCRIPTS = ["zero_pruning.py", "activation_pruning.py"]
 MAINS = {"zero_pruning.py": zero_pruning.main, "activation_pruning.py": activation_pruning.main}
@@ -21,16 +27,18 @@ def no_network(monkeypatch):
 
 
 def files(folder):
-    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file under folder with its bytes and mode, and every other thing there by its kind."""
+    return {p: (p.read_bytes(), p.stat().st_mode) if p.is_file() else stat.S_IFMT(p.stat().st_mode)
+            for p in sorted(folder.rglob("*"))}
 
 
-def assert_rejected(script, args, message, tmp_path, capsys, monkeypatch, data_dir=None):
+def assert_rejected(script, args, message, tmp_path, capsys, monkeypatch, data_dir=None, checkpoint=True):
     """Run script's main as its command line does, with a precious checkpoint beside it:
     it must fail with one error line and exit code 2, and touch no file."""
-    checkpoint = tmp_path / "precious.pt"
-    checkpoint.write_bytes(b"a model someone cares about")
+    precious = tmp_path / "precious.pt"  # a checkpoint of this project, made with other settings
+    torch.save({"config": {"sizes": [784, 10]}, "state_dict": common.mlp([784, 10]).state_dict()}, precious)
     before = files(tmp_path)
-    monkeypatch.setattr(sys, "argv", [script, *args, "--checkpoint", str(checkpoint)])
+    monkeypatch.setattr(sys, "argv", [script, *args, *(["--checkpoint", str(precious)] if checkpoint else [])])
     monkeypatch.setenv("MNIST_DATA_DIR", str(data_dir or tmp_path))
     with pytest.raises(SystemExit) as exit:
         common.run(MAINS[script])
@@ -50,7 +58,7 @@ def assert_rejected(script, args, message, tmp_path, capsys, monkeypatch, data_d
     (["--thresholds", "inf"], "must be a finite number >= 0, not inf"),
     (["--thresholds", "0.1", "abc"], "not a number: 'abc'"),
     (["--thresholds"], "expected at least one argument"),
-    (["--thresholds", "0.1", "0.2", "0.1"], "duplicate thresholds"),
+    (["--thresholds", "0.1", "0.2", "0.1"], "0.1 and 0.1 are the same"),
     (["--epochs", "0"], "must be > 0, not 0"),
     (["--epochs", "-3"], "must be > 0, not -3"),
     (["--epochs", "1.5"], "not an integer: '1.5'"),
@@ -95,7 +103,7 @@ def test_cuda_without_a_gpu_is_rejected(script, tmp_path, capsys, monkeypatch):
     (["--sparsity", "0.9", "--steps", "10"], "--steps takes --sparsity and --finetune-epochs"),
     (["--sparsity", "0.9", "--finetune-epochs", "1", "--final-epochs", "3"], "--final-epochs takes --steps 2"),
     (["--sparsity", "nan"], "--sparsity takes fractions in [0, 1)"),
-    (["--sparsity", "0.9", "0.9"], "duplicate fractions in --sparsity 0.9 0.9"),
+    (["--sparsity", "0.9", "0.9"], "--sparsity: 0.9 and 0.9 are the same"),
     (["--sparsity", "0.9", "--thresholds", "0.1"], "give --thresholds or --sparsity, not both"),
 ])
 def test_zero_pruning_sparsity_must_be_distinct_fractions(args, message, tmp_path, capsys, monkeypatch):
@@ -108,7 +116,7 @@ def test_zero_pruning_sparsity_must_be_distinct_fractions(args, message, tmp_pat
     (["--reduction", "-0.5"], "must be a fraction between 0 and 1, not -0.5"),
     (["--reduction", "most"], "not a number: 'most'"),
     (["--reduction", "0.9", "--thresholds", "0.5"], "give --thresholds or --reduction, not both"),
-    (["--reduction", "0.9", "0.9"], "duplicate fractions in --reduction"),
+    (["--reduction", "0.9", "0.9"], "--reduction: 0.9 and 0.9 are the same"),
     (["--prune-inputs"], "--prune-inputs takes --reduction"),
     (["--criterion", "contribution"], "--criterion takes --reduction"),
     (["--criterion", "loudness", "--reduction", "0.9"], "invalid choice: 'loudness'"),
@@ -168,3 +176,98 @@ def test_broken_data_folders_are_reported(script, case, tmp_path, capsys, monkey
     make, message = DATA_FOLDERS[case]
     make(tmp_path / "data")
     assert_rejected(script, [], message, tmp_path, capsys, monkeypatch, data_dir=tmp_path / "data")
+
+
+# Nothing that is not ours is replaced, and every destination is checked before the work --------
+
+def not_ours(kind, tmp_path):
+    """A path where a checkpoint is asked for that holds something else."""
+    path = tmp_path / "thing"
+    if kind == "MNIST labels":
+        path.write_bytes((0x801).to_bytes(4, "big") + (3).to_bytes(4, "big") + bytes([7, 2, 1]))
+    elif kind == "JSON":
+        path.write_text('{"results": [1, 2, 3]}')
+    elif kind == "photo":
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    elif kind == "zip":
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("notes/data.txt", "someone's notes")
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "pipe":
+        os.mkfifo(path)
+    return path
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("kind, message", [
+    ("MNIST labels", "is not a checkpoint of this project; refusing to replace it"),
+    ("JSON", "is not a checkpoint of this project"),
+    ("photo", "is not a checkpoint of this project"),
+    ("zip", "is not a checkpoint of this project"),
+    ("folder", "is a folder, not a file"),
+    ("pipe", "is a pipe, not a file"),
+])
+def test_a_checkpoint_path_holding_something_else_is_refused_before_any_work(script, kind, message, tmp_path, capsys,
+                                                                              monkeypatch):
+    path = not_ours(kind, tmp_path)
+    assert_rejected(script, ["--checkpoint", str(path)], message, tmp_path, capsys, monkeypatch, checkpoint=False)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_device_is_never_replaced(script, tmp_path, capsys, monkeypatch):
+    assert_rejected(script, ["--checkpoint", "/dev/null"], "/dev/null is a device, not a file", tmp_path, capsys,
+                    monkeypatch, checkpoint=False)
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("make, args, message", [
+    (lambda t: None, ["--checkpoint", "{t}/x.pt", "--json", "{t}/x.pt"], "--checkpoint and --json name the same file"),
+    (lambda t: (t / "out").mkdir(), ["--checkpoint", "{t}/out/m.pt", "--save-dir", "{t}/out"],
+     "--save-dir {t}/out holds the checkpoint"),
+    (lambda t: (t / "out.json").mkdir(), ["--json", "{t}/out.json"], "--json {t}/out.json is a folder, not a file"),
+    (lambda t: None, ["--json", "/dev/null"], "--json /dev/null is a device, not a file"),
+    (lambda t: (t / "file").write_text("x"), ["--save-dir", "{t}/file"], "--save-dir {t}/file is a file, not a folder"),
+    (lambda t: (t / "file").write_text("x"), ["--plot-dir", "{t}/file"], "--plot-dir {t}/file is a file, not a folder"),
+    (lambda t: None, ["--json", "{t}/" + "n" * 240 + ".json"], "the name is too long for the file system"),
+    (lambda t: None, ["--plot-dir", "/proc/figures"], "cannot make the figures' folder /proc/figures"),
+])
+def test_destinations_are_checked_before_any_work(script, make, args, message, tmp_path, capsys, monkeypatch):
+    make(tmp_path)
+    args = [a.format(t=tmp_path) for a in args]
+    assert_rejected(script, args, message.format(t=tmp_path), tmp_path, capsys, monkeypatch,
+                    checkpoint="--checkpoint" not in args)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", str(2 ** 63)], "must be at most 1000"),
+    (["--finetune-epochs", "100000"], "must be at most 1000"),
+    (["--batch-size", str(2 ** 40)], "must be at most 60000"),
+    (["--seed", str(2 ** 64)], "must be 0 to"),
+    (["--seed", "-1"], "must be 0 to"),
+    (["--threads", str(2 ** 31)], "must be at most 1024"),
+    (["--lr", "1e300"], "must be at most 10"),
+    (["--finetune-lr", "1e30"], "must be at most 10"),
+    (["--hidden", "300", str(10 ** 9)], "must be at most 100000"),
+    (["--thresholds", "3e38"], "must be at most 1e+06"),
+    (["--thresholds", "0.10001", "0.10002"], "0.10001 and 0.10002 both print as 0.1"),
+])
+def test_numbers_beyond_what_the_code_can_honour_are_rejected(script, args, message, tmp_path, capsys, monkeypatch):
+    assert_rejected(script, args, message, tmp_path, capsys, monkeypatch)
+
+
+def test_more_threads_than_cores_is_accepted_with_a_warning(tmp_path):
+    result = run_script("zero_pruning.py", "--threads", str(os.cpu_count() + 1), "--data-dir", tmp_path / "none")
+    assert result.returncode == 2  # the data is missing; the warning came first
+    assert f"more threads than cores make it slower" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_abandoned_temporary_files_are_removed_but_not_a_live_writers(tmp_path):
+    dead = tmp_path / ".out.json.4194303.1.tmp"  # above Linux's largest process id
+    live = tmp_path / f".out.json.{os.getpid()}.99.tmp"
+    dead.write_text("left by a killed run")
+    live.write_text("still being written")
+    files_module.atomic_write(tmp_path / "out.json", lambda f: f.write(b"{}"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "out.json"]

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import common
+import files
 import compressed as cz
 import zero_pruning as zp
 

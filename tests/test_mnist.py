@@ -1,7 +1,9 @@
 """End to end on real MNIST: both scripts as a user runs them, their saved models, their
 determinism, and what Ctrl-C and concurrent runs leave on disk."""
 
+import errno
 import json
+import os
 import statistics
 import signal
 import subprocess
@@ -14,6 +16,7 @@ import torch
 import activation_pruning as ap
 import common
 import compressed
+import files
 import mnist
 import zero_pruning as zp
 from conftest import ROOT, run_script
@@ -44,7 +47,7 @@ def run_json(script, tmp_path, *args, **kwargs):
 def test_zero_pruning_default_sweep(checkpoint, tmp_path):
     results, stdout, stderr = run_json("zero_pruning.py", tmp_path, "--checkpoint", checkpoint, "--save-dir", tmp_path)
     rows = results["rows"]
-    assert all((p.stat().st_mode & 0o777) == 0o666 & ~common.umask() for p in tmp_path.iterdir())  # not 0600
+    assert all((p.stat().st_mode & 0o777) == 0o666 & ~files.umask() for p in tmp_path.iterdir())  # not 0600
     assert [r["threshold"] for r in rows] == zp.THRESHOLDS
     assert rows[0]["accuracy"] >= 97.5 and rows[0]["zeroed_params"] == 0
     assert all(r["original_params"] == 566_528 for r in rows)
@@ -196,7 +199,7 @@ def test_same_seed_same_results(tmp_path):
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-@pytest.mark.parametrize("bad", [b"", b"not a checkpoint", "truncated", "other architecture"])
+@pytest.mark.parametrize("bad", [b"", "truncated", "other architecture", "not finite"])
 def test_unusable_checkpoint_is_reported_and_replaced(bad, checkpoint, tmp_path):
     path = tmp_path / "mlp.pt"
     if bad == "truncated":
@@ -204,6 +207,11 @@ def test_unusable_checkpoint_is_reported_and_replaced(bad, checkpoint, tmp_path)
     elif bad == "other architecture":
         config = {**torch.load(checkpoint, weights_only=True)["config"], "epochs": 1}
         torch.save({"config": config, "state_dict": common.mlp([784, 32, 10]).state_dict()}, path)
+    elif bad == "not finite":
+        saved = torch.load(checkpoint, weights_only=True)
+        saved["config"]["epochs"] = 1
+        saved["state_dict"]["0.weight"][0, 0] = float("nan")
+        torch.save(saved, path)
     else:
         path.write_bytes(bad)
     result = run_script("zero_pruning.py", "--checkpoint", path, "--epochs", "1", "--thresholds", "0")
@@ -218,28 +226,29 @@ def start(script, *args):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def interrupt_after(process, line_start, delay):
-    """Send SIGINT `delay` seconds after the process logs a line starting with line_start."""
+def interrupt_after(process, line_start, delay, signum=signal.SIGINT):
+    """Send the signal `delay` seconds after the process logs a line starting with line_start."""
     for line in process.stderr:
         if line.startswith(line_start):
             time.sleep(delay)
-            process.send_signal(signal.SIGINT)
+            process.send_signal(signum)
             break
     out, err = process.communicate(timeout=60)
     return process.returncode, err
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 @pytest.mark.parametrize("script, moment", [("zero_pruning.py", "training"), ("activation_pruning.py", "sweep")])
-def test_ctrl_c_exits_cleanly_and_keeps_the_checkpoint_whole(script, moment, checkpoint, tmp_path):
+def test_ctrl_c_and_sigterm_exit_cleanly_and_keep_the_checkpoint_whole(script, moment, signum, checkpoint, tmp_path):
     path = tmp_path / "mlp.pt"
     path.write_bytes(checkpoint.read_bytes())
     if moment == "training":  # other settings: the run retrains, and is stopped while it does
         process = start(script, "--checkpoint", path, "--epochs", "30")
-        code, err = interrupt_after(process, "data:", 3)
+        code, err = interrupt_after(process, "data:", 3, signum)
     else:
         process = start(script, "--checkpoint", path, "--json", tmp_path / "out.json")
-        code, err = interrupt_after(process, "model: loaded", 1)
-    assert code == 128 + signal.SIGINT, err
+        code, err = interrupt_after(process, "model: loaded", 1, signum)
+    assert code == 128 + signum, err
     assert err.strip().splitlines()[-1] == f"{script}: interrupted; saved files are left as they were or complete"
     assert "Traceback" not in err
     assert path.read_bytes() == checkpoint.read_bytes()
@@ -304,3 +313,55 @@ def test_several_seeds_give_the_mean_and_spread_of_the_single_seed_runs(tmp_path
     assert stderr.startswith(f"machine: {machine['cpu']}, ")
     # one seed is the plain run: no spread, no per-seed list
     assert "per_seed" not in single[0] and "accuracy_std" not in single[0]["rows"][0]
+
+
+@pytest.mark.parametrize("script", ["zero_pruning.py", "activation_pruning.py"])
+def test_ctrl_c_while_pytorch_imports_prints_one_line(script):
+    process = start(script, "--quiet")
+    time.sleep(0.5)  # python is up and importing torch, which takes over a second
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGINT, err
+    assert err == f"{script}: interrupted while starting; nothing was written\n" and out == ""
+
+
+@pytest.mark.parametrize("script", ["zero_pruning.py", "activation_pruning.py"])
+def test_a_closed_stdout_still_writes_the_json_and_exits_quietly(script, checkpoint, tmp_path):
+    out = tmp_path / "out.json"
+    command = f"{sys.executable} {ROOT / script} --checkpoint {checkpoint} --thresholds 0 --json {out} | head -c 1"
+    result = subprocess.run(["bash", "-c", command + "; exit ${PIPESTATUS[0]}"], capture_output=True, text=True)
+    assert result.returncode == 128 + signal.SIGPIPE and "Traceback" not in result.stderr, result.stderr
+    assert "Exception ignored" not in result.stderr
+    assert json.loads(out.read_text())["rows"][0]["threshold"] == 0
+
+
+@pytest.mark.parametrize("script", ["zero_pruning.py", "activation_pruning.py"])
+def test_a_full_disk_ends_in_one_line_and_keeps_the_earlier_file(script, checkpoint, tmp_path, monkeypatch, capsys):
+    import activation_pruning
+    import zero_pruning
+
+    out = tmp_path / "out.json"
+    out.write_text('{"an earlier": "result"}')
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(files.os, "fsync", full)
+    monkeypatch.setattr(sys, "argv", [script, "--checkpoint", str(checkpoint), "--thresholds", "0", "--json", str(out),
+                                      "--quiet"])
+    with pytest.raises(SystemExit) as exit:
+        common.run({"zero_pruning.py": zero_pruning.main, "activation_pruning.py": activation_pruning.main}[script])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2
+    assert err.strip().splitlines() == [f"{script}: error: cannot write {out}: No space left on device"]
+    assert out.read_text() == '{"an earlier": "result"}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_training_that_diverges_stops_in_one_line_and_caches_nothing(tmp_path):
+    result = run_script("zero_pruning.py", "--checkpoint", tmp_path / "m.pt", "--epochs", "1", "--lr", "10",
+                        "--thresholds", "0")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == ("zero_pruning.py: error: training diverged: the weights are "
+                                                     "no longer finite numbers; lower the learning rate")
+    assert not (tmp_path / "m.pt").exists()
