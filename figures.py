@@ -1,0 +1,64 @@
+"""Figures that combine the JSON results of several runs.
+
+    python figures.py sizes images/file_sizes.png bits8.json bits5.json bits4.json bits3.json bits2.json
+"""
+
+import interrupts  # noqa: F401, I001 -- first: Ctrl-C while torch imports ends in one line
+
+import argparse
+import json
+from pathlib import Path
+
+import common
+import files
+
+
+def read(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise common.UserError(f"cannot read results from {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def sizes(results, path):
+    """File size against accuracy: the fp32 CSR files and the compressed ones at each bit width,
+    from zero_pruning.py runs with --bits (and the published Deep Compression point for LeNet-300-100)."""
+    plt = common.pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    first = results[0]
+    csr = [(r["csr_bytes"], r.get("finetuned_accuracy", r["accuracy"])) for r in first["rows"]]
+    ax.plot(*zip(*csr), "ks-", label="fp32 CSR")
+    for result in sorted(results, key=lambda r: -r["settings"]["bits"]):
+        key = "quantized_finetuned_accuracy" if "quantized_finetuned_accuracy" in result["rows"][0] else "quantized_accuracy"
+        points = [(r["compressed_bytes"], r[key]) for r in result["rows"]]
+        ax.plot(*zip(*points), "o-", label=f"{result['settings']['bits']} bits")
+    dense_bytes = first["rows"][0]["dense_bytes"]
+    ax.axhline(first["dense_accuracy"], color="gray", ls=":", label=f"dense, {dense_bytes:,} B")
+    for times in (40, 100):
+        ax.axvline(dense_bytes / times, color="tab:red", lw=0.8, ls="--")
+        ax.annotate(f"{times}x smaller", (dense_bytes / times, 0.02), xycoords=("data", "axes fraction"),
+                    xytext=(3, 0), textcoords="offset points", color="tab:red", fontsize=8)
+    widths = "-".join(map(str, first["settings"]["hidden"]))
+    zeros = ", ".join(f"{r['zero_percentage']:.1f}%" for r in first["rows"])
+    ax.set(xscale="log", xlabel="file size (bytes, log scale)", ylabel="test accuracy (%)",
+           title=f"Compressed files, MLP 784-{widths}-10 at {zeros} zeros")
+    ax.legend(fontsize=8)
+    common.save_figure(fig, Path(path).parent, Path(path).name)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n")
+    p.add_argument("figure", choices=["sizes"])
+    p.add_argument("output", help="the PNG file to write")
+    p.add_argument("results", nargs="+", help="JSON files written by zero_pruning.py --bits B --json")
+    args = p.parse_args()
+    files.check_file_destination("output", args.output)
+    results = [read(path) for path in args.results]
+    if not all(r.get("settings", {}).get("bits") and r.get("rows") for r in results):
+        raise common.UserError("each results file must come from zero_pruning.py --bits B --json")
+    sizes(results, args.output)
+
+
+if __name__ == "__main__":
+    common.run(main)
