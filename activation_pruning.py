@@ -10,7 +10,6 @@ import interrupts  # noqa: F401, I001 -- first: Ctrl-C while torch imports ends 
 
 import argparse
 import math
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -275,12 +274,7 @@ def main():
         test_images.append(len(test_data[1]))
         return rows, common.accuracy(model, test_data)
 
-    rows, per_seed, dense_accuracies = common.over_seeds(args, run_one)
-    baseline = statistics.mean(dense_accuracies)
-    if args.json:
-        common.write_json(args.json, common.settings(args), rows, dense_accuracies, per_seed)
-    if args.plot:
-        plot(rows, baseline, args.plot_dir)
+    rows, baseline = common.results_over_seeds(args, run_one, lambda rows, baseline: plot(rows, baseline, args.plot_dir))
     print(common.markdown_table(rows, columns(bool(args.reduction), args.bias_compensation and not args.reduction,
                                               bool(args.finetune_epochs), args.bits)))
     print(f"\nInference time: classifying all {test_images[0]:,} test images in one batch, median of repeats "

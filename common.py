@@ -189,6 +189,7 @@ def write_json(path, settings, rows, dense_accuracies, per_seed):
     results["rows"] = rows
     if len(per_seed) > 1:
         results["per_seed"] = per_seed
+        results["per_seed_dense_accuracy"] = dense_accuracies
     text = json.dumps(results, indent=2, allow_nan=False) + "\n"
     files.atomic_write(path, lambda f: f.write(text.encode()))
 
@@ -299,24 +300,16 @@ def positive(kind, limit):
     return parse
 
 
-def seed(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be 0 to {MAX_SEED:,}, not {text}")
-    return value
-
-
-def bits(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 2 <= value <= 8:
-        raise argparse.ArgumentTypeError(f"must be 2 to 8, not {text}")
-    return value
+def integer_in(low, high):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {low} to {high:,}, not {text}")
+        return value
+    return parse
 
 
 def fraction(text):
@@ -345,7 +338,7 @@ def parser(description, thresholds):
     p.add_argument("--lr", type=positive(float, MAX_LR), default=1e-3,
                    help="Adam learning rate, cosine-decayed to 0 (default: 0.001)")
     p.add_argument("--batch-size", type=positive(int, MAX_BATCH), default=128, metavar="N", help="batch size (default: 128)")
-    p.add_argument("--seed", type=seed, default=0, help="seed of initialisation and shuffling (default: 0)")
+    p.add_argument("--seed", type=integer_in(0, MAX_SEED), default=0, help="seed of initialisation and shuffling (default: 0)")
     p.add_argument("--seeds", type=positive(int, MAX_SEEDS), default=1, metavar="N",
                    help="repeat the whole run with seeds --seed, --seed + 1, ...: the table shows each figure's "
                         "mean and standard deviation over them (default: 1)")
@@ -365,7 +358,7 @@ def parser(description, thresholds):
     p.add_argument("--distill-weight", type=fraction, default=0.5, metavar="W",
                    help="weight of the dense model's outputs in the --distill loss, the labels' is 1 - W "
                         "(default: 0.5)")
-    p.add_argument("--bits", type=bits, metavar="B",
+    p.add_argument("--bits", type=integer_in(2, 8), metavar="B",
                    help="also store each pruned model compressed: each layer's weights shared among 2^B values "
                         "(k-means; fine-tuned too with --finetune-epochs), positions and codes LZMA-coded")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -447,6 +440,18 @@ def over_seeds(args, run_one):
     if args.seeds == 1:
         return per_seed[0], per_seed, [runs[0][1]]
     return [mean_row(rows) for rows in zip(*per_seed)], per_seed, [dense for _, dense in runs]
+
+
+def results_over_seeds(args, run_one, plot):
+    """Run over the seeds, write the JSON and the figures (before anything is printed, so that a
+    closed stdout cannot lose them) and return (rows, mean dense accuracy)."""
+    rows, per_seed, dense_accuracies = over_seeds(args, run_one)
+    baseline = statistics.mean(dense_accuracies)
+    if args.json:
+        write_json(args.json, settings(args), rows, dense_accuracies, per_seed)
+    if args.plot:
+        plot(rows, baseline)
+    return rows, baseline
 
 
 VARIES = "varies"

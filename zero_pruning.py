@@ -9,7 +9,6 @@ import interrupts  # noqa: F401, I001 -- first: Ctrl-C while torch imports ends 
 
 import copy
 import math
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -236,12 +235,8 @@ def main():
         models.append(model)
         return rows, common.accuracy(model, test_data)
 
-    rows, per_seed, dense_accuracies = common.over_seeds(args, run_one)
-    baseline = statistics.mean(dense_accuracies)
-    if args.json:
-        common.write_json(args.json, common.settings(args), rows, dense_accuracies, per_seed)
-    if args.plot:
-        plot(models[-1], rows, baseline, args.plot_dir)
+    rows, baseline = common.results_over_seeds(
+        args, run_one, lambda rows, baseline: plot(models[-1], rows, baseline, args.plot_dir))
     print(common.markdown_table(rows, columns(bool(args.finetune_epochs), args.bits)))
     print("\nSizes are the files torch.save writes: dense fp32, and CSR with fp32 values and int32 indices.")
     if args.bits:

@@ -301,6 +301,7 @@ def test_several_seeds_give_the_mean_and_spread_of_the_single_seed_runs(tmp_path
     assert "retraining" not in "".join(run_script("zero_pruning.py", *args, "--checkpoint", tmp_path / f"m-seed{s}.pt",
                                                   "--seed", str(s)).stderr for s in (3, 4))  # each seed its own file
     assert both["per_seed"] == [s["rows"] for s in single]
+    assert both["per_seed_dense_accuracy"] == [s["dense_accuracy"] for s in single]
     for i, row in enumerate(both["rows"]):
         accuracies = [s["rows"][i]["accuracy"] for s in single]
         assert row["accuracy"] == pytest.approx(statistics.mean(accuracies))
