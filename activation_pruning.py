@@ -6,7 +6,7 @@ remove the neurons below a threshold and rebuild genuinely smaller nn.Linear lay
     python activation_pruning.py --reduction 0.95 --steps 6 --finetune-epochs 4 --distill --prune-inputs
 """
 
-import interrupts  # noqa: F401, I001 -- first: Ctrl-C while torch imports ends in one line
+import startup  # noqa: F401, I001 -- first: settles what must be settled before torch is imported
 
 import argparse
 import math

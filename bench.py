@@ -6,7 +6,7 @@ one. Activation pruning is timed with plain widths and with widths rounded up to
     python bench.py
 """
 
-import interrupts  # noqa: F401, I001 -- first: Ctrl-C while torch imports ends in one line
+import startup  # noqa: F401, I001 -- first: settles what must be settled before torch is imported
 
 import os
 import statistics

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import files
-import interrupts
+import startup
 import mnist
 from files import UserError
 
@@ -575,14 +575,14 @@ def run(main):
     and a closed stdout (a pipe into head) ends it quietly, its other files written."""
     name = Path(sys.argv[0]).name
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, interrupts.raise_terminated)
+    signal.signal(signal.SIGTERM, startup.raise_terminated)
     try:
         main()
         sys.stdout.flush()
     except (UserError, mnist.DataError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except (KeyboardInterrupt, interrupts.Terminated) as e:
+    except (KeyboardInterrupt, startup.Terminated) as e:
         print(f"{name}: interrupted; saved files are left as they were or complete", file=sys.stderr)
         sys.exit(128 + (signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM))
     except BrokenPipeError:

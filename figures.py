@@ -3,7 +3,7 @@
     python figures.py sizes images/file_sizes.png bits8.json bits5.json bits4.json bits3.json bits2.json
 """
 
-import interrupts  # noqa: F401, I001 -- first: Ctrl-C while torch imports ends in one line
+import startup  # noqa: F401, I001 -- first: settles what must be settled before torch is imported
 
 import argparse
 import json

@@ -5,7 +5,7 @@ fine-tune with the zeros held in place by pruning masks, and store the weights a
     python zero_pruning.py --finetune-epochs 4  # and recover accuracy by fine-tuning
 """
 
-import interrupts  # noqa: F401, I001 -- first: Ctrl-C while torch imports ends in one line
+import startup  # noqa: F401, I001 -- first: settles what must be settled before torch is imported
 
 import copy
 import math

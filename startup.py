@@ -1,0 +1,29 @@
+"""What must be settled before PyTorch is imported, so the scripts import this module first:
+Ctrl-C and SIGTERM end a run with one line even while PyTorch imports (which takes seconds), and
+OpenMP's threads sleep rather than spin while they wait, which keeps a run from slowing to a
+crawl when another process is using the cores (measured in README.md, Speed)."""
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+
+class Terminated(BaseException):
+    """SIGTERM, handled like Ctrl-C."""
+
+
+def stop_while_starting(signum, frame):
+    """Leave at once: nothing is written yet, and unwinding a half-done import can itself fail."""
+    print(f"{Path(sys.argv[0]).name}: interrupted while starting; nothing was written", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
+def raise_terminated(signum, frame):
+    raise Terminated
+
+
+if "torch" not in sys.modules:  # imported first, as the scripts do; else there is nothing left to settle
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    signal.signal(signal.SIGINT, stop_while_starting)
+    signal.signal(signal.SIGTERM, stop_while_starting)
