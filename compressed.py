@@ -229,7 +229,7 @@ def columns(finetuned):
     percent = "{:.2f}%".format
     return [("Quantized", "quantized_accuracy", percent),
             *([("Q. Fine-tuned", "quantized_finetuned_accuracy", percent)] if finetuned else []),
-            ("Compressed File (B)", "compressed_bytes", "{:,}".format), ("x Smaller", "times_smaller", "{:.1f}".format)]
+            ("Compressed File (B)", "compressed_bytes", "{:,.0f}".format), ("x Smaller", "times_smaller", "{:.1f}".format)]
 
 
 def note(bits):
