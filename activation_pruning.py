@@ -199,7 +199,7 @@ def columns(reduction, compensated, finetuned, bits):
             *([("Fine-tuned", "finetuned_accuracy", percent)] if finetuned else []),
             ("Original Params", "original_params", count), ("New Params", "new_params", count),
             *([("Input Pixels", "input_width", count)] if reduction else []),
-            ("Hidden Widths", "hidden_widths", lambda widths: "-".join(map(str, widths))),
+            ("Hidden Widths", "hidden_widths", lambda widths: "-".join(f"{w:.0f}" for w in widths)),
             ("Inference Time (s)", "inference_time_s", "{:.4f}".format),
             ("Size Reduction", "size_reduction", percent),
             *(compressed.columns(finetuned) if bits else [])]

@@ -458,7 +458,8 @@ VARIES = "varies"
 
 
 def mean_row(rows):
-    """One row from the same row of several runs: means and sample standard deviations."""
+    """One row from the same row of several runs: means and sample standard deviations (of lists
+    of numbers, element by element)."""
     out = {}
     for key, value in rows[0].items():
         values = [r[key] for r in rows]
@@ -466,6 +467,10 @@ def mean_row(rows):
             out[key] = value
         elif all(isinstance(v, (int, float)) for v in values):
             out[key], out[f"{key}_std"] = statistics.mean(values), statistics.stdev(values)
+        elif all(isinstance(v, list) and len(v) == len(value) and all(isinstance(x, (int, float)) for x in v)
+                 for v in values):  # widths: element by element
+            out[key] = [statistics.mean(column) for column in zip(*values)]
+            out[f"{key}_std"] = [statistics.stdev(column) for column in zip(*values)]
         else:
             out[key] = VARIES
     return out

@@ -331,3 +331,15 @@ def test_markdown_table():
         "|-----:|------:|\n"
         "| 0.50 | 1,234 |\n"
         "| 0.25 |     5 |")
+
+
+def test_rows_over_seeds_hold_means_and_standard_deviations():
+    rows = [{"t": 0.5, "acc": 98.0, "widths": [10, 4], "n": 7, "note": [1, "a"]},
+            {"t": 0.5, "acc": 97.0, "widths": [12, 4], "n": 7, "note": [2, "b"]}]
+    row = common.mean_row(rows)
+    assert row == {"t": 0.5, "acc": 97.5, "acc_std": pytest.approx(0.5 ** 0.5), "widths": [11, 4],
+                   "widths_std": [pytest.approx(2 ** 0.5), 0.0], "n": 7, "note": common.VARIES}
+    table = common.markdown_table([row], [("Acc", "acc", "{:.2f}%".format), ("N", "n", "{:,}".format),
+                                          ("W", "widths", lambda w: "-".join(f"{x:.0f}" for x in w)),
+                                          ("Note", "note", str)])
+    assert table.splitlines()[-1] == "| 97.50 ± 0.71% | 7 | 11-4 ± 1-0 | varies |"
