@@ -167,6 +167,12 @@ DATA_FOLDERS = {  # case: (make the folder, message)
     "wrong magic": (lambda data: write(mnist_folder(data) / "train-labels-idx1-ubyte", idx(0x803, 4)),
                     "is not an MNIST IDX file"),
     "unreadable": (lambda data: unreadable(mnist_folder(data), "train-labels-idx1-ubyte"), "cannot read"),
+    "no images": (lambda data: (write(mnist_folder(data) / "t10k-images-idx3-ubyte", idx(0x803, 0, 28, 28)),
+                                write(data / "MNIST" / "raw" / "t10k-labels-idx1-ubyte", idx(0x801, 0))),
+                  "holds no images"),
+    "huge header": (lambda data: write(mnist_folder(data) / "train-images-idx3-ubyte", idx(0x803, 4, 28, 28)[:4]
+                                       + (2 ** 31).to_bytes(4, "big") + idx(0x803, 4, 28, 28)[8:]),
+                    "is truncated or corrupted"),
 }
 
 

@@ -359,10 +359,11 @@ def test_a_full_disk_ends_in_one_line_and_keeps_the_earlier_file(script, checkpo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
 
 
-def test_training_that_diverges_stops_in_one_line_and_caches_nothing(tmp_path):
-    result = run_script("zero_pruning.py", "--checkpoint", tmp_path / "m.pt", "--epochs", "1", "--lr", "10",
+@pytest.mark.parametrize("script", ["zero_pruning.py", "activation_pruning.py"])
+def test_training_that_diverges_stops_in_one_line_and_caches_nothing(script, tmp_path):
+    result = run_script(script, "--checkpoint", tmp_path / "m.pt", "--epochs", "1", "--lr", "10",
                         "--thresholds", "0")
     assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().splitlines()[-1] == ("zero_pruning.py: error: training diverged: the weights are "
+    assert result.stderr.strip().splitlines()[-1] == (f"{script}: error: training diverged: the weights are "
                                                      "no longer finite numbers; lower the learning rate")
     assert not (tmp_path / "m.pt").exists()
