@@ -331,7 +331,8 @@ def test_a_closed_stdout_still_writes_the_json_and_exits_quietly(script, checkpo
     out = tmp_path / "out.json"
     command = f"{sys.executable} {ROOT / script} --checkpoint {checkpoint} --thresholds 0 --json {out} | head -c 1"
     result = subprocess.run(["bash", "-c", command + "; exit ${PIPESTATUS[0]}"], capture_output=True, text=True)
-    assert result.returncode == 128 + signal.SIGPIPE and "Traceback" not in result.stderr, result.stderr
+    # 141 when head closed the pipe before the table was written, 0 when the table fit in the pipe first
+    assert result.returncode in (0, 128 + signal.SIGPIPE) and "Traceback" not in result.stderr, result.stderr
     assert "Exception ignored" not in result.stderr
     assert json.loads(out.read_text())["rows"][0]["threshold"] == 0
 
