@@ -46,6 +46,15 @@ def time_job(args, checkpoint, retrain):
     return time_command(command)
 
 
+def state_of_the_art_commands(folder, data_dir):
+    """STATE_OF_THE_ART as run from scratch: the model trained into folder, the pruned ones kept in folder/models."""
+    models = Path(folder) / "models"
+    models.mkdir(exist_ok=True)
+    return {name: [sys.executable, *command, "--quiet", "--checkpoint", str(Path(folder) / "mlp.pt"),
+                   "--data-dir", str(data_dir), "--save-dir", str(models)]
+            for name, command in STATE_OF_THE_ART.items()}
+
+
 def time_command(command):
     start = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, cwd=Path(__file__).parent)
@@ -164,11 +173,9 @@ def main():
     smallest = None
     if not args.skip_state_of_the_art:
         with tempfile.TemporaryDirectory() as tmp:
-            for name, command in STATE_OF_THE_ART.items():
-                seconds = time_command([sys.executable, *command, "--quiet", "--checkpoint", os.path.join(tmp, "m.pt"),
-                                        "--data-dir", str(mnist.data_root(args.data_dir)), "--save-dir", tmp])
-                print(f"{name}, from scratch: {seconds:.0f} s (bar: 180 s)")
-            state = torch.load(os.path.join(tmp, "activation-0.95.pt"), weights_only=True)
+            for name, command in state_of_the_art_commands(tmp, mnist.data_root(args.data_dir)).items():
+                print(f"{name}, from scratch: {time_command(command):.0f} s (bar: 180 s)")
+            state = torch.load(os.path.join(tmp, "models", "activation-0.95.pt"), weights_only=True)
         linear_sizes = [state[k].shape for k in state if k.endswith("weight")]
         smallest = common.mlp([linear_sizes[0][1], *(shape[0] for shape in linear_sizes)], state["0.indices"])
         smallest.load_state_dict(state)

@@ -1,6 +1,7 @@
 """Bad input on the command line: one clear error line, exit code 2, and no file written or damaged."""
 
 import os
+import subprocess
 import stat
 import sys
 
@@ -14,7 +15,7 @@ import activation_pruning
 import common
 import files as files_module
 import zero_pruning
-from conftest import run_script
+from conftest import ROOT, run_script
 
 SCRIPTS = ["zero_pruning.py", "activation_pruning.py"]
 MAINS = {"zero_pruning.py": zero_pruning.main, "activation_pruning.py": activation_pruning.main}
@@ -277,3 +278,11 @@ def test_abandoned_temporary_files_are_removed_but_not_a_live_writers(tmp_path):
     live.write_text("still being written")
     files_module.atomic_write(tmp_path / "out.json", lambda f: f.write(b"{}"))
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "out.json"]
+
+
+def test_the_benchmarks_commands_pass_every_check_before_the_data(tmp_path):
+    """bench.py times these from scratch; each must get as far as loading the (here missing) data."""
+    import bench
+    for name, command in bench.state_of_the_art_commands(tmp_path, tmp_path / "no-data").items():
+        result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+        assert result.returncode == 2 and "the download failed" in result.stderr, (name, result.stderr)
