@@ -47,12 +47,12 @@ def time_job(args, checkpoint, retrain):
 
 
 def state_of_the_art_commands(folder, data_dir):
-    """STATE_OF_THE_ART as run from scratch: the model trained into folder, the pruned ones kept in folder/models."""
+    """STATE_OF_THE_ART as run from scratch: each trains its model into folder, the pruned ones kept in folder/models."""
     models = Path(folder) / "models"
     models.mkdir(exist_ok=True)
-    return {name: [sys.executable, *command, "--quiet", "--checkpoint", str(Path(folder) / "mlp.pt"),
+    return {name: [sys.executable, *command, "--quiet", "--checkpoint", str(Path(folder) / f"mlp-{i}.pt"),
                    "--data-dir", str(data_dir), "--save-dir", str(models)]
-            for name, command in STATE_OF_THE_ART.items()}
+            for i, (name, command) in enumerate(STATE_OF_THE_ART.items())}
 
 
 def time_command(command):
@@ -93,6 +93,24 @@ def tutorial_job(data_dir, save_dir, epochs=5):
         torch.save({k: v.to_sparse_csr() if v.dim() == 2 else v for k, v in pruned.state_dict().items()},
                    Path(save_dir) / f"csr-{t:g}.pt")
         print(f"threshold {t:g}: {correct / 100:.2f}%")
+
+
+def latency_rows(name, dense, pruned, x, threads):
+    """Per batch size: dense and pruned latency, and the speed-up. The two are timed in turn, ROUNDS
+    times each, and each keeps the median of its rounds: a passing load on the machine slows both alike."""
+    rows = []
+    for batch in BATCHES:
+        xb = x[:batch].contiguous()
+        times = [[common.inference_time(fn, xb, threads, min_run_time=0.2) for fn in (dense, pruned)]
+                 for _ in range(ROUNDS)]
+        t_dense, t_pruned = (statistics.median(column) for column in zip(*times))
+        rows.append({"model": name, "batch": batch, "dense_ms": 1e3 * t_dense, "pruned_ms": 1e3 * t_pruned,
+                     "speedup": t_dense / t_pruned})
+    return rows
+
+
+COLUMNS = [("Model", "model", str), ("Batch", "batch", "{:,}".format), ("Dense (ms)", "dense_ms", "{:.3f}".format),
+           ("Pruned (ms)", "pruned_ms", "{:.3f}".format), ("Speed-up", "speedup", "{:.2f}x".format)]
 
 
 def sgemm_gflops(threads, n=4096, repeats=5):

@@ -1,0 +1,29 @@
+"""bench.py's parts, on tiny inputs: its figures are printed, never asserted, but it must run."""
+
+import subprocess
+
+import pytest
+import torch
+
+import bench
+import common
+from conftest import ROOT
+
+
+def test_latency_rows_time_both_models_at_every_batch_size():
+    torch.manual_seed(0)
+    dense, small = common.mlp([784, 64, 10]), common.mlp([784, 8, 10])
+    rows = bench.latency_rows("small", dense, small, torch.rand(10000, 784), threads=1)
+    assert [r["batch"] for r in rows] == bench.BATCHES
+    for r in rows:
+        assert r["dense_ms"] > 0 and r["pruned_ms"] > 0
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["pruned_ms"])
+    last_line = common.markdown_table(rows, bench.COLUMNS).splitlines()[-1]
+    assert [cell.strip() for cell in last_line.split("|")[1:3]] == ["small", "10,000"]
+
+
+def test_the_state_of_the_art_commands_pass_every_check_before_the_data(tmp_path):
+    """bench.py times these from scratch; each must get as far as loading the (here missing) data."""
+    for name, command in bench.state_of_the_art_commands(tmp_path, tmp_path / "no-data").items():
+        result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+        assert result.returncode == 2 and "the download failed" in result.stderr, (name, result.stderr)
