@@ -8,7 +8,6 @@ remove the neurons below a threshold and rebuild genuinely smaller nn.Linear lay
 
 import startup  # noqa: F401, I001 -- first: settles what must be settled before torch is imported
 
-import argparse
 import math
 import tempfile
 from pathlib import Path
@@ -21,16 +20,6 @@ import files
 import compressed
 
 THRESHOLDS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0]
-
-
-def reduction(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be a fraction between 0 and 1, not {text}")
-    return value
 
 
 @torch.no_grad()
@@ -150,7 +139,7 @@ def sweep(model, train_data, test_data, args, save_dir):
     teacher = common.logits(model, train_data[0]) if args.distill else None
     dense_bytes = args.bits and files.save_torch(model.state_dict(), Path(save_dir) / "dense.pt")
     original = common.count_params(model)
-    means = mean_activations(model, train_data[0])
+    means = None if args.reduction else mean_activations(model, train_data[0])
     rows = []
     for target in common.progress(args.reduction or args.thresholds, "sweep",
                                   "reduction" if args.reduction else "threshold"):
@@ -244,7 +233,7 @@ def main():
     p.add_argument("--multiple-of", type=common.positive(int, 1024), default=1, metavar="N",
                    help="round each hidden width up to a multiple of N by also keeping the strongest neurons "
                         "below the threshold; 8 or 16 suit CPU vector units (default: 1, no rounding)")
-    p.add_argument("--reduction", type=reduction, nargs="+", metavar="R",
+    p.add_argument("--reduction", type=common.number_in(float, 0, 1, open_low=True, open_high=True), nargs="+", metavar="R",
                    help="instead of --thresholds, remove the fraction R of all parameters (e.g. 0.95), every layer "
                         "cut by the same factor")
     p.add_argument("--prune-inputs", action="store_true",

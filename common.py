@@ -11,7 +11,6 @@ import platform
 import signal
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -258,18 +257,6 @@ def trained_model(args, train_data, test_data):
 
 # The command line ---------------------------------------------------------------------
 
-def threshold(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, not {text}")
-    if value > MAX_THRESHOLD:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_THRESHOLD:g}, not {text}")
-    return value
-
-
 def label(value):
     """How a threshold or fraction is printed in the table."""
     return f"{value:.4g}"
@@ -285,47 +272,34 @@ def check_labels(option, values):
         seen[label(value)] = value
 
 
-def positive(kind, limit):
-    """A number > 0 and at most `limit`, the most the code can honour or that makes sense."""
+def number_in(kind, low, high, open_low=False, open_high=False):
+    """An argparse type: a `kind` (int or float) from low to high, an open end excluded."""
+    show = "{:,}".format if kind is int else "{:g}".format
+
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
-        if not (math.isfinite(value) and value > 0):
-            raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
-        if value > limit:
-            raise argparse.ArgumentTypeError(f"must be at most {limit:g}, not {text}")
+            value = math.nan
+        if math.isnan(value):
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}")
+        if not (value > low if open_low else value >= low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if open_low else '>='} {show(low)}, not {text}")
+        if not (value < high if open_high else value <= high):
+            raise argparse.ArgumentTypeError(f"must be {'<' if open_high else 'at most'} {show(high)}, not {text}")
         return value
     return parse
 
 
-def integer_in(low, high):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be {low} to {high:,}, not {text}")
-        return value
-    return parse
-
-
-def fraction(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], not {text}")
-    return value
+def positive(kind, limit):
+    """A number > 0 and at most `limit`, the most the code can honour or that makes sense."""
+    return number_in(kind, 0, limit, open_low=True)
 
 
 def parser(description, thresholds):
     p = argparse.ArgumentParser(description=description)
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n")
-    p.add_argument("--thresholds", type=threshold, nargs="+", default=thresholds, metavar="T",
+    p.add_argument("--thresholds", type=number_in(float, 0, MAX_THRESHOLD), nargs="+", default=thresholds, metavar="T",
                    help=f"thresholds to sweep, each a finite number >= 0 (default: {' '.join(map(str, thresholds))})")
     p.add_argument("--data-dir", metavar="DIR", help="folder holding MNIST/raw/ (default: $MNIST_DATA_DIR, else ./data)")
     p.add_argument("--checkpoint", metavar="PATH", help="trained model file, retrained when it does not fit the "
@@ -338,7 +312,7 @@ def parser(description, thresholds):
     p.add_argument("--lr", type=positive(float, MAX_LR), default=1e-3,
                    help="Adam learning rate, cosine-decayed to 0 (default: 0.001)")
     p.add_argument("--batch-size", type=positive(int, MAX_BATCH), default=128, metavar="N", help="batch size (default: 128)")
-    p.add_argument("--seed", type=integer_in(0, MAX_SEED), default=0, help="seed of initialisation and shuffling (default: 0)")
+    p.add_argument("--seed", type=number_in(int, 0, MAX_SEED), default=0, help="seed of initialisation and shuffling (default: 0)")
     p.add_argument("--seeds", type=positive(int, MAX_SEEDS), default=1, metavar="N",
                    help="repeat the whole run with seeds --seed, --seed + 1, ...: the table shows each figure's "
                         "mean and standard deviation over them (default: 1)")
@@ -355,10 +329,10 @@ def parser(description, thresholds):
                    help="fine-tune against the dense model's softened outputs as well as the labels")
     p.add_argument("--temperature", type=positive(float, MAX_TEMPERATURE), default=4.0, metavar="T",
                    help="softening temperature of --distill (default: 4)")
-    p.add_argument("--distill-weight", type=fraction, default=0.5, metavar="W",
+    p.add_argument("--distill-weight", type=number_in(float, 0, 1), default=0.5, metavar="W",
                    help="weight of the dense model's outputs in the --distill loss, the labels' is 1 - W "
                         "(default: 0.5)")
-    p.add_argument("--bits", type=integer_in(2, 8), metavar="B",
+    p.add_argument("--bits", type=number_in(int, 2, 8), metavar="B",
                    help="also store each pruned model compressed: each layer's weights shared among 2^B values "
                         "(k-means; fine-tuned too with --finetune-epochs), positions and codes LZMA-coded")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",

@@ -213,7 +213,7 @@ def targets(args):
 
 def main():
     p = common.parser(__doc__.split("\n\n")[0], THRESHOLDS)
-    p.add_argument("--sparsity", type=float, nargs="+", metavar="S",
+    p.add_argument("--sparsity", type=common.number_in(float, 0, 1, open_high=True), nargs="+", metavar="S",
                    help="instead of --thresholds, the fractions of weights to zero (e.g. 0.9 0.95); "
                         "each is turned into the threshold that reaches it")
     args = p.parse_args()
@@ -221,8 +221,6 @@ def main():
     if args.sparsity:
         if args.thresholds is not THRESHOLDS:
             raise common.UserError("give --thresholds or --sparsity, not both")
-        if not all(0 <= s < 1 for s in args.sparsity):
-            raise common.UserError("--sparsity takes fractions in [0, 1)")
         common.check_labels("--sparsity", args.sparsity)
     models = []
 

@@ -1,7 +1,6 @@
 """Bad input on the command line: one clear error line, exit code 2, and no file written or damaged."""
 
 import os
-import subprocess
 import stat
 import sys
 
@@ -15,7 +14,7 @@ import activation_pruning
 import common
 import files as files_module
 import zero_pruning
-from conftest import ROOT, run_script
+from conftest import run_script
 
 SCRIPTS = ["zero_pruning.py", "activation_pruning.py"]
 MAINS = {"zero_pruning.py": zero_pruning.main, "activation_pruning.py": activation_pruning.main}
@@ -54,9 +53,9 @@ def assert_rejected(script, args, message, tmp_path, capsys, monkeypatch, data_d
 
 @pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("args, message", [
-    (["--thresholds", "-0.1"], "must be a finite number >= 0, not -0.1"),
-    (["--thresholds", "nan"], "must be a finite number >= 0, not nan"),
-    (["--thresholds", "inf"], "must be a finite number >= 0, not inf"),
+    (["--thresholds", "-0.1"], "must be >= 0, not -0.1"),
+    (["--thresholds", "nan"], "not a number: 'nan'"),
+    (["--thresholds", "inf"], "must be at most 1e+06, not inf"),
     (["--thresholds", "0.1", "abc"], "not a number: 'abc'"),
     (["--thresholds"], "expected at least one argument"),
     (["--thresholds", "0.1", "0.2", "0.1"], "0.1 and 0.1 are the same"),
@@ -76,11 +75,11 @@ def assert_rejected(script, args, message, tmp_path, capsys, monkeypatch, data_d
     (["--seeds", "0"], "must be > 0, not 0"),
     (["--seeds", "-2"], "must be > 0, not -2"),
     (["--seeds", "2.5"], "not an integer: '2.5'"),
-    (["--bits", "1"], "must be 2 to 8, not 1"),
-    (["--bits", "9"], "must be 2 to 8, not 9"),
+    (["--bits", "1"], "must be >= 2, not 1"),
+    (["--bits", "9"], "must be at most 8, not 9"),
     (["--bits", "five"], "not an integer: 'five'"),
-    (["--distill-weight", "1.5"], "must be in [0, 1], not 1.5"),
-    (["--distill-weight", "nan"], "must be in [0, 1], not nan"),
+    (["--distill-weight", "1.5"], "must be at most 1, not 1.5"),
+    (["--distill-weight", "nan"], "not a number: 'nan'"),
     (["--json", "no/such/folder/out.json"], "folder no/such/folder does not exist"),
     (["--json", "/proc/out.json"], "cannot write /proc/out.json"),
     (["--save-dir", "no/such/folder"], "folder no/such/folder does not exist"),
@@ -96,14 +95,14 @@ def test_cuda_without_a_gpu_is_rejected(script, tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--sparsity", "1.5"], "--sparsity takes fractions in [0, 1)"),
-    (["--sparsity", "1"], "--sparsity takes fractions in [0, 1)"),
+    (["--sparsity", "1.5"], "must be < 1, not 1.5"),
+    (["--sparsity", "1"], "must be < 1, not 1"),
     (["--sparsity", "0.9", "--steps", "0", "--finetune-epochs", "1"], "must be > 0, not 0"),
     (["--sparsity", "0.9", "--steps", "-2", "--finetune-epochs", "1"], "must be > 0, not -2"),
     (["--steps", "10", "--finetune-epochs", "1"], "--steps takes --sparsity and --finetune-epochs"),
     (["--sparsity", "0.9", "--steps", "10"], "--steps takes --sparsity and --finetune-epochs"),
     (["--sparsity", "0.9", "--finetune-epochs", "1", "--final-epochs", "3"], "--final-epochs takes --steps 2"),
-    (["--sparsity", "nan"], "--sparsity takes fractions in [0, 1)"),
+    (["--sparsity", "nan"], "not a number: 'nan'"),
     (["--sparsity", "0.9", "0.9"], "--sparsity: 0.9 and 0.9 are the same"),
     (["--sparsity", "0.9", "--thresholds", "0.1"], "give --thresholds or --sparsity, not both"),
 ])
@@ -112,9 +111,9 @@ def test_zero_pruning_sparsity_must_be_distinct_fractions(args, message, tmp_pat
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--reduction", "0"], "must be a fraction between 0 and 1, not 0"),
-    (["--reduction", "1"], "must be a fraction between 0 and 1, not 1"),
-    (["--reduction", "-0.5"], "must be a fraction between 0 and 1, not -0.5"),
+    (["--reduction", "0"], "must be > 0, not 0"),
+    (["--reduction", "1"], "must be < 1, not 1"),
+    (["--reduction", "-0.5"], "must be > 0, not -0.5"),
     (["--reduction", "most"], "not a number: 'most'"),
     (["--reduction", "0.9", "--thresholds", "0.5"], "give --thresholds or --reduction, not both"),
     (["--reduction", "0.9", "0.9"], "--reduction: 0.9 and 0.9 are the same"),
@@ -249,15 +248,15 @@ def test_destinations_are_checked_before_any_work(script, make, args, message, t
 
 @pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("args, message", [
-    (["--epochs", str(2 ** 63)], "must be at most 1000"),
-    (["--finetune-epochs", "100000"], "must be at most 1000"),
-    (["--batch-size", str(2 ** 40)], "must be at most 60000"),
-    (["--seed", str(2 ** 64)], "must be 0 to"),
-    (["--seed", "-1"], "must be 0 to"),
-    (["--threads", str(2 ** 31)], "must be at most 1024"),
+    (["--epochs", str(2 ** 63)], "must be at most 1,000"),
+    (["--finetune-epochs", "100000"], "must be at most 1,000"),
+    (["--batch-size", str(2 ** 40)], "must be at most 60,000"),
+    (["--seed", str(2 ** 64)], "must be at most 4,294,967,195"),
+    (["--seed", "-1"], "must be >= 0, not -1"),
+    (["--threads", str(2 ** 31)], "must be at most 1,024"),
     (["--lr", "1e300"], "must be at most 10"),
     (["--finetune-lr", "1e30"], "must be at most 10"),
-    (["--hidden", "300", str(10 ** 9)], "must be at most 100000"),
+    (["--hidden", "300", str(10 ** 9)], "must be at most 100,000"),
     (["--thresholds", "3e38"], "must be at most 1e+06"),
     (["--thresholds", "0.10001", "0.10002"], "0.10001 and 0.10002 both print as 0.1"),
 ])
@@ -268,7 +267,7 @@ def test_numbers_beyond_what_the_code_can_honour_are_rejected(script, args, mess
 def test_more_threads_than_cores_is_accepted_with_a_warning(tmp_path):
     result = run_script("zero_pruning.py", "--threads", str(os.cpu_count() + 1), "--data-dir", tmp_path / "none")
     assert result.returncode == 2  # the data is missing; the warning came first
-    assert f"more threads than cores make it slower" in result.stderr and "Traceback" not in result.stderr
+    assert "more threads than cores make it slower" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_abandoned_temporary_files_are_removed_but_not_a_live_writers(tmp_path):
@@ -279,10 +278,3 @@ def test_abandoned_temporary_files_are_removed_but_not_a_live_writers(tmp_path):
     files_module.atomic_write(tmp_path / "out.json", lambda f: f.write(b"{}"))
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "out.json"]
 
-
-def test_the_benchmarks_commands_pass_every_check_before_the_data(tmp_path):
-    """bench.py times these from scratch; each must get as far as loading the (here missing) data."""
-    import bench
-    for name, command in bench.state_of_the_art_commands(tmp_path, tmp_path / "no-data").items():
-        result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-        assert result.returncode == 2 and "the download failed" in result.stderr, (name, result.stderr)

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import common
-import files
 import compressed as cz
 import zero_pruning as zp
 
