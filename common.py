@@ -433,7 +433,7 @@ VARIES = "varies"
 
 def mean_row(rows):
     """One row from the same row of several runs: means and sample standard deviations (of lists
-    of numbers, element by element)."""
+    of widths, element by element; other lists, such as the pixels kept, are sets, never averaged)."""
     out = {}
     for key, value in rows[0].items():
         values = [r[key] for r in rows]
@@ -441,8 +441,8 @@ def mean_row(rows):
             out[key] = value
         elif all(isinstance(v, (int, float)) for v in values):
             out[key], out[f"{key}_std"] = statistics.mean(values), statistics.stdev(values)
-        elif all(isinstance(v, list) and len(v) == len(value) and all(isinstance(x, (int, float)) for x in v)
-                 for v in values):  # widths: element by element
+        elif key.endswith("widths") and all(isinstance(v, list) and len(v) == len(value)
+                                            and all(isinstance(x, (int, float)) for x in v) for v in values):
             out[key] = [statistics.mean(column) for column in zip(*values)]
             out[f"{key}_std"] = [statistics.stdev(column) for column in zip(*values)]
         else:

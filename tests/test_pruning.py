@@ -334,11 +334,12 @@ def test_markdown_table():
 
 
 def test_rows_over_seeds_hold_means_and_standard_deviations():
-    rows = [{"t": 0.5, "acc": 98.0, "widths": [10, 4], "n": 7, "note": [1, "a"]},
-            {"t": 0.5, "acc": 97.0, "widths": [12, 4], "n": 7, "note": [2, "b"]}]
+    rows = [{"t": 0.5, "acc": 98.0, "widths": [10, 4], "n": 7, "note": [1, "a"], "pixels": [3, 5], "same": [1, 2]},
+            {"t": 0.5, "acc": 97.0, "widths": [12, 4], "n": 7, "note": [2, "b"], "pixels": [3, 7], "same": [1, 2]}]
     row = common.mean_row(rows)
     assert row == {"t": 0.5, "acc": 97.5, "acc_std": pytest.approx(0.5 ** 0.5), "widths": [11, 4],
-                   "widths_std": [pytest.approx(2 ** 0.5), 0.0], "n": 7, "note": common.VARIES}
+                   "widths_std": [pytest.approx(2 ** 0.5), 0.0], "n": 7, "note": common.VARIES,
+                   "pixels": common.VARIES, "same": [1, 2]}
     table = common.markdown_table([row], [("Acc", "acc", "{:.2f}%".format), ("N", "n", "{:,}".format),
                                           ("W", "widths", lambda w: "-".join(f"{x:.0f}" for x in w)),
                                           ("Note", "note", str)])
