@@ -39,6 +39,55 @@ STATE_OF_THE_ART = {  # name: the command, each timed from scratch (training of 
 }
 
 
+WAIT_SETTINGS = {  # how OpenMP's waiting threads wait (GNU OpenMP, which Linux builds of PyTorch use)
+    "spin 300,000 times, then sleep (OpenMP's default)": {"GOMP_SPINCOUNT": "300000"},
+    "spin 3,000 times (this project's default)": {"GOMP_SPINCOUNT": "3000"},
+    "never spin (OMP_WAIT_POLICY=PASSIVE)": {"OMP_WAIT_POLICY": "PASSIVE"},
+}
+COMPETITOR = """import torch
+torch.set_num_threads(2)
+model = torch.nn.Sequential(torch.nn.Linear(784, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10))
+opt, x, y = torch.optim.Adam(model.parameters()), torch.randn(128, 784), torch.randint(0, 10, (128,))
+while True:
+    opt.zero_grad(); torch.nn.functional.cross_entropy(model(x), y).backward(); opt.step()
+"""
+
+
+def time_training_part(data_dir, examples, threads):
+    """Print the seconds that one epoch over the first `examples` training images takes (run in a child)."""
+    torch.set_num_threads(threads)
+    (x, y), _ = mnist.load(mnist.data_root(data_dir))
+    start = time.perf_counter()
+    common.train(common.mlp(), (x[:examples], y[:examples]), 1, 1e-3, 128, 0)
+    print(time.perf_counter() - start)
+
+
+def wait_policy_rows(args, competitors=(0, 1, 2), rounds=2, examples=20000):
+    """A third of a training epoch with each OpenMP wait setting, on an idle machine and beside other
+    PyTorch trainings (each on 2 threads, with OpenMP's default), `rounds` times each."""
+    plain = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    code = f"import bench; bench.time_training_part({str(mnist.data_root(args.data_dir))!r}, {examples}, {args.threads})"
+    rows = []
+    for n in competitors:
+        others = [subprocess.Popen([sys.executable, "-c", COMPETITOR], env=plain) for _ in range(n)]
+        try:
+            time.sleep(2 if n else 0)  # the others past their start-up
+            for name, setting in WAIT_SETTINGS.items():
+                seconds = [float(subprocess.run([sys.executable, "-c", code], env={**plain, **setting}, check=True,
+                                                capture_output=True, text=True, cwd=Path(__file__).parent).stdout)
+                           for _ in range(rounds)]
+                rows.append({"setting": name, "others": n, "seconds": ", ".join(f"{t:.2f}" for t in seconds)})
+        finally:
+            for other in others:
+                other.kill()
+                other.wait()
+    return rows
+
+
+WAIT_COLUMNS = [("OpenMP threads waiting", "setting", str), ("Other trainings", "others", str),
+                ("Seconds, each round", "seconds", str)]
+
+
 def time_job(args, checkpoint, retrain):
     """Wall time of `python zero_pruning.py` as a user runs it, start-up and data loading included."""
     command = [sys.executable, "zero_pruning.py", "--quiet", "--checkpoint", checkpoint, "--threads", str(args.threads)]
@@ -163,9 +212,16 @@ def main():
     p.add_argument("--skip-tutorial", action="store_true", help="skip the tutorial-style reference job (about 1 minute)")
     p.add_argument("--skip-state-of-the-art", action="store_true",
                    help="skip timing the state-of-the-art pruning commands and the smallest model (about 2 minutes)")
+    p.add_argument("--wait-policy", action="store_true",
+                   help="only time training with each way OpenMP threads can wait, idle and beside other "
+                        "trainings (about 3 minutes)")
     args = p.parse_args()
     args.device = "cpu"
     busy = report_load("before")
+    if args.wait_policy:
+        print(f"A third of a training epoch, {args.threads} threads:\n")
+        print(common.markdown_table(wait_policy_rows(args), WAIT_COLUMNS))
+        return
     model, train_data, test_data = common.setup(args)
     print()
     if not args.skip_job:

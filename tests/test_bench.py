@@ -1,5 +1,6 @@
 """bench.py's parts, on tiny inputs: its figures are printed, never asserted, but it must run."""
 
+import argparse
 import subprocess
 
 import pytest
@@ -27,3 +28,10 @@ def test_the_state_of_the_art_commands_pass_every_check_before_the_data(tmp_path
     for name, command in bench.state_of_the_art_commands(tmp_path, tmp_path / "no-data").items():
         result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
         assert result.returncode == 2 and "the download failed" in result.stderr, (name, result.stderr)
+
+
+def test_wait_policy_rows_time_each_setting_in_a_child(mnist_dir):
+    args = argparse.Namespace(data_dir=str(mnist_dir), threads=1)
+    rows = bench.wait_policy_rows(args, competitors=(0,), rounds=1, examples=256)
+    assert [r["setting"] for r in rows] == list(bench.WAIT_SETTINGS)
+    assert all(r["others"] == 0 and float(r["seconds"]) > 0 for r in rows)
