@@ -20,6 +20,19 @@ def read(path):
         raise common.UserError(f"cannot read results from {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
+ROW_KEYS = {"accuracy", "zero_percentage", "dense_bytes", "csr_bytes", "quantized_accuracy", "compressed_bytes"}
+
+
+def from_zero_pruning_with_bits(result):
+    """Whether a run's JSON holds what the sizes figure reads."""
+    try:
+        return (bool(result["settings"]["bits"]) and isinstance(result["settings"]["hidden"], list)
+                and isinstance(result["dense_accuracy"], (int, float)) and len(result["rows"]) > 0
+                and all(ROW_KEYS <= row.keys() for row in result["rows"]))
+    except (KeyError, TypeError, AttributeError):
+        return False
+
+
 def sizes(results, path):
     """File size against accuracy: the fp32 CSR files and the compressed ones at each bit width,
     from zero_pruning.py runs with --bits (and the published Deep Compression point for LeNet-300-100)."""
@@ -55,8 +68,9 @@ def main():
     args = p.parse_args()
     files.check_file_destination("output", args.output)
     results = [read(path) for path in args.results]
-    if not all(r.get("settings", {}).get("bits") and r.get("rows") for r in results):
-        raise common.UserError("each results file must come from zero_pruning.py --bits B --json")
+    for path, result in zip(args.results, results):
+        if not from_zero_pruning_with_bits(result):
+            raise common.UserError(f"{path}: not the results of zero_pruning.py --bits B --json")
     sizes(results, args.output)
 
 

@@ -1,0 +1,39 @@
+"""figures.py: the file-size figure from runs' JSON results, and one line for anything else."""
+
+import json
+
+from conftest import run_script
+
+
+def result(bits, compressed_bytes):
+    row = {"threshold": 0.1, "accuracy": 97.0, "finetuned_accuracy": 98.0, "zero_percentage": 98.0,
+           "dense_bytes": 2_000_000, "csr_bytes": 90_000, "quantized_accuracy": 97.9, "compressed_bytes": compressed_bytes}
+    return {"settings": {"bits": bits, "hidden": [300, 100]}, "dense_accuracy": 98.4, "rows": [row]}
+
+
+def write(path, data):
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_sizes_draws_a_png_from_several_runs(tmp_path):
+    runs = [write(tmp_path / f"bits{b}.json", result(b, 1000 * b)) for b in (8, 5)]
+    out = tmp_path / "sizes.png"
+    completed = run_script("figures.py", "sizes", out, *runs)
+    assert completed.returncode == 0, completed.stderr
+    assert out.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_results_it_cannot_draw_get_one_line_and_no_file(tmp_path):
+    activation = result(5, 1000)
+    del activation["rows"][0]["csr_bytes"]  # activation_pruning.py --bits has no CSR file
+    cases = {"activation.json": activation, "list.json": [1, 2], "no-bits.json": {**result(5, 1), "settings": {"bits": None}},
+             "empty.json": {**result(5, 1), "rows": []}}
+    for name, data in cases.items():
+        completed = run_script("figures.py", "sizes", tmp_path / "out.png", write(tmp_path / name, data))
+        assert completed.returncode == 2, (name, completed.stderr)
+        assert completed.stderr.strip().endswith("not the results of zero_pruning.py --bits B --json"), completed.stderr
+        assert len(completed.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.png").exists()
+    (tmp_path / "broken.json").write_text("{")
+    completed = run_script("figures.py", "sizes", tmp_path / "out.png", tmp_path / "broken.json")
+    assert completed.returncode == 2 and "cannot read results from" in completed.stderr
