@@ -143,15 +143,15 @@ def sweep(model, train_data, test_data, args, save_dir):
     rows = []
     for target in common.progress(args.reduction or args.thresholds, "sweep",
                                   "reduction" if args.reduction else "threshold"):
+        label = common.label(target)
         if args.reduction:
             widths = target_widths(common.widths(model), (1 - target) * original, args.prune_inputs)
             pruned = shrink(model, widths, train_data[0], args)
-            row, label = {"reduction": target, "accuracy": common.accuracy(pruned, test_data)}, f"{target:.4g}"
+            row = {"reduction": target, "accuracy": common.accuracy(pruned, test_data)}
         else:
             keep, rescued = neurons_to_keep(means, target, args.multiple_of)
             pruned = remove_neurons(model, keep)
-            row, label = {"threshold": target, "accuracy": common.accuracy(pruned, test_data)}, f"{target:.4g}"
-            row["kept_strongest_only"] = rescued
+            row = {"threshold": target, "accuracy": common.accuracy(pruned, test_data), "kept_strongest_only": rescued}
             if args.bias_compensation:
                 pruned = remove_neurons(model, keep, means)
                 row["compensated_accuracy"] = common.accuracy(pruned, test_data)
@@ -168,8 +168,7 @@ def sweep(model, train_data, test_data, args, save_dir):
         if args.bits:
             row.update(compressed.compress(pruned, train_data, test_data, args, teacher,
                                            Path(save_dir) / f"compressed-{target:g}.bin",
-                                           f"fine-tuning shared values at {label}"))
-            row["times_smaller"] = dense_bytes / row["compressed_bytes"]
+                                           f"fine-tuning shared values at {label}", dense_bytes))
         if args.prune_inputs:
             row["kept_pixels"] = common.kept_inputs(pruned).tolist()
         row.update(original_params=original, new_params=new, input_width=common.widths(pruned)[0],
@@ -182,7 +181,7 @@ def sweep(model, train_data, test_data, args, save_dir):
 
 def columns(reduction, compensated, finetuned, bits):
     percent, count = "{:.2f}%".format, "{:,.0f}".format
-    return [("Reduction", "reduction", "{:.4g}".format) if reduction else ("Threshold", "threshold", "{:.4g}".format),
+    return [("Reduction", "reduction", common.label) if reduction else ("Threshold", "threshold", common.label),
             ("Accuracy", "accuracy", percent),
             *([("Bias-compensated", "compensated_accuracy", percent)] if compensated else []),
             *([("Fine-tuned", "finetuned_accuracy", percent)] if finetuned else []),

@@ -385,7 +385,7 @@ def setup(args):
              f"device: {device}; threads: {args.threads}; seed: {args.seed}")
     model = trained_model(args, train_data, test_data)
     args.data_folder = str(root.resolve())
-    args.checkpoint_file = str(checkpoint_path(args, training_config(args)).resolve())
+    args.checkpoint_file = str(checkpoint.resolve())
     return model, train_data, test_data
 
 

@@ -213,15 +213,17 @@ def load_compressed(path):
 
 # In a sweep ---------------------------------------------------------------------------
 
-def compress(model, train_data, test_data, args, teacher, path, desc):
+def compress(model, train_data, test_data, args, teacher, path, desc, dense_bytes):
     """Quantize a pruned model to args.bits, fine-tune its shared values when args.finetune_epochs,
-    and save it to path: the row's accuracies and file size."""
+    and save it to path: the row's accuracies, file size, and how many times smaller it is than
+    the dense file of dense_bytes."""
     quantized = quantize(model, args.bits)
     row = {"quantized_accuracy": common.accuracy(quantized, test_data)}
     if args.finetune_epochs:
         common.finetune(quantized, train_data, args, args.finetune_epochs, teacher, desc)
         row["quantized_finetuned_accuracy"] = common.accuracy(quantized, test_data)
     row["compressed_bytes"] = save_compressed(quantized, path)
+    row["times_smaller"] = dense_bytes / row["compressed_bytes"]
     return row
 
 

@@ -139,7 +139,7 @@ def sweep(model, train_data, test_data, args, save_dir):
         pruned = prune_below(model, t)
         row = {"threshold": t, "accuracy": common.accuracy(pruned, test_data)}
         if args.finetune_epochs:
-            finetune = common.step_finetuner(train_data, args, teacher, f"{t:.4g}")
+            finetune = common.step_finetuner(train_data, args, teacher, common.label(t))
             if args.steps > 1:
                 pruned = prune_in_steps(model, sparsity, args.steps, finetune)
             else:
@@ -152,16 +152,15 @@ def sweep(model, train_data, test_data, args, save_dir):
                    csr_bytes_needed=csr_bytes_needed(pruned))
         if args.bits:
             row.update(compressed.compress(pruned, train_data, test_data, args, teacher, save_dir / f"compressed-{t:g}.bin",
-                                f"fine-tuning shared values at {t:.4g}"))
+                                           f"fine-tuning shared values at {common.label(t)}", dense_bytes))
             row["bits_per_nonzero"] = 8 * row["compressed_bytes"] / (weights - zeroed)
-            row["times_smaller"] = dense_bytes / row["compressed_bytes"]
         rows.append(row)
     return rows
 
 
 def columns(finetuned, bits):
     percent, count = "{:.2f}%".format, "{:,.0f}".format
-    return [("Threshold", "threshold", "{:.4g}".format), ("Accuracy", "accuracy", percent),
+    return [("Threshold", "threshold", common.label), ("Accuracy", "accuracy", percent),
             *([("Fine-tuned", "finetuned_accuracy", percent)] if finetuned else []),
             ("Original Params", "original_params", count), ("Zeroed Params", "zeroed_params", count),
             ("Zero Percentage", "zero_percentage", percent),
@@ -174,7 +173,7 @@ def memory_impact(rows, baseline):
     r = max(rows, key=lambda row: row["zero_percentage"])
     acc = r.get("finetuned_accuracy", r["accuracy"])
     verdict = "smaller" if r["csr_bytes"] < r["dense_bytes"] else "larger"
-    return (f"Memory impact: at threshold {r['threshold']:.4g}, {r['zero_percentage']:.1f}% of weights are zero; "
+    return (f"Memory impact: at threshold {common.label(r['threshold'])}, {r['zero_percentage']:.1f}% of weights are zero; "
             f"the CSR file is {r['csr_bytes']:,.0f} B, {abs(1 - r['csr_bytes'] / r['dense_bytes']):.1%} {verdict} "
             f"than the dense {r['dense_bytes']:,.0f} B, at {acc:.2f}% accuracy ({acc - baseline:+.2f} points).")
 
