@@ -359,6 +359,8 @@ def setup(args):
         log.warning(f"--threads {args.threads}: this machine has {os.cpu_count()} cores; more threads than cores "
                     "make it slower, not faster")
     checkpoint = checkpoint_path(args, training_config(args))
+    if not args.checkpoint:  # the project's own folder, made on the first run
+        checkpoint.parent.mkdir(exist_ok=True)
     files.check_distinct([("--checkpoint", checkpoint), ("--json", args.json)],
                          [("--save-dir", args.save_dir), ("--plot-dir", args.plot_dir)], checkpoint)
     if args.json:

@@ -2,6 +2,7 @@
 determinism, and what Ctrl-C and concurrent runs leave on disk."""
 
 import errno
+import shutil
 import json
 import os
 import statistics
@@ -367,3 +368,13 @@ def test_training_that_diverges_stops_in_one_line():
     with pytest.raises(common.UserError, match="^training diverged: the weights are no longer finite numbers; "
                                                "lower the learning rate$"):
         common.train(model, (x, y), epochs=2, lr=1e30, batch_size=8, seed=0)
+
+
+def test_a_first_run_in_a_fresh_copy_makes_its_checkpoints_folder(tmp_path, mnist_dir):
+    """A fresh clone has no checkpoints/ yet: the first run makes it and saves the model there."""
+    for source in ROOT.glob("*.py"):
+        shutil.copy(source, tmp_path)
+    result = subprocess.run([sys.executable, tmp_path / "zero_pruning.py", "--epochs", "1", "--thresholds", "0",
+                             "--data-dir", mnist_dir, "--quiet"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [p.suffix for p in (tmp_path / "checkpoints").iterdir()] == [".pt"]
