@@ -2,7 +2,7 @@
 Ctrl-C and SIGTERM end a run with one line even while PyTorch imports (which takes seconds), and
 OpenMP's threads spin only briefly before they sleep while they wait: as fast as the default on
 an idle machine, and no crawl when another process is using the cores (measured in README.md,
-Speed)."""
+Speed). Only the scripts import it: the library (pruning/) settles nothing for its users."""
 
 import os
 import signal
@@ -20,8 +20,17 @@ def stop_while_starting(signum, frame):
     os._exit(128 + signum)
 
 
-def raise_terminated(signum, frame):
-    raise Terminated
+def ignore_signals():
+    """A second Ctrl-C or SIGTERM while the first is being handled changes nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def interrupt(signum, frame):
+    """The first signal unwinds the run (its temporary files are removed); any later one is ignored."""
+    ignore_signals()
+    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
+
 
 
 if "torch" not in sys.modules:  # imported first, as the scripts do; else there is nothing left to settle

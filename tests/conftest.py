@@ -8,7 +8,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import mnist  # noqa: E402
+from pruning import data as mnist  # noqa: E402
 
 
 @pytest.fixture(scope="session")

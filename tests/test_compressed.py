@@ -4,15 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-import common
-import compressed as cz
-import zero_pruning as zp
+from pruning import compressed as cz
+from pruning import criteria, surgery, training
+from pruning.files import UserError
+from pruning.model import kept_inputs, linears, mlp
 
 
 def pruned_mlp(sizes=(784, 64, 32, 10), sparsity=0.9, seed=0):
     torch.manual_seed(seed)
-    model = common.mlp(sizes)
-    return zp.make_permanent(zp.prune_below(model, zp.threshold_for_sparsity(model, sparsity)))
+    model = mlp(sizes)
+    return surgery.make_permanent(surgery.hold_below(model, criteria.threshold_for_sparsity(model, sparsity)))
 
 
 def test_kmeans_by_hand():
@@ -31,7 +32,7 @@ def test_kmeans_drops_centroids_no_value_is_nearest_to():
 def test_each_layer_shares_at_most_2_to_the_bits_values_and_zeros_stay_zero(bits):
     model = pruned_mlp()
     quantized = cz.quantize(model, bits)
-    for layer, original in zip(common.linears(quantized), common.linears(model)):
+    for layer, original in zip(linears(quantized), linears(model)):
         stored = layer.weight[layer.weight != 0]
         assert len(stored.unique()) <= 2 ** bits
         assert torch.equal(layer.weight == 0, original.weight == 0)
@@ -40,11 +41,11 @@ def test_each_layer_shares_at_most_2_to_the_bits_values_and_zeros_stay_zero(bits
 def test_zeros_stay_zero_while_the_shared_values_are_fine_tuned():
     model = pruned_mlp((6, 5, 3), sparsity=0.5)
     quantized = cz.quantize(model, 2)
-    codes = [layer.parametrizations.weight[0].codes.clone() for layer in common.linears(quantized)]
+    codes = [layer.parametrizations.weight[0].codes.clone() for layer in linears(quantized)]
     x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
-    before = [layer.parametrizations.weight[0].codebook.detach().clone() for layer in common.linears(quantized)]
-    common.train(quantized, (x, y), epochs=3, lr=0.05, batch_size=8, seed=0)
-    for layer, original, c, b in zip(common.linears(quantized), common.linears(model), codes, before):
+    before = [layer.parametrizations.weight[0].codebook.detach().clone() for layer in linears(quantized)]
+    training.train(quantized, (x, y), epochs=3, lr=0.05, batch_size=8, seed=0)
+    for layer, original, c, b in zip(linears(quantized), linears(model), codes, before):
         assert torch.equal(layer.weight == 0, original.weight == 0)
         assert torch.equal(layer.parametrizations.weight[0].codes, c)  # the assignment is fixed
         assert not torch.equal(layer.parametrizations.weight[0].codebook, b)  # the shared values moved
@@ -68,7 +69,7 @@ def test_the_file_round_trips_to_identical_predictions(sparsity, tmp_path):
     x = torch.randn(100, 784)
     with torch.no_grad():
         assert torch.equal(loaded(x), quantized(x))
-    for a, b in zip(common.linears(loaded), common.linears(quantized)):
+    for a, b in zip(linears(loaded), linears(quantized)):
         assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
 
 
@@ -104,23 +105,24 @@ def saved(tmp_path):
     (lambda data: data + b"\0", "truncated or extended"),
     (lambda data: data[:100] + bytes([data[100] ^ 1]) + data[101:], "checksum does not match"),
     (lambda data: data[:4] + b"\x09" + data[5:], "format version 9"),
+    (lambda data: data[:4] + b"\x01" + data[5:], "format version 1"),
     (lambda data: b"\x89PNG\r\n\x1a\n" + data[8:], "not a compressed model file"),
     (lambda data: b"", "not a compressed model file"),
 ])
 def test_damaged_or_foreign_files_are_refused_in_one_line(damage, message, tmp_path):
     path, data = saved(tmp_path)
     path.write_bytes(damage(data))
-    with pytest.raises(common.UserError, match=message) as error:
+    with pytest.raises(UserError, match=message) as error:
         cz.load_compressed(path)
     assert "\n" not in str(error.value) and str(path) in str(error.value)
 
 
 def test_an_input_pruned_model_keeps_its_pixels_in_the_file(tmp_path):
     torch.manual_seed(0)
-    model = common.mlp([5, 4, 3], inputs=[1, 7, 20, 300, 783])
+    model = mlp([5, 4, 3], inputs=[1, 7, 20, 300, 783])
     cz.save_compressed(cz.quantize(model, 3), tmp_path / "m.bin")
     loaded = cz.load_compressed(tmp_path / "m.bin")
-    assert common.kept_inputs(loaded).tolist() == [1, 7, 20, 300, 783]
+    assert kept_inputs(loaded).tolist() == [1, 7, 20, 300, 783]
     x = torch.randn(10, 784)
     with torch.no_grad():
         assert torch.equal(loaded(x), cz.quantize(model, 3)(x))

@@ -1,10 +1,12 @@
 """The MNIST loader on small IDX files written here, and its errors on broken ones."""
 
+import os
+
 import pytest
 import torch
 import torchvision
 
-import mnist
+from pruning import data as mnist
 
 
 def write_idx(path, magic, data):
@@ -28,13 +30,21 @@ def no_network(monkeypatch):
     monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
 
 
-def test_loads_normalised_flat_tensors(tmp_path):
+def test_loads_flat_images_with_values_from_0_to_1(tmp_path):
     fake_mnist(tmp_path)
     (x, y), (x_test, y_test) = mnist.load(tmp_path)
     assert x.shape == (5, 784) and x_test.shape == (3, 784) and x.dtype == torch.float32
     assert y.tolist() == [0, 1, 2, 3, 4] and y_test.tolist() == [0, 1, 2] and y.dtype == torch.int64
-    assert x[0, 0].item() == pytest.approx(-0.1307 / 0.3081)  # pixel value 0
-    assert x[0, 255].item() == pytest.approx((1 - 0.1307) / 0.3081)  # pixel value 255
+    assert x[0, 0].item() == 0  # pixel value 0
+    assert x[0, 255].item() == 1  # pixel value 255
+
+
+def test_validation_holds_out_the_last_training_images(tmp_path):
+    fake_mnist(tmp_path)
+    (x, y), (x_val, y_val), (x_test, y_test) = mnist.load(tmp_path, validation=2)
+    assert y.tolist() == [0, 1, 2] and y_val.tolist() == [3, 4] and y_test.tolist() == [0, 1, 2]
+    with pytest.raises(mnist.DataError, match="leaves no training images"):
+        mnist.load(tmp_path, validation=5)
 
 
 def broken(raw, name):
@@ -47,7 +57,8 @@ def broken(raw, name):
     (lambda path, data: path.write_bytes(data + b"\0"), "is truncated or corrupted"),
     (lambda path, data: path.write_bytes(b"\x00\x00\x08\x01" + data[4:]), "is not an MNIST IDX file"),
     (lambda path, data: path.write_bytes(b""), "is not an MNIST IDX file"),
-    (lambda path, data: (path.unlink(), path.mkdir()), "cannot read"),
+    (lambda path, data: (path.unlink(), path.mkdir()), "is not a regular file"),
+    (lambda path, data: (path.unlink(), os.mkfifo(path)), "is not a regular file"),
 ])
 def test_broken_files_are_reported_in_one_line(tmp_path, damage, message):
     raw = fake_mnist(tmp_path)

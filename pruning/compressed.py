@@ -3,12 +3,14 @@ the positions of the non-zero weights as gaps or a bitmask, all entropy-coded by
 (Deep Compression, Han et al. 2016, with LZMA in place of Huffman coding).
 
 File: magic b"MLPZ", format version (1 byte), body length and CRC-32 of the body (4 bytes each,
-little-endian), then the body, an LZMA2 raw stream of: the number of layers, the widths, and the
-indices of the input pixels read (none: all of them), then per layer its position encoding, its shared values (fp32), its biases (fp32), its
-positions and one code (a byte) per stored weight.
+little-endian), then the body, an LZMA2 raw stream of: the architecture as JSON (its length in 4
+bytes first; architecture.py), then per layer with weights its position encoding, its shared values
+(fp32), its positions and one code (a byte) per stored weight, then every other number of the
+model (biases and the like as fp32, the kept pixels' indices as int32) in the order of its state.
 """
 
 import copy
+import json
 import lzma
 import struct
 import zlib
@@ -19,10 +21,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.nn.utils.parametrize as parametrize
 
-import common
-import files
+from pruning import architecture, chain, storage
+from pruning.files import UserError, check_readable, shown
+from pruning.model import weighted
 
-MAGIC, VERSION = b"MLPZ", 1
+MAGIC, VERSION = b"MLPZ", 2
+MAX_DESCRIPTION = 1 << 20
 HEADER = struct.Struct("<4sBII")
 LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 ALL, GAPS, BITMASK = 0, 1, 2  # positions: every weight stored; gaps between stored weights; one bit per weight
@@ -66,7 +70,7 @@ def quantize(model, bits):
     """A copy of model whose layers share at most 2^bits weight values each; zeros stay zero
     unless no weight of the layer is zero, when all are shared."""
     quantized = copy.deepcopy(model)
-    for layer in common.linears(quantized):
+    for layer in weighted(quantized):
         weight = layer.weight.detach()
         stored = weight != 0 if (weight == 0).any() else torch.ones_like(weight, dtype=torch.bool)
         codes = torch.full(weight.shape, -1, dtype=torch.long, device=weight.device)
@@ -129,20 +133,61 @@ def compressed_size(data):
 
 def encode(model):
     """The file's bytes for a model made by quantize()."""
-    layers = common.linears(model)
-    inputs = model[0].indices.cpu().numpy() if isinstance(model[0], common.KeepInputs) else np.zeros(0)
-    body = [struct.pack(f"<B{len(layers) + 1}II", len(layers), *common.widths(model), len(inputs)),
-            inputs.astype("<u4").tobytes()]
-    for layer in layers:
+    model = chain.sequential(model)
+    description = json.dumps(architecture.describe(model)).encode()
+    body = [struct.pack("<I", len(description)), description]
+    shared = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, chain.WEIGHTED)}
+    for layer in weighted(model):
         codebook, codes = shared_values(layer)
         streams = position_streams(codes)
         kind = min(streams, key=lambda k: compressed_size(streams[k]))
         stored = codes.flatten()[codes.flatten() >= 0]
         body += [struct.pack("<BHI", kind, len(codebook), len(streams[kind])), codebook.numpy().tobytes(),
-                 layer.bias.detach().cpu().numpy().tobytes(), streams[kind],
-                 struct.pack("<I", len(stored)), stored.to(torch.uint8).numpy().tobytes()]
+                 streams[kind], struct.pack("<I", len(stored)), stored.to(torch.uint8).numpy().tobytes()]
+    for name, tensor in plain_state(model).items():
+        if name not in shared:
+            body.append(tensor.detach().cpu().numpy().astype("<f4" if tensor.is_floating_point() else "<i4").tobytes())
     packed = lzma.compress(b"".join(body), format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
     return HEADER.pack(MAGIC, VERSION, len(packed), zlib.crc32(packed)) + packed
+
+
+def plain_state(model):
+    """The state of a model whose layers may be quantized, under the names of the plain model's."""
+    return {k.replace(".parametrizations.weight.original", ".weight"): v for k, v in model.state_dict().items()
+            if ".parametrizations.weight.0." not in k}
+
+
+class Body:
+    """The decompressed body, read in order, never past a bound on its size."""
+
+    def __init__(self, packed):
+        self.decompressor = lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=LZMA_FILTERS)
+        self.packed, self.data, self.offset = packed, b"", 0
+
+    def read(self, size, limit):
+        """The next `size` bytes; the whole body may not exceed `limit` bytes."""
+        need = self.offset + size
+        if need > limit:
+            raise ValueError("corrupted: it claims more than its architecture holds")
+        if need > len(self.data) and not self.decompressor.eof:
+            self.data += self.decompressor.decompress(self.packed, max_length=need - len(self.data))
+            self.packed = b""
+        if need > len(self.data):
+            raise ValueError("corrupted: it ends inside a layer")
+        self.offset = need
+        return memoryview(self.data)[need - size:need]
+
+    def finished(self):
+        return self.offset == len(self.data) and (self.decompressor.eof or not self.decompressor.decompress(
+            b"", max_length=1))
+
+
+def body_limit(description_bytes, model):
+    """The most bytes a body of this architecture can hold."""
+    weights = sum(layer.weight.numel() for layer in weighted(model))
+    others = sum(t.numel() for t in model.state_dict().values()) - weights
+    return 4 + description_bytes + sum(16 + 4 * 256 + 3 * layer.weight.numel() for layer in weighted(model)) \
+        + 4 * others
 
 
 def decode(data):
@@ -157,83 +202,56 @@ def decode(data):
         raise ValueError(f"truncated or extended: the body is {len(packed):,} bytes, its header says {length:,}")
     if zlib.crc32(packed) != crc:
         raise ValueError("corrupted: its checksum does not match")
-    body = memoryview(lzma.decompress(packed, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS))
-    offset = 0
-
-    def read(size):
-        nonlocal offset
-        if offset + size > len(body):
-            raise ValueError("corrupted: it ends inside a layer")
-        offset += size
-        return body[offset - size:offset]
-
-    (n,) = struct.unpack("<B", read(1))
-    *widths, n_inputs = struct.unpack(f"<{n + 1}II", read(4 * (n + 2)))
-    inputs = torch.from_numpy(np.frombuffer(read(4 * n_inputs), dtype="<u4").astype(np.int64)) if n_inputs else None
-    if inputs is not None and n_inputs != widths[0]:
-        raise ValueError("corrupted: its input pixels do not fit the first layer")
-    model = common.mlp(widths, inputs)
+    body = Body(packed)
+    (n,) = struct.unpack("<I", body.read(4, 4 + MAX_DESCRIPTION))
+    try:
+        description = json.loads(bytes(body.read(n, 4 + MAX_DESCRIPTION)))
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("corrupted: its architecture is not readable") from None
+    shapes = architecture.build(description, "meta")  # checks every claim, allocating nothing
+    limit = body_limit(n, shapes)
+    model = architecture.build(description)
+    shared = set()
     with torch.no_grad():
-        for layer in common.linears(model):
-            kind, k, index_bytes = struct.unpack("<BHI", read(7))
-            codebook = torch.from_numpy(np.frombuffer(read(4 * k), dtype="<f4").copy())
-            bias = torch.from_numpy(np.frombuffer(read(4 * layer.out_features), dtype="<f4").copy())
-            positions = decode_positions(kind, read(index_bytes), layer.weight.numel())
-            (stored,) = struct.unpack("<I", read(4))
-            codes = torch.from_numpy(np.frombuffer(read(stored), dtype=np.uint8).astype(np.int64))
+        for name, layer in model.named_modules():
+            if not isinstance(layer, chain.WEIGHTED):
+                continue
+            shared.add(f"{name}.weight")
+            kind, k, index_bytes = struct.unpack("<BHI", body.read(7, limit))
+            codebook = torch.from_numpy(np.frombuffer(body.read(4 * k, limit), dtype="<f4").copy())
+            positions = decode_positions(kind, body.read(index_bytes, limit), layer.weight.numel())
+            (stored,) = struct.unpack("<I", body.read(4, limit))
+            codes = torch.from_numpy(np.frombuffer(body.read(stored, limit), dtype=np.uint8).astype(np.int64))
             if stored != len(positions) or (positions >= layer.weight.numel()).any() or (codes >= k).any():
                 raise ValueError("corrupted: its positions or codes do not fit the layer")
             weight = torch.zeros(layer.weight.numel())
             weight[torch.from_numpy(positions)] = codebook[codes]
             layer.weight.copy_(weight.view_as(layer.weight))
-            layer.bias.copy_(bias)
-    if offset != len(body):
+        for name, tensor in model.state_dict().items():
+            if name not in shared:
+                kind = "<f4" if tensor.is_floating_point() else "<i4"
+                values = np.frombuffer(body.read(4 * tensor.numel(), limit), dtype=kind).astype(
+                    np.float32 if tensor.is_floating_point() else np.int64)
+                tensor.copy_(torch.from_numpy(values).view_as(tensor))
+    if not body.finished():
         raise ValueError("corrupted: bytes left after the last layer")
+    storage.check_model(model)
     return model
 
 
-def save_compressed(model, path):
+def save_compressed(model, path, option=None):
     """Write a model made by quantize() to path, atomically; returns the file's size in bytes."""
-    data = encode(model)
-    files.atomic_write(path, lambda f: f.write(data))
-    return len(data)
+    return storage.save(model, path, "compressed", option=option)
 
 
 def load_compressed(path):
     """The model stored at path, predicting exactly as the quantized model saved there; a file
     that is not one, or is damaged, is refused with a one-line UserError."""
     try:
+        check_readable(path, storage.MAX_FILE_BYTES, "compressed model file")
         with open(path, "rb") as f:
             return decode(f.read())
     except OSError as e:
-        raise common.UserError(f"cannot read {path}: {e.strerror}") from None
-    except (ValueError, struct.error, lzma.LZMAError) as e:
-        raise common.UserError(f"{path} cannot be loaded: {e}") from None
-
-
-# In a sweep ---------------------------------------------------------------------------
-
-def compress(model, train_data, test_data, args, teacher, path, desc, dense_bytes):
-    """Quantize a pruned model to args.bits, fine-tune its shared values when args.finetune_epochs,
-    and save it to path: the row's accuracies, file size, and how many times smaller it is than
-    the dense file of dense_bytes."""
-    quantized = quantize(model, args.bits)
-    row = {"quantized_accuracy": common.accuracy(quantized, test_data)}
-    if args.finetune_epochs:
-        common.finetune(quantized, train_data, args, args.finetune_epochs, teacher, desc)
-        row["quantized_finetuned_accuracy"] = common.accuracy(quantized, test_data)
-    row["compressed_bytes"] = save_compressed(quantized, path)
-    row["times_smaller"] = dense_bytes / row["compressed_bytes"]
-    return row
-
-
-def columns(finetuned):
-    percent = "{:.2f}%".format
-    return [("Quantized", "quantized_accuracy", percent),
-            *([("Q. Fine-tuned", "quantized_finetuned_accuracy", percent)] if finetuned else []),
-            ("Compressed File (B)", "compressed_bytes", "{:,.0f}".format), ("x Smaller", "times_smaller", "{:.1f}".format)]
-
-
-def note(bits):
-    return (f"Compressed: {bits}-bit shared weight values per layer, positions and codes LZMA-coded "
-            "(compressed.py); x Smaller is the dense file's size over it.")
+        raise UserError(f"cannot read {shown(path)}: {e.strerror}") from None
+    except (ValueError, struct.error, lzma.LZMAError, architecture.BadArchitecture) as e:
+        raise UserError(f"{shown(path)} cannot be loaded: {e}") from None

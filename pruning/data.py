@@ -1,15 +1,18 @@
-"""MNIST from its four IDX files, read directly: torchvision is imported only to download them."""
+"""MNIST from its four IDX files, read directly: torchvision is imported only to download them.
+Images come as values in [0, 1]; the models normalise them themselves (model.Normalize)."""
 
 import contextlib
 import math
 import os
 import shutil
+import stat
 import sys
 from pathlib import Path
 
 import torch
 
-MEAN, STD = 0.1307, 0.3081
+from pruning.files import shown
+
 FILES = {  # name: IDX magic number (0x08: unsigned bytes; low byte: number of dimensions)
     "train-images-idx3-ubyte": 0x803, "train-labels-idx1-ubyte": 0x801,
     "t10k-images-idx3-ubyte": 0x803, "t10k-labels-idx1-ubyte": 0x801,
@@ -30,6 +33,9 @@ def read_idx(path, magic):
     before anything of its size is allocated."""
     ndim = magic & 0xFF
     try:
+        mode = path.stat().st_mode
+        if not stat.S_ISREG(mode):
+            raise DataError(f"{shown(path)} is not a regular file; replace it with the original file")
         size = path.stat().st_size
         with open(path, "rb") as f:
             header = f.read(4 + 4 * ndim)
@@ -44,7 +50,7 @@ def read_idx(path, magic):
                 raise DataError(f"{path} holds no images; replace it with the original file")
             return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8).view(shape)
     except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror}") from None
+        raise DataError(f"cannot read {shown(path)}: {e.strerror}") from None
 
 
 def download(root):
@@ -66,11 +72,16 @@ def download(root):
                         "holding MNIST/raw/") from None
 
 
-def load(root):
-    """((x_train, y_train), (x_test, y_test)): normalised, flattened float images and int64 labels.
-    Downloads the files first when any is missing."""
+def load(root, validation=0):
+    """((x_train, y_train), (x_test, y_test)): flattened float images in [0, 1] and int64 labels.
+    With validation=N, ((x_train, y_train), (x_val, y_val), (x_test, y_test)): the last N training
+    images held out. Downloads the files first when any is missing."""
     raw = root / "MNIST" / "raw"
-    if not all((raw / name).exists() for name in FILES):
+    try:
+        present = all((raw / name).exists() for name in FILES)
+    except OSError as e:
+        raise DataError(f"cannot use the data folder {shown(root)}: {e.strerror}") from None
+    if not present:
         download(root)
     data = {name: read_idx(raw / name, magic) for name, magic in FILES.items()}
     splits = []
@@ -78,6 +89,10 @@ def load(root):
         images, labels = data[f"{prefix}-images-idx3-ubyte"], data[f"{prefix}-labels-idx1-ubyte"]
         if images.shape[1:] != (28, 28) or len(images) != len(labels) or (labels > 9).any():
             raise DataError(f"{raw} does not hold MNIST: images must be 28x28 with one label 0-9 each")
-        x = (images.float() / 255 - MEAN) / STD
-        splits.append((x.flatten(1), labels.long()))
+        splits.append(((images.float() / 255).flatten(1), labels.long()))
+    if validation:
+        (x, y), test = splits
+        if validation >= len(y):
+            raise DataError(f"--validation {validation:,} leaves no training images of {len(y):,}")
+        return (x[:-validation], y[:-validation]), (x[-validation:], y[-validation:]), test
     return splits

@@ -1,0 +1,21 @@
+"""Neural-network pruning for model compression: zero the smallest weights of a network, or remove
+its quietest neurons and channels, in steps with fine-tuning; store the result small; load it back.
+
+    import pruning
+    pruning.zero_prune(model, 0.9, steps=5, finetune=pruning.finetuner((x, y), epochs=1))
+    smaller = pruning.activation_prune(model, x, 0.5, steps=3, finetune=pruning.finetuner((x, y), epochs=1))
+    pruning.save(smaller, "small.pt"); model = pruning.load("small.pt"); pruning.export_onnx(model, "small.onnx")
+
+Importing it changes nothing outside it: no signal handlers, no threads, no environment.
+"""
+
+from pruning.chain import NotAChain
+from pruning.files import UserError
+from pruning.methods import activation_prune, zero_prune
+from pruning.model import Normalize, count_params, count_weights, count_zeros, lenet5, mnist_mlp
+from pruning.storage import export_onnx, load, save
+from pruning.training import accuracy, distillation_loss, finetuner, logits, predict, train
+
+__all__ = ["zero_prune", "activation_prune", "save", "load", "export_onnx", "train", "finetuner",
+           "distillation_loss", "logits", "predict", "accuracy", "count_params", "count_weights", "count_zeros",
+           "mnist_mlp", "lenet5", "Normalize", "NotAChain", "UserError"]

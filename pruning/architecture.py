@@ -1,0 +1,129 @@
+"""A network's architecture as plain data (a list of layer descriptions, JSON-able) and back:
+what a model file records so that it rebuilds itself. Every claim is checked, and the whole
+model's size bounded, before anything is built."""
+
+import math
+
+import torch
+import torch.nn as nn
+
+from pruning import chain
+from pruning.model import MAX_PARAMS, KeepInputs, Normalize
+
+MAX_LAYERS, MAX_DIM = 256, 1 << 24
+
+
+class BadArchitecture(ValueError):
+    """The description is not one of a network this project can build."""
+
+
+def describe(model):
+    """The list of layer descriptions of a chain model (as chain.layers gives it)."""
+    return [layer_description(m) for m in chain.layers(model)]
+
+
+def layer_description(m):
+    kind = next((name for name, t in TYPES.items() if type(m) is t), None) or next(
+        (name for name, t in TYPES.items() if isinstance(m, t)), type(m).__name__)  # quantized: a subclass
+    if isinstance(m, Normalize):
+        return {"type": kind, "mean": m.mean, "std": m.std, "shape": list(m.shape)}
+    if isinstance(m, KeepInputs):
+        return {"type": kind, "inputs": len(m.indices), "size": m.size}
+    if isinstance(m, nn.Linear):
+        return {"type": kind, "in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
+    if isinstance(m, nn.Conv2d):
+        if m.padding_mode != "zeros" or isinstance(m.padding, str):
+            raise BadArchitecture(f"{m}: only numeric zero padding is stored")
+        return {"type": kind, "in": m.in_channels, "out": m.out_channels, "kernel": list(m.kernel_size),
+                "stride": list(m.stride), "padding": list(m.padding), "dilation": list(m.dilation),
+                "bias": m.bias is not None}
+    if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+        return {"type": kind, "kernel": m.kernel_size, "stride": m.stride, "padding": m.padding}
+    if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+        return {"type": kind, "output": m.output_size}
+    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return {"type": kind, "features": m.num_features, "eps": m.eps, "momentum": m.momentum,
+                "affine": m.affine, "track": m.track_running_stats}
+    if isinstance(m, nn.Dropout):
+        return {"type": kind, "p": m.p}
+    if isinstance(m, nn.Flatten):
+        if (m.start_dim, m.end_dim) != (1, -1):
+            raise BadArchitecture(f"{m}: only Flatten(1, -1) is stored")
+        return {"type": kind}
+    if isinstance(m, (nn.ReLU, nn.Identity)):
+        return {"type": kind}
+    raise BadArchitecture(f"{kind} layers are not stored")
+
+
+def count(description):
+    """The parameters and buffers' elements the description claims, computed without building it."""
+    total = 0
+    for d in description:
+        kind = d["type"]
+        if kind == "Linear":
+            total += d["in"] * d["out"] + d["out"] * d["bias"]
+        elif kind == "Conv2d":
+            total += d["in"] * d["out"] * math.prod(d["kernel"]) + d["out"] * d["bias"]
+        elif kind.startswith("BatchNorm"):
+            total += 4 * d["features"]
+        elif kind == "KeepInputs":
+            total += d["inputs"]
+    return total
+
+
+def check(description):
+    """Raise BadArchitecture unless description is a list of layers this project builds, of at
+    most MAX_PARAMS elements; it is checked by its own numbers, before anything is allocated."""
+    if not isinstance(description, list) or not 0 < len(description) <= MAX_LAYERS:
+        raise BadArchitecture(f"the architecture is not a list of 1 to {MAX_LAYERS} layers")
+    for i, d in enumerate(description):
+        if not isinstance(d, dict) or d.get("type") not in BUILDERS:
+            raise BadArchitecture(f"layer {i} is of no type this project builds")
+        for key, value in d.items():
+            values = value if isinstance(value, list) else [value]
+            if key in ("in", "out", "inputs", "size", "features", "kernel", "shape", "output") and not all(
+                    type(v) is int and 0 < v <= MAX_DIM for v in values):
+                raise BadArchitecture(f"layer {i} ({d['type']}) claims an impossible size: {key} {value}")
+            if key in ("stride", "padding", "dilation") and not all(type(v) is int and 0 <= v <= MAX_DIM for v in values):
+                raise BadArchitecture(f"layer {i} ({d['type']}) claims an impossible {key}: {value}")
+    try:
+        elements = count(description)
+    except (KeyError, TypeError) as e:
+        raise BadArchitecture(f"a layer lacks or misstates {e}") from None
+    if elements > MAX_PARAMS:
+        raise BadArchitecture(f"it claims {elements:,} parameters, more than the {MAX_PARAMS:,} this project builds")
+    if not any(d["type"] in ("Linear", "Conv2d") for d in description):
+        raise BadArchitecture("it has no layer with weights")
+
+
+BUILDERS = {
+    "Normalize": lambda d: Normalize(d["mean"], d["std"], d["shape"]),
+    "KeepInputs": lambda d: KeepInputs(torch.zeros(d["inputs"], dtype=torch.long), d["size"]),
+    "Linear": lambda d: nn.Linear(d["in"], d["out"], bias=d["bias"]),
+    "Conv2d": lambda d: nn.Conv2d(d["in"], d["out"], d["kernel"], d["stride"], d["padding"], d["dilation"],
+                                  bias=d["bias"]),
+    "MaxPool2d": lambda d: nn.MaxPool2d(d["kernel"], d["stride"], d["padding"]),
+    "AvgPool2d": lambda d: nn.AvgPool2d(d["kernel"], d["stride"], d["padding"]),
+    "AdaptiveAvgPool2d": lambda d: nn.AdaptiveAvgPool2d(d["output"]),
+    "AdaptiveMaxPool2d": lambda d: nn.AdaptiveMaxPool2d(d["output"]),
+    "BatchNorm1d": lambda d: nn.BatchNorm1d(d["features"], d["eps"], d["momentum"], d["affine"], d["track"]),
+    "BatchNorm2d": lambda d: nn.BatchNorm2d(d["features"], d["eps"], d["momentum"], d["affine"], d["track"]),
+    "Dropout": lambda d: nn.Dropout(d["p"]),
+    "Flatten": lambda d: nn.Flatten(),
+    "ReLU": lambda d: nn.ReLU(),
+    "Identity": lambda d: nn.Identity(),
+}
+
+
+TYPES = {name: getattr(nn, name, None) or {"Normalize": Normalize, "KeepInputs": KeepInputs}[name]
+         for name in BUILDERS}
+
+
+def build(description, device=None):
+    """The nn.Sequential a checked description describes; device 'meta' allocates nothing."""
+    check(description)
+    try:
+        with torch.device(device or "cpu"):
+            return nn.Sequential(*(BUILDERS[d["type"]](d) for d in description))
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise BadArchitecture(f"a layer cannot be built ({type(e).__name__}: {e})") from None

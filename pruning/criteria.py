@@ -1,0 +1,101 @@
+"""What to remove: weights by magnitude, ranked over all layers together; neurons and channels by
+their mean activation, or by what they pass on (mean activation times the norm of their outgoing
+weights); input pixels by how much they vary."""
+
+import math
+
+import torch
+import torch.nn as nn
+
+from pruning import chain as chains
+from pruning.model import weighted
+
+
+def magnitudes(model):
+    return torch.cat([layer.weight.detach().abs().flatten() for layer in weighted(model)])
+
+
+def threshold_for_sparsity(model, sparsity):
+    """The smallest threshold that zeroes at least that fraction of all weights."""
+    values = magnitudes(model)
+    k = math.ceil(round(sparsity * len(values), 6))  # rounded first: 5/6 of 6 is 5.000000000000001
+    return 0.0 if k == 0 else torch.nextafter(values.kthvalue(k).values, torch.tensor(1.0)).item()
+
+
+@torch.no_grad()
+def statistics(layers, x, batch_size=10_000):
+    """Run x through a chain of layers in batches. Returns (means, pixel_std, pixel_mean): per
+    weighted layer but the last, each output's mean activation, over images and positions, taken
+    after the first ReLU that follows it (else where the next weighted layer reads it); and the
+    standard deviation and mean of each input pixel the first weighted layer reads."""
+    groups = chains.groups(layers)
+    measure_at = {}
+    for g, (i, between, _) in enumerate(groups[:-1]):
+        relu = next((k for k in between if isinstance(layers[k], nn.ReLU)), None)
+        measure_at[relu if relu is not None else max([i, *(k for k in between if not isinstance(layers[k], nn.Flatten))])] = g
+    first = groups[0][0]
+    sums = [0.0] * (len(groups) - 1)
+    pixel_sum = pixel_squares = 0.0
+    for xb in x.split(batch_size):
+        for k, layer in enumerate(layers):
+            if k == first:
+                inputs = xb.flatten(1).double()
+                pixel_sum, pixel_squares = pixel_sum + inputs.sum(0), pixel_squares + (inputs ** 2).sum(0)
+            xb = layer(xb)
+            if k in measure_at:
+                dims = [d for d in range(xb.dim()) if d != 1]
+                sums[measure_at[k]] = sums[measure_at[k]] + xb.double().sum(dims) / math.prod(
+                    xb.shape[d] for d in dims[1:])
+    n = len(x)
+    pixel_mean = pixel_sum / n
+    pixel_var = ((pixel_squares - n * pixel_mean ** 2) / max(n - 1, 1)).clamp(min=0)
+    return [s.float() / n for s in sums], pixel_var.sqrt().float(), pixel_mean.float()
+
+
+def outgoing_norms(layers, g, width, spatial):
+    """The norm of each of group g's outputs' outgoing weights (its columns in the next weighted layer)."""
+    _, _, j = chains.groups(layers)[g]
+    weight = layers[j].weight.detach()
+    if isinstance(layers[j], nn.Conv2d):
+        return weight.transpose(0, 1).flatten(1).norm(dim=1)
+    return weight.view(weight.shape[0], width, spatial).transpose(0, 1).flatten(1).norm(dim=1)
+
+
+def scores(layers, x, criterion, spatial):
+    """(strength, means): per unit layer, the input pixels first, how much each unit carries and its
+    mean value. 'activation': a unit's mean activation, a pixel's standard deviation over x (a
+    constant pixel carries no information, however bright); 'contribution': that times the norm
+    of the unit's outgoing weights, what it actually passes on. spatial: per group, how many
+    columns of the next layer each output feeds (positions after a Flatten, else 1)."""
+    means, pixel_std, pixel_mean = statistics(layers, x)
+    strength = [pixel_std, *means]
+    if criterion == "contribution":
+        first = layers[chains.groups(layers)[0][0]]
+        pixels = pixel_std * first.weight.detach().norm(dim=0) if reads_pixels(layers) else pixel_std
+        strength = [pixels, *(s * outgoing_norms(layers, g, len(s), spatial[g]) for g, s in enumerate(means))]
+    return strength, [pixel_mean, *means]
+
+
+def strongest(strength, width):
+    keep = torch.zeros_like(strength, dtype=torch.bool)
+    keep[strength.argsort(descending=True, stable=True)[:width]] = True
+    return keep
+
+
+def neurons_to_keep(means, threshold, multiple=1):
+    """Per hidden layer, a mask of the neurons with mean activation >= threshold. A layer is never
+    emptied: where no neuron reaches the threshold the strongest one stays (its index is in `rescued`).
+    With multiple > 1 each width is rounded up to a multiple of it by also keeping the strongest
+    neurons below the threshold, since matrix kernels run faster on such widths."""
+    keep, rescued = [], []
+    for i, m in enumerate(means):
+        above = (m >= threshold).sum().item()
+        if above == 0:
+            rescued.append(i)
+        keep.append(strongest(m, min(len(m), multiple * math.ceil(max(above, 1) / multiple))))
+    return keep, rescued
+
+
+def reads_pixels(layers):
+    """Whether the first weighted layer reads single input values (an nn.Linear), which can be pruned."""
+    return isinstance(layers[chains.groups(layers)[0][0]], nn.Linear)

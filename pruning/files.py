@@ -1,0 +1,268 @@
+"""Files, safely. A destination is written only where nothing stands or where a file stands that
+this project wrote (recognised by its content, not its name), checked before the work and again
+at the moment the finished file is moved into place; every file is written beside its destination
+and renamed, so a reader sees the old whole file or the new one. A file is read only if it is a
+regular file, and no larger than what it may be."""
+
+import glob
+import json
+import os
+import stat
+import struct
+import zipfile
+import zlib
+from pathlib import Path
+
+TEMPORARY = ".{name}.{pid}.{n}.tmp"
+WRITER = "pruning: neural-network pruning for model compression"  # in every file this project writes
+MAX_RESULTS_BYTES = 64 << 20
+
+
+class UserError(Exception):
+    """A problem the user can fix; reported as one line, exit code 2."""
+
+
+def atomic_write(path, write, option=None):
+    """Call write(file) on a temporary file beside `path`, then move it into place, if what stands
+    at path then is nothing or a file of ours (option names where the path came from, for the
+    error). A new file gets the mode the umask gives; a replaced one keeps its own. A failed write
+    leaves the old file as it was and says why in one line."""
+    path = Path(path)
+    remove_abandoned_temporaries(path)
+    tmp = path.parent / TEMPORARY.format(name=path.name, pid=os.getpid(), n=next_number())
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+            f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~umask())
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # succeeds only where nothing stands
+        except FileExistsError:
+            refuse_unless_ours(option, path)
+            os.chmod(tmp, path.stat().st_mode & 0o777)
+            os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {shown(path)}: {e.strerror or e}") from None
+        raise
+    tmp.unlink(missing_ok=True)
+
+
+_written = 0
+
+
+def next_number():
+    global _written
+    _written += 1
+    return _written
+
+
+def shown(path):
+    """A path as it can be printed, whatever bytes its name holds."""
+    return str(path).encode("utf-8", "backslashreplace").decode()
+
+
+def remove_abandoned_temporaries(path):
+    """Temporary files that a killed run left beside `path`: those whose process is gone."""
+    pattern = TEMPORARY.format(name=glob.escape(path.name), pid="*", n="*")
+    for tmp in path.parent.glob(pattern):
+        pid = tmp.name[len(path.name) + 2:].split(".")[0]
+        if pid.isdigit() and not alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def umask():
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
+# What is ours ---------------------------------------------------------------------------
+
+def is_ours(path):
+    """Whether the regular file at path is one this project wrote: a results JSON, a figure, a
+    model file (PyTorch, compressed or ONNX) of ours."""
+    try:
+        if kind_of(Path(path)) != "file":
+            return False
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if head.startswith(b"\x89PNG"):
+            return png_text(path).get("Software") == WRITER
+        if head.startswith(b"PK\x03\x04"):
+            return torch_file_of_ours(path)
+        if head.startswith(b"MLPZ"):
+            return compressed_file_of_ours(path)
+        if head.lstrip().startswith(b"{"):
+            return results_of_ours(path)
+        return onnx_file_of_ours(path)
+    except (OSError, ValueError, struct.error, zipfile.BadZipFile, UserError):
+        return False
+
+
+def results_of_ours(path):
+    if Path(path).stat().st_size > MAX_RESULTS_BYTES:
+        return False
+    try:
+        results = json.loads(Path(path).read_bytes())
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(results, dict) and (results.get("written_by") == WRITER
+                                          or {"settings", "rows", "dense_accuracy"} <= results.keys())
+
+
+def png_text(path):
+    """The tEXt chunks of a PNG file before its image data, as {keyword: text}."""
+    text = {}
+    with open(path, "rb") as f:
+        f.read(8)
+        while True:
+            header = f.read(8)
+            if len(header) < 8:
+                return text
+            length, kind = struct.unpack(">I4s", header)
+            if kind in (b"IDAT", b"IEND") or length > 1 << 20:
+                return text
+            data = f.read(length)
+            f.read(4)
+            if kind == b"tEXt" and b"\0" in data:
+                key, value = data.split(b"\0", 1)
+                text[key.decode("latin-1")] = value.decode("latin-1")
+
+
+def torch_file_of_ours(path):
+    from pruning import storage
+    try:
+        storage.read_torch_file(path)
+    except UserError:
+        return False
+    return True
+
+
+def compressed_file_of_ours(path):
+    with open(path, "rb") as f:
+        header = f.read(13)
+        if len(header) < 13:
+            return False
+        _, _, length, crc = struct.unpack("<4sBII", header)
+        if Path(path).stat().st_size != 13 + length:
+            return False
+        return zlib.crc32(f.read(length)) == crc
+
+
+def onnx_file_of_ours(path):
+    if Path(path).stat().st_size > 512 << 20:
+        return False
+    data = Path(path).read_bytes()
+    return WRITER.encode() in data and data[:1] == b"\x08"  # an ONNX ModelProto starts with its ir_version
+
+
+def refuse_unless_ours(option, path):
+    if not is_ours(path):
+        raise UserError(f"{option + ' ' if option else ''}{shown(path)} is not a file this project wrote; "
+                        "refusing to replace it (give another path)")
+
+
+# Checking destinations before the work ------------------------------------------------
+
+def kind_of(path):
+    """'absent', 'file', 'folder', 'link' (to nothing) or what else stands at path (a device, a pipe, ...)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "link to nothing" if path.is_symlink() else "absent"
+    except OSError as e:
+        raise UserError(f"cannot use {shown(path)}: {e.strerror}") from None
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    return "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "pipe" if stat.S_ISFIFO(mode) else "socket"
+
+
+def check_file_destination(option, path):
+    """Fail now, before any long work, unless `path` can later be written: nothing there or a file
+    of ours, in a folder that exists and takes new files, with a name that fits."""
+    path = Path(path)
+    kind = kind_of(path)
+    if kind not in ("absent", "file"):
+        raise UserError(f"{option} {shown(path)} is a {kind}, not a file")
+    if kind == "file":
+        refuse_unless_ours(option, path)
+    folder = path.parent
+    if kind_of(folder) != "folder":
+        raise UserError(f"cannot write {shown(path)}: folder {shown(folder)} does not exist")
+    try:
+        longest = TEMPORARY.format(name=path.name, pid=2 ** 22, n=10 ** 6)
+        if len(os.fsencode(longest)) > os.pathconf(folder, "PC_NAME_MAX"):
+            raise UserError(f"cannot write {shown(path)}: the name is too long for the file system "
+                            f"(its temporary file's name too)")
+        probe = folder / TEMPORARY.format(name=path.name, pid=os.getpid(), n=next_number())
+        probe.open("xb").close()
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write {shown(path)}: {e.strerror}") from None
+
+
+def check_folder_destination(option, folder):
+    folder = Path(folder)
+    kind = kind_of(folder)
+    if kind == "absent":
+        raise UserError(f"cannot write in {shown(folder)}: folder {shown(folder)} does not exist")
+    if kind != "folder":
+        raise UserError(f"{option} {shown(folder)} is a {kind}, not a folder")
+    check_file_destination(option, folder / "model.pt")
+
+
+def make_folder(option, folder):
+    """Make folder when its parent exists (and it does not); a folder that is there is used."""
+    folder = Path(folder)
+    if folder.is_symlink():
+        raise UserError(f"{option} {shown(folder)} is a link; give a folder")
+    if kind_of(folder) == "absent" and kind_of(folder.parent) == "folder":
+        try:
+            folder.mkdir()
+        except OSError as e:
+            raise UserError(f"cannot make the folder {shown(folder)}: {e.strerror}") from None
+    check_folder_destination(option, folder)
+    return folder
+
+
+def check_distinct(paths):
+    """Two outputs of one run must not be the same file. paths: (option, path) pairs, path None when not given."""
+    seen = {}
+    for option, path in paths:
+        if path is None:
+            continue
+        resolved = Path(path).resolve()
+        if resolved in seen:
+            raise UserError(f"{seen[resolved]} and {option} name the same file, {shown(resolved)}; give each its own")
+        seen[resolved] = option
+
+
+# Reading --------------------------------------------------------------------------------
+
+def check_readable(path, limit, what="file"):
+    """The size of the regular file at path; a UserError unless it is one of at most limit bytes."""
+    path = Path(path)
+    kind = kind_of(path)
+    if kind == "absent":
+        raise UserError(f"{shown(path)} does not exist")
+    if kind != "file":
+        raise UserError(f"{shown(path)} is a {kind}, not a {what}")
+    size = path.stat().st_size
+    if size > limit:
+        raise UserError(f"{shown(path)} is {size:,} bytes, more than any {what} of this project ({limit:,})")
+    return size

@@ -1,0 +1,81 @@
+"""The two pruning methods, each toward a target in steps on the cubic schedule with fine-tuning
+after every step: zeros (the structure stays, the weights get sparse) and neuron and channel
+removal (the structure shrinks)."""
+
+import torch
+import torch.nn as nn
+
+from pruning import chain, criteria, surgery
+from pruning.model import count_params
+from pruning.schedules import cubic_schedule
+
+
+def zero_prune(model, sparsity, steps=1, finetune=None):
+    """Zero the weights of every nn.Linear and nn.Conv2d of model, smallest in magnitude first over
+    all layers together, until the fraction `sparsity` of them is zero: in `steps` steps on the
+    cubic schedule, calling finetune(model) after each with the zeros held. Changes model in
+    place and returns it, with ordinary layers (no masks left)."""
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity must be from 0 to below 1, not {sparsity}")
+    chain.layers(model)  # refuses what it cannot prune before any change
+    for target in cubic_schedule(sparsity, steps):
+        surgery.hold_below(model, criteria.threshold_for_sparsity(model, target))
+        if finetune:
+            finetune(model)
+        surgery.make_permanent(model)
+    return model
+
+
+def activation_prune(model, inputs, reduction, steps=1, finetune=None, prune_inputs=False,
+                     criterion="contribution"):
+    """Remove hidden neurons and conv channels of model (and its input pixels with prune_inputs),
+    measured on the tensor `inputs`, until the fraction `reduction` of its parameters is gone:
+    in `steps` steps on the cubic schedule, every layer cut by one factor, the units that pass on
+    least going first (criterion 'contribution'; 'activation': the least active), re-measuring
+    before and calling finetune(model) after each step. Returns a new, smaller nn.Sequential in
+    the mode model was in; model itself is left as it was."""
+    if not 0 <= reduction < 1:
+        raise ValueError(f"reduction must be from 0 to below 1, not {reduction}")
+    if criterion not in ("activation", "contribution"):
+        raise ValueError(f"criterion must be 'activation' or 'contribution', not {criterion!r}")
+    layers = chain.layers(model)
+    chain.groups(layers)
+    if prune_inputs and not criteria.reads_pixels(layers):
+        raise chain.NotAChain("prune_inputs needs a network whose first weighted layer is an nn.Linear")
+    mode = model.training
+    spatial = surgery.spatial(layers, inputs)
+    original = count_params(nn.Sequential(*layers))
+    pruned = nn.Sequential(*layers)
+    for r in cubic_schedule(reduction, steps):
+        widths = surgery.target_widths(layers, spatial, (1 - r) * original, prune_inputs)
+        pruned = shrink(pruned, widths, inputs, criterion, prune_inputs, spatial)
+        if finetune:
+            finetune(pruned)
+    return pruned.train(mode)
+
+
+def shrink(model, widths, x, criterion, prune_inputs, spatial, bias_compensation=False):
+    """model cut to these unit widths (inputs first), keeping the strongest units by criterion."""
+    layers = chain.layers(model)
+    mode = model.training
+    model.eval()
+    strength, means = criteria.scores(layers, x, criterion, spatial)
+    model.train(mode)
+    keep = [criteria.strongest(s, w) for s, w in zip(strength, widths[:-1])]
+    inputs = (keep[0], means[0]) if prune_inputs else None
+    return surgery.remove_units(layers, keep[1:], spatial, inputs, means[1:] if bias_compensation else None)
+
+
+@torch.no_grad()
+def threshold_prune(model, x, threshold, multiple=1, bias_compensation=False):
+    """Remove every hidden neuron or channel whose mean activation on x is below threshold (the
+    strongest of a layer stays if none reaches it). Returns (the smaller model, means, indices of
+    the layers where no unit reached the threshold)."""
+    layers = chain.layers(model)
+    mode = model.training
+    model.eval()
+    means, _, _ = criteria.statistics(layers, x)
+    model.train(mode)
+    keep, rescued = criteria.neurons_to_keep(means, threshold, multiple)
+    spatial = surgery.spatial(layers, x)
+    return surgery.remove_units(layers, keep, spatial, means=means if bias_compensation else None), means, rescued

@@ -1,0 +1,112 @@
+"""The networks and what they carry with them: the input normalisation, the input pixels kept,
+and the counts every table reports."""
+
+import math
+
+import torch
+import torch.nn as nn
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+MLP_SIZES = (784, 512, 256, 128, 10)
+MAX_PARAMS = 25_000_000  # 100 MB of fp32 weights: far beyond any network here, far below the machine's memory
+
+
+class Normalize(nn.Module):
+    """The first layer of the project's models: raw images with values in [0, 1], shaped (N, 28, 28),
+    (N, 1, 28, 28) or (N, 784), normalised and shaped as the next layer reads them."""
+
+    def __init__(self, mean=MNIST_MEAN, std=MNIST_STD, shape=(784,)):
+        super().__init__()
+        self.mean, self.std, self.shape = float(mean), float(std), tuple(shape)
+
+    def forward(self, x):
+        if x[0].numel() != math.prod(self.shape):
+            raise ValueError(f"the model reads images of {math.prod(self.shape)} values, "
+                             f"not of shape {tuple(x.shape[1:])}")
+        return torch.sub(x.reshape(len(x), *self.shape), self.mean).div_(self.std)  # one temporary, not two
+
+    def extra_repr(self):
+        return f"mean={self.mean}, std={self.std}, shape={self.shape}"
+
+
+class KeepInputs(nn.Module):
+    """The first layer of a model whose input pixels were pruned: of inputs of `size` values (whole
+    images, of any shape), it keeps the pixels it indexes, before anything else is computed on them."""
+
+    def __init__(self, indices, size=784):
+        super().__init__()
+        self.size = int(size)
+        self.register_buffer("indices", torch.as_tensor(indices, dtype=torch.long))
+
+    def forward(self, x):
+        if x[0].numel() != self.size:
+            raise ValueError(f"the model reads images of {self.size} values, not of shape {tuple(x.shape[1:])}")
+        return x.reshape(len(x), -1).index_select(1, self.indices)
+
+    def extra_repr(self):
+        return f"{len(self.indices)} of {self.size} inputs"
+
+
+def mlp(sizes=MLP_SIZES, inputs=None, size=784):
+    """Fully connected ReLU network: sizes[0] inputs, sizes[-1] logits. With `inputs`, the indices
+    of sizes[0] pixels, it takes whole images of `size` values and reads only those pixels."""
+    layers = [KeepInputs(inputs, size)] if inputs is not None else []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(n_in, n_out), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+def mnist_mlp(sizes=MLP_SIZES):
+    """The MLP that takes raw MNIST images."""
+    return nn.Sequential(Normalize(), *mlp(sizes))
+
+
+def lenet5():
+    """LeNet-5 as in Caffe: conv 20 5x5, max-pool, conv 50 5x5, max-pool, 800-500-10; 431,080 parameters."""
+    return nn.Sequential(Normalize(shape=(1, 28, 28)),
+                         nn.Conv2d(1, 20, 5), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(20, 50, 5), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(800, 500), nn.ReLU(), nn.Linear(500, 10))
+
+
+def weighted(model):
+    """The layers whose weights are pruned: every nn.Linear and nn.Conv2d, in order."""
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def linears(model):
+    return [m for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def kept_inputs(model):
+    """The indices of the input pixels the model reads: all of them unless it holds KeepInputs."""
+    keep = next((m for m in model.modules() if isinstance(m, KeepInputs)), None)
+    if keep is not None:
+        return keep.indices
+    first = weighted(model)[0]
+    return torch.arange(first.in_features if isinstance(first, nn.Linear) else first.in_channels,
+                        device=first.weight.device)
+
+
+def widths(model):
+    """Input size followed by every weighted layer's output size, e.g. (784, 512, 256, 128, 10)."""
+    layers = weighted(model)
+    first = layers[0]
+    return (first.in_features if isinstance(first, nn.Linear) else first.in_channels,
+            *(m.out_features if isinstance(m, nn.Linear) else m.out_channels for m in layers))
+
+
+def count_weights(model):
+    return sum(layer.weight.numel() for layer in weighted(model))
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_zeros(model):
+    return sum((layer.weight == 0).sum().item() for layer in weighted(model))
+
+
+def mlp_params(sizes):
+    return sum(n_in * n_out + n_out for n_in, n_out in zip(sizes[:-1], sizes[1:]))
