@@ -19,8 +19,7 @@ FIGURES = ["activation_pruning_accuracy.png", "activation_pixels_kept.png", "act
 
 
 def targets(args):
-    kind, values = ("reduction", args.reduction) if args.reduction else ("threshold", args.thresholds)
-    return [(f"{kind}{results.label(v)}", kind, v) for v in values]
+    return [(f"{kind_of(args)}{results.label(v)}", kind_of(args), v) for v in args.reduction or args.thresholds]
 
 
 def model_files(args):
@@ -52,7 +51,7 @@ def sweep(model, train_data, validation, test_data, args, folder):
                 pruned = surgery.remove_units(layers, keep, spatial, means=means)
                 row.update(common.scores(pruned, validation, test_data, "compensated_accuracy"))
         if args.finetune_epochs:
-            finetune = common.step_finetuner(train_data, args, teacher, name)
+            finetune = common.step_finetuner(train_data, args, teacher, f"{kind} {results.label(target)}")
             if args.steps > 1:
                 pruned = methods.activation_prune(model, train_data[0], target, args.steps, finetune,
                                                   args.prune_inputs, args.criterion)
@@ -65,7 +64,7 @@ def sweep(model, train_data, validation, test_data, args, folder):
         new = models.count_params(pruned)
         if args.bits:
             row.update(common.compress(pruned, train_data, validation, test_data, args, teacher,
-                                       folder / f"compressed-{name}.bin", name, dense_bytes))
+                                       folder / f"compressed-{name}.bin", f"{kind} {results.label(target)}", dense_bytes))
         if args.prune_inputs:
             row["kept_pixels"] = models.kept_inputs(pruned).tolist()
         row.update(original_params=original, new_params=new, input_width=models.widths(pruned)[0],

@@ -20,10 +20,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import copy
+
 import activation_pruning
+import pruning
 import common
-import mnist
 import zero_pruning
+from pruning import criteria, chain, measure, surgery, training
+from pruning import data as mnist
+from pruning import model as models
+from pruning.results import markdown_table
 
 BATCHES = [1, 32, 10000]
 SPARSITIES = [0.5, 0.8, 0.9, 0.95, 0.98]
@@ -58,7 +64,7 @@ def time_training_part(data_dir, examples, threads):
     torch.set_num_threads(threads)
     (x, y), _ = mnist.load(mnist.data_root(data_dir))
     start = time.perf_counter()
-    common.train(common.mlp(), (x[:examples], y[:examples]), 1, 1e-3, 128, 0)
+    training.train(models.mnist_mlp(), (x[:examples], y[:examples]), 1, 1e-3, 128, 0)
     print(time.perf_counter() - start)
 
 
@@ -120,7 +126,7 @@ def tutorial_job(data_dir, save_dir, epochs=5):
     train_set = datasets.MNIST(data_dir, train=True, transform=transform)
     test_loader = DataLoader(datasets.MNIST(data_dir, train=False, transform=transform), batch_size=1000)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), common.mlp())
+    model = nn.Sequential(nn.Flatten(), models.mlp())
     loader = DataLoader(train_set, batch_size=64, shuffle=True)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * len(loader))
@@ -132,12 +138,12 @@ def tutorial_job(data_dir, save_dir, epochs=5):
             opt.step()
             schedule.step()
     for t in zero_pruning.THRESHOLDS:
-        pruned = zero_pruning.prune_below(model[1], t)
+        pruned = surgery.hold_below(copy.deepcopy(model[1]), t)
         correct = 0
         with torch.no_grad():
             for x, y in test_loader:
                 correct += (pruned(x.flatten(1)).argmax(1) == y).sum().item()
-        zero_pruning.make_permanent(pruned)
+        surgery.make_permanent(pruned)
         torch.save(pruned.state_dict(), Path(save_dir) / "dense.pt")
         torch.save({k: v.to_sparse_csr() if v.dim() == 2 else v for k, v in pruned.state_dict().items()},
                    Path(save_dir) / f"csr-{t:g}.pt")
@@ -150,7 +156,7 @@ def latency_rows(name, dense, pruned, x, threads):
     rows = []
     for batch in BATCHES:
         xb = x[:batch].contiguous()
-        times = [[common.inference_time(fn, xb, threads, min_run_time=0.2) for fn in (dense, pruned)]
+        times = [[measure.inference_time(fn, xb, threads, min_run_time=0.2) for fn in (dense, pruned)]
                  for _ in range(ROUNDS)]
         t_dense, t_pruned = (statistics.median(column) for column in zip(*times))
         rows.append({"model": name, "batch": batch, "dense_ms": 1e3 * t_dense, "pruned_ms": 1e3 * t_pruned,
@@ -165,18 +171,18 @@ COLUMNS = [("Model", "model", str), ("Batch", "batch", "{:,}".format), ("Dense (
 def sgemm_gflops(threads, n=4096, repeats=5):
     """This machine's single-precision matrix-multiply speed: the ceiling for training the MLP."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    seconds = common.inference_time(lambda x: x @ b, a, threads, min_run_time=1.0)
+    seconds = measure.inference_time(lambda x: x @ b, a, threads, min_run_time=1.0)
     return 2 * n ** 3 / seconds / 1e9
 
 
 def training_throughput(args, model, train_data):
     """(seconds, GFLOP/s) of training a fresh copy of the model with the default recipe:
     6 floating-point operations per weight per example (forward, two backward products)."""
-    fresh = common.mlp(common.widths(model))
+    fresh = models.mnist_mlp(models.widths(model))
     start = time.perf_counter()
-    common.train(fresh, train_data, args.epochs, args.lr, args.batch_size, args.seed)
+    training.train(fresh, train_data, args.epochs, args.lr, args.batch_size, args.seed)
     seconds = time.perf_counter() - start
-    return seconds, 6 * common.count_weights(model) * len(train_data[1]) * args.epochs / seconds / 1e9
+    return seconds, 6 * models.count_weights(model) * len(train_data[1]) * args.epochs / seconds / 1e9
 
 
 def cpu_used_by_others(seconds=1.0):
@@ -220,9 +226,9 @@ def main():
     busy = report_load("before")
     if args.wait_policy:
         print(f"A third of a training epoch, {args.threads} threads:\n")
-        print(common.markdown_table(wait_policy_rows(args), WAIT_COLUMNS))
+        print(markdown_table(wait_policy_rows(args), WAIT_COLUMNS))
         return
-    model, train_data, test_data = common.setup(args)
+    model, train_data, _, test_data = common.setup(args, [], [])
     print()
     if not args.skip_job:
         with tempfile.TemporaryDirectory() as tmp:
@@ -238,7 +244,7 @@ def main():
 
     gflops = sgemm_gflops(args.threads)
     seconds, throughput = training_throughput(args, model, train_data)
-    bound = 6 * common.count_weights(model) * len(train_data[1]) * args.epochs / gflops / 1e9
+    bound = 6 * models.count_weights(model) * len(train_data[1]) * args.epochs / gflops / 1e9
     print(f"Training, {args.epochs} epochs at batch {args.batch_size}: {seconds:.1f} s, {throughput:.0f} GFLOP/s; "
           f"a 4096 x 4096 sgemm here runs at {gflops:.0f} GFLOP/s, which allows {bound:.1f} s: "
           f"{seconds / bound:.2f} times that (bar: 1.5)\n")
@@ -249,39 +255,36 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             for name, command in state_of_the_art_commands(tmp, mnist.data_root(args.data_dir)).items():
                 print(f"{name}, from scratch: {time_command(command):.0f} s (bar: 180 s)")
-            state = torch.load(os.path.join(tmp, "models", "activation-0.95.pt"), weights_only=True)
-        linear_sizes = [state[k].shape for k in state if k.endswith("weight")]
-        smallest = common.mlp([linear_sizes[0][1], *(shape[0] for shape in linear_sizes)], state["0.indices"])
-        smallest.load_state_dict(state)
+            smallest = pruning.load(os.path.join(tmp, "models", "activation-reduction0.95.pt"))
         print()
 
     print(f"Inference latency: median of {ROUNDS} rounds, each the median of repeats after warm-up; "
           f"{args.threads} threads, CPU.\n")
     if smallest is not None:
-        widths = "-".join(map(str, common.widths(smallest)[:-1]))
-        reduction = 100 * (1 - common.count_params(smallest) / common.count_params(model))
+        widths = "-".join(map(str, models.widths(smallest)[:-1]))
+        reduction = 100 * (1 - models.count_params(smallest) / models.count_params(model))
         rows = latency_rows(f"activation pruning in steps, widths {widths}, {reduction:.1f}% fewer params",
                             model, smallest, x, args.threads)
-        print(common.markdown_table(rows, COLUMNS) + "\n(bars: 3x at batch 32, 8x at batch 10,000)\n")
+        print(markdown_table(rows, COLUMNS) + "\n(bars: 3x at batch 32, 8x at batch 10,000)\n")
     rows = []
     for s in SPARSITIES:
-        pruned = zero_pruning.make_permanent(zero_pruning.prune_below(
-            model, zero_pruning.threshold_for_sparsity(model, s)))
-        name = f"zero pruning, {100 * zero_pruning.count_zeros(pruned) / common.count_weights(model):.1f}% zeros, CSR"
-        rows += latency_rows(name, model, zero_pruning.sparse_forward(pruned), x, args.threads)
-    print(common.markdown_table(rows, COLUMNS) + "\n")
+        pruned = surgery.make_permanent(surgery.hold_below(copy.deepcopy(model), criteria.threshold_for_sparsity(model, s)))
+        name = f"zero pruning, {100 * models.count_zeros(pruned) / models.count_weights(model):.1f}% zeros, CSR"
+        rows += latency_rows(name, model, measure.sparse_forward(pruned), x, args.threads)
+    print(markdown_table(rows, COLUMNS) + "\n")
 
     rows = []
-    means = activation_pruning.mean_activations(model, train_data[0])
+    means = activation_pruning.measured_means(model, train_data[0])
+    layers = chain.layers(model)
     for t in ACTIVATION_THRESHOLDS:
         for multiple in (1, 8):
-            keep, _ = activation_pruning.neurons_to_keep(means, t, multiple)
-            pruned = activation_pruning.remove_neurons(model, keep)
-            reduction = 100 * (1 - common.count_params(pruned) / common.count_params(model))
-            widths = "-".join(map(str, common.widths(pruned)[1:-1]))
+            keep, _ = criteria.neurons_to_keep(means, t, multiple)
+            pruned = surgery.remove_units(layers, keep, [1] * len(keep))
+            reduction = 100 * (1 - models.count_params(pruned) / models.count_params(model))
+            widths = "-".join(map(str, models.widths(pruned)[1:-1]))
             name = f"activation pruning at {t:g}, widths {widths}, {reduction:.1f}% fewer params"
             rows += latency_rows(name, model, pruned, x, args.threads)
-    print(common.markdown_table(rows, COLUMNS) + "\n")
+    print(markdown_table(rows, COLUMNS) + "\n")
     if report_load("after") or busy:
         print("Warning: the machine was busy while these figures were taken; rerun them on an idle machine.")
 

@@ -160,6 +160,17 @@ def fine_tuning_epochs(args):
 
 # Outputs --------------------------------------------------------------------------------
 
+made_folders = []  # made by this run: left out when nothing was written in them
+
+
+def remove_empty_folders():
+    for folder in reversed(made_folders):  # a run's seed folders before the run's
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
 def run_folder(script):
     """A new folder of the project's for this run's models: runs/<script>-<date>-<time>[-n]/."""
     runs = ROOT / "runs"
@@ -170,6 +181,7 @@ def run_folder(script):
         folder = runs / (stem if n == 1 else f"{stem}-{n}")
         try:
             folder.mkdir()
+            made_folders.append(folder)
             return folder
         except FileExistsError:
             continue
@@ -185,42 +197,44 @@ def seed_folder(args, seed):
 
 
 def check_outputs(args, model_files, figures):
-    """Check every file this run will write, before any work: each destination must be free or a
-    file of ours, its folder writable, and no two outputs the same file. model_files: the names
-    written in each seed's folder; figures: the names written in --plot-dir."""
-    checkpoint_paths = [checkpoint_path(args, training_config(args, seed)) for seed in seeds(args)]
+    """Check every file this run will write, before any work: no two outputs the same file, each
+    destination free or a file of ours, its folder writable. model_files: the names written in
+    each seed's folder; figures: the names written in --plot-dir."""
+    checkpoints = [checkpoint_path(args, training_config(args, seed)) for seed in seeds(args)]
     if args.control:
-        checkpoint_paths += [checkpoint_path(args, training_config(args, seed, control=True), control=True)
-                             for seed in seeds(args)]
+        checkpoints += [checkpoint_path(args, training_config(args, seed, control=True), control=True)
+                        for seed in seeds(args)]
     if not args.checkpoint:
-        folder = checkpoint_paths[0].parent
+        folder = checkpoints[0].parent
         if files.kind_of(folder) == "absent":  # the project's own folder, made on the first run
             folder.mkdir()
-    outputs = [("--checkpoint", p) for p in checkpoint_paths] + [("--json", args.json)]
-    if args.json:
-        files.check_file_destination("--json", args.json)
-    for path in checkpoint_paths:
-        files.check_file_destination("--checkpoint", path)
-    args.save_dir = str(files.make_folder("--save-dir", args.save_dir) if args.save_dir else run_folder(sys.argv[0]))
+    args.save_dir = str(made("--save-dir", args.save_dir) if args.save_dir else run_folder(sys.argv[0]))
+    planned = [("--checkpoint", path) for path in checkpoints] + [("--json", args.json)]
     for seed in seeds(args):
         folder = seed_folder(args, seed)
-        if args.seeds > 1:
-            kind = "link" if folder.is_symlink() else files.kind_of(folder)
-            if kind not in ("absent", "folder"):
-                raise UserError(f"--save-dir: {shown(folder)} is a {kind}, not a folder for seed {seed}'s models")
-            if kind == "folder":
-                files.check_folder_destination("--save-dir", folder)
-        for name in model_files:
-            if files.kind_of(folder) == "folder":
-                files.check_file_destination("--save-dir", folder / name)
-            outputs.append(("--save-dir", folder / name))
+        kind = "link" if folder.is_symlink() else files.kind_of(folder)
+        if kind not in ("absent", "folder"):
+            raise UserError(f"--save-dir: {shown(folder)} is a {kind}, not a folder for seed {seed}'s models")
+        planned += [("--save-dir", folder / name) for name in model_files]
     if args.plot or args.plot_dir:
         args.plot = True
-        args.plot_dir = str(files.make_folder("--plot-dir", args.plot_dir or ROOT / "figures"))
-        for name in figures:
-            files.check_file_destination("--plot-dir", Path(args.plot_dir) / name)
-            outputs.append(("--plot-dir", Path(args.plot_dir) / name))
-    files.check_distinct(outputs)
+        args.plot_dir = str(made("--plot-dir", args.plot_dir or ROOT / "figures"))
+        planned += [("--plot-dir", Path(args.plot_dir) / name) for name in figures]
+    files.check_distinct(planned)
+    for option, path in planned:
+        if path is not None and files.kind_of(Path(path).parent) == "folder":  # a seed's folder is made later
+            files.check_file_destination(option, path)
+        elif path is not None and option != "--save-dir":
+            files.check_file_destination(option, path)
+
+
+def made(option, folder):
+    """files.make_folder, remembering a folder it made so that it goes again if nothing is written in it."""
+    absent = files.kind_of(Path(folder)) == "absent"
+    folder = files.make_folder(option, folder)
+    if absent:
+        made_folders.append(folder)
+    return folder
 
 
 def seeds(args):
@@ -360,6 +374,7 @@ def setup(args, model_files, figures):
         folder = seed_folder(args, args.seed)
         if files.kind_of(folder) == "absent":
             folder.mkdir()
+            made_folders.append(folder)
     return model, train_data, validation, test_data
 
 
@@ -491,6 +506,8 @@ def run(main):
         startup.ignore_signals()
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         sys.exit(128 + signal.SIGPIPE)
+    finally:
+        remove_empty_folders()
 
 
 # Measured in a sweep ------------------------------------------------------------------------

@@ -10,12 +10,13 @@ import json
 from pathlib import Path
 
 import common
-import files
+from pruning import files, plots
 
 
 def read(path):
     try:
-        return json.loads(Path(path).read_text())
+        files.check_readable(path, files.MAX_RESULTS_BYTES, "results file")
+        return json.loads(Path(path).read_bytes())
     except (OSError, ValueError) as e:
         raise common.UserError(f"cannot read results from {path}: {getattr(e, 'strerror', None) or e}") from None
 
@@ -36,7 +37,7 @@ def from_zero_pruning_with_bits(result):
 def sizes(results, path):
     """File size against accuracy: the fp32 CSR files and the compressed ones at each bit width,
     from zero_pruning.py runs with --bits (and the published Deep Compression point for LeNet-300-100)."""
-    plt = common.pyplot()
+    plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     first = results[0]
     csr = [(r["csr_bytes"], r.get("finetuned_accuracy", r["accuracy"])) for r in first["rows"]]
@@ -56,7 +57,7 @@ def sizes(results, path):
     ax.set(xscale="log", xlabel="file size (bytes, log scale)", ylabel="test accuracy (%)",
            title=f"Compressed files, MLP 784-{widths}-10 at {zeros} zeros")
     ax.legend(fontsize=8)
-    common.save_figure(fig, Path(path).parent, Path(path).name)
+    plots.save_figure(fig, Path(path), "output")
 
 
 def main():
@@ -67,6 +68,7 @@ def main():
     p.add_argument("results", nargs="+", help="JSON files written by zero_pruning.py --bits B --json")
     args = p.parse_args()
     files.check_file_destination("output", args.output)
+    files.check_distinct([("output", args.output)] + [("results", path) for path in args.results])
     results = [read(path) for path in args.results]
     for path, result in zip(args.results, results):
         if not from_zero_pruning_with_bits(result):

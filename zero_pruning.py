@@ -25,8 +25,11 @@ FIGURES = ["weight_magnitudes.png", "zero_pruning_accuracy.png"]
 
 def targets(args):
     """(the row's name, its key and value as the user gave it) for each row of the sweep."""
-    kind, values = ("sparsity", args.sparsity) if args.sparsity else ("threshold", args.thresholds)
-    return [(f"{kind}{results.label(v)}", kind, v) for v in values]
+    return [(f"{kind_of(args)}{results.label(v)}", kind_of(args), v) for v in args.sparsity or args.thresholds]
+
+
+def kind_of(args):
+    return "sparsity" if args.sparsity else "threshold"
 
 
 def model_files(args):
@@ -60,12 +63,13 @@ def sweep(model, train_data, validation, test_data, args, folder):
     dense_bytes = common.save_model(model, folder / "dense.pt")
     teacher = training.logits(model, train_data[0]) if args.distill else None
     rows = []
-    for (name, kind, value), t in zip(common.progress(targets(args), "sweep", "row"), thresholds(model, args)):
+    chosen = thresholds(model, args)
+    for (name, kind, value), t in zip(common.progress(targets(args), "sweep", kind_of(args)), chosen):
         pruned = surgery.hold_below(copy.deepcopy(model), t)
         row = {kind: value, **({"threshold": t} if kind != "threshold" else {}),
                **common.scores(pruned, validation, test_data)}
         if args.finetune_epochs:
-            finetune = common.step_finetuner(train_data, args, teacher, name)
+            finetune = common.step_finetuner(train_data, args, teacher, f"{kind} {results.label(value)}")
             if args.steps > 1:
                 pruned = methods.zero_prune(copy.deepcopy(model), value, args.steps, finetune)
             else:
@@ -80,7 +84,7 @@ def sweep(model, train_data, validation, test_data, args, folder):
         common.export_onnx(args, pruned, folder / f"zero-{name}.onnx")
         if args.bits:
             row.update(common.compress(pruned, train_data, validation, test_data, args, teacher,
-                                       folder / f"compressed-{name}.bin", name, dense_bytes))
+                                       folder / f"compressed-{name}.bin", f"{kind} {results.label(value)}", dense_bytes))
             row["bits_per_nonzero"] = 8 * row["compressed_bytes"] / max(1, weights - zeroed)
         rows.append(row)
     return rows

@@ -10,6 +10,7 @@ Importing it changes nothing outside it: no signal handlers, no threads, no envi
 """
 
 from pruning.chain import NotAChain
+from pruning.data import mnist
 from pruning.files import UserError
 from pruning.methods import activation_prune, zero_prune
 from pruning.model import Normalize, count_params, count_weights, count_zeros, lenet5, mnist_mlp
@@ -18,4 +19,4 @@ from pruning.training import accuracy, distillation_loss, finetuner, logits, pre
 
 __all__ = ["zero_prune", "activation_prune", "save", "load", "export_onnx", "train", "finetuner",
            "distillation_loss", "logits", "predict", "accuracy", "count_params", "count_weights", "count_zeros",
-           "mnist_mlp", "lenet5", "Normalize", "NotAChain", "UserError"]
+           "mnist", "mnist_mlp", "lenet5", "Normalize", "NotAChain", "UserError"]

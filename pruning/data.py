@@ -72,6 +72,11 @@ def download(root):
                         "holding MNIST/raw/") from None
 
 
+def mnist(data_dir=None, validation=0):
+    """MNIST from data_dir (default: $MNIST_DATA_DIR, else ./data), as load() gives it."""
+    return load(data_root(data_dir), validation)
+
+
 def load(root, validation=0):
     """((x_train, y_train), (x_test, y_test)): flattened float images in [0, 1] and int64 labels.
     With validation=N, ((x_train, y_train), (x_val, y_val), (x_test, y_test)): the last N training

@@ -205,6 +205,7 @@ def check_file_destination(option, path):
     if kind_of(folder) != "folder":
         raise UserError(f"cannot write {shown(path)}: folder {shown(folder)} does not exist")
     try:
+        remove_abandoned_temporaries(path)
         longest = TEMPORARY.format(name=path.name, pid=2 ** 22, n=10 ** 6)
         if len(os.fsencode(longest)) > os.pathconf(folder, "PC_NAME_MAX"):
             raise UserError(f"cannot write {shown(path)}: the name is too long for the file system "

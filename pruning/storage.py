@@ -3,8 +3,10 @@ and kept pixels included) beside its numbers, and pruning.load rebuilds the mode
 them. Formats: 'dense' (every weight), 'csr' (the weights of each layer as compressed sparse
 rows: fp32 values, int32 indices) and the compressed file of compressed.py. ONNX for other runtimes."""
 
+import contextlib
 import io
 import math
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -43,9 +45,19 @@ def save(model, path, storage="dense", about=None, option=None):
 
 def to_csr(weight):
     """CSR with int32 indices of a weight seen as (outputs, everything else)."""
-    csr = weight.detach().cpu().flatten(1).to_sparse_csr()
-    return torch.sparse_csr_tensor(csr.crow_indices().int(), csr.col_indices().int(), csr.values(), csr.shape,
-                                   check_invariants=True)
+    with sparse_quietly():
+        csr = weight.detach().cpu().flatten(1).to_sparse_csr()
+        return torch.sparse_csr_tensor(csr.crow_indices().int(), csr.col_indices().int(), csr.values(), csr.shape,
+                                       check_invariants=True)
+
+
+@contextlib.contextmanager
+def sparse_quietly():
+    """Without PyTorch's notices that sparse tensors are in beta (for this block only)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        warnings.filterwarnings("ignore", message="Validating sparse tensor invariants")
+        yield
 
 
 def csr_tensors(model, state):
@@ -105,7 +117,9 @@ def load(path, with_about=False):
         saved = read_torch_file(path)
         try:
             model = from_tensors(saved)
-        except (architecture.BadArchitecture, ValueError, KeyError, TypeError, RuntimeError) as e:
+        except KeyError as e:
+            raise UserError(f"{shown(path)} cannot be loaded: it lacks its {e.args[0]!r}") from None
+        except (architecture.BadArchitecture, ValueError, TypeError, RuntimeError) as e:
             raise UserError(f"{shown(path)} cannot be loaded: {e}") from None
         about = saved.get("about") if isinstance(saved.get("about"), dict) else {}
     else:
@@ -148,8 +162,9 @@ def dense_from_csr(description, tensors, shapes):
         if not 0 <= nnz <= min(len(indices), len(values), rows * columns):
             raise ValueError("its sparse weights do not fit their layers")
         col, indices, vals, values = indices[:nnz], indices[nnz:], values[:nnz], values[nnz:]
-        out[name] = torch.sparse_csr_tensor(crow, col, vals, (rows, columns), check_invariants=True) \
-            .to_dense().view(shapes[name])
+        with sparse_quietly():
+            out[name] = torch.sparse_csr_tensor(crow, col, vals, (rows, columns), check_invariants=True) \
+                .to_dense().view(shapes[name])
     if len(indices) or len(values):
         raise ValueError("numbers are left after the last layer")
     return out

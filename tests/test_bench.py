@@ -7,19 +7,20 @@ import pytest
 import torch
 
 import bench
-import common
 from conftest import ROOT
+from pruning.model import mlp
+from pruning.results import markdown_table
 
 
 def test_latency_rows_time_both_models_at_every_batch_size():
     torch.manual_seed(0)
-    dense, small = common.mlp([784, 64, 10]), common.mlp([784, 8, 10])
+    dense, small = mlp([784, 64, 10]), mlp([784, 8, 10])
     rows = bench.latency_rows("small", dense, small, torch.rand(10000, 784), threads=1)
     assert [r["batch"] for r in rows] == bench.BATCHES
     for r in rows:
         assert r["dense_ms"] > 0 and r["pruned_ms"] > 0
         assert r["speedup"] == pytest.approx(r["dense_ms"] / r["pruned_ms"])
-    last_line = common.markdown_table(rows, bench.COLUMNS).splitlines()[-1]
+    last_line = markdown_table(rows, bench.COLUMNS).splitlines()[-1]
     assert [cell.strip() for cell in last_line.split("|")[1:3]] == ["small", "10,000"]
 
 

@@ -12,9 +12,11 @@ import torchvision
 
 import activation_pruning
 import common
-import files as files_module
 import zero_pruning
 from conftest import run_script
+from pruning import files as files_module
+from pruning import storage
+from pruning.model import mnist_mlp
 
 SCRIPTS = ["zero_pruning.py", "activation_pruning.py"]
 MAINS = {"zero_pruning.py": zero_pruning.main, "activation_pruning.py": activation_pruning.main}
@@ -36,7 +38,7 @@ def assert_rejected(script, args, message, tmp_path, capsys, monkeypatch, data_d
     """Run script's main as its command line does, with a precious checkpoint beside it:
     it must fail with one error line and exit code 2, and touch no file."""
     precious = tmp_path / "precious.pt"  # a checkpoint of this project, made with other settings
-    torch.save({"config": {"sizes": [784, 10]}, "state_dict": common.mlp([784, 10]).state_dict()}, precious)
+    storage.save(mnist_mlp([784, 10]), precious, about={"config": {"sizes": [784, 10]}})
     before = files(tmp_path)
     monkeypatch.setattr(sys, "argv", [script, *args, *(["--checkpoint", str(precious)] if checkpoint else [])])
     monkeypatch.setenv("MNIST_DATA_DIR", str(data_dir or tmp_path))
@@ -99,8 +101,7 @@ def test_cuda_without_a_gpu_is_rejected(script, tmp_path, capsys, monkeypatch):
     (["--sparsity", "1"], "must be < 1, not 1"),
     (["--sparsity", "0.9", "--steps", "0", "--finetune-epochs", "1"], "must be > 0, not 0"),
     (["--sparsity", "0.9", "--steps", "-2", "--finetune-epochs", "1"], "must be > 0, not -2"),
-    (["--steps", "10", "--finetune-epochs", "1"], "--steps takes --sparsity and --finetune-epochs"),
-    (["--sparsity", "0.9", "--steps", "10"], "--steps takes --sparsity and --finetune-epochs"),
+    (["--steps", "10", "--finetune-epochs", "1"], "--steps takes --sparsity"),
     (["--sparsity", "0.9", "--finetune-epochs", "1", "--final-epochs", "3"], "--final-epochs takes --steps 2"),
     (["--sparsity", "nan"], "not a number: 'nan'"),
     (["--sparsity", "0.9", "0.9"], "--sparsity: 0.9 and 0.9 are the same"),
@@ -120,7 +121,8 @@ def test_zero_pruning_sparsity_must_be_distinct_fractions(args, message, tmp_pat
     (["--prune-inputs"], "--prune-inputs takes --reduction"),
     (["--criterion", "contribution"], "--criterion takes --reduction"),
     (["--criterion", "loudness", "--reduction", "0.9"], "invalid choice: 'loudness'"),
-    (["--reduction", "0.9", "--steps", "3"], "--steps takes --reduction and --finetune-epochs"),
+    (["--steps", "3"], "--steps takes --reduction"),
+    (["--model", "lenet5", "--reduction", "0.9", "--prune-inputs"], "--prune-inputs takes --model mlp"),
 ])
 def test_activation_pruning_reduction_options_are_checked(args, message, tmp_path, capsys, monkeypatch):
     assert_rejected("activation_pruning.py", args, message, tmp_path, capsys, monkeypatch)
@@ -166,7 +168,7 @@ DATA_FOLDERS = {  # case: (make the folder, message)
                   "is truncated or corrupted"),
     "wrong magic": (lambda data: write(mnist_folder(data) / "train-labels-idx1-ubyte", idx(0x803, 4)),
                     "is not an MNIST IDX file"),
-    "unreadable": (lambda data: unreadable(mnist_folder(data), "train-labels-idx1-ubyte"), "cannot read"),
+    "unreadable": (lambda data: unreadable(mnist_folder(data), "train-labels-idx1-ubyte"), "is not a regular file"),
     "no images": (lambda data: (write(mnist_folder(data) / "t10k-images-idx3-ubyte", idx(0x803, 0, 28, 28)),
                                 write(data / "MNIST" / "raw" / "t10k-labels-idx1-ubyte", idx(0x801, 0))),
                   "holds no images"),
@@ -207,10 +209,10 @@ def not_ours(kind, tmp_path):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("kind, message", [
-    ("MNIST labels", "is not a checkpoint of this project; refusing to replace it"),
-    ("JSON", "is not a checkpoint of this project"),
-    ("photo", "is not a checkpoint of this project"),
-    ("zip", "is not a checkpoint of this project"),
+    ("MNIST labels", "is not a file this project wrote; refusing to replace it"),
+    ("JSON", "is not a file this project wrote"),
+    ("photo", "is not a file this project wrote"),
+    ("zip", "is not a file this project wrote"),
     ("folder", "is a folder, not a file"),
     ("pipe", "is a pipe, not a file"),
 ])
@@ -230,14 +232,14 @@ def test_a_device_is_never_replaced(script, tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("make, args, message", [
     (lambda t: None, ["--checkpoint", "{t}/x.pt", "--json", "{t}/x.pt"], "--checkpoint and --json name the same file"),
-    (lambda t: (t / "out").mkdir(), ["--checkpoint", "{t}/out/m.pt", "--save-dir", "{t}/out"],
-     "--save-dir {t}/out holds the checkpoint"),
+    (lambda t: (t / "out").mkdir(), ["--checkpoint", "{t}/out/dense.pt", "--save-dir", "{t}/out"],
+     "--checkpoint and --save-dir name the same file"),
     (lambda t: (t / "out.json").mkdir(), ["--json", "{t}/out.json"], "--json {t}/out.json is a folder, not a file"),
     (lambda t: None, ["--json", "/dev/null"], "--json /dev/null is a device, not a file"),
     (lambda t: (t / "file").write_text("x"), ["--save-dir", "{t}/file"], "--save-dir {t}/file is a file, not a folder"),
     (lambda t: (t / "file").write_text("x"), ["--plot-dir", "{t}/file"], "--plot-dir {t}/file is a file, not a folder"),
     (lambda t: None, ["--json", "{t}/" + "n" * 240 + ".json"], "the name is too long for the file system"),
-    (lambda t: None, ["--plot-dir", "/proc/figures"], "cannot make the figures' folder /proc/figures"),
+    (lambda t: None, ["--plot-dir", "/proc/figures"], "cannot make the folder /proc/figures"),
 ])
 def test_destinations_are_checked_before_any_work(script, make, args, message, tmp_path, capsys, monkeypatch):
     make(tmp_path)

@@ -16,20 +16,21 @@ import torch
 
 import activation_pruning as ap
 import common
-import compressed
-import files
-import mnist
+import pruning
 import zero_pruning as zp
 from conftest import ROOT, run_script
+from pruning import data as mnist
+from pruning import files, storage, surgery, training
+from pruning.model import count_params, kept_inputs, mlp
 
 pytestmark = pytest.mark.usefixtures("mnist_dir")
 TIMINGS = {"inference_time_s"}
 
 
 def load(checkpoint):
-    """The model in checkpoint, which must be complete and consistent with its own settings."""
-    model, problem = common.load_checkpoint(checkpoint, torch.load(checkpoint, weights_only=True)["config"])
-    assert problem is None, problem
+    """The model in checkpoint, which must be complete and hold its training settings."""
+    model, about = storage.load(checkpoint, with_about=True)
+    assert about["config"]["recipe"] == training.RECIPE
     return model
 
 
@@ -56,21 +57,26 @@ def test_zero_pruning_default_sweep(checkpoint, tmp_path):
     assert rows[-1]["zero_percentage"] > 90
     for r in rows:
         assert r["zero_percentage"] == pytest.approx(100 * r["zeroed_params"] / 566_528)
-        assert r["csr_bytes"] == (tmp_path / f"csr-{r['threshold']:g}.pt").stat().st_size
+        assert r["csr_bytes"] == (tmp_path / f"csr-threshold{r['threshold']:.4g}.pt").stat().st_size
         assert r["csr_bytes_needed"] <= r["csr_bytes"] <= 1.10 * r["csr_bytes_needed"]
     assert rows[0]["dense_bytes"] == (tmp_path / "dense.pt").stat().st_size
     assert header(stdout) == ["Threshold", "Accuracy", "Original Params", "Zeroed Params", "Zero Percentage",
                               "Dense File (B)", "CSR File (B)"]
-    assert "Memory impact: at threshold 0.1," in stdout
+    assert "Memory impact: the sparsest model within half a point of the dense one: at threshold 0.03," in stdout
+    assert "The sparsest overall: at threshold 0.1," in stdout
+    assert f"Dense model: {results['dense_accuracy']:.2f}% test accuracy." in stdout
     assert f"model: loaded {checkpoint} (test accuracy {rows[0]['accuracy']:.2f}%)" in stderr
 
-    # the saved CSR file loads back into a model that predicts exactly as the pruned one
+    # every saved file loads back into a model that takes raw images and scores as its row says
     model = load(checkpoint)
     _, test = mnist.load(mnist.data_root())
-    pruned = zp.make_permanent(zp.prune_below(model, 0.04))
-    loaded = zp.load_sparse(tmp_path / "csr-0.04.pt")
-    assert torch.equal(common.predict(loaded, test[0]), common.predict(pruned, test[0]))
-    assert common.accuracy(loaded, test) == rows[4]["accuracy"]
+    images = (test[0].view(-1, 28, 28), test[1])
+    pruned = surgery.make_permanent(surgery.hold_below(model, 0.04))
+    loaded = pruning.load(tmp_path / "csr-threshold0.04.pt")
+    assert torch.equal(training.predict(loaded, test[0]), training.predict(pruned, test[0]))
+    assert [training.accuracy(pruning.load(tmp_path / f"csr-threshold{r['threshold']:.4g}.pt"), images)
+            for r in rows] == [r["accuracy"] for r in rows]
+    assert training.accuracy(pruning.load(tmp_path / "dense.pt"), images) == results["dense_accuracy"]
 
 
 def test_activation_pruning_default_sweep(checkpoint, tmp_path):
@@ -88,18 +94,17 @@ def test_activation_pruning_default_sweep(checkpoint, tmp_path):
 
     model = load(checkpoint)
     _, test = mnist.load(mnist.data_root())
-    assert rows[0]["accuracy"] == common.accuracy(model, test)  # threshold 0: the unchanged model
-    for r in rows:  # each saved model is an ordinary state dict of the smaller architecture
-        smaller = common.mlp([784, *r["hidden_widths"], 10])
-        smaller.load_state_dict(torch.load(tmp_path / f"activation-{r['threshold']:g}.pt", weights_only=True))
-        assert common.count_params(smaller) == r["new_params"]
-        assert common.accuracy(smaller, test) == r["accuracy"]
+    assert rows[0]["accuracy"] == training.accuracy(model, test)  # threshold 0: the unchanged model
+    for r in rows:  # each saved model rebuilds itself, smaller, and reads raw images of any shape
+        smaller = pruning.load(tmp_path / f"activation-threshold{r['threshold']:.4g}.pt")
+        assert count_params(smaller) == r["new_params"]
+        assert training.accuracy(smaller, (test[0].view(-1, 1, 28, 28), test[1])) == r["accuracy"]
 
 
 @pytest.fixture(scope="module")
 def dense_accuracy(checkpoint):
     """Test accuracy of the trained, unpruned model: the baseline of the fine-tuning bars."""
-    return common.accuracy(load(checkpoint), mnist.load(mnist.data_root())[1])
+    return training.accuracy(load(checkpoint), mnist.load(mnist.data_root())[1])
 
 
 def test_fine_tuned_zero_pruning_keeps_accuracy_at_95_percent_zeros(checkpoint, dense_accuracy, tmp_path):
@@ -130,13 +135,15 @@ def test_pruning_in_steps_with_distillation_keeps_accuracy_at_98_5_percent_zeros
     assert row["zero_percentage"] >= 98.5
     assert row["finetuned_accuracy"] >= dense_accuracy - 0.5
 
-    path = tmp_path / f"compressed-{row['threshold']:g}.bin"
+    path = tmp_path / "compressed-sparsity0.985.bin"
     assert row["compressed_bytes"] == path.stat().st_size <= 2_272_781 / 100
     assert row["quantized_accuracy"] >= dense_accuracy - 0.5
     assert row["quantized_finetuned_accuracy"] >= dense_accuracy - 0.5
     assert header(stdout)[-4:] == ["Quantized", "Q. Fine-tuned", "Compressed File (B)", "x Smaller"]
-    assert common.accuracy(compressed.load_compressed(path), mnist.load(mnist.data_root())[1]) == \
+    assert training.accuracy(pruning.load(path), mnist.load(mnist.data_root())[1]) == \
         row["quantized_finetuned_accuracy"]
+    assert training.accuracy(pruning.load(tmp_path / "csr-sparsity0.985.pt"), mnist.load(mnist.data_root())[1]) == \
+        row["finetuned_accuracy"]
 
 
 def test_lenet_300_100_keeps_accuracy_at_98_percent_zeros(tmp_path):
@@ -173,13 +180,12 @@ def test_activation_pruning_in_steps_removes_95_percent_of_parameters_within_hal
     assert header(stdout)[:7] == ["Reduction", "Accuracy", "Fine-tuned", "Original Params", "New Params",
                                   "Input Pixels", "Hidden Widths"]
 
-    # the saved model holds its pixels and classifies whole images
-    state = torch.load(tmp_path / "activation-0.95.pt", weights_only=True)
-    model = common.mlp([row["input_width"], *row["hidden_widths"], 10], inputs=state["0.indices"])
-    model.load_state_dict(state)
-    assert common.count_params(model) == row["new_params"]
-    assert common.kept_inputs(model).tolist() == row["kept_pixels"]
-    assert common.accuracy(model, mnist.load(mnist.data_root())[1]) == row["finetuned_accuracy"]
+    # the saved model holds its pixels and its normalisation, and classifies whole raw images
+    model = pruning.load(tmp_path / "activation-reduction0.95.pt")
+    assert count_params(model) == row["new_params"]
+    assert kept_inputs(model).tolist() == row["kept_pixels"]
+    x, y = mnist.load(mnist.data_root())[1]
+    assert training.accuracy(model, (x.view(-1, 28, 28), y)) == row["finetuned_accuracy"]
 
 
 def test_same_seed_same_results(tmp_path):
@@ -196,30 +202,25 @@ def test_same_seed_same_results(tmp_path):
     assert runs[0] == runs[1]
     strip = [[{k: v for k, v in r.items() if k not in TIMINGS} for r in rows] for rows in runs[2:]]
     assert strip[0] == strip[1]
-    first, second = (torch.load(tmp_path / f"m{i}.pt", weights_only=True)["state_dict"] for i in range(2))
+    first, second = (storage.read_torch_file(tmp_path / f"m{i}.pt")["tensors"] for i in range(2))
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-@pytest.mark.parametrize("bad", [b"", "truncated", "other architecture", "not finite"])
-def test_unusable_checkpoint_is_reported_and_replaced(bad, checkpoint, tmp_path):
+@pytest.mark.parametrize("bad", ["other settings", "not finite"])
+def test_an_unusable_checkpoint_of_ours_is_reported_and_replaced(bad, checkpoint, tmp_path):
     path = tmp_path / "mlp.pt"
-    if bad == "truncated":
-        path.write_bytes(checkpoint.read_bytes()[:1000])
-    elif bad == "other architecture":
-        config = {**torch.load(checkpoint, weights_only=True)["config"], "epochs": 1}
-        torch.save({"config": config, "state_dict": common.mlp([784, 32, 10]).state_dict()}, path)
-    elif bad == "not finite":
-        saved = torch.load(checkpoint, weights_only=True)
-        saved["config"]["epochs"] = 1
-        saved["state_dict"]["0.weight"][0, 0] = float("nan")
-        torch.save(saved, path)
+    saved = storage.read_torch_file(checkpoint)
+    model, config = storage.from_tensors(saved), {**saved["about"]["config"], "epochs": 1}
+    if bad == "not finite":
+        saved["tensors"]["1.weight"][0, 0] = float("nan")
+        torch.save({**saved, "about": {"config": config}}, path)
     else:
-        path.write_bytes(bad)
+        storage.save(model, path, about={"config": {**config, "epochs": 3}})
     result = run_script("zero_pruning.py", "--checkpoint", path, "--epochs", "1", "--thresholds", "0")
     assert result.returncode == 0, result.stderr
-    assert f"model: checkpoint {path} is " in result.stderr and "; retraining" in result.stderr
+    assert f"model: checkpoint {path}: " in result.stderr and "; retraining" in result.stderr
     assert "Traceback" not in result.stderr
-    assert common.count_params(load(path)) == 567_434
+    assert count_params(load(path)) == 567_434
 
 
 def start(script, *args):
@@ -263,7 +264,7 @@ def test_concurrent_runs_share_a_checkpoint_safely(tmp_path):
     results = [p.communicate(timeout=300) for p in processes]
     assert [p.returncode for p in processes] == [0, 0], results
     assert all("| Threshold |" in out for out, _ in results)
-    assert common.count_params(load(path)) == 567_434
+    assert count_params(load(path)) == 567_434
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.pt"]
 
 
@@ -284,8 +285,8 @@ def test_a_run_in_a_pipe_logs_a_line_per_finished_step_and_names_its_inputs(tmp_
     lines = stderr.splitlines()
     assert [line.split(" (")[0] for line in lines if " done (" in line] == [
         "training: epoch 1/2 done", "training: epoch 2/2 done",
-        "fine-tuning at 0: epoch 1/1 done", "sweep: threshold 1/2 done",
-        "fine-tuning at 0.05: epoch 1/1 done", "sweep: threshold 2/2 done"]
+        "fine-tuning at threshold 0: epoch 1/1 done", "sweep: threshold 1/2 done",
+        "fine-tuning at threshold 0.05: epoch 1/1 done", "sweep: threshold 2/2 done"]
     assert results["settings"]["data_folder"] == str(mnist.data_root().resolve())
     assert results["settings"]["checkpoint_file"] == str((tmp_path / "m.pt").resolve())
     quiet = run_script("zero_pruning.py", "--checkpoint", tmp_path / "m.pt", "--epochs", "2", "--thresholds", "0",
@@ -363,7 +364,7 @@ def test_a_full_disk_ends_in_one_line_and_keeps_the_earlier_file(script, checkpo
 
 
 def test_training_that_diverges_stops_in_one_line():
-    model = common.mlp([6, 5, 3])
+    model = mlp([6, 5, 3])
     x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
     with pytest.raises(common.UserError, match="^training diverged: the weights are no longer finite numbers; "
                                                "lower the learning rate$"):
@@ -374,6 +375,7 @@ def test_a_first_run_in_a_fresh_copy_makes_its_checkpoints_folder(tmp_path, mnis
     """A fresh clone has no checkpoints/ yet: the first run makes it and saves the model there."""
     for source in ROOT.glob("*.py"):
         shutil.copy(source, tmp_path)
+    shutil.copytree(ROOT / "pruning", tmp_path / "pruning")
     result = subprocess.run([sys.executable, tmp_path / "zero_pruning.py", "--epochs", "1", "--thresholds", "0",
                              "--data-dir", mnist_dir, "--quiet"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -1,0 +1,158 @@
+"""The library on networks it has never seen: a module subclass with Flatten and Dropout, a small CNN
+with BatchNorm; what it refuses; and that importing it changes nothing outside it."""
+
+import copy
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pruning
+from conftest import ROOT
+from pruning import chain, surgery
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.flatten, self.fc1, self.drop, self.fc2 = nn.Flatten(), nn.Linear(784, 200), nn.Dropout(0.2), nn.Linear(200, 10)
+
+    def forward(self, x):
+        return self.fc2(self.drop(F.relu(self.fc1(self.flatten(x)))))
+
+
+class CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1, self.conv2 = nn.Conv2d(1, 12, 5), nn.BatchNorm2d(12), nn.Conv2d(12, 24, 5)
+        self.fc = nn.Linear(24 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc(x.view(x.size(0), -1))
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.b(F.relu(self.a(x)) + x)
+
+
+class Concatenation(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.b(torch.cat([self.a(x), x], 1))
+
+
+@pytest.mark.parametrize("make, message", [
+    (Residual, "not a chain"),
+    (Concatenation, "not a chain"),
+    (lambda: nn.Sequential(nn.Linear(8, 8), nn.LSTM(8, 8), nn.Linear(8, 2)), "layer 1 (LSTM) is not one"),
+    (lambda: nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 2)), "layer 1 (GELU) is not one"),
+    (lambda: nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2)), "grouped convolution"),
+])
+def test_a_network_that_is_not_a_chain_is_refused_before_any_change(make, message):
+    torch.manual_seed(0)
+    model = make()
+    before = copy.deepcopy(model.state_dict())
+    for prune in (lambda: pruning.zero_prune(model, 0.5), lambda: pruning.activation_prune(model, torch.rand(4, 8), 0.5)):
+        with pytest.raises(pruning.NotAChain, match=message) as error:
+            prune()
+        assert "\n" not in str(error.value)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_module_subclass_is_read_as_its_chain_nothing_dropped():
+    layers = chain.layers(Net())
+    assert [type(m).__name__ for m in layers] == ["Flatten", "Linear", "ReLU", "Dropout", "Linear"]
+    assert [type(m).__name__ for m in chain.layers(CNN())] == [
+        "Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "MaxPool2d", "Flatten", "Linear"]
+
+
+@torch.no_grad()
+def test_removing_dead_channels_keeps_every_output_through_batchnorm_pooling_and_flatten():
+    torch.manual_seed(0)
+    model = CNN().eval()
+    model.bn1.running_mean.uniform_(-1, 1), model.bn1.running_var.uniform_(0.5, 2)
+    # channel 3 of conv1 and channel 5 of conv2 pass on nothing: their outgoing weights are zero
+    model.conv2.weight[:, 3] = 0
+    model.fc.weight.view(10, 24, 16)[:, 5] = 0
+    layers = chain.layers(model)
+    x = torch.rand(6, 1, 28, 28)
+    keep = [torch.arange(12) != 3, torch.arange(24) != 5]
+    smaller = surgery.remove_units(layers, keep, surgery.spatial(layers, x)).eval()
+    assert torch.allclose(smaller(x), model(x), atol=1e-6)
+    assert (smaller[0].out_channels, smaller[1].num_features, smaller[4].out_channels, smaller[8].in_features) == \
+        (11, 11, 23, 23 * 16)
+    assert pruning.count_params(smaller) == (11 * 25 + 11) + 2 * 11 + (23 * 11 * 25 + 23) + (23 * 16 * 10 + 10)
+
+
+@pytest.fixture(scope="module")
+def mnist_subset(mnist_dir):
+    (x, y), (x_test, y_test) = pruning.mnist(mnist_dir)
+    return (x[:12_000].view(-1, 1, 28, 28), y[:12_000]), (x_test.view(-1, 1, 28, 28), y_test)
+
+
+@pytest.mark.parametrize("make", [Net, CNN])
+def test_a_network_never_seen_is_pruned_both_ways_saved_loaded_and_run_in_onnxruntime(make, mnist_subset, tmp_path):
+    import onnxruntime
+    (x, y), test = mnist_subset
+    torch.manual_seed(0)
+    model = pruning.train(make(), (x, y), epochs=2, seed=0)
+    dense = pruning.accuracy(model, test)
+    finetune = pruning.finetuner((x, y), epochs=1, teacher=model)
+
+    smaller = pruning.activation_prune(model, x[:2000], 0.5, steps=2, finetune=finetune)
+    assert pruning.count_params(smaller) <= 0.5 * pruning.count_params(model)
+    if make is CNN:
+        assert smaller[0].out_channels < 12 and smaller[4].out_channels < 24  # channels removed, not zeroed
+    sparse = pruning.zero_prune(copy.deepcopy(smaller), 0.9, steps=2, finetune=finetune)
+    assert pruning.count_zeros(sparse) >= 0.9 * pruning.count_weights(sparse)
+    assert pruning.accuracy(smaller, test) >= dense - 1.0 and pruning.accuracy(sparse, test) >= dense - 1.0
+
+    for name, small in [("smaller", smaller), ("sparse", sparse)]:
+        pruning.save(small, tmp_path / f"{name}.pt")
+        loaded = pruning.load(tmp_path / f"{name}.pt")
+        assert not loaded.training
+        assert torch.equal(pruning.logits(loaded, test[0]), pruning.logits(small, test[0]))
+        pruning.export_onnx(loaded, tmp_path / f"{name}.onnx", test[0][:1])
+        session = onnxruntime.InferenceSession(str(tmp_path / f"{name}.onnx"))
+        out = session.run(None, {"images": test[0].numpy()})[0]
+        expected = pruning.logits(loaded, test[0]).numpy()
+        assert np.abs(out - expected).max() <= 1e-4
+        assert (out.argmax(1) == expected.argmax(1)).all()
+
+
+def test_importing_the_library_changes_nothing_outside_it():
+    code = ("import os, signal; handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM); "
+            "import pruning, pruning.storage, pruning.compressed, pruning.measure, pruning.plots; "
+            "assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers; "
+            "assert 'GOMP_SPINCOUNT' not in os.environ")
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_readme_example_runs_as_written_from_a_folder_outside_the_project(mnist_dir, tmp_path):
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Pruning your own model"):]
+    block = section[section.index("```python\n") + len("```python\n"):section.index("\n```")]
+    assert len(block.splitlines()) <= 25
+    (tmp_path / "example.py").write_text(block)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MNIST_DATA_DIR": str(mnist_dir)}
+    result = subprocess.run([sys.executable, "example.py"], capture_output=True, text=True, cwd=tmp_path, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["example.py", "net.onnx", "net.pt"]

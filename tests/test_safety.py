@@ -1,0 +1,293 @@
+"""Nothing that is not ours is ever replaced, every destination is checked before the work, and every
+file we read is checked before anything of the size it claims is allocated. The runs here train on a
+tiny MNIST of blank images, so each takes a second or two."""
+
+import json
+import lzma
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zipfile
+import zlib
+
+import pytest
+import torch
+
+import pruning
+from conftest import ROOT, run_script
+from pruning import files, storage
+
+SCRIPTS = ["zero_pruning.py", "activation_pruning.py"]
+
+
+def idx(magic, *shape):
+    header = magic.to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in shape)
+    return header + bytes(int(torch.tensor(shape).prod()))
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in [("train", 64), ("t10k", 16)]:
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(idx(0x803, n, 28, 28))
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(idx(0x801, n))
+    return tmp_path / "data"
+
+
+def snapshot(*folders):
+    return {p: p.read_bytes() for folder in folders for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def refused(script, tiny_data, tmp_path, *args, message):
+    """Run script on the tiny data with a checkpoint in tmp_path/ckpt: exit 2, one line with message,
+    and every file that was there before left byte-identical."""
+    (tmp_path / "ckpt").mkdir(exist_ok=True)
+    before = snapshot(tmp_path)
+    result = run_script(script, "--data-dir", tiny_data, "--epochs", "1", "--checkpoint", tmp_path / "ckpt" / "m.pt",
+                        *args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"{script}: error:") and message in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr
+    after = snapshot(tmp_path)
+    assert {p: after[p] for p in before} == before
+    return result
+
+
+def user_files(tmp_path):
+    """Files of a user's own, none of them written by this project."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("my notes")
+    (folder / "other.json").write_text('{"rows": [1], "mine": true}')
+    (folder / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    (folder / "model.pt").write_bytes(b"")
+    torch.save(torch.nn.Linear(2, 2), folder / "model.pt")
+    torch.save({"model": torch.nn.Linear(2, 2).state_dict(), "epoch": 3}, folder / "state.pt")
+    with zipfile.ZipFile(folder / "archive.zip", "w") as archive:
+        archive.writestr("archive/data.pkl", b"x" * 100)
+    (folder / "cut.zip").write_bytes((folder / "archive.zip").read_bytes()[:60])
+    return folder
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("name", ["notes.txt", "other.json", "photo.png", "model.pt", "state.pt", "archive.zip",
+                                  "cut.zip"])
+@pytest.mark.parametrize("option", ["--json", "--checkpoint"])
+def test_no_output_option_replaces_a_file_that_is_not_ours(script, name, option, tiny_data, tmp_path):
+    path = user_files(tmp_path) / name
+    args = [option, path] if option == "--json" else []
+    if option == "--checkpoint":
+        before = path.read_bytes()
+        result = run_script(script, "--data-dir", tiny_data, "--epochs", "1", "--checkpoint", path)
+        assert result.returncode == 2 and "is not a file this project wrote; refusing to replace it" in result.stderr
+        assert path.read_bytes() == before and "Traceback" not in result.stderr
+        return
+    refused(script, tiny_data, tmp_path, *args, message="is not a file this project wrote")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_data_we_read_and_our_own_sources_are_never_outputs(script, tiny_data, tmp_path):
+    refused(script, tiny_data, tmp_path, "--json", tiny_data / "MNIST" / "raw" / "train-images-idx3-ubyte",
+            message="is not a file this project wrote")
+    before = (ROOT / "pruning" / "model.py").read_bytes()
+    refused(script, tiny_data, tmp_path, "--json", ROOT / "pruning" / "model.py", message="is not a file this project wrote")
+    assert (ROOT / "pruning" / "model.py").read_bytes() == before
+
+
+@pytest.mark.parametrize("script, names", [
+    ("zero_pruning.py", ["dense.pt", "csr-threshold0.pt", "compressed-threshold0.05.bin", "zero-threshold0.onnx"]),
+    ("activation_pruning.py", ["dense.pt", "activation-threshold0.pt", "compressed-threshold0.05.bin"]),
+])
+def test_files_of_ours_by_name_but_not_by_content_are_refused_before_the_work(script, names, tiny_data, tmp_path):
+    for name in names:
+        folder = tmp_path / "sd"
+        folder.mkdir(exist_ok=True)
+        (folder / name).write_text("the user's own file that happens to have our name")
+        result = refused(script, tiny_data, tmp_path, "--thresholds", "0", "0.05", "--bits", "5", "--onnx",
+                         "--save-dir", folder, message=f"{folder / name} is not a file this project wrote")
+        assert "model: trained" not in result.stderr  # refused before the work
+        (folder / name).unlink()
+    plots = tmp_path / "pd"
+    plots.mkdir()
+    figure = "weight_magnitudes.png" if script == "zero_pruning.py" else "activation_pruning_accuracy.png"
+    (plots / figure).write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    refused(script, tiny_data, tmp_path, "--plot-dir", plots, message=f"{plots / figure} is not a file this project")
+    (plots / figure).unlink()
+    (plots / figure).mkdir()
+    refused(script, tiny_data, tmp_path, "--plot-dir", plots, message=f"{plots / figure} is a folder, not a file")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_second_run_replaces_its_own_files(script, tiny_data, tmp_path):
+    args = ["--data-dir", tiny_data, "--epochs", "1", "--checkpoint", tmp_path / "m.pt", "--thresholds", "0", "0.05",
+            "--save-dir", tmp_path / "sd", "--plot-dir", tmp_path / "pd", "--json", tmp_path / "out.json"]
+    for _ in range(2):
+        result = run_script(script, *args)
+        assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "out.json").read_text())["written_by"] == files.WRITER
+    assert all(files.is_ours(p) for p in (tmp_path / "sd").iterdir())
+    assert all(files.is_ours(p) for p in (tmp_path / "pd").iterdir())
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("args, message", [
+    (["--save-dir", "{t}/sd", "--json", "{t}/sd/dense.pt"], "name the same file"),
+    (["--plot-dir", "{t}/pd", "--json", "{t}/pd/{figure}"], "name the same file"),
+    (["--hidden", "100000", "100000"], "this project builds at most 10,000,000"),
+    (["--seeds", "2", "--save-dir", "{t}/seeded"], "seed-1 is a file, not a folder for seed 1's models"),
+    (["--seeds", "2", "--save-dir", "{t}/linked"], "seed-1 is a link, not a folder for seed 1's models"),
+    (["--checkpoint", "{t}/dangling"], "is a link to nothing, not a file"),
+    (["--json", b"{t}/r\xe9sultat.json"], "is not a file this project wrote"),
+])
+def test_conflicts_and_impossible_requests_are_refused_before_the_work(script, args, message, tiny_data, tmp_path):
+    figure = "weight_magnitudes.png" if script == "zero_pruning.py" else "activation_pruning_accuracy.png"
+    (tmp_path / "seeded").mkdir()
+    (tmp_path / "seeded" / "seed-1").write_text("a file")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "linked" / "seed-1").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    os.makedirs(os.fsencode(tmp_path) + b"/", exist_ok=True)
+    with open(os.fsencode(tmp_path) + b"/r\xe9sultat.json", "w") as f:
+        f.write("not ours")
+    args = [os.fsdecode(a.replace(b"{t}", os.fsencode(tmp_path))) if isinstance(a, bytes)
+            else a.format(t=tmp_path, figure=figure) for a in args]
+    if "--checkpoint" in args:
+        result = run_script(script, "--data-dir", tiny_data, "--epochs", "1", *args)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+        return
+    refused(script, tiny_data, tmp_path, *args, message=message)
+
+
+def test_sparsities_that_select_the_same_threshold_are_refused(tiny_data, tmp_path):
+    refused("zero_pruning.py", tiny_data, tmp_path, "--sparsity", "0.0000001", "0.0000002",
+            message="select the same threshold")
+
+
+@pytest.mark.parametrize("args", [["--thresholds", "0", "1000", "--bits", "5"], ["--sparsity", "0.9999999", "--bits", "2"]])
+def test_a_threshold_that_leaves_nothing_to_compress_is_refused_before_the_sweep(args, tiny_data, tmp_path):
+    refused("zero_pruning.py", tiny_data, tmp_path, *args, message="leaves nothing to compress")
+
+
+def test_a_name_with_glob_characters_touches_no_other_file(tmp_path):
+    bystander = tmp_path / ".x.json.4194303.1.tmp"  # matches the temporary-file pattern of '*'
+    bystander.write_text("someone's")
+    files.atomic_write(tmp_path / "*", lambda f: f.write(b"{}"))
+    assert bystander.read_text() == "someone's"
+
+
+def test_ownership_is_checked_again_when_the_file_is_moved_into_place(tmp_path):
+    path = tmp_path / "out.json"
+
+    def write(f):  # another process puts its file there while this one writes
+        path.write_text("someone else's, written meanwhile")
+        f.write(b"{}")
+
+    with pytest.raises(files.UserError, match="is not a file this project wrote"):
+        files.atomic_write(path, write, "--json")
+    assert path.read_text() == "someone else's, written meanwhile"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_figures_py_never_overwrites_its_input(tmp_path):
+    results = tmp_path / "r.json"
+    results.write_text(json.dumps({"written_by": files.WRITER, "settings": {}, "rows": [], "dense_accuracy": 1}))
+    before = results.read_bytes()
+    result = run_script("figures.py", "sizes", results, results)
+    assert result.returncode == 2 and "name the same file" in result.stderr and results.read_bytes() == before
+
+
+@pytest.mark.parametrize("first, second", [(signal.SIGTERM, signal.SIGINT), (signal.SIGINT, signal.SIGINT)])
+def test_two_signals_close_together_end_in_one_line(first, second, tiny_data, tmp_path):
+    process = subprocess.Popen([sys.executable, str(ROOT / "zero_pruning.py"), "--data-dir", str(tiny_data),
+                                "--epochs", "1000", "--checkpoint", str(tmp_path / "m.pt")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    for line in process.stderr:
+        if line.startswith("data:"):
+            break
+    time.sleep(0.5)
+    process.send_signal(first)
+    time.sleep(0.01)
+    process.send_signal(second)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + first, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].endswith("saved files are left as they were or complete")
+
+
+# Hostile model files ------------------------------------------------------------------------
+
+def compressed_file(description, body_rest=b"", prefix=None):
+    text = json.dumps(description).encode()
+    body = (prefix if prefix is not None else struct.pack("<I", len(text)) + text) + body_rest
+    packed = lzma.compress(body, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 6}])
+    return struct.pack("<4sBII", b"MLPZ", 2, len(packed), zlib.crc32(packed)) + packed
+
+
+def hostile_files(folder):
+    """{name: path} of files that claim what they do not hold, or are no files at all."""
+    made = {}
+
+    def write(name, data):
+        made[name] = folder / name
+        made[name].write_bytes(data)
+
+    write("huge layer.bin", compressed_file([{"type": "Linear", "in": 100_000, "out": 100_000, "bias": True}]))
+    write("many layers.bin", compressed_file([{"type": "Linear", "in": 20_000, "out": 20_000, "bias": True}] * 255))
+    write("lzma bomb.bin", compressed_file(None, prefix=bytes(60 << 20)))
+    write("layer bomb.bin", compressed_file([{"type": "Linear", "in": 3000, "out": 3000, "bias": True}],
+                                            body_rest=bytes(60 << 20)))
+    write("no layers.bin", compressed_file([]))
+    model = pruning.model.mlp([3, 4, 10], inputs=[1, 2, 900])
+    storage.save(model, folder / "pixels.pt")
+    made["pixel past the image.pt"] = folder / "pixels.pt"
+    saved = storage.read_torch_file(folder / "pixels.pt")
+    saved["architecture"] = [{"type": "Linear", "in": 30_000, "out": 30_000, "bias": True}]
+    torch.save(saved, folder / "claims.pt")
+    made["csr claiming 30000x30000.pt"] = folder / "claims.pt"
+    saved = storage.read_torch_file(folder / "pixels.pt")
+    saved["storage"], saved["tensors"] = "csr", {"indices": torch.tensor([0, 5, 2], dtype=torch.int32),
+                                                 "values": torch.ones(3)}
+    torch.save(saved, folder / "inconsistent.pt")
+    made["inconsistent csr.pt"] = folder / "inconsistent.pt"
+    saved = storage.read_torch_file(folder / "pixels.pt")
+    del saved["architecture"]
+    torch.save(saved, folder / "missing.pt")
+    made["missing key.pt"] = folder / "missing.pt"
+    os.mkfifo(folder / "fifo")
+    made["fifo"] = folder / "fifo"
+    made["/dev/zero"] = "/dev/zero"
+    made["folder"] = folder
+    return made
+
+
+def test_every_hostile_model_file_is_refused_in_one_line_within_500_mb(tmp_path):
+    paths = hostile_files(tmp_path)
+    code = ("import resource, sys, pruning\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "for path in sys.argv[1:]:\n"
+            "    try:\n"
+            "        pruning.load(path)\n"
+            "        print('LOADED', path)\n"
+            "    except pruning.UserError as e:\n"
+            "        print('REFUSED', str(e).replace(chr(10), ' | '))\n"
+            "print('GROWTH', (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n")
+    result = subprocess.run([sys.executable, "-c", code, *map(str, paths.values())], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines[:-1]] == ["REFUSED"] * len(paths), result.stdout
+    assert all(" | " not in line for line in lines)
+    growth_mb = int(lines[-1].split()[1])
+    assert growth_mb < 500, result.stdout
+
+
+def test_an_abandoned_probe_file_is_removed_by_the_next_check(tmp_path):
+    probe = tmp_path / ".out.json.4194303.1.tmp"
+    probe.write_bytes(b"")
+    files.check_file_destination("--json", tmp_path / "out.json")
+    assert list(tmp_path.iterdir()) == []
