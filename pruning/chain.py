@@ -47,10 +47,17 @@ def checked(module, name):
     return module
 
 
+class LayerTracer(torch.fx.Tracer):
+    """Traces a forward down to the layers this library knows, each one call."""
+
+    def is_leaf_module(self, module, name):
+        return isinstance(module, KNOWN) or super().is_leaf_module(module, name)
+
+
 def traced(model):
     """The chain of a module subclass, read from its forward by torch.fx."""
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = LayerTracer().trace(model)
     except Exception as e:
         raise NotAChain(f"{type(model).__name__}'s forward cannot be traced as a chain of layers "
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None

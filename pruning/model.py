@@ -23,7 +23,7 @@ class Normalize(nn.Module):
         if x[0].numel() != math.prod(self.shape):
             raise ValueError(f"the model reads images of {math.prod(self.shape)} values, "
                              f"not of shape {tuple(x.shape[1:])}")
-        return torch.sub(x.reshape(len(x), *self.shape), self.mean).div_(self.std)  # one temporary, not two
+        return torch.sub(x.reshape(-1, *self.shape), self.mean).div_(self.std)  # one temporary, not two
 
     def extra_repr(self):
         return f"mean={self.mean}, std={self.std}, shape={self.shape}"
@@ -41,7 +41,7 @@ class KeepInputs(nn.Module):
     def forward(self, x):
         if x[0].numel() != self.size:
             raise ValueError(f"the model reads images of {self.size} values, not of shape {tuple(x.shape[1:])}")
-        return x.reshape(len(x), -1).index_select(1, self.indices)
+        return x.flatten(1).index_select(1, self.indices)
 
     def extra_repr(self):
         return f"{len(self.indices)} of {self.size} inputs"

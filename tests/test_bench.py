@@ -24,6 +24,7 @@ def test_latency_rows_time_both_models_at_every_batch_size():
     assert [cell.strip() for cell in last_line.split("|")[1:3]] == ["small", "10,000"]
 
 
+@pytest.mark.slow
 def test_the_state_of_the_art_commands_pass_every_check_before_the_data(tmp_path):
     """bench.py times these from scratch; each must get as far as loading the (here missing) data."""
     for name, command in bench.state_of_the_art_commands(tmp_path, tmp_path / "no-data").items():
@@ -31,6 +32,7 @@ def test_the_state_of_the_art_commands_pass_every_check_before_the_data(tmp_path
         assert result.returncode == 2 and "the download failed" in result.stderr, (name, result.stderr)
 
 
+@pytest.mark.slow
 def test_wait_policy_rows_time_each_setting_in_a_child(mnist_dir):
     args = argparse.Namespace(data_dir=str(mnist_dir), threads=1)
     rows = bench.wait_policy_rows(args, competitors=(0,), rounds=1, examples=256)

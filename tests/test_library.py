@@ -3,6 +3,7 @@ with BatchNorm; what it refuses; and that importing it changes nothing outside i
 
 import copy
 import os
+import re
 import subprocess
 import sys
 
@@ -29,11 +30,12 @@ class Net(nn.Module):
 class CNN(nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv1, self.bn1, self.conv2 = nn.Conv2d(1, 12, 5), nn.BatchNorm2d(12), nn.Conv2d(12, 24, 5)
-        self.fc = nn.Linear(24 * 4 * 4, 10)
+        self.norm = pruning.Normalize(shape=(1, 28, 28))
+        self.conv1, self.bn1, self.conv2 = nn.Conv2d(1, 16, 5), nn.BatchNorm2d(16), nn.Conv2d(16, 32, 5)
+        self.fc = nn.Linear(32 * 4 * 4, 10)
 
     def forward(self, x):
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(self.norm(x)))), 2)
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)
         return self.fc(x.view(x.size(0), -1))
 
@@ -68,7 +70,7 @@ def test_a_network_that_is_not_a_chain_is_refused_before_any_change(make, messag
     model = make()
     before = copy.deepcopy(model.state_dict())
     for prune in (lambda: pruning.zero_prune(model, 0.5), lambda: pruning.activation_prune(model, torch.rand(4, 8), 0.5)):
-        with pytest.raises(pruning.NotAChain, match=message) as error:
+        with pytest.raises(pruning.NotAChain, match=re.escape(message)) as error:
             prune()
         assert "\n" not in str(error.value)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
@@ -78,7 +80,7 @@ def test_a_module_subclass_is_read_as_its_chain_nothing_dropped():
     layers = chain.layers(Net())
     assert [type(m).__name__ for m in layers] == ["Flatten", "Linear", "ReLU", "Dropout", "Linear"]
     assert [type(m).__name__ for m in chain.layers(CNN())] == [
-        "Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "MaxPool2d", "Flatten", "Linear"]
+        "Normalize", "Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "MaxPool2d", "Flatten", "Linear"]
 
 
 @torch.no_grad()
@@ -88,23 +90,24 @@ def test_removing_dead_channels_keeps_every_output_through_batchnorm_pooling_and
     model.bn1.running_mean.uniform_(-1, 1), model.bn1.running_var.uniform_(0.5, 2)
     # channel 3 of conv1 and channel 5 of conv2 pass on nothing: their outgoing weights are zero
     model.conv2.weight[:, 3] = 0
-    model.fc.weight.view(10, 24, 16)[:, 5] = 0
+    model.fc.weight.view(10, 32, 16)[:, 5] = 0
     layers = chain.layers(model)
     x = torch.rand(6, 1, 28, 28)
-    keep = [torch.arange(12) != 3, torch.arange(24) != 5]
+    keep = [torch.arange(16) != 3, torch.arange(32) != 5]
     smaller = surgery.remove_units(layers, keep, surgery.spatial(layers, x)).eval()
     assert torch.allclose(smaller(x), model(x), atol=1e-6)
-    assert (smaller[0].out_channels, smaller[1].num_features, smaller[4].out_channels, smaller[8].in_features) == \
-        (11, 11, 23, 23 * 16)
-    assert pruning.count_params(smaller) == (11 * 25 + 11) + 2 * 11 + (23 * 11 * 25 + 23) + (23 * 16 * 10 + 10)
+    assert (smaller[1].out_channels, smaller[2].num_features, smaller[5].out_channels, smaller[9].in_features) == \
+        (15, 15, 31, 31 * 16)
+    assert pruning.count_params(smaller) == (15 * 25 + 15) + 2 * 15 + (31 * 15 * 25 + 31) + (31 * 16 * 10 + 10)
 
 
 @pytest.fixture(scope="module")
 def mnist_subset(mnist_dir):
     (x, y), (x_test, y_test) = pruning.mnist(mnist_dir)
-    return (x[:12_000].view(-1, 1, 28, 28), y[:12_000]), (x_test.view(-1, 1, 28, 28), y_test)
+    return (x[:24_000].view(-1, 1, 28, 28), y[:24_000]), (x_test.view(-1, 1, 28, 28), y_test)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [Net, CNN])
 def test_a_network_never_seen_is_pruned_both_ways_saved_loaded_and_run_in_onnxruntime(make, mnist_subset, tmp_path):
     import onnxruntime
@@ -117,10 +120,11 @@ def test_a_network_never_seen_is_pruned_both_ways_saved_loaded_and_run_in_onnxru
     smaller = pruning.activation_prune(model, x[:2000], 0.5, steps=2, finetune=finetune)
     assert pruning.count_params(smaller) <= 0.5 * pruning.count_params(model)
     if make is CNN:
-        assert smaller[0].out_channels < 12 and smaller[4].out_channels < 24  # channels removed, not zeroed
-    sparse = pruning.zero_prune(copy.deepcopy(smaller), 0.9, steps=2, finetune=finetune)
+        assert smaller[1].out_channels < 16 and smaller[5].out_channels < 32  # channels removed, not zeroed
+    sparse = pruning.zero_prune(copy.deepcopy(model), 0.9, steps=3,
+                                finetune=pruning.finetuner((x, y), epochs=2, teacher=model))
     assert pruning.count_zeros(sparse) >= 0.9 * pruning.count_weights(sparse)
-    assert pruning.accuracy(smaller, test) >= dense - 1.0 and pruning.accuracy(sparse, test) >= dense - 1.0
+    assert pruning.accuracy(smaller, test) >= dense - 0.5 and pruning.accuracy(sparse, test) >= dense - 0.5
 
     for name, small in [("smaller", smaller), ("sparse", sparse)]:
         pruning.save(small, tmp_path / f"{name}.pt")
@@ -145,6 +149,7 @@ def test_importing_the_library_changes_nothing_outside_it():
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_the_readme_example_runs_as_written_from_a_folder_outside_the_project(mnist_dir, tmp_path):
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Pruning your own model"):]

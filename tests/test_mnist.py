@@ -23,7 +23,7 @@ from pruning import data as mnist
 from pruning import files, storage, surgery, training
 from pruning.model import count_params, kept_inputs, mlp
 
-pytestmark = pytest.mark.usefixtures("mnist_dir")
+pytestmark = [pytest.mark.usefixtures("mnist_dir"), pytest.mark.slow]
 TIMINGS = {"inference_time_s"}
 
 
@@ -345,7 +345,8 @@ def test_a_full_disk_ends_in_one_line_and_keeps_the_earlier_file(script, checkpo
     import zero_pruning
 
     out = tmp_path / "out.json"
-    out.write_text('{"an earlier": "result"}')
+    earlier = json.dumps({"written_by": files.WRITER, "settings": {}, "dense_accuracy": 98.0, "rows": []})
+    out.write_text(earlier)
 
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -359,7 +360,7 @@ def test_a_full_disk_ends_in_one_line_and_keeps_the_earlier_file(script, checkpo
     assert exit.value.code == 2
     (line,) = err.strip().splitlines()  # the first file the full disk stops, whichever it is
     assert line.startswith(f"{script}: error: cannot write ") and line.endswith(": No space left on device")
-    assert out.read_text() == '{"an earlier": "result"}'
+    assert out.read_text() == earlier
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
 
 
@@ -380,3 +381,21 @@ def test_a_first_run_in_a_fresh_copy_makes_its_checkpoints_folder(tmp_path, mnis
                              "--data-dir", mnist_dir, "--quiet"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert [p.suffix for p in (tmp_path / "checkpoints").iterdir()] == [".pt"]
+
+
+@pytest.mark.parametrize("script, name", [("zero_pruning.py", "zero-threshold0.05"),
+                                          ("activation_pruning.py", "activation-threshold0.3")])
+def test_onnx_files_predict_as_the_saved_models_in_onnxruntime(script, name, checkpoint, tmp_path):
+    import numpy as np
+    import onnxruntime
+    threshold = name.split("threshold")[1]
+    result = run_script(script, "--checkpoint", checkpoint, "--thresholds", threshold, "--onnx", "--save-dir", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert files.is_ours(tmp_path / f"{name}.onnx")
+    saved = pruning.load(tmp_path / (f"csr-threshold{threshold}.pt" if script == "zero_pruning.py" else f"{name}.pt"))
+    x = mnist.load(mnist.data_root())[1][0]
+    session = onnxruntime.InferenceSession(str(tmp_path / f"{name}.onnx"))
+    logits = session.run(None, {"images": x.view(-1, 1, 28, 28).numpy()})[0]
+    expected = training.logits(saved, x).numpy()
+    assert np.abs(logits - expected).max() <= 1e-4
+    assert (logits.argmax(1) == expected.argmax(1)).all()

@@ -74,6 +74,7 @@ def user_files(tmp_path):
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("name", ["notes.txt", "other.json", "photo.png", "model.pt", "state.pt", "archive.zip",
                                   "cut.zip"])
@@ -90,6 +91,7 @@ def test_no_output_option_replaces_a_file_that_is_not_ours(script, name, option,
     refused(script, tiny_data, tmp_path, *args, message="is not a file this project wrote")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_the_data_we_read_and_our_own_sources_are_never_outputs(script, tiny_data, tmp_path):
     refused(script, tiny_data, tmp_path, "--json", tiny_data / "MNIST" / "raw" / "train-images-idx3-ubyte",
@@ -99,6 +101,7 @@ def test_the_data_we_read_and_our_own_sources_are_never_outputs(script, tiny_dat
     assert (ROOT / "pruning" / "model.py").read_bytes() == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, names", [
     ("zero_pruning.py", ["dense.pt", "csr-threshold0.pt", "compressed-threshold0.05.bin", "zero-threshold0.onnx"]),
     ("activation_pruning.py", ["dense.pt", "activation-threshold0.pt", "compressed-threshold0.05.bin"]),
@@ -122,6 +125,7 @@ def test_files_of_ours_by_name_but_not_by_content_are_refused_before_the_work(sc
     refused(script, tiny_data, tmp_path, "--plot-dir", plots, message=f"{plots / figure} is a folder, not a file")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_a_second_run_replaces_its_own_files(script, tiny_data, tmp_path):
     args = ["--data-dir", tiny_data, "--epochs", "1", "--checkpoint", tmp_path / "m.pt", "--thresholds", "0", "0.05",
@@ -134,6 +138,7 @@ def test_a_second_run_replaces_its_own_files(script, tiny_data, tmp_path):
     assert all(files.is_ours(p) for p in (tmp_path / "pd").iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("args, message", [
     (["--save-dir", "{t}/sd", "--json", "{t}/sd/dense.pt"], "name the same file"),
@@ -164,11 +169,13 @@ def test_conflicts_and_impossible_requests_are_refused_before_the_work(script, a
     refused(script, tiny_data, tmp_path, *args, message=message)
 
 
+@pytest.mark.slow
 def test_sparsities_that_select_the_same_threshold_are_refused(tiny_data, tmp_path):
     refused("zero_pruning.py", tiny_data, tmp_path, "--sparsity", "0.0000001", "0.0000002",
             message="select the same threshold")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["--thresholds", "0", "1000", "--bits", "5"], ["--sparsity", "0.9999999", "--bits", "2"]])
 def test_a_threshold_that_leaves_nothing_to_compress_is_refused_before_the_sweep(args, tiny_data, tmp_path):
     refused("zero_pruning.py", tiny_data, tmp_path, *args, message="leaves nothing to compress")
@@ -194,6 +201,7 @@ def test_ownership_is_checked_again_when_the_file_is_moved_into_place(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
 
 
+@pytest.mark.slow
 def test_figures_py_never_overwrites_its_input(tmp_path):
     results = tmp_path / "r.json"
     results.write_text(json.dumps({"written_by": files.WRITER, "settings": {}, "rows": [], "dense_accuracy": 1}))
@@ -202,6 +210,7 @@ def test_figures_py_never_overwrites_its_input(tmp_path):
     assert result.returncode == 2 and "name the same file" in result.stderr and results.read_bytes() == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first, second", [(signal.SIGTERM, signal.SIGINT), (signal.SIGINT, signal.SIGINT)])
 def test_two_signals_close_together_end_in_one_line(first, second, tiny_data, tmp_path):
     process = subprocess.Popen([sys.executable, str(ROOT / "zero_pruning.py"), "--data-dir", str(tiny_data),
