@@ -11,6 +11,7 @@ import startup  # noqa: F401, I001 -- first: settles what must be settled before
 import torch
 
 import common
+import outputs
 from pruning import chain, criteria, measure, methods, model as models, plots, results, surgery, training
 from pruning.files import UserError
 
@@ -32,7 +33,7 @@ def model_files(args):
 
 def sweep(model, train_data, validation, test_data, args, folder):
     teacher = training.logits(model, train_data[0]) if args.distill else None
-    dense_bytes = common.save_model(model, folder / "dense.pt")
+    dense_bytes = outputs.save_model(model, folder / "dense.pt")
     original = models.count_params(model)
     layers = chain.layers(model)
     spatial = surgery.spatial(layers, train_data[0])
@@ -59,8 +60,8 @@ def sweep(model, train_data, validation, test_data, args, folder):
                 finetune(pruned)
             row.update(common.scores(pruned, validation, test_data, "finetuned_accuracy"))
         pruned.eval()
-        common.save_model(pruned, folder / f"activation-{name}.pt")
-        common.export_onnx(args, pruned, folder / f"activation-{name}.onnx")
+        outputs.save_model(pruned, folder / f"activation-{name}.pt")
+        outputs.export_onnx(args, pruned, folder / f"activation-{name}.onnx")
         new = models.count_params(pruned)
         if args.bits:
             row.update(common.compress(pruned, train_data, validation, test_data, args, teacher,
@@ -109,7 +110,7 @@ def plot(model, rows, baseline, args):
     trained = "LeNet-5" if any(isinstance(m, torch.nn.Conv2d) for m in model.modules()) else \
         f"MLP {'-'.join(map(str, models.widths(model)))}"
     fig.suptitle(f"Activation pruning of the trained {trained}")
-    common.figure(fig, args, FIGURES[0])
+    outputs.figure(fig, args, FIGURES[0])
 
     if all(isinstance(r.get("kept_pixels"), list) for r in rows):
         fig, axes = plt.subplots(1, len(rows), figsize=(2.6 * len(rows), 3), squeeze=False)
@@ -119,7 +120,7 @@ def plot(model, rows, baseline, args):
             ax.imshow(kept.view(28, 28), cmap="gray_r", vmin=0, vmax=1)
             ax.set(xticks=[], yticks=[], title=f"{len(r['kept_pixels'])} pixels\n{r['size_reduction']:.2f}% fewer params")
         fig.suptitle("Input pixels kept (black)")
-        common.figure(fig, args, FIGURES[1])
+        outputs.figure(fig, args, FIGURES[1])
 
     if "threshold" not in rows[0]:
         return
@@ -130,7 +131,7 @@ def plot(model, rows, baseline, args):
     ax.set(xlabel="mean-activation threshold", ylabel="units left", ylim=(0, None),
            title="Activation pruning: width of each hidden layer")
     ax.legend()
-    common.figure(fig, args, FIGURES[2])
+    outputs.figure(fig, args, FIGURES[2])
 
 
 def main():
@@ -169,7 +170,7 @@ def main():
 
     def run_one():
         model, train_data, validation, test_data = common.setup(args, model_files(args), FIGURES)
-        rows = sweep(model, train_data, validation, test_data, args, common.seed_folder(args, args.seed))
+        rows = sweep(model, train_data, validation, test_data, args, outputs.seed_folder(args, args.seed))
         trained.append(model)
         test_images.append(len(test_data[1]))
         return rows, common.dense_results(args, model, train_data, validation, test_data)

@@ -8,6 +8,8 @@ one. Activation pruning is timed with plain widths and with widths rounded up to
 
 import startup  # noqa: F401, I001 -- first: settles what must be settled before torch is imported
 
+import copy
+import math
 import os
 import statistics
 import subprocess
@@ -20,11 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import copy
-
 import activation_pruning
-import pruning
 import common
+import pruning
 import zero_pruning
 from pruning import criteria, chain, measure, surgery, training
 from pruning import data as mnist
@@ -185,6 +185,37 @@ def training_throughput(args, model, train_data):
     return seconds, 6 * models.count_weights(model) * len(train_data[1]) * args.epochs / seconds / 1e9
 
 
+def epoch_seconds(args, model, train_data, masked=False, distill=False):
+    """Seconds of one epoch of training a copy of model: plain, with zero pruning's masks held
+    (90% zeros), and with distillation from the model too, as fine-tuning in steps runs."""
+    fresh = copy.deepcopy(model)
+    if masked:
+        surgery.hold_below(fresh, criteria.threshold_for_sparsity(fresh, 0.9))
+    teacher = training.logits(model, train_data[0]) if distill else None
+    start = time.perf_counter()
+    training.train(fresh, train_data, 1, args.lr, args.batch_size, args.seed, teacher)
+    return time.perf_counter() - start
+
+
+def products_per_step(model, batch, threads):
+    """Seconds of the matrix products alone of one training step at the step's shapes: per layer
+    the forward product and the two backward ones (no input gradient for the first)."""
+    layers = models.linears(model)
+    operands = []
+    for i, layer in enumerate(layers):
+        x, w = torch.randn(batch, layer.in_features), torch.randn(layer.out_features, layer.in_features)
+        g = torch.randn(batch, layer.out_features)
+        operands.append((x, w, g, i > 0))
+
+    def step(_):
+        for x, w, g, backward_input in operands:
+            torch.mm(x, w.T)
+            torch.mm(g.T, x)
+            if backward_input:
+                torch.mm(g, w)
+    return measure.inference_time(step, None, threads, min_run_time=1.0)
+
+
 def cpu_used_by_others(seconds=1.0):
     """The share of this machine's CPU time that other processes used over `seconds`, while this
     one sleeps (from /proc/stat: Linux), or None where that cannot be read."""
@@ -248,6 +279,14 @@ def main():
     print(f"Training, {args.epochs} epochs at batch {args.batch_size}: {seconds:.1f} s, {throughput:.0f} GFLOP/s; "
           f"a 4096 x 4096 sgemm here runs at {gflops:.0f} GFLOP/s, which allows {bound:.1f} s: "
           f"{seconds / bound:.2f} times that (bar: 1.5)\n")
+    steps = math.ceil(len(train_data[1]) / args.batch_size)
+    dense, masked, distilled = (epoch_seconds(args, model, train_data, masked=m, distill=d)
+                                for m, d in ((False, False), (True, False), (True, True)))
+    products = products_per_step(model, args.batch_size, args.threads)
+    print(f"One epoch ({steps} steps): dense {dense:.2f} s; with zero pruning's masks {masked:.2f} s, "
+          f"{masked / dense:.2f} times dense (bar: 1.1); masks and distillation {distilled:.2f} s, "
+          f"{distilled / dense:.2f} times.\nPer step: {1e3 * dense / steps:.2f} ms, of which the matrix products "
+          f"alone take {1e3 * products:.2f} ms: {1e3 * (dense / steps - products):.2f} ms is other work.\n")
 
     x = test_data[0]
     smallest = None

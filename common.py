@@ -3,27 +3,24 @@ work, the trained model cached by its settings, runs over seeds, and one-line er
 pruning itself is the library's (pruning/)."""
 
 import argparse
-import hashlib
-import json
 import logging
 import math
 import os
 import platform
 import signal
-import statistics
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import torch
 
+import checkpoints
+import outputs
 import startup
-from pruning import data, files, model as models, plots, results, training
+from pruning import data, files, model as models, results, training
 from pruning.files import UserError, shown
 from pruning.results import label
 
-ROOT = Path(__file__).resolve().parent
 FINAL_EPOCHS_FACTOR = 5
 MAX_EPOCHS, MAX_BATCH, MAX_WIDTH, MAX_SEEDS, MAX_STEPS, MAX_THREADS = 1000, 60_000, 100_000, 100, 1000, 1024
 MAX_LR, MAX_TEMPERATURE, MAX_THRESHOLD, MAX_SEED = 10.0, 100.0, 1e6, 2 ** 32 - MAX_SEEDS - 1
@@ -147,161 +144,14 @@ def check_model(args):
         if args.hidden != list(models.MLP_SIZES[1:-1]):
             raise UserError("--hidden sets the MLP's widths; LeNet-5's are fixed (give --model mlp)")
         return
-    params = models.mlp_params(sizes(args))
+    params = models.mlp_params(checkpoints.sizes(args))
     if params > models.MAX_PARAMS:
         raise UserError(f"--hidden {' '.join(map(str, args.hidden))}: a model of {params:,} parameters; this "
                         f"project builds at most {models.MAX_PARAMS:,}")
 
 
-def fine_tuning_epochs(args):
-    """The epochs one pruned model is fine-tuned for in all."""
-    return (args.steps - 1) * (args.finetune_epochs or 0) + (args.final_epochs or 0)
-
-
-# Outputs --------------------------------------------------------------------------------
-
-made_folders = []  # made by this run: left out when nothing was written in them
-
-
-def remove_empty_folders():
-    for folder in reversed(made_folders):  # a run's seed folders before the run's
-        try:
-            folder.rmdir()
-        except OSError:
-            pass
-
-
-def run_folder(script):
-    """A new folder of the project's for this run's models: runs/<script>-<date>-<time>[-n]/."""
-    runs = ROOT / "runs"
-    if files.kind_of(runs) == "absent":
-        runs.mkdir()
-    stem = f"{Path(script).stem}-{datetime.now():%Y%m%d-%H%M%S}"
-    for n in range(1, 1000):
-        folder = runs / (stem if n == 1 else f"{stem}-{n}")
-        try:
-            folder.mkdir()
-            made_folders.append(folder)
-            return folder
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise UserError(f"cannot make a folder for the models in {runs}: {e.strerror}") from None
-    raise UserError(f"cannot make a folder for the models in {runs}")
-
-
-def seed_folder(args, seed):
-    """Where a seed's files go: the save folder, or a folder seed-N in it with several seeds."""
-    folder = Path(args.save_dir)
-    return folder if args.seeds == 1 else folder / f"seed-{seed}"
-
-
-def check_outputs(args, model_files, figures):
-    """Check every file this run will write, before any work: no two outputs the same file, each
-    destination free or a file of ours, its folder writable. model_files: the names written in
-    each seed's folder; figures: the names written in --plot-dir."""
-    checkpoints = [checkpoint_path(args, training_config(args, seed)) for seed in seeds(args)]
-    if args.control:
-        checkpoints += [checkpoint_path(args, training_config(args, seed, control=True), control=True)
-                        for seed in seeds(args)]
-    if not args.checkpoint:
-        folder = checkpoints[0].parent
-        if files.kind_of(folder) == "absent":  # the project's own folder, made on the first run
-            folder.mkdir()
-    args.save_dir = str(made("--save-dir", args.save_dir) if args.save_dir else run_folder(sys.argv[0]))
-    planned = [("--checkpoint", path) for path in checkpoints] + [("--json", args.json)]
-    for seed in seeds(args):
-        folder = seed_folder(args, seed)
-        kind = "link" if folder.is_symlink() else files.kind_of(folder)
-        if kind not in ("absent", "folder"):
-            raise UserError(f"--save-dir: {shown(folder)} is a {kind}, not a folder for seed {seed}'s models")
-        planned += [("--save-dir", folder / name) for name in model_files]
-    if args.plot or args.plot_dir:
-        args.plot = True
-        args.plot_dir = str(made("--plot-dir", args.plot_dir or ROOT / "figures"))
-        planned += [("--plot-dir", Path(args.plot_dir) / name) for name in figures]
-    files.check_distinct(planned)
-    for option, path in planned:
-        if path is not None and files.kind_of(Path(path).parent) == "folder":  # a seed's folder is made later
-            files.check_file_destination(option, path)
-        elif path is not None and option != "--save-dir":
-            files.check_file_destination(option, path)
-
-
-def made(option, folder):
-    """files.make_folder, remembering a folder it made so that it goes again if nothing is written in it."""
-    absent = files.kind_of(Path(folder)) == "absent"
-    folder = files.make_folder(option, folder)
-    if absent:
-        made_folders.append(folder)
-    return folder
-
-
-def seeds(args):
-    return range(args.seed, args.seed + args.seeds)
-
-
 def settings(args):
     return {k: v for k, v in vars(args).items() if k not in ("json", "plot", "quiet")}
-
-
-# The trained model, cached ------------------------------------------------------------
-
-def sizes(args):
-    return [models.MLP_SIZES[0], *args.hidden, models.MLP_SIZES[-1]]
-
-
-def training_config(args, seed=None, control=False):
-    epochs = args.epochs + (fine_tuning_epochs(args) if control else 0)
-    return {"model": args.model, **({"sizes": sizes(args)} if args.model == "mlp" else {}), "epochs": epochs,
-            "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed if seed is None else seed,
-            "validation": args.validation, "recipe": training.RECIPE}
-
-
-def checkpoint_path(args, config, control=False):
-    """--checkpoint (PATH-seedN with several seeds, PATH-control for --control), else one named by the settings."""
-    if args.checkpoint:
-        path = Path(args.checkpoint)
-        suffix = (f"-seed{config['seed']}" if args.seeds > 1 else "") + ("-control" if control else "")
-        return path.with_stem(path.stem + suffix) if suffix else path
-    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-    return ROOT / "checkpoints" / f"{config['model']}-{key}.pt"
-
-
-def new_model(args):
-    return models.lenet5() if args.model == "lenet5" else models.mnist_mlp(sizes(args))
-
-
-def trained_model(args, train_data, test_data, control=False):
-    """The model trained with the settings in args: from its checkpoint when one fits, else trained and saved."""
-    config = training_config(args, control=control)
-    path = checkpoint_path(args, config, control)
-    if path.exists() and not args.retrain:
-        try:
-            model, about = pruning_load(path)
-            problem = None if about.get("config") == config else "made with other settings"
-        except UserError as e:
-            model, problem = None, str(e).removeprefix(f"{shown(path)} ")
-        if problem is None:
-            model.to(train_data[0].device)
-            log.info(f"model: loaded {path} (test accuracy {training.accuracy(model, test_data):.2f}%)")
-            return model
-        log.warning(f"model: checkpoint {path}: {problem}; retraining")
-    torch.manual_seed(config["seed"])
-    model = new_model(args).to(train_data[0].device)
-    start = time.perf_counter()
-    train(model, train_data, config["epochs"], args.lr, args.batch_size, config["seed"],
-          desc="training the control" if control else "training")
-    from pruning import storage
-    storage.save(model, path, about={"config": config}, option="--checkpoint")
-    log.info(f"model: trained {config['epochs']} epochs in {time.perf_counter() - start:.1f} s, saved to {path} "
-             f"(test accuracy {training.accuracy(model, test_data):.2f}%)")
-    return model
-
-
-def pruning_load(path):
-    from pruning import storage
-    return storage.load(path, with_about=True)
 
 
 def train(model, data, epochs, lr, batch_size, seed, teacher=None, temperature=4.0, weight=0.5, desc="training"):
@@ -356,7 +206,11 @@ def setup(args, model_files, figures):
             raise UserError("--onnx needs the onnx and onnxscript packages: pip install -r requirements.txt") from None
     if not hasattr(args, "save_dir_given"):
         args.save_dir_given = args.save_dir
-        check_outputs(args, model_files, figures)
+        paths = [checkpoints.checkpoint_path(args, checkpoints.training_config(args, seed)) for seed in outputs.seeds(args)]
+        if args.control:
+            paths += [checkpoints.checkpoint_path(args, checkpoints.training_config(args, seed, control=True), control=True)
+                      for seed in outputs.seeds(args)]
+        outputs.check_outputs(args, paths, model_files, figures)
         log.info(f"models: {args.save_dir}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
@@ -367,14 +221,14 @@ def setup(args, model_files, figures):
     validation = splits[1] if args.validation else None
     log.info(f"data: {root} ({len(train_data[1]):,} training, {args.validation:,} validation, "
              f"{len(test_data[1]):,} test images); device: {device}; threads: {args.threads}; seed: {args.seed}")
-    model = trained_model(args, train_data, test_data)
+    model = checkpoints.trained_model(args, train_data, test_data, train)
     args.data_folder = str(root.resolve())
-    args.checkpoint_file = str(checkpoint_path(args, training_config(args)).resolve())
+    args.checkpoint_file = str(checkpoints.checkpoint_path(args, checkpoints.training_config(args)).resolve())
     if args.seeds > 1:
-        folder = seed_folder(args, args.seed)
+        folder = outputs.seed_folder(args, args.seed)
         if files.kind_of(folder) == "absent":
             folder.mkdir()
-            made_folders.append(folder)
+            outputs.made_folders.append(folder)
     return model, train_data, validation, test_data
 
 
@@ -403,7 +257,7 @@ def over_seeds(args, run_one):
     <key>_std beside it, and "varies" for a value that is not a number and differs."""
     first = args.seed
     runs = []
-    for seed in seeds(args):
+    for seed in outputs.seeds(args):
         args.seed = seed
         runs.append(run_one())
     args.seed = first
@@ -432,9 +286,9 @@ def dense_results(args, model, train_data, validation, test_data):
     """The dense model's accuracies, and with --control those of the dense model trained as long as a pruned one."""
     out = scores(model, validation, test_data)
     if args.control:
-        control = trained_model(args, train_data, test_data, control=True)
+        control = checkpoints.trained_model(args, train_data, test_data, train, control=True)
         out.update(scores(control, validation, test_data, "control_accuracy"))
-        out["control_epochs"] = args.epochs + fine_tuning_epochs(args)
+        out["control_epochs"] = args.epochs + checkpoints.fine_tuning_epochs(args)
     return out
 
 
@@ -470,21 +324,6 @@ def progress_lines(items, desc, unit):
         log.info(f"{desc}: {unit} {i}/{len(items)} done ({time.perf_counter() - start:.1f} s)")
 
 
-def save_model(model, path, storage="dense", option="--save-dir"):
-    from pruning import storage as storage_module
-    return storage_module.save(model, path, storage, option=option)
-
-
-def export_onnx(args, model, path):
-    if args.onnx:
-        from pruning import storage
-        storage.export_onnx(model.cpu(), path, option="--save-dir")
-
-
-def figure(fig, args, name):
-    plots.save_figure(fig, Path(args.plot_dir) / name)
-
-
 def run(main):
     """Run main(); a user error, Ctrl-C or SIGTERM ends it with one line on stderr, never a traceback,
     and a closed stdout (a pipe into head) ends it quietly, its other files written."""
@@ -507,7 +346,7 @@ def run(main):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         sys.exit(128 + signal.SIGPIPE)
     finally:
-        remove_empty_folders()
+        outputs.remove_empty_folders()
 
 
 # Measured in a sweep ------------------------------------------------------------------------
@@ -527,7 +366,7 @@ def compress(model, train_data, validation, test_data, args, teacher, path, name
     if args.finetune_epochs:
         finetune(quantized, train_data, args, args.finetune_epochs, teacher, f"fine-tuning shared values at {name}")
         row.update(scores(quantized, validation, test_data, "quantized_finetuned_accuracy"))
-    row["compressed_bytes"] = save_model(quantized, path, "compressed")
+    row["compressed_bytes"] = outputs.save_model(quantized, path, "compressed")
     row["times_smaller"] = dense_bytes / row["compressed_bytes"]
     return row
 

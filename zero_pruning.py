@@ -9,12 +9,12 @@ fine-tune with the zeros held in place by pruning masks, and store the weights a
 import startup  # noqa: F401, I001 -- first: settles what must be settled before torch is imported
 
 import copy
-from pathlib import Path
 
 import torch
 
 import common
-from pruning import compressed, criteria, methods, model as models, plots, results, storage, surgery, training
+import outputs
+from pruning import criteria, methods, model as models, plots, results, storage, surgery, training
 from pruning.files import UserError
 
 THRESHOLDS = [0.0, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.10]
@@ -60,7 +60,7 @@ def thresholds(model, args):
 
 def sweep(model, train_data, validation, test_data, args, folder):
     weights = models.count_weights(model)
-    dense_bytes = common.save_model(model, folder / "dense.pt")
+    dense_bytes = outputs.save_model(model, folder / "dense.pt")
     teacher = training.logits(model, train_data[0]) if args.distill else None
     rows = []
     chosen = thresholds(model, args)
@@ -78,10 +78,10 @@ def sweep(model, train_data, validation, test_data, args, folder):
         surgery.make_permanent(pruned)
         zeroed = models.count_zeros(pruned)
         row.update(original_params=weights, zeroed_params=zeroed, zero_percentage=100 * zeroed / weights,
-                   dense_bytes=dense_bytes, csr_bytes=common.save_model(pruned, folder / f"csr-{name}.pt", "csr"),
+                   dense_bytes=dense_bytes, csr_bytes=outputs.save_model(pruned, folder / f"csr-{name}.pt", "csr"),
                    csr_bytes_needed=storage.csr_bytes_needed(pruned),
                    flops=common.flops(pruned, test_data[0]))
-        common.export_onnx(args, pruned, folder / f"zero-{name}.onnx")
+        outputs.export_onnx(args, pruned, folder / f"zero-{name}.onnx")
         if args.bits:
             row.update(common.compress(pruned, train_data, validation, test_data, args, teacher,
                                        folder / f"compressed-{name}.bin", f"{kind} {results.label(value)}", dense_bytes))
@@ -143,14 +143,14 @@ def plot(model, rows, baseline, args):
            xlabel=f"|w|  ({hidden:,} weights above {right:.3g} not shown)",
            title=f"Weight magnitudes of the trained {name_of(model)} ({len(magnitudes):,} weights)\n"
                  "red: pruning thresholds, each with the share of weights below it")
-    common.figure(fig, args, FIGURES[0])
+    outputs.figure(fig, args, FIGURES[0])
 
     curves = [("accuracy", "one-shot"), ("finetuned_accuracy", "fine-tuned"), ("quantized_accuracy", "quantized"),
               ("quantized_finetuned_accuracy", "quantized, fine-tuned")]
     published = PUBLISHED_LENET if models.widths(model) == (784, 300, 100, 10) else []
     fig = plots.accuracy_figure(rows, baseline, "zero_percentage", "weights", curves, published)
     fig.suptitle(f"Zero pruning, {name_of(model)}" + (": published LeNet-300-100 results as stars" if published else ""))
-    common.figure(fig, args, FIGURES[1])
+    outputs.figure(fig, args, FIGURES[1])
 
 
 def name_of(model):
@@ -176,7 +176,7 @@ def main():
 
     def run_one():
         model, train_data, validation, test_data = common.setup(args, model_files(args), FIGURES)
-        rows = sweep(model, train_data, validation, test_data, args, common.seed_folder(args, args.seed))
+        rows = sweep(model, train_data, validation, test_data, args, outputs.seed_folder(args, args.seed))
         trained.append(model)
         return rows, common.dense_results(args, model, train_data, validation, test_data)
 

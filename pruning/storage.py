@@ -11,7 +11,6 @@ import zipfile
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from pruning import architecture, chain
 from pruning.files import WRITER, UserError, atomic_write, check_readable, shown

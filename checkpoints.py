@@ -1,0 +1,72 @@
+"""The trained model, cached: a file named by a hash of its training settings (or --checkpoint),
+loaded when its settings match, else trained and saved."""
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from pruning import model as models, storage, training
+from pruning.files import UserError, shown
+
+ROOT = Path(__file__).resolve().parent
+log = logging.getLogger("pruning")
+
+
+def fine_tuning_epochs(args):
+    """The epochs one pruned model is fine-tuned for in all."""
+    return (args.steps - 1) * (args.finetune_epochs or 0) + (args.final_epochs or 0)
+
+
+def sizes(args):
+    return [models.MLP_SIZES[0], *args.hidden, models.MLP_SIZES[-1]]
+
+
+def training_config(args, seed=None, control=False):
+    epochs = args.epochs + (fine_tuning_epochs(args) if control else 0)
+    return {"model": args.model, **({"sizes": sizes(args)} if args.model == "mlp" else {}), "epochs": epochs,
+            "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed if seed is None else seed,
+            "validation": args.validation, "recipe": training.RECIPE}
+
+
+def checkpoint_path(args, config, control=False):
+    """--checkpoint (PATH-seedN with several seeds, PATH-control for --control), else one named by the settings."""
+    if args.checkpoint:
+        path = Path(args.checkpoint)
+        suffix = (f"-seed{config['seed']}" if args.seeds > 1 else "") + ("-control" if control else "")
+        return path.with_stem(path.stem + suffix) if suffix else path
+    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    return ROOT / "checkpoints" / f"{config['model']}-{key}.pt"
+
+
+def new_model(args):
+    return models.lenet5() if args.model == "lenet5" else models.mnist_mlp(sizes(args))
+
+
+def trained_model(args, train_data, test_data, train, control=False):
+    """The model trained with the settings in args: from its checkpoint when one fits, else trained and saved."""
+    config = training_config(args, control=control)
+    path = checkpoint_path(args, config, control)
+    if path.exists() and not args.retrain:
+        try:
+            model, about = storage.load(path, with_about=True)
+            problem = None if about.get("config") == config else "made with other settings"
+        except UserError as e:
+            model, problem = None, str(e).removeprefix(f"{shown(path)} ")
+        if problem is None:
+            model.to(train_data[0].device)
+            log.info(f"model: loaded {path} (test accuracy {training.accuracy(model, test_data):.2f}%)")
+            return model
+        log.warning(f"model: checkpoint {path}: {problem}; retraining")
+    torch.manual_seed(config["seed"])
+    model = new_model(args).to(train_data[0].device)
+    start = time.perf_counter()
+    train(model, train_data, config["epochs"], args.lr, args.batch_size, config["seed"],
+          desc="training the control" if control else "training")
+    storage.save(model, path, about={"config": config}, option="--checkpoint")
+    log.info(f"model: trained {config['epochs']} epochs in {time.perf_counter() - start:.1f} s, saved to {path} "
+             f"(test accuracy {training.accuracy(model, test_data):.2f}%)")
+    return model
