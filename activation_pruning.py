@@ -13,7 +13,7 @@ import torch
 import common
 import outputs
 from pruning import chain, criteria, measure, methods, model as models, plots, results, surgery, training
-from pruning.files import UserError
+from pruning.files import UserError, shown
 
 THRESHOLDS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0]
 FIGURES = ["activation_pruning_accuracy.png", "activation_pixels_kept.png", "activation_widths.png"]
@@ -188,7 +188,7 @@ def main():
             layers = ", ".join(str(i + 1) for i in r["kept_strongest_only"])
             print(f"At threshold {r['threshold']:g} no unit of hidden layer {layers} reached it; "
                   "the strongest one was kept.")
-    print(f"Models: {args.save_dir}")
+    print(f"Models: {shown(args.save_dir)}")
 
 
 if __name__ == "__main__":

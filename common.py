@@ -211,7 +211,7 @@ def setup(args, model_files, figures):
             paths += [checkpoints.checkpoint_path(args, checkpoints.training_config(args, seed, control=True), control=True)
                       for seed in outputs.seeds(args)]
         outputs.check_outputs(args, paths, model_files, figures)
-        log.info(f"models: {args.save_dir}")
+        log.info(f"models: {shown(args.save_dir)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")

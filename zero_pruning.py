@@ -15,7 +15,7 @@ import torch
 import common
 import outputs
 from pruning import criteria, methods, model as models, plots, results, storage, surgery, training
-from pruning.files import UserError
+from pruning.files import UserError, shown
 
 THRESHOLDS = [0.0, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.10]
 PUBLISHED_LENET = [  # LeNet-300-100 on MNIST: (method, weights kept %, test error %)
@@ -187,7 +187,7 @@ def main():
     if args.bits:
         print(common.compressed_note(args.bits))
     print(memory_impact(rows, dense["accuracy"]))
-    print(f"Models: {args.save_dir}")
+    print(f"Models: {shown(args.save_dir)}")
 
 
 if __name__ == "__main__":

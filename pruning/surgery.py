@@ -128,12 +128,13 @@ def rebuilt(old, rows, columns, folded):
     inputs' mean values in folded, if given, go into the bias."""
     rows_i, columns_i = rows.nonzero().squeeze(1), columns.nonzero().squeeze(1)
     weight = old.weight.detach()
-    if isinstance(old, nn.Linear):
-        new = nn.Linear(len(columns_i), len(rows_i), bias=old.bias is not None)
+    if isinstance(old, nn.Linear):  # skip_init: every number is copied in below
+        new = nn.utils.skip_init(nn.Linear, len(columns_i), len(rows_i), bias=old.bias is not None,
+                                 device=weight.device, dtype=weight.dtype)
     else:
-        new = nn.Conv2d(len(columns_i), len(rows_i), old.kernel_size, old.stride, old.padding, old.dilation,
-                        bias=old.bias is not None, padding_mode=old.padding_mode)
-    new = new.to(weight.device, weight.dtype)
+        new = nn.utils.skip_init(nn.Conv2d, len(columns_i), len(rows_i), old.kernel_size, old.stride, old.padding,
+                                 old.dilation, bias=old.bias is not None, padding_mode=old.padding_mode,
+                                 device=weight.device, dtype=weight.dtype)
     new.weight.copy_(weight[rows_i][:, columns_i])
     if old.bias is not None:
         bias = old.bias.detach().clone()

@@ -300,3 +300,15 @@ def test_an_abandoned_probe_file_is_removed_by_the_next_check(tmp_path):
     probe.write_bytes(b"")
     files.check_file_destination("--json", tmp_path / "out.json")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_names_of_any_bytes_and_any_length_are_handled(tiny_data, tmp_path):
+    result = run_script("zero_pruning.py", "--data-dir", tmp_path / ("d" * 300), "--checkpoint", tmp_path / "m.pt")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("zero_pruning.py: error: ")
+    odd = os.fsdecode(os.fsencode(tmp_path) + b"/mod\xe8le")
+    result = run_script("zero_pruning.py", "--data-dir", tiny_data, "--epochs", "1", "--thresholds", "0",
+                        "--checkpoint", odd + ".pt", "--json", odd + ".json", "--save-dir", odd)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(open(os.fsencode(odd + ".json"), "rb").read())["rows"][0]["threshold"] == 0
