@@ -259,7 +259,8 @@ def main():
         print(f"A third of a training epoch, {args.threads} threads:\n")
         print(markdown_table(wait_policy_rows(args), WAIT_COLUMNS))
         return
-    model, train_data, _, test_data = common.setup(args, [], [])
+    common.prepare(args, [], [])
+    model, train_data, _, test_data = common.setup(args)
     print()
     if not args.skip_job:
         with tempfile.TemporaryDirectory() as tmp:

@@ -186,9 +186,9 @@ def step_finetuner(train_data, args, teacher_logits, name):
 
 # A run ------------------------------------------------------------------------------------
 
-def setup(args, model_files, figures):
-    """Check the arguments and every destination, then load the data and the trained model.
-    Returns (model, train, validation or None, test)."""
+def prepare(args, model_files, figures):
+    """Before any work: check the arguments and every destination of the run. model_files: the
+    names written in each seed's folder; figures: the names written in --plot-dir."""
     logging.basicConfig(format="%(message)s", level=logging.WARNING if args.quiet else logging.INFO)
     torch.set_num_threads(args.threads)
     args.machine = machine()
@@ -204,16 +204,18 @@ def setup(args, model_files, figures):
             import onnxscript  # noqa: F401
         except ImportError:
             raise UserError("--onnx needs the onnx and onnxscript packages: pip install -r requirements.txt") from None
-    if not hasattr(args, "save_dir_given"):
-        args.save_dir_given = args.save_dir
-        paths = [checkpoints.checkpoint_path(args, checkpoints.training_config(args, seed)) for seed in outputs.seeds(args)]
-        if args.control:
-            paths += [checkpoints.checkpoint_path(args, checkpoints.training_config(args, seed, control=True), control=True)
-                      for seed in outputs.seeds(args)]
-        outputs.check_outputs(args, paths, model_files, figures)
-        log.info(f"models: {shown(args.save_dir)}")
+    paths = [checkpoints.checkpoint_path(args, checkpoints.training_config(args, seed)) for seed in outputs.seeds(args)]
+    if args.control:
+        paths += [checkpoints.checkpoint_path(args, checkpoints.training_config(args, seed, control=True), control=True)
+                  for seed in outputs.seeds(args)]
+    outputs.check_outputs(args, paths, model_files, figures)
+    log.info(f"models: {shown(args.save_dir)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
+
+
+def setup(args):
+    """Load the data and the trained model of this seed: (model, train, validation or None, test)."""
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     root = data.data_root(args.data_dir)
     splits = [(x.to(device), y.to(device)) for x, y in data.load(root, args.validation)]

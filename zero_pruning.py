@@ -175,11 +175,12 @@ def main():
     trained = []
 
     def run_one():
-        model, train_data, validation, test_data = common.setup(args, model_files(args), FIGURES)
+        model, train_data, validation, test_data = common.setup(args)
         rows = sweep(model, train_data, validation, test_data, args, outputs.seed_folder(args, args.seed))
         trained.append(model)
         return rows, common.dense_results(args, model, train_data, validation, test_data)
 
+    common.prepare(args, model_files(args), FIGURES)
     rows, dense = common.results_over_seeds(args, run_one, lambda rows, baseline: plot(trained[-1], rows, baseline, args))
     print(results.markdown_table(rows, columns(rows, bool(args.finetune_epochs), args.bits)))
     print("\n" + common.dense_line(dense, args.seeds))

@@ -204,13 +204,18 @@ def check_file_destination(option, path):
     folder = path.parent
     if kind_of(folder) != "folder":
         raise UserError(f"cannot write {shown(path)}: folder {shown(folder)} does not exist")
+    probe_writable(path)
+
+
+def probe_writable(path):
+    """Whether a temporary file for path can be made beside it (and its name is not too long)."""
     try:
         remove_abandoned_temporaries(path)
         longest = TEMPORARY.format(name=path.name, pid=2 ** 22, n=10 ** 6)
-        if len(os.fsencode(longest)) > os.pathconf(folder, "PC_NAME_MAX"):
+        if len(os.fsencode(longest)) > os.pathconf(path.parent, "PC_NAME_MAX"):
             raise UserError(f"cannot write {shown(path)}: the name is too long for the file system "
                             f"(its temporary file's name too)")
-        probe = folder / TEMPORARY.format(name=path.name, pid=os.getpid(), n=next_number())
+        probe = path.parent / TEMPORARY.format(name=path.name, pid=os.getpid(), n=next_number())
         probe.open("xb").close()
         probe.unlink()
     except OSError as e:
@@ -224,7 +229,7 @@ def check_folder_destination(option, folder):
         raise UserError(f"cannot write in {shown(folder)}: folder {shown(folder)} does not exist")
     if kind != "folder":
         raise UserError(f"{option} {shown(folder)} is a {kind}, not a folder")
-    check_file_destination(option, folder / "model.pt")
+    probe_writable(folder / "model.pt")
 
 
 def make_folder(option, folder):
