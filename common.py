@@ -367,6 +367,7 @@ def compress(model, train_data, validation, test_data, args, teacher, path, name
     row = scores(quantized, validation, test_data, "quantized_accuracy")
     if args.finetune_epochs:
         finetune(quantized, train_data, args, args.finetune_epochs, teacher, f"fine-tuning shared values at {name}")
+        compressed.to_file_precision(quantized)
         row.update(scores(quantized, validation, test_data, "quantized_finetuned_accuracy"))
     row["compressed_bytes"] = outputs.save_model(quantized, path, "compressed")
     row["times_smaller"] = dense_bytes / row["compressed_bytes"]

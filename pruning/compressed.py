@@ -5,8 +5,9 @@ the positions of the non-zero weights as gaps or a bitmask, all entropy-coded by
 File: magic b"MLPZ", format version (1 byte), body length and CRC-32 of the body (4 bytes each,
 little-endian), then the body, an LZMA2 raw stream of: the architecture as JSON (its length in 4
 bytes first; architecture.py), then per layer with weights its position encoding, its shared values
-(fp32), its positions and one code (a byte) per stored weight, then every other number of the
-model (biases and the like as fp32, the kept pixels' indices as int32) in the order of its state.
+(fp16), its positions and one code (a byte) per stored weight, then every other number of the
+model (biases and the like as fp16, the kept pixels' indices as int32) in the order of its state.
+Every fp16 number is rounded so in the model before it is measured (to_file_precision).
 """
 
 import copy
@@ -79,7 +80,18 @@ def quantize(model, bits):
             codebook, codes[stored] = kmeans(weight[stored].cpu(), 2 ** bits)
         parametrize.register_parametrization(layer, "weight", SharedWeights(codebook.to(weight.device), codes),
                                              unsafe=True)
-    return quantized
+    return to_file_precision(quantized)
+
+
+@torch.no_grad()
+def to_file_precision(model):
+    """Round the numbers a compressed file stores (shared values, biases, BatchNorm's) to fp16, as
+    the file holds them, so that the model measured is the model that loads; returns model.
+    Call it again after fine-tuning the shared values."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not name.endswith("parametrizations.weight.original"):
+            tensor.copy_(tensor.half().float())
+    return model
 
 
 def shared_values(layer):
@@ -134,7 +146,7 @@ def compressed_size(data):
 def encode(model):
     """The file's bytes for a model made by quantize()."""
     model = chain.sequential(model)
-    description = json.dumps(architecture.describe(model)).encode()
+    description = json.dumps(architecture.describe(model), separators=(",", ":")).encode()
     body = [struct.pack("<I", len(description)), description]
     shared = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, chain.WEIGHTED)}
     for layer in weighted(model):
@@ -142,11 +154,12 @@ def encode(model):
         streams = position_streams(codes)
         kind = min(streams, key=lambda k: compressed_size(streams[k]))
         stored = codes.flatten()[codes.flatten() >= 0]
-        body += [struct.pack("<BHI", kind, len(codebook), len(streams[kind])), codebook.numpy().tobytes(),
-                 streams[kind], struct.pack("<I", len(stored)), stored.to(torch.uint8).numpy().tobytes()]
+        body += [struct.pack("<BHI", kind, len(codebook), len(streams[kind])),
+                 codebook.numpy().astype("<f2").tobytes(), streams[kind],
+                 struct.pack("<I", len(stored)), stored.to(torch.uint8).numpy().tobytes()]
     for name, tensor in plain_state(model).items():
         if name not in shared:
-            body.append(tensor.detach().cpu().numpy().astype("<f4" if tensor.is_floating_point() else "<i4").tobytes())
+            body.append(tensor.detach().cpu().numpy().astype("<f2" if tensor.is_floating_point() else "<i4").tobytes())
     packed = lzma.compress(b"".join(body), format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
     return HEADER.pack(MAGIC, VERSION, len(packed), zlib.crc32(packed)) + packed
 
@@ -218,7 +231,7 @@ def decode(data):
                 continue
             shared.add(f"{name}.weight")
             kind, k, index_bytes = struct.unpack("<BHI", body.read(7, limit))
-            codebook = torch.from_numpy(np.frombuffer(body.read(4 * k, limit), dtype="<f4").copy())
+            codebook = torch.from_numpy(np.frombuffer(body.read(2 * k, limit), dtype="<f2").astype(np.float32))
             positions = decode_positions(kind, body.read(index_bytes, limit), layer.weight.numel())
             (stored,) = struct.unpack("<I", body.read(4, limit))
             codes = torch.from_numpy(np.frombuffer(body.read(stored, limit), dtype=np.uint8).astype(np.int64))
@@ -229,8 +242,8 @@ def decode(data):
             layer.weight.copy_(weight.view_as(layer.weight))
         for name, tensor in model.state_dict().items():
             if name not in shared:
-                kind = "<f4" if tensor.is_floating_point() else "<i4"
-                values = np.frombuffer(body.read(4 * tensor.numel(), limit), dtype=kind).astype(
+                kind = "<f2" if tensor.is_floating_point() else "<i4"
+                values = np.frombuffer(body.read(int(kind[-1]) * tensor.numel(), limit), dtype=kind).astype(
                     np.float32 if tensor.is_floating_point() else np.int64)
                 tensor.copy_(torch.from_numpy(values).view_as(tensor))
     if not body.finished():
