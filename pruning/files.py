@@ -202,8 +202,10 @@ def check_file_destination(option, path):
     if kind == "file":
         refuse_unless_ours(option, path)
     folder = path.parent
-    if kind_of(folder) != "folder":
+    if kind_of(folder) == "absent":
         raise UserError(f"cannot write {shown(path)}: folder {shown(folder)} does not exist")
+    if kind_of(folder) != "folder":
+        raise UserError(f"cannot write {shown(path)}: {shown(folder)} is a {kind_of(folder)}, not a folder")
     probe_writable(path)
 
 

@@ -5,6 +5,7 @@ tiny MNIST of blank images, so each takes a second or two."""
 import json
 import lzma
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -312,3 +313,15 @@ def test_names_of_any_bytes_and_any_length_are_handled(tiny_data, tmp_path):
                         "--checkpoint", odd + ".pt", "--json", odd + ".json", "--save-dir", odd)
     assert result.returncode == 0, result.stderr
     assert json.loads(open(os.fsencode(odd + ".json"), "rb").read())["rows"][0]["threshold"] == 0
+
+
+@pytest.mark.parametrize("make", [lambda p: p.write_text("a file"), lambda p: p.symlink_to(p.parent / "nowhere")])
+def test_a_checkpoints_folder_that_is_a_file_or_a_dangling_link_is_one_line(make, tmp_path):
+    for source in ROOT.glob("*.py"):
+        shutil.copy(source, tmp_path)
+    shutil.copytree(ROOT / "pruning", tmp_path / "pruning")
+    make(tmp_path / "checkpoints")
+    result = subprocess.run([sys.executable, tmp_path / "zero_pruning.py", "--data-dir", tmp_path / "none"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "checkpoints" in result.stderr.strip().splitlines()[-1]
