@@ -94,7 +94,8 @@ def parser(description, thresholds):
                    help="also train the dense model for as many epochs as a pruned model got in all "
                         "(training and fine-tuning) and report its accuracy: the cost of pruning at equal training")
     p.add_argument("--finetune-epochs", type=positive(int, MAX_EPOCHS), metavar="N",
-                   help="fine-tune each pruned model for N epochs (default: none, one-shot pruning only)")
+                   help="fine-tune each pruned model for N epochs (default: none, one-shot pruning only; with "
+                        "--steps, 2 a step in zero pruning and 4 in activation pruning)")
     p.add_argument("--finetune-lr", type=positive(float, MAX_LR), default=1e-3, metavar="LR",
                    help="fine-tuning learning rate, cosine-decayed to 0 (default: 0.001)")
     p.add_argument("--steps", type=positive(int, MAX_STEPS), default=1, metavar="K",
