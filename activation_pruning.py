@@ -86,14 +86,14 @@ def measured_means(model, x):
     return means
 
 
-def columns(reduction, compensated, finetuned, bits):
+def columns(reduction, compensated, finetuned, bits, pixels=False):
     percent, count = "{:.2f}%".format, "{:,.0f}".format
     return [("Reduction", "reduction", results.label) if reduction else ("Threshold", "threshold", results.label),
             ("Accuracy", "accuracy", percent),
             *([("Bias-compensated", "compensated_accuracy", percent)] if compensated else []),
             *([("Fine-tuned", "finetuned_accuracy", percent)] if finetuned else []),
             ("Original Params", "original_params", count), ("New Params", "new_params", count),
-            *([("Input Pixels", "input_width", count)] if reduction else []),
+            *([("Input Pixels", "input_width", count)] if pixels else []),
             ("Hidden Widths", "hidden_widths", lambda widths: "-".join(f"{w:.0f}" for w in widths)),
             ("Inference Time (s)", "inference_time_s", "{:.4f}".format),
             ("Size Reduction", "size_reduction", percent),
@@ -178,7 +178,7 @@ def main():
     common.prepare(args, model_files(args), FIGURES)
     rows, dense = common.results_over_seeds(args, run_one, lambda rows, baseline: plot(trained[-1], rows, baseline, args))
     print(results.markdown_table(rows, columns(bool(args.reduction), args.bias_compensation and not args.reduction,
-                                               bool(args.finetune_epochs), args.bits)))
+                                               bool(args.finetune_epochs), args.bits, args.prune_inputs)))
     print("\n" + common.dense_line(dense, args.seeds))
     print(f"Inference time: classifying all {test_images[0]:,} test images in one batch, median of repeats "
           f"after warm-up, {args.threads} threads.")

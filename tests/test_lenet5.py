@@ -1,0 +1,69 @@
+"""LeNet-5 through both scripts on a small MNIST (the first 3,000 training and 1,000 test images), as
+the README's commands run it on the whole set: conv kernels and linear weights ranked together,
+channels removed with their block of columns after the Flatten, files that load as their rows say."""
+
+import json
+
+import pytest
+import torch
+
+import pruning
+from conftest import run_script
+from pruning import data as mnist
+from pruning import training
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def small_mnist(mnist_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("small")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name, magic in mnist.FILES.items():
+        full = mnist.read_idx(mnist_dir / "MNIST" / "raw" / name, magic)
+        part = full[:3000] if name.startswith("train") else full[:1000]
+        header = magic.to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in part.shape)
+        (raw / name).write_bytes(header + part.numpy().tobytes())
+    return root
+
+
+def run(script, small_mnist, tmp_path, *args):
+    out = tmp_path / "out.json"
+    result = run_script(script, "--model", "lenet5", "--data-dir", small_mnist, "--epochs", "2",
+                        "--checkpoint", tmp_path / "lenet5.pt", "--save-dir", tmp_path / "models", "--json", out, *args)
+    assert result.returncode == 0, result.stderr
+    return json.loads(out.read_text()), result.stdout
+
+
+def test_lenet5_zero_pruning_ranks_conv_and_linear_weights_together(small_mnist, tmp_path):
+    results, stdout = run("zero_pruning.py", small_mnist, tmp_path, "--sparsity", "0.9", "--steps", "2",
+                          "--distill", "--bits", "5")
+    (row,) = results["rows"]
+    assert row["original_params"] == 20 * 25 + 50 * 20 * 25 + 800 * 500 + 500 * 10 == 430_500
+    assert row["zero_percentage"] >= 90
+    assert 0 < row["flops"] < 0.2 * (20 * 25 * 576 + 50 * 20 * 25 * 64 + 800 * 500 + 500 * 10)
+    model = pruning.load(tmp_path / "models" / "csr-sparsity0.9.pt")
+    conv1, conv2 = (m for m in model if isinstance(m, torch.nn.Conv2d))
+    assert (conv1.weight != 0).float().mean() < 1 and (conv2.weight != 0).float().mean() < 1  # ranked together
+    test = mnist.load(small_mnist)[1]
+    assert training.accuracy(model, test) == row["finetuned_accuracy"]
+    assert training.accuracy(pruning.load(tmp_path / "models" / "compressed-sparsity0.9.bin"), test) == \
+        row["quantized_finetuned_accuracy"]
+
+
+@pytest.mark.parametrize("args", [["--reduction", "0.8", "--steps", "2", "--distill"], ["--thresholds", "0", "0.5"]])
+def test_lenet5_activation_pruning_removes_channels(args, small_mnist, tmp_path):
+    results, stdout = run("activation_pruning.py", small_mnist, tmp_path, *args)
+    test = mnist.load(small_mnist)[1]
+    for row in results["rows"]:
+        name = f"{'reduction' if 'reduction' in row else 'threshold'}{row.get('reduction', row.get('threshold')):.4g}"
+        model = pruning.load(tmp_path / "models" / f"activation-{name}.pt")
+        assert pruning.count_params(model) == row["new_params"]
+        assert training.accuracy(model, test) == row.get("finetuned_accuracy", row["accuracy"])
+        conv1, conv2 = (m for m in model if isinstance(m, torch.nn.Conv2d))
+        linear = next(m for m in model if isinstance(m, torch.nn.Linear))
+        assert [conv1.out_channels, conv2.out_channels, linear.out_features] == row["hidden_widths"]
+        assert linear.in_features == 16 * conv2.out_channels  # its block of columns went with each channel
+    if "--reduction" in args:
+        assert results["rows"][0]["size_reduction"] >= 80 and results["rows"][0]["hidden_widths"][0] < 20
