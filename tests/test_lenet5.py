@@ -42,7 +42,7 @@ def test_lenet5_zero_pruning_ranks_conv_and_linear_weights_together(small_mnist,
     (row,) = results["rows"]
     assert row["original_params"] == 20 * 25 + 50 * 20 * 25 + 800 * 500 + 500 * 10 == 430_500
     assert row["zero_percentage"] >= 90
-    assert 0 < row["flops"] < 0.2 * (20 * 25 * 576 + 50 * 20 * 25 * 64 + 800 * 500 + 500 * 10)
+    assert 0 < row["flops"] < 0.5 * (20 * 25 * 576 + 50 * 20 * 25 * 64 + 800 * 500 + 500 * 10)  # dense: 2,293,000
     model = pruning.load(tmp_path / "models" / "csr-sparsity0.9.pt")
     conv1, conv2 = (m for m in model if isinstance(m, torch.nn.Conv2d))
     assert (conv1.weight != 0).float().mean() < 1 and (conv2.weight != 0).float().mean() < 1  # ranked together
