@@ -2,7 +2,6 @@
 after every step: zeros (the structure stays, the weights get sparse) and neuron and channel
 removal (the structure shrinks)."""
 
-import torch
 import torch.nn as nn
 
 from pruning import chain, criteria, surgery
@@ -45,7 +44,7 @@ def activation_prune(model, inputs, reduction, steps=1, finetune=None, prune_inp
     mode = model.training
     spatial = surgery.spatial(layers, inputs)
     original = count_params(nn.Sequential(*layers))
-    pruned = nn.Sequential(*layers)
+    pruned = nn.Sequential(*layers).train(mode)
     for r in cubic_schedule(reduction, steps):
         widths = surgery.target_widths(layers, spatial, (1 - r) * original, prune_inputs)
         pruned = shrink(pruned, widths, inputs, criterion, prune_inputs, spatial)
@@ -54,7 +53,7 @@ def activation_prune(model, inputs, reduction, steps=1, finetune=None, prune_inp
     return pruned.train(mode)
 
 
-def shrink(model, widths, x, criterion, prune_inputs, spatial, bias_compensation=False):
+def shrink(model, widths, x, criterion, prune_inputs, spatial):
     """model cut to these unit widths (inputs first), keeping the strongest units by criterion."""
     layers = chain.layers(model)
     mode = model.training
@@ -63,19 +62,4 @@ def shrink(model, widths, x, criterion, prune_inputs, spatial, bias_compensation
     model.train(mode)
     keep = [criteria.strongest(s, w) for s, w in zip(strength, widths[:-1])]
     inputs = (keep[0], means[0]) if prune_inputs else None
-    return surgery.remove_units(layers, keep[1:], spatial, inputs, means[1:] if bias_compensation else None)
-
-
-@torch.no_grad()
-def threshold_prune(model, x, threshold, multiple=1, bias_compensation=False):
-    """Remove every hidden neuron or channel whose mean activation on x is below threshold (the
-    strongest of a layer stays if none reaches it). Returns (the smaller model, means, indices of
-    the layers where no unit reached the threshold)."""
-    layers = chain.layers(model)
-    mode = model.training
-    model.eval()
-    means, _, _ = criteria.statistics(layers, x)
-    model.train(mode)
-    keep, rescued = criteria.neurons_to_keep(means, threshold, multiple)
-    spatial = surgery.spatial(layers, x)
-    return surgery.remove_units(layers, keep, spatial, means=means if bias_compensation else None), means, rescued
+    return surgery.remove_units(layers, keep[1:], spatial, inputs)

@@ -4,7 +4,6 @@ them. Formats: 'dense' (every weight), 'csr' (the weights of each layer as compr
 rows: fp32 values, int32 indices) and the compressed file of compressed.py. ONNX for other runtimes."""
 
 import contextlib
-import io
 import math
 import warnings
 import zipfile
@@ -198,10 +197,3 @@ def export_onnx(model, path, example=None, option=None):
     data = proto.SerializeToString()
     atomic_write(path, lambda f: f.write(data), option)
     return len(data)
-
-
-def bytes_of(model):
-    """The size of the dense file of model."""
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return buffer.tell()
