@@ -332,8 +332,10 @@ def test_shrinking_in_steps_follows_the_cubic_schedule():
     model = mlp([20, 16, 8, 3])
     x = torch.randn(50, 20)
     seen = []
+    model.eval()
     methods.activation_prune(model, x, 0.6, steps=3, prune_inputs=True,
                              finetune=lambda pruned: seen.append(list(widths(pruned))))
+    assert not any(m.training for m in model.modules())  # left in the mode it was in
     # 0.6 (1 - (1 - k/3)^3) of the 499 parameters (20*16+16 + 16*8+8 + 8*3+3) removed after step k:
     # 0.6 * 19/27, 0.6 * 26/27, 0.6 of them, so at most 288.3, 210.7 and 199.6 left
     assert count_params(model) == 499
