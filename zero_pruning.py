@@ -131,7 +131,7 @@ def memory_impact(rows, baseline):
 def plot(model, rows, baseline, args):
     plt = plots.pyplot()
     magnitudes = criteria.magnitudes(model).cpu()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     right = 1.5 * max(r["threshold"] for r in rows) or magnitudes.max().item()
     counts, _, _ = ax.hist(magnitudes.numpy(), bins=150, range=(0, right), color="tab:blue")
     for i, r in enumerate(rows):
@@ -141,7 +141,7 @@ def plot(model, rows, baseline, args):
     hidden = (magnitudes > right).sum().item()
     ax.set(xlim=(0, right), ylim=(0, 1.2 * counts.max()), ylabel="number of weights",
            xlabel=f"|w|  ({hidden:,} weights above {right:.3g} not shown)",
-           title=f"Weight magnitudes of the trained {name_of(model)} ({len(magnitudes):,} weights)\n"
+           title=f"Weight magnitudes, trained {name_of(model)}: {len(magnitudes):,} weights\n"
                  "red: pruning thresholds, each with the share of weights below it")
     outputs.figure(fig, args, FIGURES[0])
 
