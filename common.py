@@ -276,10 +276,9 @@ def results_over_seeds(args, run_one, plot):
     rows, per_seed, dense = over_seeds(args, run_one)
     summary = results.mean_row(dense) if len(dense) > 1 else dense[0]
     if args.json:
-        extra = {k: v for k, v in summary.items() if k != "accuracy"}
-        results.write_json(args.json, settings(args), rows, [d["accuracy"] for d in dense], per_seed,
-                           {k.replace("accuracy", "dense_accuracy") if k.startswith("validation") else k: v
-                            for k, v in extra.items()})
+        extra = {k.replace("validation_accuracy", "validation_dense_accuracy"): v for k, v in summary.items()
+                 if k not in ("accuracy", "accuracy_std")}  # written as dense_accuracy(_std)
+        results.write_json(args.json, settings(args), rows, [d["accuracy"] for d in dense], per_seed, extra)
     if args.plot:
         plot(rows, summary["accuracy"])
     return rows, summary

@@ -325,3 +325,19 @@ def test_a_checkpoints_folder_that_is_a_file_or_a_dangling_link_is_one_line(make
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "checkpoints" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_validation_and_control_are_reported_under_their_names(tiny_data, tmp_path):
+    result = run_script("zero_pruning.py", "--data-dir", tiny_data, "--epochs", "1", "--checkpoint", tmp_path / "m.pt",
+                        "--sparsity", "0.5", "--steps", "2", "--finetune-epochs", "1", "--validation", "16",
+                        "--control", "--json", tmp_path / "r.json", "--save-dir", tmp_path / "sd")
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert {"dense_accuracy", "validation_dense_accuracy", "control_accuracy", "validation_control_accuracy",
+            "control_epochs"} <= results.keys() and "accuracy_std" not in results
+    assert results["control_epochs"] == 1 + 1 + 5  # dense, one step of 1, the last of 5
+    row = results["rows"][0]
+    assert {"validation_accuracy", "validation_finetuned_accuracy"} <= row.keys()
+    assert "trained 7 epochs in all, as long as a pruned model" in result.stdout
+    assert "on the held-out validation images" in result.stdout
