@@ -153,7 +153,9 @@ def test_importing_the_library_changes_nothing_outside_it():
 def test_the_readme_example_runs_as_written_from_a_folder_outside_the_project(mnist_dir, tmp_path):
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Pruning your own model"):]
-    block = section[section.index("```python\n") + len("```python\n"):section.index("\n```")]
+    start = section.index("```python\n") + len("```python\n")
+    block = section[start:section.index("\n```", start)]
+    assert "pruning.export_onnx" in block
     assert len(block.splitlines()) <= 25
     (tmp_path / "example.py").write_text(block)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MNIST_DATA_DIR": str(mnist_dir)}
