@@ -68,9 +68,8 @@ def check_outputs(args, checkpoints, model_files, figures):
         planned += [("--plot-dir", Path(args.plot_dir) / name) for name in figures]
     files.check_distinct(planned)
     for option, path in planned:
-        if path is not None and files.kind_of(Path(path).parent) == "folder":  # a seed's folder is made later
-            files.check_file_destination(option, path)
-        elif path is not None and option != "--save-dir":
+        seed_folder_to_come = option == "--save-dir" and files.kind_of(Path(path).parent) == "absent"
+        if path is not None and not seed_folder_to_come:
             files.check_file_destination(option, path)
 
 
