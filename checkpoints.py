@@ -58,7 +58,8 @@ def trained_model(args, train_data, test_data, train, control=False):
             model, problem = None, str(e).removeprefix(f"{shown(path)} ")
         if problem is None:
             model.to(train_data[0].device)
-            log.info(f"model: loaded {path} (test accuracy {training.accuracy(model, test_data):.2f}%)")
+            if log.isEnabledFor(logging.INFO):  # an evaluation of its own: not for --quiet
+                log.info(f"model: loaded {path} (test accuracy {training.accuracy(model, test_data):.2f}%)")
             return model
         log.warning(f"model: checkpoint {path}: {problem}; retraining")
     torch.manual_seed(config["seed"])

@@ -3,6 +3,7 @@ structure unchanged; neuron and channel removal rebuilds every layer of a chain 
 weighted layer loses rows (output units), the next one the matching columns (input units,
 a block of columns per channel after a Flatten), and a BatchNorm in between the same channels."""
 
+import contextlib
 import copy
 import math
 
@@ -30,6 +31,32 @@ def make_permanent(model):
         if prune.is_pruned(layer):
             prune.remove(layer, "weight")
     return model
+
+
+@contextlib.contextmanager
+def masks_folded(model):
+    """Within: the pruning masks of model's layers folded into plain weights, yielding the
+    (weight, mask) pairs for the caller to re-apply with hold() after each update: one multiply a
+    step, where a mask costs one in every forward and one in every backward. The weights it holds
+    see the same numbers either way. After: the masks back, over the weights as trained."""
+    held = []
+    for layer in weighted(model):
+        if hasattr(layer, "weight_mask"):
+            mask = layer.weight_mask
+            prune.remove(layer, "weight")
+            held.append((layer, mask))
+    try:
+        yield [(layer.weight, mask) for layer, mask in held]
+    finally:
+        for layer, mask in held:
+            prune.custom_from_mask(layer, "weight", mask)
+
+
+@torch.no_grad()
+def hold(held):
+    """Zero again what the masks of masks_folded() hold at zero."""
+    for weight, mask in held:
+        weight.mul_(mask)
 
 
 # Neurons and channels -------------------------------------------------------------------

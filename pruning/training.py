@@ -5,6 +5,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from pruning import surgery
+
 RECIPE = "fused adam, cosine learning rate, cross-entropy"
 
 
@@ -28,25 +30,28 @@ def train(model, data, epochs, lr=1e-3, batch_size=128, seed=0, teacher=None, te
           progress=None):
     """Adam (fused on CPU) with a cosine-decayed learning rate, reshuffling every epoch from a seeded
     generator; returns model, left in training mode. teacher: None, a model to distil from, or its
-    logits for every example of data. progress: wraps the range of epochs (a progress bar)."""
+    logits for every example of data. progress: wraps the range of epochs (a progress bar). The
+    zeros of pruning masks (surgery.hold_below) stay zero, re-applied once a step."""
     x, y = data
     if isinstance(teacher, torch.nn.Module):
         teacher = logits(teacher, x)
     model.train()
     gen = torch.Generator().manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr, fused=all(p.device.type in ("cpu", "cuda") for p in params))
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * math.ceil(len(x) / batch_size))
-    for _ in (progress or iter)(range(epochs)):
-        for idx in torch.randperm(len(x), generator=gen).to(x.device).split(batch_size):
-            soft_targets = None if teacher is None else teacher[idx]
-            loss = distillation_loss(model(x[idx]), y[idx], soft_targets, temperature, weight)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            schedule.step()
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise Diverged("the weights are no longer finite numbers; lower the learning rate")
+    with surgery.masks_folded(model) as held:
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=lr, fused=all(p.device.type in ("cpu", "cuda") for p in params))
+        opt.register_step_post_hook(lambda *_: surgery.hold(held))  # the zeros are part of every step
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * math.ceil(len(x) / batch_size))
+        for _ in (progress or iter)(range(epochs)):
+            for idx in torch.randperm(len(x), generator=gen).to(x.device).split(batch_size):
+                soft_targets = None if teacher is None else teacher[idx]
+                loss = distillation_loss(model(x[idx]), y[idx], soft_targets, temperature, weight)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                schedule.step()
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                raise Diverged("the weights are no longer finite numbers; lower the learning rate")
     return model
 
 

@@ -369,3 +369,25 @@ def test_rows_over_seeds_hold_means_and_standard_deviations():
                                           ("W", "widths", lambda w: "-".join(f"{x:.0f}" for x in w)),
                                           ("Note", "note", str)])
     assert table.splitlines()[-1] == "| 97.50 ± 0.71% | 7 | 11-4 ± 1-0 | varies |"
+
+
+def test_training_with_masks_folded_matches_masking_at_every_forward_exactly():
+    torch.manual_seed(0)
+    dense = mlp([6, 5, 4, 3])
+    model, reference = prune_below(dense, 0.2), prune_below(dense, 0.2)  # reference: masks in every forward
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam([p for p in reference.parameters()], lr=0.1, fused=True)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=2 * 5)
+    for _ in range(2):
+        for idx in torch.randperm(40, generator=gen).split(8):
+            opt.zero_grad()
+            F.cross_entropy(reference(x[idx]), y[idx]).backward()
+            opt.step()
+            schedule.step()
+    training.train(model, (x, y), epochs=2, lr=0.1, batch_size=8, seed=0)
+    assert all(hasattr(layer, "weight_mask") for layer in linears(model))  # the masks are back
+    for ours, theirs in zip(linears(model), linears(reference)):  # a masked layer's weight: as of its last forward
+        assert torch.equal(ours.weight_orig * ours.weight_mask, theirs.weight_orig * theirs.weight_mask)
+        assert torch.equal(ours.bias, theirs.bias)
+        assert torch.equal(ours.weight_mask, theirs.weight_mask)
