@@ -84,7 +84,8 @@ def check(description):
             if key in ("in", "out", "inputs", "size", "features", "kernel", "shape", "output") and not all(
                     type(v) is int and 0 < v <= MAX_DIM for v in values):
                 raise BadArchitecture(f"layer {i} ({d['type']}) claims an impossible size: {key} {value}")
-            if key in ("stride", "padding", "dilation") and not all(type(v) is int and 0 <= v <= MAX_DIM for v in values):
+            if key in ("stride", "padding", "dilation") and not all(
+                    type(v) is int and 0 <= v <= MAX_DIM for v in values):
                 raise BadArchitecture(f"layer {i} ({d['type']}) claims an impossible {key}: {value}")
     try:
         elements = count(description)

@@ -32,7 +32,8 @@ def statistics(layers, x, batch_size=10_000):
     measure_at = {}
     for g, (i, between, _) in enumerate(groups[:-1]):
         relu = next((k for k in between if isinstance(layers[k], nn.ReLU)), None)
-        measure_at[relu if relu is not None else max([i, *(k for k in between if not isinstance(layers[k], nn.Flatten))])] = g
+        last = max([i, *(k for k in between if not isinstance(layers[k], nn.Flatten))])
+        measure_at[relu if relu is not None else last] = g
     first = groups[0][0]
     sums = [0.0] * (len(groups) - 1)
     pixel_sum = pixel_squares = 0.0

@@ -45,7 +45,8 @@ def read_idx(path, magic):
             shape = [int.from_bytes(header[i:i + 4], "big") for i in range(4, len(header), 4)]
             if size != len(header) + math.prod(shape):
                 raise DataError(f"{path} is truncated or corrupted ({size:,} bytes, expected "
-                                f"{len(header) + math.prod(shape):,} for shape {shape}); replace it with the original file")
+                                f"{len(header) + math.prod(shape):,} for shape {shape}); "
+                                "replace it with the original file")
             if shape[0] == 0:
                 raise DataError(f"{path} holds no images; replace it with the original file")
             return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8).view(shape)

@@ -34,7 +34,8 @@ def accuracy_figure(rows, baseline, removed_key, what, curves, published=()):
         zoom.plot([100 - x for x in removed], [r[key] for r in rows], style, label=label)
     for i, (name, kept, error) in enumerate(published):
         zoom.plot(kept, 100 - error, "k*", ms=9)
-        zoom.annotate(name, (kept, 100 - error), xytext=(5, -12 if i % 2 else 5), textcoords="offset points", fontsize=8)
+        zoom.annotate(name, (kept, 100 - error), xytext=(5, -12 if i % 2 else 5), textcoords="offset points",
+                      fontsize=8)
     zoom.axhline(baseline, color="gray", ls=":", label=f"unpruned model ({baseline:.2f}%)")
     accuracies = [r[key] for r in rows for key, _, _ in zoomed] + [100 - e for _, _, e in published]
     zoom.set(xscale="log", xlabel=f"{what} kept (%, log scale)", ylabel="test accuracy (%)",
