@@ -8,6 +8,8 @@ training set, remove those below a threshold and rebuild genuinely smaller layer
 
 import startup  # noqa: F401, I001 -- first: settles what must be settled before torch is imported
 
+import copy
+
 import torch
 
 import common
@@ -35,14 +37,15 @@ def sweep(model, train_data, validation, test_data, args, folder):
     teacher = training.logits(model, train_data[0]) if args.distill else None
     dense_bytes = outputs.save_model(model, folder / "dense.pt")
     original = models.count_params(model)
-    layers = chain.layers(model)
+    source = lasso_trained(model, train_data, teacher, args) if args.group_lasso else model  # what is cut
+    layers = chain.layers(source)
     spatial = surgery.spatial(layers, train_data[0])
     means = None if args.reduction else measured_means(model, train_data[0])
     rows = []
     for name, kind, target in common.progress(targets(args), "sweep", kind_of(args)):
         if args.reduction:
             widths = surgery.target_widths(layers, spatial, (1 - target) * original, args.prune_inputs)
-            pruned = methods.shrink(model, widths, train_data[0], args.criterion, args.prune_inputs, spatial)
+            pruned = methods.shrink(source, widths, train_data[0], args.criterion, args.prune_inputs, spatial)
             row = {"reduction": target, **common.scores(pruned, validation, test_data)}
         else:
             keep, rescued = criteria.neurons_to_keep(means, target, args.multiple_of)
@@ -54,7 +57,7 @@ def sweep(model, train_data, validation, test_data, args, folder):
         if args.finetune_epochs:
             finetune = common.step_finetuner(train_data, args, teacher, f"{kind} {results.label(target)}")
             if args.steps > 1:
-                pruned = methods.activation_prune(model, train_data[0], target, args.steps, finetune,
+                pruned = methods.activation_prune(source, train_data[0], target, args.steps, finetune,
                                                   args.prune_inputs, args.criterion)
             else:
                 finetune(pruned)
@@ -78,6 +81,16 @@ def sweep(model, train_data, validation, test_data, args, folder):
 
 def kind_of(args):
     return "reduction" if args.reduction else "threshold"
+
+
+def lasso_trained(model, train_data, teacher, args):
+    """A copy of model trained --group-lasso-epochs more with the group-lasso penalty of strength
+    --group-lasso (and the --finetune-* settings, distilling with --distill): what the cut starts from."""
+    trained = copy.deepcopy(model)
+    penalty = methods.group_lasso(trained, args.group_lasso, train_data[0][:1], args.prune_inputs)
+    common.train(trained, train_data, args.group_lasso_epochs, args.finetune_lr, args.batch_size, args.seed,
+                 teacher if args.distill else None, args.temperature, args.distill_weight, "group lasso", penalty)
+    return trained
 
 
 def measured_means(model, x):
@@ -151,7 +164,15 @@ def main():
                    help="with --reduction, what ranks the neurons: mean activation (a pixel's standard deviation), "
                         "or that times the norm of the outgoing weights (default: contribution, which keeps more "
                         "accuracy; the threshold sweep always uses mean activation)")
+    p.add_argument("--group-lasso", type=common.positive(float, 1.0), metavar="S",
+                   help="with --reduction, first train the dense model --group-lasso-epochs more with a penalty of "
+                        "S times the sum of every unit's weight norm (and every pixel's with --prune-inputs), so "
+                        "that it learns which units to spare before the cut (e.g. 0.003; default: none)")
+    p.add_argument("--group-lasso-epochs", type=common.positive(int, common.MAX_EPOCHS), default=10, metavar="N",
+                   help="epochs of --group-lasso training (default: 10)")
     args = p.parse_args()
+    if args.group_lasso and not args.reduction:
+        raise UserError("--group-lasso takes --reduction")
     if args.reduction:
         if args.thresholds is not THRESHOLDS:
             raise UserError("give --thresholds or --reduction, not both")

@@ -17,8 +17,10 @@ log = logging.getLogger("pruning")
 
 
 def fine_tuning_epochs(args):
-    """The epochs one pruned model is fine-tuned for in all."""
-    return (args.steps - 1) * (args.finetune_epochs or 0) + (args.final_epochs or 0)
+    """The epochs one pruned model is trained for in all after the dense training: with the group
+    lasso's, and the fine-tuning of every step."""
+    lasso = args.group_lasso_epochs if getattr(args, "group_lasso", None) else 0
+    return lasso + (args.steps - 1) * (args.finetune_epochs or 0) + (args.final_epochs or 0)
 
 
 def sizes(args):

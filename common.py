@@ -155,11 +155,12 @@ def settings(args):
     return {k: v for k, v in vars(args).items() if k not in ("json", "plot", "quiet")}
 
 
-def train(model, data, epochs, lr, batch_size, seed, teacher=None, temperature=4.0, weight=0.5, desc="training"):
+def train(model, data, epochs, lr, batch_size, seed, teacher=None, temperature=4.0, weight=0.5, desc="training",
+          penalty=None):
     """training.train with a progress bar, and divergence said in one line."""
     try:
         return training.train(model, data, epochs, lr, batch_size, seed, teacher, temperature, weight,
-                              progress=lambda epochs: progress(epochs, desc, "epoch"))
+                              progress=lambda epochs: progress(epochs, desc, "epoch"), penalty=penalty)
     except training.Diverged as e:
         raise UserError(f"{desc} diverged: {e}") from None
 

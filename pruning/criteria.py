@@ -53,13 +53,33 @@ def statistics(layers, x, batch_size=10_000):
     return [s.float() / n for s in sums], pixel_var.sqrt().float(), pixel_mean.float()
 
 
-def outgoing_norms(layers, g, width, spatial):
-    """The norm of each of group g's outputs' outgoing weights (its columns in the next weighted layer)."""
+def outgoing(layers, g, width, spatial):
+    """Group g's outputs' outgoing weights, one row per output: its columns in the next weighted layer."""
     _, _, j = chains.groups(layers)[g]
-    weight = layers[j].weight.detach()
+    weight = layers[j].weight
     if isinstance(layers[j], nn.Conv2d):
-        return weight.transpose(0, 1).flatten(1).norm(dim=1)
-    return weight.view(weight.shape[0], width, spatial).transpose(0, 1).flatten(1).norm(dim=1)
+        return weight.transpose(0, 1).flatten(1)
+    return weight.view(weight.shape[0], width, spatial).transpose(0, 1).flatten(1)
+
+
+def outgoing_norms(layers, g, width, spatial):
+    """The norm of each of group g's outputs' outgoing weights."""
+    return outgoing(layers, g, width, spatial).detach().norm(dim=1)
+
+
+def unit_norms(layers, spatial, prune_inputs=False):
+    """Per unit layer, the input pixels first with prune_inputs, the norm of each unit's weights:
+    into it (its row or filter, and its bias) and out of it (its columns in the next weighted
+    layer) together; a pixel's: its column in the first layer. Differentiable: group lasso's
+    groups, one per unit that the cut can remove."""
+    groups = chains.groups(layers)
+    norms = [layers[groups[0][0]].weight.norm(dim=0)] if prune_inputs else []
+    for g, (i, _, _) in enumerate(groups[:-1]):
+        layer = layers[i]
+        biases = [] if layer.bias is None else [layer.bias[:, None]]
+        weights = [layer.weight.flatten(1), *biases, outgoing(layers, g, layer.weight.shape[0], spatial[g])]
+        norms.append(torch.cat(weights, 1).norm(dim=1))  # whose gradient at a zero norm is zero
+    return norms
 
 
 def scores(layers, x, criterion, spatial):

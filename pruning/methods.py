@@ -1,6 +1,7 @@
 """The two pruning methods, each toward a target in steps on the cubic schedule with fine-tuning
 after every step: zeros (the structure stays, the weights get sparse) and neuron and channel
-removal (the structure shrinks)."""
+removal (the structure shrinks); and the group-lasso penalty that trains a network to spare units
+before they are removed."""
 
 import torch.nn as nn
 
@@ -51,6 +52,20 @@ def activation_prune(model, inputs, reduction, steps=1, finetune=None, prune_inp
         if finetune:
             finetune(pruned)
     return pruned.train(mode)
+
+
+def group_lasso(model, strength, example, prune_inputs=False):
+    """A penalty for training.train(): strength times the sum of every unit's weight norm, in and
+    out together (every input pixel's too with prune_inputs), which drives the weights of the
+    units the network can best spare toward zero as groups (group lasso: Yuan and Lin 2006; for
+    neurons and channels, Wen et al. 2016). Trained with it, a network learns which units to do
+    without, and a cut by contribution then removes those. example: one input of the network."""
+    layers = chain.layers(model)
+    spatial = surgery.spatial(layers, example)
+
+    def penalty():
+        return strength * sum(norms.sum() for norms in criteria.unit_norms(layers, spatial, prune_inputs))
+    return penalty
 
 
 def shrink(model, widths, x, criterion, prune_inputs, spatial):

@@ -27,11 +27,13 @@ def distillation_loss(logits, labels, teacher_logits=None, temperature=4.0, weig
 
 
 def train(model, data, epochs, lr=1e-3, batch_size=128, seed=0, teacher=None, temperature=4.0, weight=0.5,
-          progress=None):
+          progress=None, penalty=None):
     """Adam (fused on CPU) with a cosine-decayed learning rate, reshuffling every epoch from a seeded
     generator; returns model, left in training mode. teacher: None, a model to distil from, or its
-    logits for every example of data. progress: wraps the range of epochs (a progress bar). The
-    zeros of pruning masks (surgery.hold_below) stay zero, re-applied once a step."""
+    logits for every example of data. progress: wraps the range of epochs (a progress bar).
+    penalty: None, or a function of no arguments whose value is added to every batch's loss (a
+    regulariser such as methods.group_lasso). The zeros of pruning masks (surgery.hold_below)
+    stay zero, re-applied once a step."""
     x, y = data
     if isinstance(teacher, torch.nn.Module):
         teacher = logits(teacher, x)
@@ -46,6 +48,8 @@ def train(model, data, epochs, lr=1e-3, batch_size=128, seed=0, teacher=None, te
             for idx in torch.randperm(len(x), generator=gen).to(x.device).split(batch_size):
                 soft_targets = None if teacher is None else teacher[idx]
                 loss = distillation_loss(model(x[idx]), y[idx], soft_targets, temperature, weight)
+                if penalty is not None:
+                    loss = loss + penalty()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

@@ -391,3 +391,40 @@ def test_training_with_masks_folded_matches_masking_at_every_forward_exactly():
         assert torch.equal(ours.weight_orig * ours.weight_mask, theirs.weight_orig * theirs.weight_mask)
         assert torch.equal(ours.bias, theirs.bias)
         assert torch.equal(ours.weight_mask, theirs.weight_mask)
+
+
+def test_unit_norms_by_hand():
+    # unit 1: in (3, 0) with bias 4, out 12: sqrt(9 + 16 + 144) = 13; unit 2: nothing in or out;
+    # pixels: the first layer's columns, (3, 0) and (0, 0)
+    model = tiny([2, 2, 1], [[[3.0, 0.0], [0.0, 0.0]], [[12.0, 0.0]]], [[4.0, 0.0], [0.0]])
+    layers = chain.layers(model)
+    pixels, hidden = criteria.unit_norms(layers, [1, 1], prune_inputs=True)
+    assert pixels.tolist() == [3.0, 0.0] and hidden.tolist() == [13.0, 0.0]
+    assert [n.tolist() for n in criteria.unit_norms(layers, [1, 1])] == [[13.0, 0.0]]
+
+
+def test_group_lasso_penalty_by_hand_and_its_gradient_where_a_unit_is_gone():
+    model = tiny([2, 2, 1], [[[3.0, 0.0], [0.0, 0.0]], [[12.0, 0.0]]], [[4.0, 0.0], [0.0]])
+    penalty = methods.group_lasso(model, 0.5, torch.zeros(1, 2), prune_inputs=True)()
+    assert penalty.item() == 0.5 * (3 + 0 + 13 + 0)
+    penalty.backward()
+    first, second = linears(model)
+    # d|g|/dw = w / |g|: 3/3 + 3/13 for the weight both groups hold, 4/13 for the bias, 12/13 out
+    assert first.weight.grad.flatten().tolist() == pytest.approx([0.5 * (1 + 3 / 13), 0.0, 0.0, 0.0])
+    assert first.bias.grad.tolist() == pytest.approx([0.5 * 4 / 13, 0.0])
+    assert second.weight.grad.flatten().tolist() == pytest.approx([0.5 * 12 / 13, 0.0])
+    assert second.bias.grad is None  # the outputs are in no group
+
+
+def test_training_with_a_group_lasso_moves_the_units_it_can_spare_toward_zero():
+    torch.manual_seed(0)
+    x = torch.randn(256, 4)
+    y = (x[:, 0] > 0).long()  # one pixel decides; the others carry nothing
+    plain, lassoed = mlp([4, 8, 2]), mlp([4, 8, 2])
+    lassoed.load_state_dict(plain.state_dict())
+    training.train(plain, (x, y), epochs=30, lr=0.01, batch_size=32)
+    training.train(lassoed, (x, y), epochs=30, lr=0.01, batch_size=32,
+                   penalty=methods.group_lasso(lassoed, 0.05, x[:1], prune_inputs=True))
+    useless = [criteria.unit_norms(chain.layers(m), [1, 1], True)[0][1:].sum().item() for m in (plain, lassoed)]
+    assert useless[1] < 0.2 * useless[0]
+    assert training.accuracy(lassoed, (x, y)) > 95

@@ -341,3 +341,20 @@ def test_validation_and_control_are_reported_under_their_names(tiny_data, tmp_pa
     assert {"validation_accuracy", "validation_finetuned_accuracy"} <= row.keys()
     assert "trained 7 epochs in all, as long as a pruned model" in result.stdout
     assert "on the held-out validation images" in result.stdout
+
+
+@pytest.mark.slow
+def test_group_lasso_training_counts_in_the_control_and_the_cut_starts_from_it(tiny_data, tmp_path):
+    common = ("--data-dir", tiny_data, "--epochs", "1", "--checkpoint", tmp_path / "m.pt", "--reduction", "0.5",
+              "--steps", "2", "--finetune-epochs", "1", "--final-epochs", "1", "--prune-inputs", "--control")
+    runs = {}
+    for name, extra in (("plain", ()), ("lasso", ("--group-lasso", "0.01", "--group-lasso-epochs", "2"))):
+        result = run_script("activation_pruning.py", *common, *extra, "--json", tmp_path / f"{name}.json",
+                            "--save-dir", tmp_path / name)
+        assert result.returncode == 0, result.stderr
+        runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert runs["plain"]["control_epochs"] == 1 + 1 + 1 and runs["lasso"]["control_epochs"] == 1 + 2 + 1 + 1
+    plain, lasso = runs["plain"]["rows"][0], runs["lasso"]["rows"][0]
+    assert plain["new_params"] == lasso["new_params"]  # the same size, cut from another model
+    weights = [pruning.load(tmp_path / name / "activation-reduction0.5.pt")[-1].weight for name in runs]
+    assert weights[0].shape == weights[1].shape and not torch.equal(*weights)
