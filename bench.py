@@ -185,16 +185,23 @@ def training_throughput(args, model, train_data):
     return seconds, 6 * models.count_weights(model) * len(train_data[1]) * args.epochs / seconds / 1e9
 
 
-def epoch_seconds(args, model, train_data, masked=False, distill=False):
-    """Seconds of one epoch of training a copy of model: plain, with zero pruning's masks held
-    (90% zeros), and with distillation from the model too, as fine-tuning in steps runs."""
-    fresh = copy.deepcopy(model)
-    if masked:
-        surgery.hold_below(fresh, criteria.threshold_for_sparsity(fresh, 0.9))
-    teacher = training.logits(model, train_data[0]) if distill else None
-    start = time.perf_counter()
-    training.train(fresh, train_data, 1, args.lr, args.batch_size, args.seed, teacher)
-    return time.perf_counter() - start
+def step_seconds(args, model, train_data, rounds=15, steps=50):
+    """Median seconds of a training step of a copy of model: plain, with zero pruning's masks held
+    (90% zeros), and with distillation from the model too, as fine-tuning in steps runs. The three
+    take turns, `steps` steps each, `rounds` times: a machine whose speed drifts slows all alike."""
+    threshold = criteria.threshold_for_sparsity(model, 0.9)
+    plain, masked, distilled = (copy.deepcopy(model) for _ in range(3))
+    x, y = (t[:steps * args.batch_size] for t in train_data)
+    teacher = training.logits(model, x)
+    kinds = {"plain": (plain, None), "masked": (surgery.hold_below(masked, threshold), None),
+             "masked, distilled": (surgery.hold_below(distilled, threshold), teacher)}
+    times = {kind: [] for kind in kinds}
+    for _ in range(rounds):
+        for kind, (net, soft) in kinds.items():
+            start = time.perf_counter()
+            training.train(net, (x, y), 1, args.lr, args.batch_size, args.seed, soft)
+            times[kind].append((time.perf_counter() - start) / steps)
+    return {kind: statistics.median(t) for kind, t in times.items()}
 
 
 def products_per_step(model, batch, threads):
@@ -281,13 +288,14 @@ def main():
           f"a 4096 x 4096 sgemm here runs at {gflops:.0f} GFLOP/s, which allows {bound:.1f} s: "
           f"{seconds / bound:.2f} times that (bar: 1.5)\n")
     steps = math.ceil(len(train_data[1]) / args.batch_size)
-    dense, masked, distilled = (epoch_seconds(args, model, train_data, masked=m, distill=d)
-                                for m, d in ((False, False), (True, False), (True, True)))
+    step = step_seconds(args, model, train_data)
+    dense, masked, distilled = (steps * step[kind] for kind in ("plain", "masked", "masked, distilled"))
     products = products_per_step(model, args.batch_size, args.threads)
-    print(f"One epoch ({steps} steps): dense {dense:.2f} s; with zero pruning's masks {masked:.2f} s, "
-          f"{masked / dense:.2f} times dense (bar: 1.1); masks and distillation {distilled:.2f} s, "
-          f"{distilled / dense:.2f} times.\nPer step: {1e3 * dense / steps:.2f} ms, of which the matrix products "
-          f"alone take {1e3 * products:.2f} ms: {1e3 * (dense / steps - products):.2f} ms is other work.\n")
+    print(f"One epoch ({steps} steps, from the median step of 15 rounds of 50 taken in turn): dense {dense:.2f} s; "
+          f"with zero pruning's masks {masked:.2f} s, {masked / dense:.2f} times dense (bar: 1.1); masks and "
+          f"distillation {distilled:.2f} s, {distilled / dense:.2f} times.\nPer step: {1e3 * dense / steps:.2f} ms, "
+          f"of which the matrix products alone take {1e3 * products:.2f} ms: {1e3 * (dense / steps - products):.2f} ms "
+          "is other work.\n")
 
     x = test_data[0]
     smallest = None

@@ -38,3 +38,13 @@ def test_wait_policy_rows_time_each_setting_in_a_child(mnist_dir):
     rows = bench.wait_policy_rows(args, competitors=(0,), rounds=1, examples=256)
     assert [r["setting"] for r in rows] == list(bench.WAIT_SETTINGS)
     assert all(r["others"] == 0 and float(r["seconds"]) > 0 for r in rows)
+
+
+def test_step_seconds_times_the_three_kinds_of_step_on_copies():
+    torch.manual_seed(0)
+    model = mlp([784, 16, 10])
+    before = [p.clone() for p in model.parameters()]
+    args = argparse.Namespace(lr=1e-3, batch_size=4, seed=0)
+    times = bench.step_seconds(args, model, (torch.rand(32, 784), torch.randint(0, 10, (32,))), rounds=2, steps=2)
+    assert list(times) == ["plain", "masked", "masked, distilled"] and all(t > 0 for t in times.values())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
