@@ -68,7 +68,8 @@ def sweep(model, train_data, validation, test_data, args, folder):
         new = models.count_params(pruned)
         if args.bits:
             row.update(common.compress(pruned, train_data, validation, test_data, args, teacher,
-                                       folder / f"compressed-{name}.bin", f"{kind} {results.label(target)}", dense_bytes))
+                                       folder / f"compressed-{name}.bin", f"{kind} {results.label(target)}",
+                                       dense_bytes))
         if args.prune_inputs:
             row["kept_pixels"] = models.kept_inputs(pruned).tolist()
         row.update(original_params=original, new_params=new, input_width=models.widths(pruned)[0],
@@ -131,7 +132,8 @@ def plot(model, rows, baseline, args):
             kept = torch.zeros(784)
             kept[r["kept_pixels"]] = 1
             ax.imshow(kept.view(28, 28), cmap="gray_r", vmin=0, vmax=1)
-            ax.set(xticks=[], yticks=[], title=f"{len(r['kept_pixels'])} pixels\n{r['size_reduction']:.2f}% fewer params")
+            ax.set(xticks=[], yticks=[],
+                   title=f"{len(r['kept_pixels'])} pixels\n{r['size_reduction']:.2f}% fewer params")
         fig.suptitle("Input pixels kept (black)")
         outputs.figure(fig, args, FIGURES[1])
 
@@ -154,7 +156,8 @@ def main():
     p.add_argument("--multiple-of", type=common.positive(int, 1024), default=1, metavar="N",
                    help="round each hidden width up to a multiple of N by also keeping the strongest neurons "
                         "below the threshold; 8 or 16 suit CPU vector units (default: 1, no rounding)")
-    p.add_argument("--reduction", type=common.number_in(float, 0, 1, open_low=True, open_high=True), nargs="+", metavar="R",
+    p.add_argument("--reduction", type=common.number_in(float, 0, 1, open_low=True, open_high=True), nargs="+",
+                   metavar="R",
                    help="instead of --thresholds, remove the fraction R of all parameters (e.g. 0.95), every layer "
                         "cut by the same factor")
     p.add_argument("--prune-inputs", action="store_true",
@@ -197,7 +200,8 @@ def main():
         return rows, common.dense_results(args, model, train_data, validation, test_data)
 
     common.prepare(args, model_files(args), FIGURES)
-    rows, dense = common.results_over_seeds(args, run_one, lambda rows, baseline: plot(trained[-1], rows, baseline, args))
+    rows, dense = common.results_over_seeds(args, run_one,
+                                            lambda rows, baseline: plot(trained[-1], rows, baseline, args))
     print(results.markdown_table(rows, columns(bool(args.reduction), args.bias_compensation and not args.reduction,
                                                bool(args.finetune_epochs), args.bits, args.prune_inputs)))
     print("\n" + common.dense_line(dense, args.seeds))

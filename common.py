@@ -72,18 +72,22 @@ def parser(description, thresholds):
                    help=f"thresholds to sweep, each a finite number >= 0 (default: {' '.join(map(str, thresholds))})")
     p.add_argument("--model", choices=list(MODELS), default="mlp",
                    help="the network: " + "; ".join(f"{k}, {v}" for k, v in MODELS.items()) + " (default: mlp)")
-    p.add_argument("--data-dir", metavar="DIR", help="folder holding MNIST/raw/ (default: $MNIST_DATA_DIR, else ./data)")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="folder holding MNIST/raw/ (default: $MNIST_DATA_DIR, else ./data)")
     p.add_argument("--checkpoint", metavar="PATH", help="trained model file, retrained when it does not fit the "
                    "training settings (default: checkpoints/<model>-<hash of the training settings>.pt)")
     p.add_argument("--retrain", action="store_true", help="train the model even if its checkpoint fits")
     p.add_argument("--hidden", type=positive(int, MAX_WIDTH), nargs="+", default=list(models.MLP_SIZES[1:-1]),
                    metavar="H", help=f"hidden widths of the MLP; 300 100 is LeNet-300-100 "
                                      f"(default: {' '.join(map(str, models.MLP_SIZES[1:-1]))})")
-    p.add_argument("--epochs", type=positive(int, MAX_EPOCHS), default=5, metavar="N", help="training epochs (default: 5)")
+    p.add_argument("--epochs", type=positive(int, MAX_EPOCHS), default=5, metavar="N",
+                   help="training epochs (default: 5)")
     p.add_argument("--lr", type=positive(float, MAX_LR), default=1e-3,
                    help="Adam learning rate, cosine-decayed to 0 (default: 0.001)")
-    p.add_argument("--batch-size", type=positive(int, MAX_BATCH), default=128, metavar="N", help="batch size (default: 128)")
-    p.add_argument("--seed", type=number_in(int, 0, MAX_SEED), default=0, help="seed of initialisation and shuffling (default: 0)")
+    p.add_argument("--batch-size", type=positive(int, MAX_BATCH), default=128, metavar="N",
+                   help="batch size (default: 128)")
+    p.add_argument("--seed", type=number_in(int, 0, MAX_SEED), default=0,
+                   help="seed of initialisation and shuffling (default: 0)")
     p.add_argument("--seeds", type=positive(int, MAX_SEEDS), default=1, metavar="N",
                    help="repeat the whole run with seeds --seed, --seed + 1, ...: the table shows each figure's "
                         "mean and standard deviation over them (default: 1)")
@@ -379,7 +383,8 @@ def compressed_columns(finetuned):
     percent = "{:.2f}%".format
     return [("Quantized", "quantized_accuracy", percent),
             *([("Q. Fine-tuned", "quantized_finetuned_accuracy", percent)] if finetuned else []),
-            ("Compressed File (B)", "compressed_bytes", "{:,.0f}".format), ("x Smaller", "times_smaller", "{:.1f}".format)]
+            ("Compressed File (B)", "compressed_bytes", "{:,.0f}".format),
+            ("x Smaller", "times_smaller", "{:.1f}".format)]
 
 
 def compressed_note(bits):

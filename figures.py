@@ -43,7 +43,8 @@ def sizes(results, path):
     csr = [(r["csr_bytes"], r.get("finetuned_accuracy", r["accuracy"])) for r in first["rows"]]
     ax.plot(*zip(*csr), "ks-", label="fp32 CSR")
     for result in sorted(results, key=lambda r: -r["settings"]["bits"]):
-        key = "quantized_finetuned_accuracy" if "quantized_finetuned_accuracy" in result["rows"][0] else "quantized_accuracy"
+        finetuned = "quantized_finetuned_accuracy" in result["rows"][0]
+        key = "quantized_finetuned_accuracy" if finetuned else "quantized_accuracy"
         points = [(r["compressed_bytes"], r[key]) for r in result["rows"]]
         ax.plot(*zip(*points), "o-", label=f"{result['settings']['bits']} bits")
     dense_bytes = first["rows"][0]["dense_bytes"]

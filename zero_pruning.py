@@ -84,7 +84,8 @@ def sweep(model, train_data, validation, test_data, args, folder):
         outputs.export_onnx(args, pruned, folder / f"zero-{name}.onnx")
         if args.bits:
             row.update(common.compress(pruned, train_data, validation, test_data, args, teacher,
-                                       folder / f"compressed-{name}.bin", f"{kind} {results.label(value)}", dense_bytes))
+                                       folder / f"compressed-{name}.bin", f"{kind} {results.label(value)}",
+                                       dense_bytes))
             row["bits_per_nonzero"] = 8 * row["compressed_bytes"] / max(1, weights - zeroed)
         rows.append(row)
     return rows
@@ -149,7 +150,8 @@ def plot(model, rows, baseline, args):
               ("quantized_finetuned_accuracy", "quantized, fine-tuned")]
     published = PUBLISHED_LENET if models.widths(model) == (784, 300, 100, 10) else []
     fig = plots.accuracy_figure(rows, baseline, "zero_percentage", "weights", curves, published)
-    fig.suptitle(f"Zero pruning, {name_of(model)}" + (": published LeNet-300-100 results as stars" if published else ""))
+    fig.suptitle(f"Zero pruning, {name_of(model)}"
+                 + (": published LeNet-300-100 results as stars" if published else ""))
     outputs.figure(fig, args, FIGURES[1])
 
 
@@ -181,7 +183,8 @@ def main():
         return rows, common.dense_results(args, model, train_data, validation, test_data)
 
     common.prepare(args, model_files(args), FIGURES)
-    rows, dense = common.results_over_seeds(args, run_one, lambda rows, baseline: plot(trained[-1], rows, baseline, args))
+    rows, dense = common.results_over_seeds(args, run_one,
+                                            lambda rows, baseline: plot(trained[-1], rows, baseline, args))
     print(results.markdown_table(rows, columns(rows, bool(args.finetune_epochs), args.bits)))
     print("\n" + common.dense_line(dense, args.seeds))
     print("Sizes are the files torch.save writes: dense fp32, and CSR with fp32 values and int32 indices.")

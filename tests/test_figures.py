@@ -7,7 +7,8 @@ from conftest import run_script
 
 def result(bits, compressed_bytes):
     row = {"threshold": 0.1, "accuracy": 97.0, "finetuned_accuracy": 98.0, "zero_percentage": 98.0,
-           "dense_bytes": 2_000_000, "csr_bytes": 90_000, "quantized_accuracy": 97.9, "compressed_bytes": compressed_bytes}
+           "dense_bytes": 2_000_000, "csr_bytes": 90_000, "quantized_accuracy": 97.9,
+           "compressed_bytes": compressed_bytes}
     return {"settings": {"bits": bits, "hidden": [300, 100]}, "dense_accuracy": 98.4, "rows": [row]}
 
 
@@ -27,7 +28,8 @@ def test_sizes_draws_a_png_from_several_runs(tmp_path):
 def test_results_it_cannot_draw_get_one_line_and_no_file(tmp_path):
     activation = result(5, 1000)
     del activation["rows"][0]["csr_bytes"]  # activation_pruning.py --bits has no CSR file
-    cases = {"activation.json": activation, "list.json": [1, 2], "no-bits.json": {**result(5, 1), "settings": {"bits": None}},
+    cases = {"activation.json": activation, "list.json": [1, 2],
+             "no-bits.json": {**result(5, 1), "settings": {"bits": None}},
              "empty.json": {**result(5, 1), "rows": []}}
     for name, data in cases.items():
         completed = run_script("figures.py", "sizes", tmp_path / "out.png", write(tmp_path / name, data))

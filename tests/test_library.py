@@ -21,7 +21,8 @@ from pruning import chain, surgery
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
-        self.flatten, self.fc1, self.drop, self.fc2 = nn.Flatten(), nn.Linear(784, 200), nn.Dropout(0.2), nn.Linear(200, 10)
+        self.flatten, self.drop = nn.Flatten(), nn.Dropout(0.2)
+        self.fc1, self.fc2 = nn.Linear(784, 200), nn.Linear(200, 10)
 
     def forward(self, x):
         return self.fc2(self.drop(F.relu(self.fc1(self.flatten(x)))))
@@ -69,7 +70,8 @@ def test_a_network_that_is_not_a_chain_is_refused_before_any_change(make, messag
     torch.manual_seed(0)
     model = make()
     before = copy.deepcopy(model.state_dict())
-    for prune in (lambda: pruning.zero_prune(model, 0.5), lambda: pruning.activation_prune(model, torch.rand(4, 8), 0.5)):
+    for prune in (lambda: pruning.zero_prune(model, 0.5),
+                  lambda: pruning.activation_prune(model, torch.rand(4, 8), 0.5)):
         with pytest.raises(pruning.NotAChain, match=re.escape(message)) as error:
             prune()
         assert "\n" not in str(error.value)

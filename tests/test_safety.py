@@ -98,7 +98,8 @@ def test_the_data_we_read_and_our_own_sources_are_never_outputs(script, tiny_dat
     refused(script, tiny_data, tmp_path, "--json", tiny_data / "MNIST" / "raw" / "train-images-idx3-ubyte",
             message="is not a file this project wrote")
     before = (ROOT / "pruning" / "model.py").read_bytes()
-    refused(script, tiny_data, tmp_path, "--json", ROOT / "pruning" / "model.py", message="is not a file this project wrote")
+    refused(script, tiny_data, tmp_path, "--json", ROOT / "pruning" / "model.py",
+            message="is not a file this project wrote")
     assert (ROOT / "pruning" / "model.py").read_bytes() == before
 
 
@@ -177,7 +178,8 @@ def test_sparsities_that_select_the_same_threshold_are_refused(tiny_data, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args", [["--thresholds", "0", "1000", "--bits", "5"], ["--sparsity", "0.9999999", "--bits", "2"]])
+@pytest.mark.parametrize("args", [["--thresholds", "0", "1000", "--bits", "5"],
+                                  ["--sparsity", "0.9999999", "--bits", "2"]])
 def test_a_threshold_that_leaves_nothing_to_compress_is_refused_before_the_sweep(args, tiny_data, tmp_path):
     refused("zero_pruning.py", tiny_data, tmp_path, *args, message="leaves nothing to compress")
 
@@ -226,7 +228,8 @@ def test_two_signals_close_together_end_in_one_line(first, second, tiny_data, tm
     process.send_signal(second)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 128 + first, err
-    assert "Traceback" not in err and err.strip().splitlines()[-1].endswith("saved files are left as they were or complete")
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith("saved files are left as they were or complete")
 
 
 # Hostile model files ------------------------------------------------------------------------
