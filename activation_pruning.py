@@ -89,9 +89,7 @@ def lasso_trained(model, train_data, teacher, args):
     --group-lasso (and the --finetune-* settings, distilling with --distill): what the cut starts from."""
     trained = copy.deepcopy(model)
     penalty = methods.group_lasso(trained, args.group_lasso, train_data[0][:1], args.prune_inputs)
-    common.train(trained, train_data, args.group_lasso_epochs, args.finetune_lr, args.batch_size, args.seed,
-                 teacher if args.distill else None, args.temperature, args.distill_weight, "group lasso", penalty)
-    return trained
+    return common.finetune(trained, train_data, args, args.group_lasso_epochs, teacher, "group lasso", penalty)
 
 
 def measured_means(model, x):

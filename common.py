@@ -169,11 +169,11 @@ def train(model, data, epochs, lr, batch_size, seed, teacher=None, temperature=4
         raise UserError(f"{desc} diverged: {e}") from None
 
 
-def finetune(model, train_data, args, epochs, teacher_logits=None, desc="fine-tuning"):
+def finetune(model, train_data, args, epochs, teacher_logits=None, desc="fine-tuning", penalty=None):
     """Fine-tune with the --finetune-* settings; from the teacher's logits as well when --distill."""
     teacher = teacher_logits if args.distill else None
     return train(model, train_data, epochs, args.finetune_lr, args.batch_size, args.seed, teacher,
-                 args.temperature, args.distill_weight, desc)
+                 args.temperature, args.distill_weight, desc, penalty)
 
 
 def step_finetuner(train_data, args, teacher_logits, name):
