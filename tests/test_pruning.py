@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import checkpoints
 import common
@@ -83,15 +82,11 @@ def test_fine_tuning_keeps_pruned_weights_at_exactly_zero_after_every_step():
     x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
     steps = []
 
-    def check(optimizer, args, kwargs):
-        pruned(x[:1])  # the forward pass recomputes each weight from weight_orig and its mask
+    def check():  # as a penalty, called in every step before its backward pass: after the step before
         steps.append(all((layer.weight[~m] == 0).all() for layer, m in zip(linears(pruned), masks)))
+        return 0
 
-    handle = register_optimizer_step_post_hook(check)
-    try:
-        training.train(pruned, (x, y), epochs=2, lr=0.1, batch_size=8, seed=0)
-    finally:
-        handle.remove()
+    training.train(pruned, (x, y), epochs=2, lr=0.1, batch_size=8, seed=0, penalty=check)
     assert len(steps) == 10 and all(steps)
     surgery.make_permanent(pruned)
     for layer, m in zip(linears(pruned), masks):
@@ -128,15 +123,11 @@ def test_pruning_in_steps_holds_every_pruned_weight_at_zero_after_every_optimise
         masks = [layer.weight_mask.bool() for layer in linears(pruned)]
         zeros_per_step.append(sum((~m).sum().item() for m in masks))
 
-        def check(optimizer, args, kwargs):
-            pruned(x[:1])  # the forward pass recomputes each weight from weight_orig and its mask
+        def check():  # as a penalty, called in every step before its backward pass: after the step before
             held.append(all((layer.weight[~m] == 0).all() for layer, m in zip(linears(pruned), masks)))
+            return 0
 
-        handle = register_optimizer_step_post_hook(check)
-        try:
-            training.train(pruned, (x, y), epochs=1, lr=0.1, batch_size=8, seed=step)
-        finally:
-            handle.remove()
+        training.train(pruned, (x, y), epochs=1, lr=0.1, batch_size=8, seed=step, penalty=check)
 
     pruned = methods.zero_prune(copy.deepcopy(model), 0.5, 3, finetune)
     weights = count_weights(model)  # 6*5 + 5*4 + 4*3 = 62
@@ -393,6 +384,27 @@ def test_training_with_masks_folded_matches_masking_at_every_forward_exactly():
         assert torch.equal(ours.weight_mask, theirs.weight_mask)
 
 
+def test_training_takes_the_steps_of_torch_optim_adam_and_its_cosine_schedule_exactly():
+    torch.manual_seed(0)
+    model, reference = mlp([6, 5, 4, 3]), mlp([6, 5, 4, 3])
+    reference.load_state_dict(model.state_dict())
+    for net in (model, reference):
+        net.unused = nn.Parameter(torch.ones(2))  # no gradient ever: Adam leaves it alone
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    gen = torch.Generator().manual_seed(3)
+    opt = torch.optim.Adam(reference.parameters(), lr=0.01, fused=True)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=3 * 5)
+    for _ in range(3):
+        for idx in torch.randperm(40, generator=gen).split(8):
+            opt.zero_grad()
+            F.cross_entropy(reference(x[idx]), y[idx]).backward()
+            opt.step()
+            schedule.step()
+    training.train(model, (x, y), epochs=3, lr=0.01, batch_size=8, seed=3)
+    assert all(torch.equal(ours, theirs) for ours, theirs in zip(model.parameters(), reference.parameters()))
+    assert model.unused.tolist() == [1.0, 1.0]
+
+
 def test_unit_norms_by_hand():
     # unit 1: in (3, 0) with bias 4, out 12: sqrt(9 + 16 + 144) = 13; unit 2: nothing in or out;
     # pixels: the first layer's columns, (3, 0) and (0, 0)
@@ -428,3 +440,14 @@ def test_training_with_a_group_lasso_moves_the_units_it_can_spare_toward_zero():
     useless = [criteria.unit_norms(chain.layers(m), [1, 1], True)[0][1:].sum().item() for m in (plain, lassoed)]
     assert useless[1] < 0.2 * useless[0]
     assert training.accuracy(lassoed, (x, y)) > 95
+
+
+def test_cosine_rates_are_the_learning_rates_of_cosine_annealing_to_the_bit():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1e-3)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=2345)
+    expected = []
+    for _ in range(2345):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    assert list(training.cosine_rates(1e-3, 2345)) == expected
