@@ -99,14 +99,14 @@ def parser(description, thresholds):
                         "(training and fine-tuning) and report its accuracy: the cost of pruning at equal training")
     p.add_argument("--finetune-epochs", type=positive(int, MAX_EPOCHS), metavar="N",
                    help="fine-tune each pruned model for N epochs (default: none, one-shot pruning only; with "
-                        "--steps, 2 a step in zero pruning and 4 in activation pruning)")
+                        "--steps, 4 a step in both scripts)")
     p.add_argument("--finetune-lr", type=positive(float, MAX_LR), default=1e-3, metavar="LR",
                    help="fine-tuning learning rate, cosine-decayed to 0 (default: 0.001)")
     p.add_argument("--steps", type=positive(int, MAX_STEPS), default=1, metavar="K",
                    help="reach each target in K steps on a cubic schedule, fine-tuning after each (default: 1)")
     p.add_argument("--final-epochs", type=positive(int, MAX_EPOCHS), metavar="N",
                    help=f"fine-tuning epochs after the last of several --steps (default: {FINAL_EPOCHS_FACTOR} times "
-                        "--finetune-epochs)")
+                        "--finetune-epochs; 30 in zero pruning when --finetune-epochs is not given)")
     p.add_argument("--distill", action="store_true",
                    help="fine-tune against the dense model's softened outputs as well as the labels")
     p.add_argument("--temperature", type=positive(float, MAX_TEMPERATURE), default=4.0, metavar="T",

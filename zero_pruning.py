@@ -21,6 +21,7 @@ THRESHOLDS = [0.0, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.10]
 PUBLISHED_LENET = [  # LeNet-300-100 on MNIST: (method, weights kept %, test error %)
     ("Han 2015", 8.0, 1.59), ("DNS 2016", 1.8, 1.99), ("Sparse VD 2017", 1.5, 1.92)]
 FIGURES = ["weight_magnitudes.png", "zero_pruning_accuracy.png"]
+STEP_EPOCHS, FINAL_EPOCHS = 4, 30  # fine-tuning in --steps without --finetune-epochs, chosen on validation (README)
 
 
 def targets(args):
@@ -168,7 +169,7 @@ def main():
                         "each is turned into the threshold that reaches it")
     args = p.parse_args()
     if args.steps > 1 and not args.finetune_epochs:
-        args.finetune_epochs = 2
+        args.finetune_epochs, args.final_epochs = STEP_EPOCHS, args.final_epochs or FINAL_EPOCHS
     common.check_steps(args, "--sparsity")
     if args.sparsity:
         if args.thresholds is not THRESHOLDS:

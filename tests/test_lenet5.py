@@ -38,7 +38,7 @@ def run(script, small_mnist, tmp_path, *args):
 
 def test_lenet5_zero_pruning_ranks_conv_and_linear_weights_together(small_mnist, tmp_path):
     results, stdout = run("zero_pruning.py", small_mnist, tmp_path, "--sparsity", "0.9", "--steps", "2",
-                          "--distill", "--bits", "5")
+                          "--finetune-epochs", "2", "--distill", "--bits", "5")
     (row,) = results["rows"]
     assert row["original_params"] == 20 * 25 + 50 * 20 * 25 + 800 * 500 + 500 * 10 == 430_500
     assert row["zero_percentage"] >= 90

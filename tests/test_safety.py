@@ -347,6 +347,20 @@ def test_validation_and_control_are_reported_under_their_names(tiny_data, tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("script, target, final", [("zero_pruning.py", "--sparsity", 30),
+                                                   ("activation_pruning.py", "--reduction", 20)])
+def test_steps_without_finetune_epochs_fine_tune_4_a_step_then_the_defaults_last(script, target, final, tiny_data,
+                                                                                   tmp_path):
+    result = run_script(script, "--data-dir", tiny_data, "--epochs", "1", "--checkpoint", tmp_path / "m.pt", target,
+                        "0.5", "--steps", "3", "--control", "--json", tmp_path / "r.json",
+                        "--save-dir", tmp_path / "sd")
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert (results["settings"]["finetune_epochs"], results["settings"]["final_epochs"]) == (4, final)
+    assert results["control_epochs"] == 1 + 2 * 4 + final
+
+
+@pytest.mark.slow
 def test_group_lasso_training_counts_in_the_control_and_the_cut_starts_from_it(tiny_data, tmp_path):
     common = ("--data-dir", tiny_data, "--epochs", "1", "--checkpoint", tmp_path / "m.pt", "--reduction", "0.5",
               "--steps", "2", "--finetune-epochs", "1", "--final-epochs", "1", "--prune-inputs", "--control")
