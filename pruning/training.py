@@ -48,8 +48,8 @@ def adam(params):
     def update(lr):
         live = [(p, p.grad, m, v, t) for p, m, v, t in state if p.grad is not None]
         if live:
-            params, grads, means, squares, counts = map(list, zip(*live))
-            functional_adam(params, grads, means, squares, [], counts, fused=fused, amsgrad=False, beta1=0.9,
+            weights, grads, means, squares, counts = map(list, zip(*live))
+            functional_adam(weights, grads, means, squares, [], counts, fused=fused, amsgrad=False, beta1=0.9,
                             beta2=0.999, lr=lr, weight_decay=0.0, eps=1e-8, maximize=False)
     return update
 
