@@ -83,6 +83,7 @@ def train(model, data, epochs, lr=1e-3, batch_size=128, seed=0, teacher=None, te
                 loss.backward()
                 update(next(rates))
                 surgery.hold(held)
+                torch.clear_autocast_cache()  # under a caller's autocast, the next forward casts the new weights
             if not all(torch.isfinite(p).all() for p in model.parameters()):
                 raise Diverged("the weights are no longer finite numbers; lower the learning rate")
     return model

@@ -451,3 +451,15 @@ def test_cosine_rates_are_the_learning_rates_of_cosine_annealing_to_the_bit():
         opt.step()
         schedule.step()
     assert list(training.cosine_rates(1e-3, 2345)) == expected
+
+
+def test_training_inside_autocast_casts_the_updated_weights_every_step():
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    cached, uncached = mlp([6, 5, 3]), mlp([6, 5, 3])
+    uncached.load_state_dict(cached.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # caches each weight's cast until it is left
+        training.train(cached, (x, y), epochs=2, lr=0.1, batch_size=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        training.train(uncached, (x, y), epochs=2, lr=0.1, batch_size=8)
+    assert all(torch.equal(a, b) for a, b in zip(cached.parameters(), uncached.parameters()))
