@@ -36,6 +36,7 @@ SPARSITIES = [0.5, 0.8, 0.9, 0.95, 0.98]
 ACTIVATION_THRESHOLDS = [0.6, 0.8, 0.9, 1.0]
 ROUNDS = 5
 STEP_ROUNDS = 30  # of 50 training steps of each kind, taken in turn: the machine's speed drifts
+TRAINING_ROUNDS = 5  # of an sgemm timing and 5 epochs of training
 STATE_OF_THE_ART = {  # name: the command, each timed from scratch (training of the dense model included)
     "zero pruning to 98.5% zeros": ["zero_pruning.py", "--sparsity", "0.985", "--steps", "10", "--finetune-epochs", "2",
                                     "--distill"],
@@ -289,7 +290,7 @@ def main():
               f"({', '.join(f'{t:.1f}' for t in cached)}) (bar: 3.5 s)\n")
 
     rounds = []
-    for _ in range(3):  # in turn, so that a drift of the machine's speed slows both alike
+    for _ in range(TRAINING_ROUNDS):  # in turn, so that a drift of the machine's speed slows both alike
         gflops = sgemm_gflops(args.threads)
         seconds, throughput = training_throughput(args, model, train_data)
         bound = 6 * models.count_weights(model) * len(train_data[1]) * args.epochs / gflops / 1e9
@@ -298,16 +299,16 @@ def main():
         print(f"Training, {args.epochs} epochs at batch {args.batch_size}: {seconds:.1f} s, {throughput:.0f} GFLOP/s; "
               f"a 4096 x 4096 sgemm here runs at {gflops:.0f} GFLOP/s, which allows {bound:.1f} s: "
               f"{ratio:.2f} times that")
-    print(f"The median of the 3 rounds: {statistics.median(r[0] for r in rounds):.2f} times (bar: 1.5)\n")
+    print(f"The median of the {TRAINING_ROUNDS} rounds: {statistics.median(r[0] for r in rounds):.2f} times (bar: 1.5)\n")
     steps = math.ceil(len(train_data[1]) / args.batch_size)
     step = step_seconds(args, model, train_data)
     dense, masked, distilled = (steps * step[kind] for kind in ("plain", "masked", "masked, distilled"))
     products = products_per_step(model, args.batch_size, args.threads)
     print(f"One epoch ({steps} steps, from the median step of {STEP_ROUNDS} rounds of 50 taken in turn): "
-          f"dense {dense:.2f} s; with zero pruning's masks {masked:.2f} s, {masked / dense:.2f} times dense (bar: 1.1); "
-          f"masks and distillation {distilled:.2f} s, {distilled / dense:.2f} times.\nPer step: {1e3 * dense / steps:.2f} ms, "
-          f"of which the matrix products alone take {1e3 * products:.2f} ms: {1e3 * (dense / steps - products):.2f} ms "
-          "is other work.\n")
+          f"dense {dense:.2f} s; with zero pruning's masks {masked:.2f} s, {masked / dense:.2f} times dense "
+          f"(bar: 1.1); masks and distillation {distilled:.2f} s, {distilled / dense:.2f} times.\n"
+          f"Per step: {1e3 * dense / steps:.2f} ms, of which the matrix products alone take {1e3 * products:.2f} ms: "
+          f"{1e3 * (dense / steps - products):.2f} ms is other work.\n")
 
     x = test_data[0]
     smallest = None
