@@ -299,7 +299,8 @@ def main():
         print(f"Training, {args.epochs} epochs at batch {args.batch_size}: {seconds:.1f} s, {throughput:.0f} GFLOP/s; "
               f"a 4096 x 4096 sgemm here runs at {gflops:.0f} GFLOP/s, which allows {bound:.1f} s: "
               f"{ratio:.2f} times that")
-    print(f"The median of the {TRAINING_ROUNDS} rounds: {statistics.median(r[0] for r in rounds):.2f} times (bar: 1.5)\n")
+    median = statistics.median(ratio for ratio, *_ in rounds)
+    print(f"The median of the {TRAINING_ROUNDS} rounds: {median:.2f} times (bar: 1.5)\n")
     steps = math.ceil(len(train_data[1]) / args.batch_size)
     step = step_seconds(args, model, train_data)
     dense, masked, distilled = (steps * step[kind] for kind in ("plain", "masked", "masked, distilled"))
