@@ -1,6 +1,7 @@
 """Unit tests on tiny models whose answers can be worked out by hand."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -362,20 +363,25 @@ def test_rows_over_seeds_hold_means_and_standard_deviations():
     assert table.splitlines()[-1] == "| 97.50 ± 0.71% | 7 | 11-4 ± 1-0 | varies |"
 
 
+def train_with_torch_optim(model, x, y, epochs, lr, batch_size, seed):
+    """training.train's recipe written with torch.optim.Adam (fused) and CosineAnnealingLR: the reference."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * math.ceil(len(x) / batch_size))
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=gen).split(batch_size):
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+            schedule.step()
+
+
 def test_training_with_masks_folded_matches_masking_at_every_forward_exactly():
     torch.manual_seed(0)
     dense = mlp([6, 5, 4, 3])
     model, reference = prune_below(dense, 0.2), prune_below(dense, 0.2)  # reference: masks in every forward
     x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
-    gen = torch.Generator().manual_seed(0)
-    opt = torch.optim.Adam([p for p in reference.parameters()], lr=0.1, fused=True)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=2 * 5)
-    for _ in range(2):
-        for idx in torch.randperm(40, generator=gen).split(8):
-            opt.zero_grad()
-            F.cross_entropy(reference(x[idx]), y[idx]).backward()
-            opt.step()
-            schedule.step()
+    train_with_torch_optim(reference, x, y, epochs=2, lr=0.1, batch_size=8, seed=0)
     training.train(model, (x, y), epochs=2, lr=0.1, batch_size=8, seed=0)
     assert all(hasattr(layer, "weight_mask") for layer in linears(model))  # the masks are back
     for ours, theirs in zip(linears(model), linears(reference)):  # a masked layer's weight: as of its last forward
@@ -391,15 +397,7 @@ def test_training_takes_the_steps_of_torch_optim_adam_and_its_cosine_schedule_ex
     for net in (model, reference):
         net.unused = nn.Parameter(torch.ones(2))  # no gradient ever: Adam leaves it alone
     x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
-    gen = torch.Generator().manual_seed(3)
-    opt = torch.optim.Adam(reference.parameters(), lr=0.01, fused=True)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=3 * 5)
-    for _ in range(3):
-        for idx in torch.randperm(40, generator=gen).split(8):
-            opt.zero_grad()
-            F.cross_entropy(reference(x[idx]), y[idx]).backward()
-            opt.step()
-            schedule.step()
+    train_with_torch_optim(reference, x, y, epochs=3, lr=0.01, batch_size=8, seed=3)
     training.train(model, (x, y), epochs=3, lr=0.01, batch_size=8, seed=3)
     assert all(torch.equal(ours, theirs) for ours, theirs in zip(model.parameters(), reference.parameters()))
     assert model.unused.tolist() == [1.0, 1.0]
