@@ -18,6 +18,7 @@ from pruning import chain, criteria, measure, methods, model as models, plots, r
 from pruning.files import UserError, shown
 
 THRESHOLDS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0]
+STEP_EPOCHS = 4  # fine-tuning a step in --steps without --finetune-epochs
 FIGURES = ["activation_pruning_accuracy.png", "activation_pixels_kept.png", "activation_widths.png"]
 
 
@@ -185,9 +186,7 @@ def main():
     if args.model != "mlp" and (args.prune_inputs or args.bias_compensation):
         raise UserError(f"{'--prune-inputs' if args.prune_inputs else '--bias-compensation'} takes --model mlp")
     args.criterion = args.criterion or "contribution"
-    if args.steps > 1 and not args.finetune_epochs:
-        args.finetune_epochs = 4
-    common.check_steps(args, "--reduction")
+    common.check_steps(args, "--reduction", STEP_EPOCHS)
     trained, test_images = [], []
 
     def run_one():

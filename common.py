@@ -132,15 +132,19 @@ def parser(description, thresholds):
     return p
 
 
-def check_steps(args, target_option):
-    """--steps needs a target and fine-tuning; --final-epochs defaults to FINAL_EPOCHS_FACTOR times
-    --finetune-epochs, and is --finetune-epochs itself with a single step."""
+def check_steps(args, target_option, step_epochs, final_epochs=None):
+    """--steps needs a target. Without --finetune-epochs, steps fine-tune step_epochs each and
+    final_epochs (default: FINAL_EPOCHS_FACTOR times step_epochs) after the last; with it, the last
+    gets FINAL_EPOCHS_FACTOR times --finetune-epochs. --final-epochs overrides either, and with a
+    single step it is --finetune-epochs itself."""
     if args.steps > 1 and not getattr(args, target_option.strip("-")):
         raise UserError(f"--steps takes {target_option}")
     if args.final_epochs and args.steps == 1:
         raise UserError("--final-epochs takes --steps 2 or more")
     if args.steps == 1:
         args.final_epochs = args.finetune_epochs
+    elif not args.finetune_epochs:
+        args.finetune_epochs, args.final_epochs = step_epochs, args.final_epochs or final_epochs
     args.final_epochs = args.final_epochs or FINAL_EPOCHS_FACTOR * (args.finetune_epochs or 0)
 
 

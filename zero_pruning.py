@@ -168,9 +168,7 @@ def main():
                    help="instead of --thresholds, the fractions of weights to zero (e.g. 0.9 0.95); "
                         "each is turned into the threshold that reaches it")
     args = p.parse_args()
-    if args.steps > 1 and not args.finetune_epochs:
-        args.finetune_epochs, args.final_epochs = STEP_EPOCHS, args.final_epochs or FINAL_EPOCHS
-    common.check_steps(args, "--sparsity")
+    common.check_steps(args, "--sparsity", STEP_EPOCHS, FINAL_EPOCHS)
     if args.sparsity:
         if args.thresholds is not THRESHOLDS:
             raise UserError("give --thresholds or --sparsity, not both")
