@@ -35,7 +35,7 @@ BATCHES = [1, 32, 10000]
 SPARSITIES = [0.5, 0.8, 0.9, 0.95, 0.98]
 ACTIVATION_THRESHOLDS = [0.6, 0.8, 0.9, 1.0]
 ROUNDS = 5
-STEP_ROUNDS = 30  # of 50 training steps of each kind, taken in turn: the machine's speed drifts
+STEP_ROUNDS, STEPS_A_ROUND = 30, 50  # training steps of each kind, taken in turn: the machine's speed drifts
 TRAINING_ROUNDS = 5  # of an sgemm timing and 5 epochs of training
 STATE_OF_THE_ART = {  # name: the command, each timed from scratch (training of the dense model included)
     "zero pruning to 98.5% zeros": ["zero_pruning.py", "--sparsity", "0.985", "--steps", "10", "--finetune-epochs", "2",
@@ -189,7 +189,7 @@ def training_throughput(args, model, train_data):
     return seconds, 6 * models.count_weights(model) * len(train_data[1]) * args.epochs / seconds / 1e9
 
 
-def step_seconds(args, model, train_data, rounds=STEP_ROUNDS, steps=50):
+def step_seconds(args, model, train_data, rounds=STEP_ROUNDS, steps=STEPS_A_ROUND):
     """Median seconds of a training step of a copy of model: plain, with zero pruning's masks held
     (90% zeros), and with distillation from the model too, as fine-tuning in steps runs. The three
     take turns, `steps` steps each, `rounds` times: a machine whose speed drifts slows all alike."""
@@ -305,7 +305,7 @@ def main():
     step = step_seconds(args, model, train_data)
     dense, masked, distilled = (steps * step[kind] for kind in ("plain", "masked", "masked, distilled"))
     products = products_per_step(model, args.batch_size, args.threads)
-    print(f"One epoch ({steps} steps, from the median step of {STEP_ROUNDS} rounds of 50 taken in turn): "
+    print(f"One epoch ({steps} steps, from the median step of {STEP_ROUNDS} rounds of {STEPS_A_ROUND} taken in turn): "
           f"dense {dense:.2f} s; with zero pruning's masks {masked:.2f} s, {masked / dense:.2f} times dense "
           f"(bar: 1.1); masks and distillation {distilled:.2f} s, {distilled / dense:.2f} times.\n"
           f"Per step: {1e3 * dense / steps:.2f} ms, of which the matrix products alone take {1e3 * products:.2f} ms: "
