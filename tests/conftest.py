@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,21 @@ def checkpoint(mnist_dir, tmp_path_factory):
     return path
 
 
+SCRIPTS = ("zero_pruning.py", "activation_pruning.py")
+RUNS = tempfile.TemporaryDirectory(prefix="pruning-test-runs-")  # removed when the tests end
+
+
+def script_command(script, *args):
+    """The command that runs one of the project's scripts. A pruning script's models go to a new
+    temporary folder unless the test gives --save-dir: by default a run keeps them in the
+    project's runs/, which the tests would otherwise fill."""
+    args = [str(a) for a in args]
+    if script in SCRIPTS and "--save-dir" not in args:
+        args += ["--save-dir", tempfile.mkdtemp(prefix="run-", dir=RUNS.name)]
+    return [sys.executable, str(ROOT / script), *args]
+
+
 def run_script(script, *args, env=None, **kwargs):
     """Run one of the scripts as a user would; returns the CompletedProcess."""
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, env={**os.environ, **(env or {})}, **kwargs)
+    return subprocess.run(script_command(script, *args), capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **(env or {})}, **kwargs)

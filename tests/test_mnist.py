@@ -18,7 +18,7 @@ import activation_pruning as ap
 import common
 import pruning
 import zero_pruning as zp
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, script_command
 from pruning import data as mnist
 from pruning import files, storage, surgery, training
 from pruning.model import count_params, kept_inputs, mlp
@@ -224,8 +224,8 @@ def test_an_unusable_checkpoint_of_ours_is_reported_and_replaced(bad, checkpoint
 
 
 def start(script, *args):
-    return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(script_command(script, *args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def interrupt_after(process, line_start, delay, signum=signal.SIGINT):
@@ -331,7 +331,8 @@ def test_ctrl_c_while_pytorch_imports_prints_one_line(script):
 @pytest.mark.parametrize("script", ["zero_pruning.py", "activation_pruning.py"])
 def test_a_closed_stdout_still_writes_the_json_and_exits_quietly(script, checkpoint, tmp_path):
     out = tmp_path / "out.json"
-    command = f"{sys.executable} {ROOT / script} --checkpoint {checkpoint} --thresholds 0 --json {out} | head -c 1"
+    command = f"{sys.executable} {ROOT / script} --checkpoint {checkpoint} --thresholds 0 --json {out} " \
+              f"--save-dir {tmp_path / 'models'} | head -c 1"
     result = subprocess.run(["bash", "-c", command + "; exit ${PIPESTATUS[0]}"], capture_output=True, text=True)
     # 141 when head closed the pipe before the table was written, 0 when the table fit in the pipe first
     assert result.returncode in (0, 128 + signal.SIGPIPE) and "Traceback" not in result.stderr, result.stderr
@@ -372,8 +373,9 @@ def test_training_that_diverges_stops_in_one_line():
         common.train(model, (x, y), epochs=2, lr=1e30, batch_size=8, seed=0)
 
 
-def test_a_first_run_in_a_fresh_copy_makes_its_checkpoints_folder(tmp_path, mnist_dir):
-    """A fresh clone has no checkpoints/ yet: the first run makes it and saves the model there."""
+def test_a_first_run_in_a_fresh_copy_makes_its_checkpoints_and_runs_folders(tmp_path, mnist_dir):
+    """A fresh clone has no checkpoints/ or runs/ yet: the first run makes them, saves the model
+    in the one and keeps its models in a new folder of the other, named in its last line."""
     for source in ROOT.glob("*.py"):
         shutil.copy(source, tmp_path)
     shutil.copytree(ROOT / "pruning", tmp_path / "pruning")
@@ -381,6 +383,9 @@ def test_a_first_run_in_a_fresh_copy_makes_its_checkpoints_folder(tmp_path, mnis
                              "--data-dir", mnist_dir, "--quiet"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert [p.suffix for p in (tmp_path / "checkpoints").iterdir()] == [".pt"]
+    [run] = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("zero_pruning-") and result.stdout.strip().endswith(f"Models: {run}")
+    assert sorted(p.name for p in run.iterdir()) == ["csr-threshold0.pt", "dense.pt"]
 
 
 @pytest.mark.parametrize("script, name", [("zero_pruning.py", "zero-threshold0.05"),
