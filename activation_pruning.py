@@ -74,7 +74,7 @@ def sweep(model, train_data, validation, test_data, args, folder):
         if args.prune_inputs:
             row["kept_pixels"] = models.kept_inputs(pruned).tolist()
         row.update(original_params=original, new_params=new, input_width=models.widths(pruned)[0],
-                   hidden_widths=list(models.widths(pruned)[1:-1]), flops=common.flops(pruned, test_data[0]),
+                   hidden_widths=list(models.widths(pruned)[1:-1]), flops=measure.flops(pruned, test_data[0]),
                    inference_time_s=measure.inference_time(pruned, test_data[0], args.threads),
                    size_reduction=100 * (1 - new / original))
         rows.append(row)

@@ -47,6 +47,8 @@ STATE_OF_THE_ART = {  # name: the command, each timed from scratch (training of 
 }
 
 
+BF16_SUPPORT = {True: "multiplies bf16 natively", False: "does not multiply bf16 natively",
+                None: "may or may not multiply bf16 natively (no /proc/cpuinfo to tell)"}
 WAIT_SETTINGS = {  # how OpenMP's waiting threads wait (GNU OpenMP, which Linux builds of PyTorch use)
     "spin 300,000 times, then sleep (OpenMP's default)": {"GOMP_SPINCOUNT": "300000"},
     "spin 3,000 times (this project's default)": {"GOMP_SPINCOUNT": "3000"},
@@ -179,12 +181,12 @@ def sgemm_gflops(threads, n=4096, repeats=5):
     return 2 * n ** 3 / seconds / 1e9
 
 
-def training_throughput(args, model, train_data):
-    """(seconds, GFLOP/s) of training a fresh copy of the model with the default recipe:
+def training_throughput(args, model, train_data, bf16=False):
+    """(seconds, GFLOP/s) of training a fresh copy of the model with the default recipe (or --bf16's):
     6 floating-point operations per weight per example (forward, two backward products)."""
     fresh = models.mnist_mlp(models.widths(model))
     start = time.perf_counter()
-    training.train(fresh, train_data, args.epochs, args.lr, args.batch_size, args.seed)
+    training.train(fresh, train_data, args.epochs, args.lr, args.batch_size, args.seed, bf16=bf16)
     seconds = time.perf_counter() - start
     return seconds, 6 * models.count_weights(model) * len(train_data[1]) * args.epochs / seconds / 1e9
 
@@ -289,18 +291,23 @@ def main():
         print(f"zero_pruning.py with the cached model:           {cached[1]:.1f} s, the median of 3 runs "
               f"({', '.join(f'{t:.1f}' for t in cached)}) (bar: 3.5 s)\n")
 
-    rounds = []
-    for _ in range(TRAINING_ROUNDS):  # in turn, so that a drift of the machine's speed slows both alike
+    rounds, bf16 = [], []
+    for _ in range(TRAINING_ROUNDS):  # in turn, so that a drift of the machine's speed slows all alike
         gflops = sgemm_gflops(args.threads)
         seconds, throughput = training_throughput(args, model, train_data)
         bound = 6 * models.count_weights(model) * len(train_data[1]) * args.epochs / gflops / 1e9
         rounds.append((seconds / bound, seconds, throughput, gflops, bound))
+        bf16.append(training_throughput(args, model, train_data, bf16=True)[0])
     for ratio, seconds, throughput, gflops, bound in rounds:
         print(f"Training, {args.epochs} epochs at batch {args.batch_size}: {seconds:.1f} s, {throughput:.0f} GFLOP/s; "
               f"a 4096 x 4096 sgemm here runs at {gflops:.0f} GFLOP/s, which allows {bound:.1f} s: "
               f"{ratio:.2f} times that")
     median = statistics.median(ratio for ratio, *_ in rounds)
-    print(f"The median of the {TRAINING_ROUNDS} rounds: {median:.2f} times (bar: 1.5)\n")
+    print(f"The median of the {TRAINING_ROUNDS} rounds: {median:.2f} times (bar: 1.5)")
+    fp32 = statistics.median(seconds for _, seconds, *_ in rounds)
+    print(f"With --bf16 (bf16 products, fp32 logits), taken in the same rounds: {statistics.median(bf16):.1f} s "
+          f"against {fp32:.1f} s, {fp32 / statistics.median(bf16):.2f} times faster (medians); this CPU "
+          f"{BF16_SUPPORT[measure.native_bf16()]}\n")
     steps = math.ceil(len(train_data[1]) / args.batch_size)
     step = step_seconds(args, model, train_data)
     dense, masked, distilled = (steps * step[kind] for kind in ("plain", "masked", "masked, distilled"))

@@ -14,7 +14,7 @@ import torch
 
 import common
 import outputs
-from pruning import criteria, methods, model as models, plots, results, storage, surgery, training
+from pruning import criteria, measure, methods, model as models, plots, results, storage, surgery, training
 from pruning.files import UserError, shown
 
 THRESHOLDS = [0.0, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.10]
@@ -81,7 +81,7 @@ def sweep(model, train_data, validation, test_data, args, folder):
         row.update(original_params=weights, zeroed_params=zeroed, zero_percentage=100 * zeroed / weights,
                    dense_bytes=dense_bytes, csr_bytes=outputs.save_model(pruned, folder / f"csr-{name}.pt", "csr"),
                    csr_bytes_needed=storage.csr_bytes_needed(pruned),
-                   flops=common.flops(pruned, test_data[0]))
+                   flops=measure.flops(pruned, test_data[0]))
         outputs.export_onnx(args, pruned, folder / f"zero-{name}.onnx")
         if args.bits:
             row.update(common.compress(pruned, train_data, validation, test_data, args, teacher,

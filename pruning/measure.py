@@ -1,6 +1,10 @@
-"""Measuring a model: how fast it runs, on dense or sparse weights, and how much arithmetic it does."""
+"""Measuring a model: how fast it runs, on dense or sparse weights, how much arithmetic it does,
+and on what machine."""
 
 import logging
+import os
+import platform
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -65,3 +69,24 @@ def sparse_forward(model):
                 h.relu_()
         return h.T
     return forward
+
+
+def cpu_info(key):
+    """The value of the first line of /proc/cpuinfo that starts with key; None where there is none (not Linux)."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith(key))
+    except (OSError, StopIteration, IndexError):
+        return None
+
+
+def machine():
+    """What the figures were measured on: another CPU rounds differently, and prints slightly different ones."""
+    cpu = cpu_info("model name") or platform.processor() or platform.machine()
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "pytorch": torch.__version__}
+
+
+def native_bf16():
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX), from /proc/cpuinfo; None where unknown."""
+    flags = cpu_info("flags")
+    return None if flags is None else bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))

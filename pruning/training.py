@@ -3,10 +3,11 @@
 import math
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.optim.adam import adam as functional_adam
 
-from pruning import surgery
+from pruning import chain, surgery
 
 RECIPE = "fused adam, cosine learning rate, cross-entropy"
 
@@ -54,17 +55,35 @@ def adam(params):
     return update
 
 
+def bf16_forward(model):
+    """model's forward with the products of every layer before its last weighted one in bf16
+    (torch.autocast) and that last layer, the logits, in fp32: the weights stay fp32. On the default
+    MLP its accuracy is fp32's within the spread over seeds, where bf16 logits lose about 0.07
+    points (README, Speed). model: a chain of layers (see chain.layers)."""
+    layers = chain.layers(model)
+    last = max(i for i, layer in enumerate(layers) if isinstance(layer, chain.WEIGHTED))
+    head, tail = nn.Sequential(*layers[:last]), nn.Sequential(*layers[last:])
+
+    def forward(x):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            h = head(x)
+        return tail(h.float())
+    return forward
+
+
 def train(model, data, epochs, lr=1e-3, batch_size=128, seed=0, teacher=None, temperature=4.0, weight=0.5,
-          progress=None, penalty=None):
+          progress=None, penalty=None, bf16=False):
     """Adam (fused on CPU) with a cosine-decayed learning rate, reshuffling every epoch from a seeded
     generator; returns model, left in training mode. teacher: None, a model to distil from, or its
     logits for every example of data. progress: wraps the range of epochs (a progress bar).
     penalty: None, or a function of no arguments whose value is added to every batch's loss (a
-    regulariser such as methods.group_lasso). The zeros of pruning masks (surgery.hold_below)
-    stay zero, re-applied once a step."""
+    regulariser such as methods.group_lasso). bf16: the products of all but the last weighted
+    layer in bf16 (bf16_forward; faster where the CPU multiplies bf16 natively). The zeros of
+    pruning masks (surgery.hold_below) stay zero, re-applied once a step."""
     x, y = data
     if isinstance(teacher, torch.nn.Module):
         teacher = logits(teacher, x)
+    forward = bf16_forward(model) if bf16 else model
     model.train()
     gen = torch.Generator().manual_seed(seed)
     with surgery.masks_folded(model) as held:
@@ -74,7 +93,7 @@ def train(model, data, epochs, lr=1e-3, batch_size=128, seed=0, teacher=None, te
         for _ in (progress or iter)(range(epochs)):
             for idx in torch.randperm(len(x), generator=gen).to(x.device).split(batch_size):
                 soft_targets = None if teacher is None else teacher.index_select(0, idx)
-                loss = distillation_loss(model(x.index_select(0, idx)), y.index_select(0, idx), soft_targets,
+                loss = distillation_loss(forward(x.index_select(0, idx)), y.index_select(0, idx), soft_targets,
                                          temperature, weight)  # index_select: a third of x[idx]'s time
                 if penalty is not None:
                     loss = loss + penalty()
@@ -89,14 +108,14 @@ def train(model, data, epochs, lr=1e-3, batch_size=128, seed=0, teacher=None, te
     return model
 
 
-def finetuner(data, epochs, lr=1e-3, batch_size=128, seed=0, teacher=None, temperature=4.0, weight=0.5):
+def finetuner(data, epochs, lr=1e-3, batch_size=128, seed=0, teacher=None, temperature=4.0, weight=0.5, bf16=False):
     """finetune(model) for the pruning functions: `epochs` of train() on data, distilling from
     teacher (a model, or its logits on data) when given."""
     if isinstance(teacher, torch.nn.Module):
         teacher = logits(teacher, data[0])
 
     def finetune(model):
-        train(model, data, epochs, lr, batch_size, seed, teacher, temperature, weight)
+        train(model, data, epochs, lr, batch_size, seed, teacher, temperature, weight, bf16=bf16)
     return finetune
 
 

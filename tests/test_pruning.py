@@ -461,3 +461,53 @@ def test_training_inside_autocast_casts_the_updated_weights_every_step():
     with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
         training.train(uncached, (x, y), epochs=2, lr=0.1, batch_size=8)
     assert all(torch.equal(a, b) for a, b in zip(cached.parameters(), uncached.parameters()))
+
+
+def test_bf16_forward_runs_the_products_before_the_logits_in_bf16_and_the_logits_in_fp32():
+    torch.manual_seed(0)
+    model, x = mlp([6, 5, 4, 3]), torch.randn(8, 6)
+    seen = []
+    for layer in linears(model):
+        layer.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    out = training.bf16_forward(model)(x)
+    assert seen == [torch.bfloat16, torch.bfloat16, torch.float32] and out.dtype == torch.float32
+    assert torch.allclose(out, model(x), rtol=0.02, atol=0.02)  # bf16 keeps about three significant digits
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_training_in_bf16_learns_as_fp32_does_with_other_numbers_and_holds_the_masks():
+    torch.manual_seed(0)
+    x = torch.randn(512, 6)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    fp32, bf16 = mlp([6, 16, 3]), mlp([6, 16, 3])
+    bf16.load_state_dict(fp32.state_dict())
+    surgery.hold_below(fp32, 0.05)
+    surgery.hold_below(bf16, 0.05)
+    held = [layer.weight_mask == 0 for layer in linears(bf16)]
+    assert sum(zero.sum() for zero in held) > 0
+    for model, bf16_products in ((fp32, False), (bf16, True)):
+        training.train(model, (x, y), epochs=20, lr=0.01, batch_size=32, bf16=bf16_products)
+    assert training.accuracy(bf16, (x, y)) > 95 and abs(training.accuracy(bf16, (x, y)) -
+                                                        training.accuracy(fp32, (x, y))) < 2
+    assert not all(torch.equal(a, b) for a, b in zip(fp32.parameters(), bf16.parameters()))
+    assert all((layer.weight[zero] == 0).all() for layer, zero in zip(linears(bf16), held))
+
+
+def test_training_in_bf16_refuses_a_network_that_is_not_a_chain():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.layer(x) + x
+
+    with pytest.raises(chain.NotAChain):
+        training.train(Residual(), (torch.randn(8, 4), torch.randint(0, 4, (8,))), epochs=1, bf16=True)
+
+
+def test_native_bf16_reads_the_cpu_flags(monkeypatch):
+    for flags, expected in (("fpu avx512f avx512_bf16", True), ("fpu amx_bf16 amx_tile", True),
+                            ("fpu avx2 avx512f", False), (None, None)):
+        monkeypatch.setattr(measure, "cpu_info", lambda key, flags=flags: flags)
+        assert measure.native_bf16() is expected

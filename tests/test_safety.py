@@ -2,6 +2,7 @@
 file we read is checked before anything of the size it claims is allocated. The runs here train on a
 tiny MNIST of blank images, so each takes a second or two."""
 
+import argparse
 import json
 import lzma
 import os
@@ -17,6 +18,7 @@ import zlib
 import pytest
 import torch
 
+import checkpoints
 import pruning
 from conftest import ROOT, run_script
 from pruning import files, storage
@@ -375,3 +377,17 @@ def test_group_lasso_training_counts_in_the_control_and_the_cut_starts_from_it(t
     assert plain["new_params"] == lasso["new_params"]  # the same size, cut from another model
     weights = [pruning.load(tmp_path / name / "activation-reduction0.5.pt")[-1].weight for name in runs]
     assert weights[0].shape == weights[1].shape and not torch.equal(*weights)
+
+
+@pytest.mark.slow
+def test_bf16_trains_a_model_of_its_own_and_leaves_the_fp32_checkpoints_name_alone(tiny_data, tmp_path):
+    args = ("--data-dir", tiny_data, "--epochs", "1", "--thresholds", "0", "--quiet")
+    for extra in ((), ("--bf16",)):
+        result = run_script("zero_pruning.py", *args, *extra, "--checkpoint", tmp_path / "m.pt",
+                            "--json", tmp_path / "r.json")
+        assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["settings"]["bf16"] is True
+    assert storage.load(tmp_path / "m.pt", with_about=True)[1]["config"]["bf16"] is True  # retrained, not reused
+    fp32 = argparse.Namespace(model="mlp", hidden=[512, 256, 128], epochs=5, lr=1e-3, batch_size=128, seed=0,
+                              validation=0, bf16=False, checkpoint=None)
+    assert checkpoints.checkpoint_path(fp32, checkpoints.training_config(fp32)).name == "mlp-e58641c41030.pt"  # as before --bf16 existed
