@@ -61,7 +61,10 @@ def bf16_forward(model):
     MLP its accuracy is fp32's within the spread over seeds, where bf16 logits lose about 0.07
     points (README, Speed). model: a chain of layers (see chain.layers)."""
     layers = chain.layers(model)
-    last = max(i for i, layer in enumerate(layers) if isinstance(layer, chain.WEIGHTED))
+    weighted = [i for i, layer in enumerate(layers) if isinstance(layer, chain.WEIGHTED)]
+    if not weighted:
+        raise chain.NotAChain("bf16 training needs a network with an nn.Linear or nn.Conv2d layer")
+    last = weighted[-1]
     head, tail = nn.Sequential(*layers[:last]), nn.Sequential(*layers[last:])
 
     def forward(x):

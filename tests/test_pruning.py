@@ -493,7 +493,7 @@ def test_training_in_bf16_learns_as_fp32_does_with_other_numbers_and_holds_the_m
     assert all((layer.weight[zero] == 0).all() for layer, zero in zip(linears(bf16), held))
 
 
-def test_training_in_bf16_refuses_a_network_that_is_not_a_chain():
+def test_training_in_bf16_refuses_a_network_that_is_not_a_chain_or_has_no_weighted_layer():
     class Residual(nn.Module):
         def __init__(self):
             super().__init__()
@@ -502,8 +502,10 @@ def test_training_in_bf16_refuses_a_network_that_is_not_a_chain():
         def forward(self, x):
             return self.layer(x) + x
 
-    with pytest.raises(chain.NotAChain):
-        training.train(Residual(), (torch.randn(8, 4), torch.randint(0, 4, (8,))), epochs=1, bf16=True)
+    data = (torch.randn(8, 4), torch.randint(0, 4, (8,)))
+    for network in (Residual(), nn.Sequential(nn.ReLU())):
+        with pytest.raises(chain.NotAChain):
+            training.train(network, data, epochs=1, bf16=True)
 
 
 def test_native_bf16_reads_the_cpu_flags(monkeypatch):
