@@ -210,7 +210,7 @@ def prepare(args, model_files, figures):
     if args.threads > (os.cpu_count() or 1):
         log.warning(f"--threads {args.threads}: this machine has {os.cpu_count()} cores; more threads than cores "
                     "make it slower, not faster")
-    if args.bf16 and args.device != "cuda" and measure.native_bf16() is False:
+    if args.bf16 and device(args).type == "cpu" and measure.native_bf16() is False:
         log.warning("--bf16: this CPU does not multiply bf16 natively (no AVX-512 BF16 or AMX); PyTorch converts "
                     "or emulates it, which may well be slower than fp32")
     if args.onnx:
@@ -229,15 +229,20 @@ def prepare(args, model_files, figures):
         raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
 
 
+def device(args):
+    """Where the run trains and evaluates: CUDA unless --device cpu, where there is one."""
+    return torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+
+
 def setup(args):
     """Load the data and the trained model of this seed: (model, train, validation or None, test)."""
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    on = device(args)
     root = data.data_root(args.data_dir)
-    splits = [(x.to(device), y.to(device)) for x, y in data.load(root, args.validation)]
+    splits = [(x.to(on), y.to(on)) for x, y in data.load(root, args.validation)]
     train_data, test_data = splits[0], splits[-1]
     validation = splits[1] if args.validation else None
     log.info(f"data: {root} ({len(train_data[1]):,} training, {args.validation:,} validation, "
-             f"{len(test_data[1]):,} test images); device: {device}; threads: {args.threads}; seed: {args.seed}")
+             f"{len(test_data[1]):,} test images); device: {on}; threads: {args.threads}; seed: {args.seed}")
     model = checkpoints.trained_model(args, train_data, test_data, train)
     args.data_folder = str(root.resolve())
     args.checkpoint_file = str(checkpoints.checkpoint_path(args, checkpoints.training_config(args)).resolve())

@@ -390,4 +390,5 @@ def test_bf16_trains_a_model_of_its_own_and_leaves_the_fp32_checkpoints_name_alo
     assert storage.load(tmp_path / "m.pt", with_about=True)[1]["config"]["bf16"] is True  # retrained, not reused
     fp32 = argparse.Namespace(model="mlp", hidden=[512, 256, 128], epochs=5, lr=1e-3, batch_size=128, seed=0,
                               validation=0, bf16=False, checkpoint=None)
-    assert checkpoints.checkpoint_path(fp32, checkpoints.training_config(fp32)).name == "mlp-e58641c41030.pt"  # as before --bf16 existed
+    name = checkpoints.checkpoint_path(fp32, checkpoints.training_config(fp32)).name
+    assert name == "mlp-e58641c41030.pt"  # as before --bf16 existed
