@@ -43,7 +43,9 @@ def model_files(args):
 
 def thresholds(model, args):
     """The threshold of each row: given, or the one that reaches the sparsity given; each distinct,
-    and none that leaves nothing to compress."""
+    and none that leaves nothing to compress. None for each row where saliency ranks the weights."""
+    if args.criterion == "saliency":
+        return [None] * len(args.sparsity)
     if not args.sparsity:
         chosen = args.thresholds
     else:
@@ -63,16 +65,21 @@ def sweep(model, train_data, validation, test_data, args, folder):
     weights = models.count_weights(model)
     dense_bytes = outputs.save_model(model, folder / "dense.pt")
     teacher = training.logits(model, train_data[0]) if args.distill else None
+    saliency = methods.obd_saliency(train_data, args.batch_size, args.seed, teacher, args.temperature,
+                                    args.distill_weight) if args.criterion == "saliency" else None
     rows = []
     chosen = thresholds(model, args)
     for (name, kind, value), t in zip(common.progress(targets(args), "sweep", kind_of(args)), chosen):
-        pruned = surgery.hold_below(copy.deepcopy(model), t)
-        row = {kind: value, **({"threshold": t} if kind != "threshold" else {}),
+        if saliency is None:
+            pruned = surgery.hold_below(copy.deepcopy(model), t)
+        else:
+            pruned = surgery.hold_masked(copy.deepcopy(model), criteria.keep_largest(saliency(model), value))
+        row = {kind: value, **({"threshold": t} if kind != "threshold" and t is not None else {}),
                **common.scores(pruned, validation, test_data)}
         if args.finetune_epochs:
             finetune = common.step_finetuner(train_data, args, teacher, f"{kind} {results.label(value)}")
             if args.steps > 1:
-                pruned = methods.zero_prune(copy.deepcopy(model), value, args.steps, finetune)
+                pruned = methods.zero_prune(copy.deepcopy(model), value, args.steps, finetune, saliency)
             else:
                 finetune(pruned)
             row.update(common.scores(pruned, validation, test_data, "finetuned_accuracy"))
@@ -96,7 +103,8 @@ def columns(rows, finetuned, bits):
     percent, count = "{:.2f}%".format, "{:,.0f}".format
     given = "sparsity" if "sparsity" in rows[0] else None
     return [*([("Sparsity", "sparsity", results.label)] if given else []),
-            ("Threshold", "threshold", results.label), ("Accuracy", "accuracy", percent),
+            *([("Threshold", "threshold", results.label)] if "threshold" in rows[0] else []),
+            ("Accuracy", "accuracy", percent),
             *([("Fine-tuned", "finetuned_accuracy", percent)] if finetuned else []),
             ("Original Params", "original_params", count), ("Zeroed Params", "zeroed_params", count),
             ("Zero Percentage", "zero_percentage", percent),
@@ -134,9 +142,10 @@ def plot(model, rows, baseline, args):
     plt = plots.pyplot()
     magnitudes = criteria.magnitudes(model).cpu()
     fig, ax = plt.subplots(figsize=(8, 4))
-    right = 1.5 * max(r["threshold"] for r in rows) or magnitudes.max().item()
+    lines = [r for r in rows if "threshold" in r]  # none where saliency ranked the weights
+    right = 1.5 * max([r["threshold"] for r in lines] or [0]) or magnitudes.max().item()
     counts, _, _ = ax.hist(magnitudes.numpy(), bins=150, range=(0, right), color="tab:blue")
-    for i, r in enumerate(rows):
+    for i, r in enumerate(lines):
         ax.axvline(r["threshold"], color="tab:red", lw=0.8, ls="--")
         ax.annotate(f"{r['zero_percentage']:.2f}%", (r["threshold"], 1), xycoords=("data", "axes fraction"),
                     xytext=(2, -12 - 10 * (i % 2)), textcoords="offset points", color="tab:red", fontsize=8)
@@ -167,7 +176,13 @@ def main():
     p.add_argument("--sparsity", type=common.number_in(float, 0, 1, open_high=True), nargs="+", metavar="S",
                    help="instead of --thresholds, the fractions of weights to zero (e.g. 0.9 0.95); "
                         "each is turned into the threshold that reaches it")
+    p.add_argument("--criterion", choices=["magnitude", "saliency"], default="magnitude",
+                   help="what ranks the weights toward a --sparsity: their magnitude (default), or 'saliency': "
+                        "w^2 times the mean squared gradient of the fine-tuning loss over the training images "
+                        "(Optimal Brain Damage with the Fisher's diagonal), measured again before each step")
     args = p.parse_args()
+    if args.criterion == "saliency" and not args.sparsity:
+        raise UserError("--criterion saliency ranks the weights toward a --sparsity; --thresholds are magnitudes")
     common.check_steps(args, "--sparsity", STEP_EPOCHS, FINAL_EPOCHS)
     if args.sparsity:
         if args.thresholds is not THRESHOLDS:

@@ -1,4 +1,5 @@
-"""What to remove: weights by magnitude, ranked over all layers together; neurons and channels by
+"""What to remove: weights by magnitude or by saliency (what zeroing each costs the loss), ranked over
+all layers together; neurons and channels by
 their mean activation, or by what they pass on (mean activation times the norm of their outgoing
 weights); input pixels by how much they vary."""
 
@@ -20,6 +21,31 @@ def threshold_for_sparsity(model, sparsity):
     values = magnitudes(model)
     k = math.ceil(round(sparsity * len(values), 6))  # rounded first: 5/6 of 6 is 5.000000000000001
     return 0.0 if k == 0 else torch.nextafter(values.kthvalue(k).values, torch.tensor(1.0)).item()
+
+
+def saliencies(model, losses):
+    """Each weight's saliency, w^2 times the mean over `losses` (one loss a batch, each computed
+    from model) of its squared gradient: Optimal Brain Damage's estimate of what zeroing the weight
+    costs (LeCun et al. 1990), with the empirical Fisher's diagonal standing for the Hessian's. A
+    list with a tensor shaped as each weighted layer's weight; the weights' .grad are not touched."""
+    weights = [layer.weight for layer in weighted(model)]
+    sums, batches = [torch.zeros_like(w) for w in weights], 0
+    for loss in losses:
+        for total, grad in zip(sums, torch.autograd.grad(loss, weights)):
+            total.add_(grad.square())
+        batches += 1
+    return [w.detach().square() * total / max(batches, 1) for w, total in zip(weights, sums)]
+
+
+def keep_largest(scores, sparsity):
+    """Masks, one per tensor of scores, that keep the largest scores over all tensors together and
+    drop at least the fraction `sparsity` of all, every tie at the cut dropped with it."""
+    values = torch.cat([s.flatten() for s in scores])
+    k = math.ceil(round(sparsity * len(values), 6))
+    if k == 0:
+        return [torch.ones_like(s, dtype=torch.bool) for s in scores]
+    cut = values.kthvalue(k).values
+    return [s > cut for s in scores]
 
 
 @torch.no_grad()

@@ -1,25 +1,31 @@
 """The two pruning methods, each toward a target in steps on the cubic schedule with fine-tuning
 after every step: zeros (the structure stays, the weights get sparse) and neuron and channel
-removal (the structure shrinks); and the group-lasso penalty that trains a network to spare units
-before they are removed."""
+removal (the structure shrinks); the saliency that ranks weights by what zeroing them costs; and
+the group-lasso penalty that trains a network to spare units before they are removed."""
 
+import torch
 import torch.nn as nn
 
-from pruning import chain, criteria, surgery
+from pruning import chain, criteria, surgery, training
 from pruning.model import count_params
 from pruning.schedules import cubic_schedule
 
 
-def zero_prune(model, sparsity, steps=1, finetune=None):
+def zero_prune(model, sparsity, steps=1, finetune=None, saliency=None):
     """Zero the weights of every nn.Linear and nn.Conv2d of model, smallest in magnitude first over
     all layers together, until the fraction `sparsity` of them is zero: in `steps` steps on the
-    cubic schedule, calling finetune(model) after each with the zeros held. Changes model in
+    cubic schedule, calling finetune(model) after each with the zeros held. saliency: None, or a
+    function of the model giving every weighted layer's scores (as obd_saliency's does) to rank
+    the weights by, re-scored before each step, in place of their magnitudes. Changes model in
     place and returns it, with ordinary layers (no masks left)."""
     if not 0 <= sparsity < 1:
         raise ValueError(f"sparsity must be from 0 to below 1, not {sparsity}")
     chain.layers(model)  # refuses what it cannot prune before any change
     for target in cubic_schedule(sparsity, steps):
-        surgery.hold_below(model, criteria.threshold_for_sparsity(model, target))
+        if saliency is None:
+            surgery.hold_below(model, criteria.threshold_for_sparsity(model, target))
+        else:
+            surgery.hold_masked(model, criteria.keep_largest(saliency(model), target))
         if finetune:
             finetune(model)
         surgery.make_permanent(model)
@@ -52,6 +58,32 @@ def activation_prune(model, inputs, reduction, steps=1, finetune=None, prune_inp
         if finetune:
             finetune(pruned)
     return pruned.train(mode)
+
+
+def obd_saliency(data, batch_size=128, seed=0, teacher=None, temperature=4.0, weight=0.5):
+    """saliency(model) for zero_prune: criteria.saliencies over one pass of data, (x, y), in seeded
+    random batches, of the loss fine-tuning minimises (training.distillation_loss, distilling from
+    teacher: None, a model, or its logits for every example of data), with model in eval mode.
+    On LeNet-300-100 at 98.5% zeros it ranks better than magnitude (README, the frontier)."""
+    x, y = data
+    if isinstance(teacher, nn.Module):
+        teacher = training.logits(teacher, x)
+
+    def losses(model):
+        gen = torch.Generator().manual_seed(seed)
+        for idx in torch.randperm(len(x), generator=gen).to(x.device).split(batch_size):
+            soft_targets = None if teacher is None else teacher.index_select(0, idx)
+            yield training.distillation_loss(model(x.index_select(0, idx)), y.index_select(0, idx), soft_targets,
+                                             temperature, weight)
+
+    def saliency(model):
+        mode = model.training
+        model.eval()
+        try:
+            return criteria.saliencies(model, losses(model))
+        finally:
+            model.train(mode)
+    return saliency
 
 
 def group_lasso(model, strength, example, prune_inputs=False):

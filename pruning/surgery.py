@@ -20,8 +20,14 @@ from pruning.model import KeepInputs, Normalize, kept_inputs, weighted
 def hold_below(model, threshold):
     """Hold the weights with |w| < threshold of every weighted layer of model at zero, in place,
     with pruning masks that keep them zero through training; returns model."""
-    for layer in weighted(model):
-        prune.custom_from_mask(layer, "weight", layer.weight.detach().abs() >= threshold)
+    return hold_masked(model, [layer.weight.detach().abs() >= threshold for layer in weighted(model)])
+
+
+def hold_masked(model, keep):
+    """Hold at zero, in place, the weights of every weighted layer of model that its boolean mask in
+    `keep` (one per layer, in order) marks False; returns model."""
+    for layer, mask in zip(weighted(model), keep, strict=True):
+        prune.custom_from_mask(layer, "weight", mask)
     return model
 
 

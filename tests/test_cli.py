@@ -106,6 +106,8 @@ def test_cuda_without_a_gpu_is_rejected(script, tmp_path, capsys, monkeypatch):
     (["--sparsity", "nan"], "not a number: 'nan'"),
     (["--sparsity", "0.9", "0.9"], "--sparsity: 0.9 and 0.9 are the same"),
     (["--sparsity", "0.9", "--thresholds", "0.1"], "give --thresholds or --sparsity, not both"),
+    (["--criterion", "saliency"], "--criterion saliency ranks the weights toward a --sparsity"),
+    (["--criterion", "fisher", "--sparsity", "0.9"], "invalid choice: 'fisher'"),
 ])
 def test_zero_pruning_sparsity_must_be_distinct_fractions(args, message, tmp_path, capsys, monkeypatch):
     assert_rejected("zero_pruning.py", args, message, tmp_path, capsys, monkeypatch)

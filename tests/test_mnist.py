@@ -124,6 +124,20 @@ def test_one_step_is_the_one_shot_path(checkpoint, tmp_path):
     assert one_step["rows"] == one_shot["rows"]
 
 
+def test_pruning_by_saliency_reaches_the_sparsity_within_half_a_point(checkpoint, dense_accuracy, tmp_path):
+    results, stdout, _ = run_json("zero_pruning.py", tmp_path, "--checkpoint", checkpoint, "--sparsity", "0.95",
+                                  "--steps", "2", "--finetune-epochs", "2", "--criterion", "saliency",
+                                  "--save-dir", tmp_path)
+    (row,) = results["rows"]
+    assert results["settings"]["criterion"] == "saliency"
+    assert row["zero_percentage"] >= 95 and "threshold" not in row
+    assert row["finetuned_accuracy"] >= dense_accuracy - 0.5
+    assert "Threshold" not in header(stdout)
+    saved = pruning.load(tmp_path / "csr-sparsity0.95.pt")
+    assert pruning.count_zeros(saved) == row["zeroed_params"]
+    assert training.accuracy(saved, mnist.load(mnist.data_root())[1]) == row["finetuned_accuracy"]
+
+
 def test_pruning_in_steps_with_distillation_keeps_accuracy_at_98_5_percent_zeros_in_a_file_100_times_smaller(
         checkpoint, dense_accuracy, tmp_path):
     results, stdout, stderr = run_json("zero_pruning.py", tmp_path, "--checkpoint", checkpoint, "--sparsity", "0.985",

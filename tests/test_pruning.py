@@ -75,6 +75,61 @@ def test_threshold_for_sparsity_zeroes_exactly_that_fraction():
         assert count_zeros(surgery.make_permanent(prune_below(model, t))) == zeros
 
 
+def test_saliency_is_the_weight_squared_times_its_mean_squared_gradient():
+    layer = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[2.0, 3.0]]))
+    model = nn.Sequential(layer)
+    # loss (w.x)^2: its gradient 2 (w.x) x is (4, 0) on x = (1, 0) and (0, 6) on x = (0, 1)
+    losses = (model(torch.tensor([x])).square().sum() for x in ([1.0, 0.0], [0.0, 1.0]))
+    (scores,) = criteria.saliencies(model, losses)
+    assert scores.tolist() == [[2 ** 2 * (16 + 0) / 2, 3 ** 2 * (0 + 36) / 2]]  # [[32, 162]]
+    assert layer.weight.grad is None
+
+
+@pytest.mark.parametrize("sparsity, kept", [
+    (0.0, [[True, True, True], [True, True]]),
+    (0.2, [[False, True, True], [True, True]]),
+    (0.4, [[False, False, False], [False, True]]),  # the tie at 2 goes with the cut: at least 40% dropped
+    (0.9, [[False, False, False], [False, False]]),
+])
+def test_keep_largest_ranks_all_tensors_together_and_drops_ties_at_the_cut(sparsity, kept):
+    scores = [torch.tensor([1.0, 2.0, 2.0]), torch.tensor([2.0, 3.0])]
+    assert [m.tolist() for m in criteria.keep_largest(scores, sparsity)] == kept
+
+
+def test_pruning_by_saliency_removes_what_the_loss_never_feels_however_large():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[0.1, 5.0], [-0.1, -5.0]]))
+    x = torch.randn(64, 2)
+    x[:, 1] = 0  # the second input is always zero: its large weights change no output
+    y = (x[:, 0] > 0).long()
+    by_magnitude = methods.zero_prune(copy.deepcopy(model), 0.5)
+    assert by_magnitude[0].weight[:, 0].eq(0).all() and by_magnitude[0].weight[:, 1].ne(0).all()
+    model.train()
+    by_saliency = methods.zero_prune(model, 0.5, saliency=methods.obd_saliency((x, y), batch_size=16))
+    assert by_saliency[0].weight[:, 1].eq(0).all() and by_saliency[0].weight[:, 0].ne(0).all()
+    assert model.training and model[0].weight.grad is None
+
+
+def test_pruning_by_saliency_in_steps_keeps_every_earlier_zero_and_reaches_the_sparsity():
+    torch.manual_seed(0)
+    model = mlp([6, 8, 3])
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    seen = []
+
+    def finetune(m):
+        training.train(m, (x, y), 1, batch_size=8)
+        seen.append([layer.weight.detach().eq(0) for layer in linears(m)])
+    saliency = methods.obd_saliency((x, y), batch_size=8, teacher=copy.deepcopy(model))
+    methods.zero_prune(model, 0.75, 3, finetune, saliency)
+    for before, after in zip(seen, seen[1:]):
+        assert all((a | ~b).all() for b, a in zip(before, after))  # a zero stays zero
+    assert count_zeros(model) == math.ceil(0.75 * count_weights(model))
+
+
 def test_fine_tuning_keeps_pruned_weights_at_exactly_zero_after_every_step():
     torch.manual_seed(0)
     model = mlp([6, 5, 4, 3])
