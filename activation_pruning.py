@@ -39,6 +39,8 @@ def sweep(model, train_data, validation, test_data, args, folder):
     dense_bytes = outputs.save_model(model, folder / "dense.pt")
     original = models.count_params(model)
     source = lasso_trained(model, train_data, teacher, args) if args.group_lasso else model  # what is cut
+    criterion = methods.unit_saliency(train_data, args.batch_size, args.seed, teacher, args.temperature,
+                                      args.distill_weight) if args.criterion == "saliency" else args.criterion
     layers = chain.layers(source)
     spatial = surgery.spatial(layers, train_data[0])
     means = None if args.reduction else measured_means(model, train_data[0])
@@ -46,7 +48,7 @@ def sweep(model, train_data, validation, test_data, args, folder):
     for name, kind, target in common.progress(targets(args), "sweep", kind_of(args)):
         if args.reduction:
             widths = surgery.target_widths(layers, spatial, (1 - target) * original, args.prune_inputs)
-            pruned = methods.shrink(source, widths, train_data[0], args.criterion, args.prune_inputs, spatial)
+            pruned = methods.shrink(source, widths, train_data[0], criterion, args.prune_inputs, spatial)
             row = {"reduction": target, **common.scores(pruned, validation, test_data)}
         else:
             keep, rescued = criteria.neurons_to_keep(means, target, args.multiple_of)
@@ -59,7 +61,7 @@ def sweep(model, train_data, validation, test_data, args, folder):
             finetune = common.step_finetuner(train_data, args, teacher, f"{kind} {results.label(target)}")
             if args.steps > 1:
                 pruned = methods.activation_prune(source, train_data[0], target, args.steps, finetune,
-                                                  args.prune_inputs, args.criterion)
+                                                  args.prune_inputs, criterion)
             else:
                 finetune(pruned)
             row.update(common.scores(pruned, validation, test_data, "finetuned_accuracy"))
@@ -162,10 +164,11 @@ def main():
     p.add_argument("--prune-inputs", action="store_true",
                    help="with --reduction, remove input pixels as well, the least varying first, folding each "
                         "one's mean value into the first layer's bias")
-    p.add_argument("--criterion", choices=["activation", "contribution"],
+    p.add_argument("--criterion", choices=["activation", "contribution", "saliency"],
                    help="with --reduction, what ranks the neurons: mean activation (a pixel's standard deviation), "
                         "or that times the norm of the outgoing weights (default: contribution, which keeps more "
-                        "accuracy; the threshold sweep always uses mean activation)")
+                        "accuracy; the threshold sweep always uses mean activation), or 'saliency': the mean "
+                        "squared gradient of the fine-tuning loss with respect to a gate on each unit")
     p.add_argument("--group-lasso", type=common.positive(float, 1.0), metavar="S",
                    help="with --reduction, first train the dense model --group-lasso-epochs more with a penalty of "
                         "S times the sum of every unit's weight norm (and every pixel's with --prune-inputs), so "

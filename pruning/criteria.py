@@ -55,11 +55,7 @@ def statistics(layers, x, batch_size=10_000):
     after the first ReLU that follows it (else where the next weighted layer reads it); and the
     standard deviation and mean of each input pixel the first weighted layer reads."""
     groups = chains.groups(layers)
-    measure_at = {}
-    for g, (i, between, _) in enumerate(groups[:-1]):
-        relu = next((k for k in between if isinstance(layers[k], nn.ReLU)), None)
-        last = max([i, *(k for k in between if not isinstance(layers[k], nn.Flatten))])
-        measure_at[relu if relu is not None else last] = g
+    measure_at = measured_at(layers)
     first = groups[0][0]
     sums = [0.0] * (len(groups) - 1)
     pixel_sum = pixel_squares = 0.0
@@ -77,6 +73,48 @@ def statistics(layers, x, batch_size=10_000):
     pixel_mean = pixel_sum / n
     pixel_var = ((pixel_squares - n * pixel_mean ** 2) / max(n - 1, 1)).clamp(min=0)
     return [s.float() / n for s in sums], pixel_var.sqrt().float(), pixel_mean.float()
+
+
+def measured_at(layers):
+    """{index of a layer: group g} for each weighted layer but the last: where its units' values are
+    read, after the first ReLU that follows it, else where the next weighted layer reads them."""
+    at = {}
+    for g, (i, between, _) in enumerate(chains.groups(layers)[:-1]):
+        relu = next((k for k in between if isinstance(layers[k], nn.ReLU)), None)
+        at[relu if relu is not None else max([i, *(k for k in between if not isinstance(layers[k], nn.Flatten))])] = g
+    return at
+
+
+def unit_saliencies(layers, pixel_mean, losses):
+    """Per unit layer, the input pixels first, each unit's saliency: the mean over losses(forward)
+    (one loss a batch, each computed with forward, the chain run with a gate of 1 on every unit)
+    of the squared gradient of the loss with respect to the unit's gate. A gate scales a unit's
+    values where statistics() reads them, and a pixel's deviation from pixel_mean (its mean, as
+    statistics() gives it, which removal folds into the bias): what removing the unit costs,
+    estimated as Optimal Brain Damage does for a weight, with the gate as the weight (Molchanov
+    et al. 2019)."""
+    groups = chains.groups(layers)
+    first, at = groups[0][0], measured_at(layers)
+    gates = [torch.ones_like(pixel_mean, requires_grad=True),
+             *(torch.ones(layers[groups[g][0]].weight.shape[0], device=pixel_mean.device, requires_grad=True)
+               for g in at.values())]
+
+    def forward(x):
+        for k, layer in enumerate(layers):
+            if k == first:
+                centre = pixel_mean.view(x.shape[1:])
+                x = centre + gates[0].view(x.shape[1:]) * (x - centre)
+            x = layer(x)
+            if k in at:
+                x = x * gates[at[k] + 1].view(-1, *[1] * (x.dim() - 2))
+        return x
+
+    sums, batches = [torch.zeros_like(gate) for gate in gates], 0
+    for loss in losses(forward):
+        for total, grad in zip(sums, torch.autograd.grad(loss, gates)):
+            total.add_(grad.square())
+        batches += 1
+    return [total / max(batches, 1) for total in sums]
 
 
 def outgoing(layers, g, width, spatial):

@@ -1,7 +1,7 @@
 """The two pruning methods, each toward a target in steps on the cubic schedule with fine-tuning
 after every step: zeros (the structure stays, the weights get sparse) and neuron and channel
-removal (the structure shrinks); the saliency that ranks weights by what zeroing them costs; and
-the group-lasso penalty that trains a network to spare units before they are removed."""
+removal (the structure shrinks); the saliencies that rank weights and units by what removing them
+costs; and the group-lasso penalty that trains a network to spare units before they are removed."""
 
 import torch
 import torch.nn as nn
@@ -37,13 +37,14 @@ def activation_prune(model, inputs, reduction, steps=1, finetune=None, prune_inp
     """Remove hidden neurons and conv channels of model (and its input pixels with prune_inputs),
     measured on the tensor `inputs`, until the fraction `reduction` of its parameters is gone:
     in `steps` steps on the cubic schedule, every layer cut by one factor, the units that pass on
-    least going first (criterion 'contribution'; 'activation': the least active), re-measuring
-    before and calling finetune(model) after each step. Returns a new, smaller nn.Sequential in
+    least going first (criterion 'contribution'; 'activation': the least active; or a function
+    such as unit_saliency's, which scores them), re-measuring before and calling finetune(model)
+    after each step. Returns a new, smaller nn.Sequential in
     the mode model was in; model itself is left as it was."""
     if not 0 <= reduction < 1:
         raise ValueError(f"reduction must be from 0 to below 1, not {reduction}")
-    if criterion not in ("activation", "contribution"):
-        raise ValueError(f"criterion must be 'activation' or 'contribution', not {criterion!r}")
+    if criterion not in ("activation", "contribution") and not callable(criterion):
+        raise ValueError(f"criterion must be 'activation', 'contribution' or a function, not {criterion!r}")
     layers = chain.layers(model)
     chain.groups(layers)
     if prune_inputs and not criteria.reads_pixels(layers):
@@ -65,16 +66,7 @@ def obd_saliency(data, batch_size=128, seed=0, teacher=None, temperature=4.0, we
     random batches, of the loss fine-tuning minimises (training.distillation_loss, distilling from
     teacher: None, a model, or its logits for every example of data), with model in eval mode.
     On LeNet-300-100 at 98.5% zeros it ranks better than magnitude (README, the frontier)."""
-    x, y = data
-    if isinstance(teacher, nn.Module):
-        teacher = training.logits(teacher, x)
-
-    def losses(model):
-        gen = torch.Generator().manual_seed(seed)
-        for idx in torch.randperm(len(x), generator=gen).to(x.device).split(batch_size):
-            soft_targets = None if teacher is None else teacher.index_select(0, idx)
-            yield training.distillation_loss(model(x.index_select(0, idx)), y.index_select(0, idx), soft_targets,
-                                             temperature, weight)
+    losses = batch_losses(data, batch_size, seed, teacher, temperature, weight)
 
     def saliency(model):
         mode = model.training
@@ -84,6 +76,31 @@ def obd_saliency(data, batch_size=128, seed=0, teacher=None, temperature=4.0, we
         finally:
             model.train(mode)
     return saliency
+
+
+def unit_saliency(data, batch_size=128, seed=0, teacher=None, temperature=4.0, weight=0.5):
+    """A criterion for activation_prune: criterion(layers, pixel_mean) gives each unit's saliency
+    (criteria.unit_saliencies) over one pass of data as obd_saliency measures it, the chain in the
+    mode activation_prune measures in (eval)."""
+    losses = batch_losses(data, batch_size, seed, teacher, temperature, weight)
+    return lambda layers, pixel_mean: criteria.unit_saliencies(layers, pixel_mean, losses)
+
+
+def batch_losses(data, batch_size, seed, teacher, temperature, weight):
+    """losses(forward): the loss fine-tuning minimises (training.distillation_loss) of forward on
+    each batch of one pass of data, (x, y), in seeded random batches; teacher: None, a model, or
+    its logits for every example of data."""
+    x, y = data
+    if isinstance(teacher, nn.Module):
+        teacher = training.logits(teacher, x)
+
+    def losses(forward):
+        gen = torch.Generator().manual_seed(seed)
+        for idx in torch.randperm(len(x), generator=gen).to(x.device).split(batch_size):
+            soft_targets = None if teacher is None else teacher.index_select(0, idx)
+            yield training.distillation_loss(forward(x.index_select(0, idx)), y.index_select(0, idx), soft_targets,
+                                             temperature, weight)
+    return losses
 
 
 def group_lasso(model, strength, example, prune_inputs=False):
@@ -105,7 +122,11 @@ def shrink(model, widths, x, criterion, prune_inputs, spatial):
     layers = chain.layers(model)
     mode = model.training
     model.eval()
-    strength, means = criteria.scores(layers, x, criterion, spatial)
+    if callable(criterion):
+        _, means = criteria.scores(layers, x, "activation", spatial)
+        strength = criterion(layers, means[0])
+    else:
+        strength, means = criteria.scores(layers, x, criterion, spatial)
     model.train(mode)
     keep = [criteria.strongest(s, w) for s, w in zip(strength, widths[:-1])]
     inputs = (keep[0], means[0]) if prune_inputs else None

@@ -180,6 +180,20 @@ def test_fine_tuned_activation_pruning_keeps_accuracy_at_80_percent_fewer_params
     assert "Bias-compensated" in stdout and "Fine-tuned" in stdout
 
 
+def test_activation_pruning_by_saliency_removes_80_percent_of_parameters_within_half_a_point(
+        checkpoint, dense_accuracy, tmp_path):
+    results, stdout, _ = run_json("activation_pruning.py", tmp_path, "--checkpoint", checkpoint, "--reduction", "0.8",
+                                  "--steps", "2", "--finetune-epochs", "2", "--distill", "--prune-inputs",
+                                  "--criterion", "saliency", "--save-dir", tmp_path)
+    (row,) = results["rows"]
+    assert results["settings"]["criterion"] == "saliency"
+    assert row["size_reduction"] >= 80
+    assert row["finetuned_accuracy"] >= dense_accuracy - 0.5
+    saved = pruning.load(tmp_path / "activation-reduction0.8.pt")
+    assert count_params(saved) == row["new_params"]
+    assert training.accuracy(saved, mnist.load(mnist.data_root())[1]) == row["finetuned_accuracy"]
+
+
 def test_activation_pruning_in_steps_removes_95_percent_of_parameters_within_half_a_point(
         checkpoint, dense_accuracy, tmp_path):
     results, stdout, _ = run_json("activation_pruning.py", tmp_path, "--checkpoint", checkpoint, "--reduction", "0.95",

@@ -130,6 +130,38 @@ def test_pruning_by_saliency_in_steps_keeps_every_earlier_zero_and_reaches_the_s
     assert count_zeros(model) == math.ceil(0.75 * count_weights(model))
 
 
+def test_a_units_saliency_is_the_mean_squared_gradient_with_respect_to_its_gate():
+    first, second = nn.Linear(2, 2, bias=False), nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        first.weight.copy_(torch.eye(2))
+        second.weight.copy_(torch.tensor([[3.0, 5.0]]))
+    layers = [first, nn.ReLU(), second]
+
+    def losses(forward):  # the output itself: its gradient is 3 or 5 times the unit's value, or 0
+        return (forward(torch.tensor([x])).sum() for x in ([1.0, 2.0], [2.0, 0.0]))
+    pixels, hidden = criteria.unit_saliencies(layers, torch.tensor([1.0, 0.0]), losses)
+    assert hidden.tolist() == [(3 ** 2 + 6 ** 2) / 2, (10 ** 2 + 0) / 2]  # unit 1: 3 x 1, 3 x 2; unit 2: 5 x 2, 5 x 0
+    assert pixels.tolist() == [(0 + 3 ** 2) / 2, (10 ** 2 + 0) / 2]  # a pixel's gate scales x - mean: (0, 2), (1, 0)
+
+
+def test_pruning_units_by_saliency_removes_the_most_active_unit_when_nothing_reads_it():
+    model = mlp([2, 3, 2])
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[5.0, 5.0], [1.0, 0.0], [0.0, 1.0]]))
+        model[0].bias.zero_()
+        model[2].weight.copy_(torch.tensor([[0.0, 1.0, -1.0], [0.0, -1.0, 1.0]]))  # unit 0 feeds nothing
+    torch.manual_seed(0)
+    x = torch.rand(64, 2)
+    y = (x[:, 0] > x[:, 1]).long()
+    layers = chain.layers(model)
+
+    def first_rows(criterion):
+        smaller = methods.shrink(model, [2, 2, 2], x, criterion, False, surgery.spatial(layers, x))
+        return smaller[0].weight.tolist()
+    assert [5.0, 5.0] in first_rows("activation")
+    assert first_rows(methods.unit_saliency((x, y), batch_size=16)) == [[1.0, 0.0], [0.0, 1.0]]
+
+
 def test_fine_tuning_keeps_pruned_weights_at_exactly_zero_after_every_step():
     torch.manual_seed(0)
     model = mlp([6, 5, 4, 3])
