@@ -12,11 +12,11 @@ Importing it changes nothing outside it: no signal handlers, no threads, no envi
 from pruning.chain import NotAChain
 from pruning.data import mnist
 from pruning.files import UserError
-from pruning.methods import activation_prune, group_lasso, obd_saliency, zero_prune
+from pruning.methods import activation_prune, group_lasso, obd_saliency, unit_saliency, zero_prune
 from pruning.model import Normalize, count_params, count_weights, count_zeros, lenet5, mnist_mlp
 from pruning.storage import export_onnx, load, save
 from pruning.training import accuracy, distillation_loss, finetuner, logits, predict, train
 
-__all__ = ["zero_prune", "activation_prune", "obd_saliency", "group_lasso", "save", "load", "export_onnx", "train",
-           "finetuner", "distillation_loss", "logits", "predict", "accuracy", "count_params", "count_weights",
-           "count_zeros", "mnist", "mnist_mlp", "lenet5", "Normalize", "NotAChain", "UserError"]
+__all__ = ["zero_prune", "activation_prune", "obd_saliency", "unit_saliency", "group_lasso", "save", "load",
+           "export_onnx", "train", "finetuner", "distillation_loss", "logits", "predict", "accuracy", "count_params",
+           "count_weights", "count_zeros", "mnist", "mnist_mlp", "lenet5", "Normalize", "NotAChain", "UserError"]
