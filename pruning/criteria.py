@@ -1,7 +1,7 @@
-"""What to remove: weights by magnitude or by saliency (what zeroing each costs the loss), ranked over
-all layers together; neurons and channels by
-their mean activation, or by what they pass on (mean activation times the norm of their outgoing
-weights); input pixels by how much they vary."""
+"""What to remove: weights by magnitude or by saliency (what zeroing each costs the loss), ranked
+over all layers together; neurons and channels by their mean activation, by what they pass on
+(mean activation times the norm of their outgoing weights) or by saliency; input pixels by how
+much they vary."""
 
 import math
 

@@ -39,8 +39,8 @@ def activation_prune(model, inputs, reduction, steps=1, finetune=None, prune_inp
     in `steps` steps on the cubic schedule, every layer cut by one factor, the units that pass on
     least going first (criterion 'contribution'; 'activation': the least active; or a function
     such as unit_saliency's, which scores them), re-measuring before and calling finetune(model)
-    after each step. Returns a new, smaller nn.Sequential in
-    the mode model was in; model itself is left as it was."""
+    after each step. Returns a new, smaller nn.Sequential in the mode model was in; model itself
+    is left as it was."""
     if not 0 <= reduction < 1:
         raise ValueError(f"reduction must be from 0 to below 1, not {reduction}")
     if criterion not in ("activation", "contribution") and not callable(criterion):
