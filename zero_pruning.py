@@ -67,13 +67,14 @@ def sweep(model, train_data, validation, test_data, args, folder):
     teacher = training.logits(model, train_data[0]) if args.distill else None
     saliency = methods.obd_saliency(train_data, args.batch_size, args.seed, teacher, args.temperature,
                                     args.distill_weight) if args.criterion == "saliency" else None
+    dense_saliencies = saliency(model) if saliency else None  # one pass, shared by every row
     rows = []
     chosen = thresholds(model, args)
     for (name, kind, value), t in zip(common.progress(targets(args), "sweep", kind_of(args)), chosen):
         if saliency is None:
             pruned = surgery.hold_below(copy.deepcopy(model), t)
         else:
-            pruned = surgery.hold_masked(copy.deepcopy(model), criteria.keep_largest(saliency(model), value))
+            pruned = surgery.hold_masked(copy.deepcopy(model), criteria.keep_largest(dense_saliencies, value))
         row = {kind: value, **({"threshold": t} if kind != "threshold" and t is not None else {}),
                **common.scores(pruned, validation, test_data)}
         if args.finetune_epochs:

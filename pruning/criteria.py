@@ -16,11 +16,35 @@ def magnitudes(model):
     return torch.cat([layer.weight.detach().abs().flatten() for layer in weighted(model)])
 
 
+def cut_for_sparsity(values, sparsity):
+    """The value at which dropping every value up to it, ties included, drops at least the fraction
+    `sparsity` of the 1-d tensor values; None where that drops nothing."""
+    k = math.ceil(round(sparsity * len(values), 6))  # rounded first: 5/6 of 6 is 5.000000000000001
+    return None if k == 0 else values.kthvalue(k).values
+
+
 def threshold_for_sparsity(model, sparsity):
     """The smallest threshold that zeroes at least that fraction of all weights."""
-    values = magnitudes(model)
-    k = math.ceil(round(sparsity * len(values), 6))  # rounded first: 5/6 of 6 is 5.000000000000001
-    return 0.0 if k == 0 else torch.nextafter(values.kthvalue(k).values, torch.tensor(1.0)).item()
+    cut = cut_for_sparsity(magnitudes(model), sparsity)
+    return 0.0 if cut is None else torch.nextafter(cut, torch.tensor(1.0)).item()
+
+
+def keep_largest(scores, sparsity):
+    """Masks, one per tensor of scores, that keep the largest scores over all tensors together and
+    drop at least the fraction `sparsity` of all, every tie at the cut dropped with it."""
+    cut = cut_for_sparsity(torch.cat([s.flatten() for s in scores]), sparsity)
+    return [torch.ones_like(s, dtype=torch.bool) if cut is None else s > cut for s in scores]
+
+
+def mean_squared_gradients(losses, tensors):
+    """The mean over `losses` (an iterable, one loss a batch) of the squared gradient of each loss
+    with respect to each of tensors; their .grad are not touched."""
+    sums, batches = [torch.zeros_like(t) for t in tensors], 0
+    for loss in losses:
+        for total, grad in zip(sums, torch.autograd.grad(loss, tensors)):
+            total.add_(grad.square())
+        batches += 1
+    return [total / max(batches, 1) for total in sums]
 
 
 def saliencies(model, losses):
@@ -29,23 +53,7 @@ def saliencies(model, losses):
     costs (LeCun et al. 1990), with the empirical Fisher's diagonal standing for the Hessian's. A
     list with a tensor shaped as each weighted layer's weight; the weights' .grad are not touched."""
     weights = [layer.weight for layer in weighted(model)]
-    sums, batches = [torch.zeros_like(w) for w in weights], 0
-    for loss in losses:
-        for total, grad in zip(sums, torch.autograd.grad(loss, weights)):
-            total.add_(grad.square())
-        batches += 1
-    return [w.detach().square() * total / max(batches, 1) for w, total in zip(weights, sums)]
-
-
-def keep_largest(scores, sparsity):
-    """Masks, one per tensor of scores, that keep the largest scores over all tensors together and
-    drop at least the fraction `sparsity` of all, every tie at the cut dropped with it."""
-    values = torch.cat([s.flatten() for s in scores])
-    k = math.ceil(round(sparsity * len(values), 6))
-    if k == 0:
-        return [torch.ones_like(s, dtype=torch.bool) for s in scores]
-    cut = values.kthvalue(k).values
-    return [s > cut for s in scores]
+    return [w.detach().square() * f for w, f in zip(weights, mean_squared_gradients(losses, weights))]
 
 
 @torch.no_grad()
@@ -109,12 +117,7 @@ def unit_saliencies(layers, pixel_mean, losses):
                 x = x * gates[at[k] + 1].view(-1, *[1] * (x.dim() - 2))
         return x
 
-    sums, batches = [torch.zeros_like(gate) for gate in gates], 0
-    for loss in losses(forward):
-        for total, grad in zip(sums, torch.autograd.grad(loss, gates)):
-            total.add_(grad.square())
-        batches += 1
-    return [total / max(batches, 1) for total in sums]
+    return mean_squared_gradients(losses(forward), gates)
 
 
 def outgoing(layers, g, width, spatial):

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from pruning import chain, criteria, surgery, training
-from pruning.model import count_params
+from pruning.model import count_params, weighted
 from pruning.schedules import cubic_schedule
 
 
@@ -22,10 +22,8 @@ def zero_prune(model, sparsity, steps=1, finetune=None, saliency=None):
         raise ValueError(f"sparsity must be from 0 to below 1, not {sparsity}")
     chain.layers(model)  # refuses what it cannot prune before any change
     for target in cubic_schedule(sparsity, steps):
-        if saliency is None:
-            surgery.hold_below(model, criteria.threshold_for_sparsity(model, target))
-        else:
-            surgery.hold_masked(model, criteria.keep_largest(saliency(model), target))
+        scores = saliency(model) if saliency else [layer.weight.detach().abs() for layer in weighted(model)]
+        surgery.hold_masked(model, criteria.keep_largest(scores, target))
         if finetune:
             finetune(model)
         surgery.make_permanent(model)
