@@ -153,11 +153,14 @@ def scores(layers, x, criterion, spatial):
     """(strength, means): per unit layer, the input pixels first, how much each unit carries and its
     mean value. 'activation': a unit's mean activation, a pixel's standard deviation over x (a
     constant pixel carries no information, however bright); 'contribution': that times the norm
-    of the unit's outgoing weights, what it actually passes on. spatial: per group, how many
-    columns of the next layer each output feeds (positions after a Flatten, else 1)."""
+    of the unit's outgoing weights, what it actually passes on; a function (as methods.unit_saliency
+    gives): its scores, criterion(layers, pixel_mean). spatial: per group, how many columns of the
+    next layer each output feeds (positions after a Flatten, else 1)."""
     means, pixel_std, pixel_mean = statistics(layers, x)
     strength = [pixel_std, *means]
-    if criterion == "contribution":
+    if callable(criterion):
+        strength = criterion(layers, pixel_mean)
+    elif criterion == "contribution":
         first = layers[chains.groups(layers)[0][0]]
         pixels = pixel_std * first.weight.detach().norm(dim=0) if reads_pixels(layers) else pixel_std
         strength = [pixels, *(s * outgoing_norms(layers, g, len(s), spatial[g]) for g, s in enumerate(means))]

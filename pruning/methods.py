@@ -120,11 +120,7 @@ def shrink(model, widths, x, criterion, prune_inputs, spatial):
     layers = chain.layers(model)
     mode = model.training
     model.eval()
-    if callable(criterion):
-        _, means = criteria.scores(layers, x, "activation", spatial)
-        strength = criterion(layers, means[0])
-    else:
-        strength, means = criteria.scores(layers, x, criterion, spatial)
+    strength, means = criteria.scores(layers, x, criterion, spatial)
     model.train(mode)
     keep = [criteria.strongest(s, w) for s, w in zip(strength, widths[:-1])]
     inputs = (keep[0], means[0]) if prune_inputs else None
