@@ -5,7 +5,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from pruning import files, plots, storage
+from pruning import data, files, plots, storage
 from pruning.files import UserError, shown
 
 ROOT = Path(__file__).resolve().parent
@@ -50,6 +50,7 @@ def check_outputs(args, checkpoints, model_files, figures):
     """Check every file this run will write, before any work: no two outputs the same file, each
     destination free or a file of ours, its folder writable. model_files: the names written in
     each seed's folder; figures: the names written in --plot-dir."""
+    refuse_the_data_folder(args)
     if not args.checkpoint:
         folder = checkpoints[0].parent
         if files.kind_of(folder) == "absent":  # the project's own folder, made on the first run
@@ -71,6 +72,14 @@ def check_outputs(args, checkpoints, model_files, figures):
         seed_folder_to_come = option == "--save-dir" and files.kind_of(Path(path).parent) == "absent"
         if path is not None and not seed_folder_to_come:
             files.check_file_destination(option, path)
+
+
+def refuse_the_data_folder(args):
+    """No output of the run goes into the MNIST folder it reads, nor anywhere below it."""
+    root = data.data_root(args.data_dir).resolve()
+    for option, path in [("--save-dir", args.save_dir), ("--plot-dir", args.plot_dir), ("--json", args.json)]:
+        if path and Path(path).resolve().is_relative_to(root):
+            raise UserError(f"{option} {shown(path)} is in the data folder {shown(root)}; give a path outside it")
 
 
 def made(option, folder):

@@ -41,7 +41,7 @@ def assert_rejected(script, args, message, tmp_path, capsys, monkeypatch, data_d
     storage.save(mnist_mlp([784, 10]), precious, about={"config": {"sizes": [784, 10]}})
     before = files(tmp_path)
     monkeypatch.setattr(sys, "argv", [script, *args, *(["--checkpoint", str(precious)] if checkpoint else [])])
-    monkeypatch.setenv("MNIST_DATA_DIR", str(data_dir or tmp_path))
+    monkeypatch.setenv("MNIST_DATA_DIR", str(data_dir or tmp_path / "data"))
     with pytest.raises(SystemExit) as exit:
         common.run(MAINS[script])
     out, err = capsys.readouterr()
@@ -250,6 +250,17 @@ def test_destinations_are_checked_before_any_work(script, make, args, message, t
     args = [a.format(t=tmp_path) for a in args]
     assert_rejected(script, args, message.format(t=tmp_path), tmp_path, capsys, monkeypatch,
                     checkpoint="--checkpoint" not in args)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("args", [["--save-dir", "{d}"], ["--save-dir", "{d}/models"], ["--plot-dir", "{d}/MNIST/raw"],
+                                  ["--json", "{d}/results.json"]])
+def test_no_output_goes_into_the_data_folder(script, args, tmp_path, capsys, monkeypatch):
+    data = tmp_path / "mnist"
+    (data / "MNIST" / "raw").mkdir(parents=True)
+    args = [a.format(d=data) for a in args]
+    assert_rejected(script, args, f"{args[0]} {args[1]} is in the data folder {data}; give a path outside it", tmp_path,
+                    capsys, monkeypatch, data_dir=data)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
