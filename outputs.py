@@ -50,7 +50,8 @@ def check_outputs(args, checkpoints, model_files, figures):
     """Check every file this run will write, before any work: no two outputs the same file, each
     destination free or a file of ours, its folder writable. model_files: the names written in
     each seed's folder; figures: the names written in --plot-dir."""
-    refuse_the_data_folder(args)
+    # the folders before any is made; --json last, so that a data file named is refused as not ours
+    refuse_the_data_folder(args.data_dir, [("--save-dir", args.save_dir), ("--plot-dir", args.plot_dir)])
     if not args.checkpoint:
         folder = checkpoints[0].parent
         if files.kind_of(folder) == "absent":  # the project's own folder, made on the first run
@@ -72,12 +73,14 @@ def check_outputs(args, checkpoints, model_files, figures):
         seed_folder_to_come = option == "--save-dir" and files.kind_of(Path(path).parent) == "absent"
         if path is not None and not seed_folder_to_come:
             files.check_file_destination(option, path)
+    refuse_the_data_folder(args.data_dir, [("--json", args.json)])
 
 
-def refuse_the_data_folder(args):
-    """No output of the run goes into the MNIST folder it reads, nor anywhere below it."""
-    root = data.data_root(args.data_dir).resolve()
-    for option, path in [("--save-dir", args.save_dir), ("--plot-dir", args.plot_dir), ("--json", args.json)]:
+def refuse_the_data_folder(data_dir, destinations):
+    """No output of the run goes into the MNIST folder it reads, nor anywhere below it.
+    destinations: (option, path) pairs, path None when not given."""
+    root = data.data_root(data_dir).resolve()
+    for option, path in destinations:
         if path and Path(path).resolve().is_relative_to(root):
             raise UserError(f"{option} {shown(path)} is in the data folder {shown(root)}; give a path outside it")
 
