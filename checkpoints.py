@@ -18,9 +18,10 @@ log = logging.getLogger("pruning")
 
 def fine_tuning_epochs(args):
     """The epochs one pruned model is trained for in all after the dense training: with the group
-    lasso's, and the fine-tuning of every step."""
+    lasso's or the variational dropout's, and the fine-tuning of every step."""
     lasso = args.group_lasso_epochs if getattr(args, "group_lasso", None) else 0
-    return lasso + (args.steps - 1) * (args.finetune_epochs or 0) + (args.final_epochs or 0)
+    dropout = args.variational_dropout_epochs if getattr(args, "variational_dropout", None) else 0
+    return lasso + dropout + (args.steps - 1) * (args.finetune_epochs or 0) + (args.final_epochs or 0)
 
 
 def sizes(args):

@@ -14,7 +14,7 @@ import torch
 
 import common
 import outputs
-from pruning import criteria, measure, methods, model as models, plots, results, storage, surgery, training
+from pruning import criteria, measure, methods, model as models, plots, results, storage, surgery, training, variational
 from pruning.files import UserError, shown
 
 THRESHOLDS = [0.0, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.10]
@@ -22,6 +22,7 @@ PUBLISHED_LENET = [  # LeNet-300-100 on MNIST: (method, weights kept %, test err
     ("Han 2015", 8.0, 1.59), ("DNS 2016", 1.8, 1.99), ("Sparse VD 2017", 1.5, 1.92)]
 FIGURES = ["weight_magnitudes.png", "zero_pruning_accuracy.png"]
 STEP_EPOCHS, FINAL_EPOCHS = 4, 30  # fine-tuning in --steps without --finetune-epochs, chosen on validation (README)
+STEP_VARIATIONAL_DROPOUT = 10.0  # its strength, first, in --steps without --finetune-epochs; chosen so too
 
 
 def targets(args):
@@ -65,6 +66,7 @@ def sweep(model, train_data, validation, test_data, args, folder):
     weights = models.count_weights(model)
     dense_bytes = outputs.save_model(model, folder / "dense.pt")
     teacher = training.logits(model, train_data[0]) if args.distill else None
+    source = dropout_trained(model, train_data, teacher, args) if args.variational_dropout else model  # what is cut
     saliency = methods.obd_saliency(train_data, args.batch_size, args.seed, teacher, args.temperature,
                                     args.distill_weight) if args.criterion == "saliency" else None
     dense_saliencies = saliency(model) if saliency else None  # one pass, shared by every row
@@ -80,7 +82,7 @@ def sweep(model, train_data, validation, test_data, args, folder):
         if args.finetune_epochs:
             finetune = common.step_finetuner(train_data, args, teacher, f"{kind} {results.label(value)}")
             if args.steps > 1:
-                pruned = methods.zero_prune(copy.deepcopy(model), value, args.steps, finetune, saliency)
+                pruned = methods.zero_prune(copy.deepcopy(source), value, args.steps, finetune, saliency)
             else:
                 finetune(pruned)
             row.update(common.scores(pruned, validation, test_data, "finetuned_accuracy"))
@@ -98,6 +100,19 @@ def sweep(model, train_data, validation, test_data, args, folder):
             row["bits_per_nonzero"] = 8 * row["compressed_bytes"] / max(1, weights - zeroed)
         rows.append(row)
     return rows
+
+
+def dropout_trained(model, train_data, teacher, args):
+    """A copy of model trained --variational-dropout-epochs more with sparse variational dropout of
+    strength --variational-dropout (and the --finetune-* settings, distilling with --distill), the
+    weights it finds it can spare zeroed: what pruning in steps starts from."""
+    try:
+        return variational.sparse_variational_dropout(
+            copy.deepcopy(model), train_data, args.variational_dropout_epochs, args.variational_dropout,
+            args.finetune_lr, args.batch_size, args.seed, teacher, args.temperature,
+            args.distill_weight, args.bf16, lambda epochs: common.progress(epochs, "variational dropout", "epoch"))
+    except training.Diverged as e:
+        raise UserError(f"variational dropout diverged: {e}") from None
 
 
 def columns(rows, finetuned, bits):
@@ -181,7 +196,18 @@ def main():
                    help="what ranks the weights toward a --sparsity: their magnitude (default), or 'saliency': "
                         "w^2 times the mean squared gradient of the fine-tuning loss over the training images "
                         "(Optimal Brain Damage with the Fisher's diagonal), measured again before each step")
+    p.add_argument("--variational-dropout", type=common.number_in(float, 0, 1000), metavar="S",
+                   help="with --steps, first train the dense model --variational-dropout-epochs more with sparse "
+                        "variational dropout, its prior's weight S (1: the variational bound; more zeroes more), and "
+                        "zero the weights it finds it can spare (default: 10 when --finetune-epochs is not given, "
+                        "else none; 0: none)")
+    p.add_argument("--variational-dropout-epochs", type=common.positive(int, common.MAX_EPOCHS), default=10,
+                   metavar="N", help="epochs of --variational-dropout training (default: 10)")
     args = p.parse_args()
+    if args.variational_dropout and args.steps == 1:
+        raise UserError("--variational-dropout takes --steps 2 or more")
+    if args.variational_dropout is None and args.steps > 1 and not args.finetune_epochs:
+        args.variational_dropout = STEP_VARIATIONAL_DROPOUT
     if args.criterion == "saliency" and not args.sparsity:
         raise UserError("--criterion saliency ranks the weights toward a --sparsity; --thresholds are magnitudes")
     common.check_steps(args, "--sparsity", STEP_EPOCHS, FINAL_EPOCHS)

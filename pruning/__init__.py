@@ -16,7 +16,8 @@ from pruning.methods import activation_prune, group_lasso, obd_saliency, unit_sa
 from pruning.model import Normalize, count_params, count_weights, count_zeros, lenet5, mnist_mlp
 from pruning.storage import export_onnx, load, save
 from pruning.training import accuracy, distillation_loss, finetuner, logits, predict, train
+from pruning.variational import sparse_variational_dropout
 
-__all__ = ["zero_prune", "activation_prune", "obd_saliency", "unit_saliency", "group_lasso", "save", "load",
-           "export_onnx", "train", "finetuner", "distillation_loss", "logits", "predict", "accuracy", "count_params",
+__all__ = ["zero_prune", "activation_prune", "obd_saliency", "unit_saliency", "group_lasso",
+           "sparse_variational_dropout", "save", "load", "export_onnx", "train", "finetuner", "distillation_loss", "logits", "predict", "accuracy", "count_params",
            "count_weights", "count_zeros", "mnist", "mnist_mlp", "lenet5", "Normalize", "NotAChain", "UserError"]

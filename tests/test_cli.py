@@ -108,6 +108,8 @@ def test_cuda_without_a_gpu_is_rejected(script, tmp_path, capsys, monkeypatch):
     (["--sparsity", "0.9", "--thresholds", "0.1"], "give --thresholds or --sparsity, not both"),
     (["--criterion", "saliency"], "--criterion saliency ranks the weights toward a --sparsity"),
     (["--criterion", "fisher", "--sparsity", "0.9"], "invalid choice: 'fisher'"),
+    (["--sparsity", "0.9", "--variational-dropout", "10"], "--variational-dropout takes --steps 2 or more"),
+    (["--sparsity", "0.9", "--steps", "2", "--variational-dropout", "-1"], "must be >= 0, not -1"),
 ])
 def test_zero_pruning_sparsity_must_be_distinct_fractions(args, message, tmp_path, capsys, monkeypatch):
     assert_rejected("zero_pruning.py", args, message, tmp_path, capsys, monkeypatch)

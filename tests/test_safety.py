@@ -349,17 +349,17 @@ def test_validation_and_control_are_reported_under_their_names(tiny_data, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script, target, final", [("zero_pruning.py", "--sparsity", 30),
-                                                   ("activation_pruning.py", "--reduction", 20)])
-def test_steps_without_finetune_epochs_fine_tune_4_a_step_then_the_defaults_last(script, target, final, tiny_data,
-                                                                                   tmp_path):
+@pytest.mark.parametrize("script, target, first, final", [("zero_pruning.py", "--sparsity", 10, 30),
+                                                          ("activation_pruning.py", "--reduction", 0, 20)])
+def test_steps_without_finetune_epochs_fine_tune_4_a_step_then_the_defaults_last(script, target, first, final,
+                                                                                   tiny_data, tmp_path):
     result = run_script(script, "--data-dir", tiny_data, "--epochs", "1", "--checkpoint", tmp_path / "m.pt", target,
                         "0.5", "--steps", "3", "--control", "--json", tmp_path / "r.json",
                         "--save-dir", tmp_path / "sd")
     assert result.returncode == 0, result.stderr
     results = json.loads((tmp_path / "r.json").read_text())
     assert (results["settings"]["finetune_epochs"], results["settings"]["final_epochs"]) == (4, final)
-    assert results["control_epochs"] == 1 + 2 * 4 + final
+    assert results["control_epochs"] == 1 + first + 2 * 4 + final  # first: zero pruning's variational dropout
 
 
 @pytest.mark.slow
@@ -377,6 +377,24 @@ def test_group_lasso_training_counts_in_the_control_and_the_cut_starts_from_it(t
     assert plain["new_params"] == lasso["new_params"]  # the same size, cut from another model
     weights = [pruning.load(tmp_path / name / "activation-reduction0.5.pt")[-1].weight for name in runs]
     assert weights[0].shape == weights[1].shape and not torch.equal(*weights)
+
+
+@pytest.mark.slow
+def test_variational_dropout_counts_in_the_control_and_pruning_in_steps_starts_from_it(tiny_data, tmp_path):
+    common = ("--data-dir", tiny_data, "--epochs", "1", "--checkpoint", tmp_path / "m.pt", "--sparsity", "0.5",
+              "--steps", "2", "--control")
+    runs = {}
+    for name, extra in (("plain", ("--finetune-epochs", "1", "--final-epochs", "1")),
+                        ("dropout", ("--finetune-epochs", "1", "--final-epochs", "1", "--variational-dropout", "10",
+                                     "--variational-dropout-epochs", "2")),
+                        ("off", ("--final-epochs", "1", "--variational-dropout", "0"))):
+        result = run_script("zero_pruning.py", *common, *extra, "--json", tmp_path / f"{name}.json",
+                            "--save-dir", tmp_path / name)
+        assert result.returncode == 0, result.stderr
+        runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert [runs[name]["control_epochs"] for name in runs] == [1 + 1 + 1, 1 + 2 + 1 + 1, 1 + 4 + 1]
+    weights = [pruning.load(tmp_path / name / "csr-sparsity0.5.pt")[-1].weight for name in ("plain", "dropout")]
+    assert not torch.equal(*(w.to_dense() for w in weights))
 
 
 @pytest.mark.slow
