@@ -138,6 +138,23 @@ def test_pruning_by_saliency_reaches_the_sparsity_within_half_a_point(checkpoint
     assert training.accuracy(saved, mnist.load(mnist.data_root())[1]) == row["finetuned_accuracy"]
 
 
+def test_variational_dropout_zeroes_most_weights_by_itself_and_pruning_in_steps_starts_from_it(
+        checkpoint, dense_accuracy, tmp_path):
+    train_data, test = mnist.load(mnist.data_root())
+    model = load(checkpoint)
+    pruning.sparse_variational_dropout(model, train_data, epochs=1, strength=1.0)  # the variational bound
+    assert pruning.count_zeros(model) >= 0.85 * pruning.count_weights(model)  # about 93% here
+    assert training.accuracy(model, test) >= dense_accuracy - 1.5
+    results, _, stderr = run_json("zero_pruning.py", tmp_path, "--checkpoint", checkpoint, "--sparsity", "0.985",
+                                  "--steps", "2", "--finetune-epochs", "1", "--final-epochs", "2", "--distill",
+                                  "--variational-dropout", "1", "--variational-dropout-epochs", "1",
+                                  "--save-dir", tmp_path)
+    (row,) = results["rows"]
+    assert "variational dropout: epoch 1/1 done" in stderr
+    assert row["zero_percentage"] >= 98.5
+    assert row["finetuned_accuracy"] >= 96  # 96.69% here, after 3 epochs of steps; the frontier's recipe takes 76
+
+
 def test_pruning_in_steps_with_distillation_keeps_accuracy_at_98_5_percent_zeros_in_a_file_100_times_smaller(
         checkpoint, dense_accuracy, tmp_path):
     results, stdout, stderr = run_json("zero_pruning.py", tmp_path, "--checkpoint", checkpoint, "--sparsity", "0.985",
