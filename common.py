@@ -3,6 +3,7 @@ work, the trained model cached by its settings, runs over seeds, and one-line er
 pruning itself is the library's (pruning/)."""
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -168,9 +169,21 @@ def settings(args):
 def train(model, data, epochs, lr, batch_size, seed, teacher=None, temperature=4.0, weight=0.5, desc="training",
           penalty=None, bf16=False):
     """training.train with a progress bar, and divergence said in one line."""
-    try:
+    with divergence_said(desc):
         return training.train(model, data, epochs, lr, batch_size, seed, teacher, temperature, weight,
-                              progress=lambda epochs: progress(epochs, desc, "epoch"), penalty=penalty, bf16=bf16)
+                              progress=epoch_progress(desc), penalty=penalty, bf16=bf16)
+
+
+def epoch_progress(desc):
+    """A `progress` for training: a bar or log line per epoch, named desc."""
+    return lambda epochs: progress(epochs, desc, "epoch")
+
+
+@contextlib.contextmanager
+def divergence_said(desc):
+    """Training inside that diverges ends the run in one line naming desc, not a traceback."""
+    try:
+        yield
     except training.Diverged as e:
         raise UserError(f"{desc} diverged: {e}") from None
 

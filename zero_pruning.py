@@ -106,13 +106,11 @@ def dropout_trained(model, train_data, teacher, args):
     """A copy of model trained --variational-dropout-epochs more with sparse variational dropout of
     strength --variational-dropout (and the --finetune-* settings, distilling with --distill), the
     weights it finds it can spare zeroed: what pruning in steps starts from."""
-    try:
+    with common.divergence_said("variational dropout"):
         return variational.sparse_variational_dropout(
             copy.deepcopy(model), train_data, args.variational_dropout_epochs, args.variational_dropout,
-            args.finetune_lr, args.batch_size, args.seed, teacher, args.temperature,
-            args.distill_weight, args.bf16, lambda epochs: common.progress(epochs, "variational dropout", "epoch"))
-    except training.Diverged as e:
-        raise UserError(f"variational dropout diverged: {e}") from None
+            args.finetune_lr, args.batch_size, args.seed, teacher, args.temperature, args.distill_weight, args.bf16,
+            common.epoch_progress("variational dropout"))
 
 
 def columns(rows, finetuned, bits):
