@@ -14,7 +14,7 @@ import torch
 
 import common
 import outputs
-from pruning import chain, criteria, measure, methods, model as models, plots, results, surgery, training
+from pruning import chain, criteria, measure, methods, model as models, plots, results, surgery
 from pruning.files import UserError, shown
 
 THRESHOLDS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0]
@@ -35,7 +35,7 @@ def model_files(args):
 
 
 def sweep(model, train_data, validation, test_data, args, folder):
-    teacher = training.logits(model, train_data[0]) if args.distill else None
+    teacher = common.teacher(model, train_data, args)
     dense_bytes = outputs.save_model(model, folder / "dense.pt")
     original = models.count_params(model)
     source = lasso_trained(model, train_data, teacher, args) if args.group_lasso else model  # what is cut

@@ -32,7 +32,8 @@ def training_config(args, seed=None, control=False):
     epochs = args.epochs + (fine_tuning_epochs(args) if control else 0)
     return {"model": args.model, **({"sizes": sizes(args)} if args.model == "mlp" else {}), "epochs": epochs,
             "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed if seed is None else seed,
-            "validation": args.validation, "recipe": training.RECIPE, **({"bf16": True} if args.bf16 else {})}
+            "validation": args.validation, "recipe": training.RECIPE, **({"bf16": True} if args.bf16 else {}),
+            **({"shift": args.shift} if args.shift else {})}
 
 
 def checkpoint_path(args, config, control=False):
@@ -69,7 +70,7 @@ def trained_model(args, train_data, test_data, train, control=False):
     model = new_model(args).to(train_data[0].device)
     start = time.perf_counter()
     train(model, train_data, config["epochs"], args.lr, args.batch_size, config["seed"],
-          desc="training the control" if control else "training", bf16=args.bf16)
+          desc="training the control" if control else "training", bf16=args.bf16, shift=args.shift)
     storage.save(model, path, about={"config": config}, option="--checkpoint")
     log.info(f"model: trained {config['epochs']} epochs in {time.perf_counter() - start:.1f} s, saved to {path} "
              f"(test accuracy {training.accuracy(model, test_data):.2f}%)")

@@ -4,6 +4,7 @@ pruning itself is the library's (pruning/)."""
 
 import argparse
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -24,6 +25,7 @@ from pruning.results import label
 FINAL_EPOCHS_FACTOR = 5
 MAX_EPOCHS, MAX_BATCH, MAX_WIDTH, MAX_SEEDS, MAX_STEPS, MAX_THREADS = 1000, 60_000, 100_000, 100, 1000, 1024
 MAX_LR, MAX_TEMPERATURE, MAX_THRESHOLD, MAX_SEED = 10.0, 100.0, 1e6, 2 ** 32 - MAX_SEEDS - 1
+MAX_SHIFT = 14  # pixels: half an image
 MODELS = {"mlp": "the MLP of --hidden", "lenet5": "LeNet-5 (Caffe): conv 20, conv 50, 800-500-10"}
 
 log = logging.getLogger("pruning")
@@ -121,6 +123,10 @@ def parser(description, thresholds):
     p.add_argument("--bf16", action="store_true",
                    help="train and fine-tune with bf16 matrix products, the logits' layer in fp32: faster on CPUs "
                         "that multiply bf16 natively (AVX-512 BF16, AMX), as accurate within the spread over seeds")
+    p.add_argument("--shift", type=number_in(int, 0, MAX_SHIFT), default=0, metavar="K",
+                   help="train, fine-tune and distil on images each moved at random by up to K pixels across and "
+                        "down (the dense model and the control too; data augmentation, which the published "
+                        "LeNet results did not use; default: 0, the images as they are)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to train and evaluate; auto picks CUDA when present (default: auto)")
     p.add_argument("--threads", type=positive(int, MAX_THREADS), default=torch.get_num_threads(), metavar="N",
@@ -167,11 +173,19 @@ def settings(args):
 
 
 def train(model, data, epochs, lr, batch_size, seed, teacher=None, temperature=4.0, weight=0.5, desc="training",
-          penalty=None, bf16=False):
+          penalty=None, bf16=False, shift=0):
     """training.train with a progress bar, and divergence said in one line."""
     with divergence_said(desc):
         return training.train(model, data, epochs, lr, batch_size, seed, teacher, temperature, weight,
-                              progress=epoch_progress(desc), penalty=penalty, bf16=bf16)
+                              progress=epoch_progress(desc), penalty=penalty, bf16=bf16, shift=shift)
+
+
+def teacher(model, train_data, args):
+    """What fine-tuning distils from with --distill: the dense model's logits on the training images,
+    or with --shift a frozen copy of it, to judge each batch's shifted images; None without --distill."""
+    if not args.distill:
+        return None
+    return copy.deepcopy(model).eval().requires_grad_(False) if args.shift else training.logits(model, train_data[0])
 
 
 def epoch_progress(desc):
@@ -188,14 +202,14 @@ def divergence_said(desc):
         raise UserError(f"{desc} diverged: {e}") from None
 
 
-def finetune(model, train_data, args, epochs, teacher_logits=None, desc="fine-tuning", penalty=None):
-    """Fine-tune with the --finetune-* settings; from the teacher's logits as well when --distill."""
-    teacher = teacher_logits if args.distill else None
-    return train(model, train_data, epochs, args.finetune_lr, args.batch_size, args.seed, teacher,
-                 args.temperature, args.distill_weight, desc, penalty, args.bf16)
+def finetune(model, train_data, args, epochs, teacher=None, desc="fine-tuning", penalty=None):
+    """Fine-tune with the --finetune-* settings; from the teacher (see teacher()) as well when --distill."""
+    return train(model, train_data, epochs, args.finetune_lr, args.batch_size, args.seed,
+                 teacher if args.distill else None, args.temperature, args.distill_weight, desc, penalty, args.bf16,
+                 args.shift)
 
 
-def step_finetuner(train_data, args, teacher_logits, name):
+def step_finetuner(train_data, args, teacher, name):
     """finetune(model) for pruning in args.steps steps: --finetune-epochs after each step,
     --final-epochs after the last."""
     step = 0
@@ -204,7 +218,7 @@ def step_finetuner(train_data, args, teacher_logits, name):
         nonlocal step
         step += 1
         epochs = args.final_epochs if step == args.steps else args.finetune_epochs
-        finetune(model, train_data, args, epochs, teacher_logits,
+        finetune(model, train_data, args, epochs, teacher,
                  f"fine-tuning at {name}" + (f", step {step}/{args.steps}" if args.steps > 1 else ""))
     return finetune_step
 

@@ -14,7 +14,7 @@ import torch
 
 import common
 import outputs
-from pruning import criteria, measure, methods, model as models, plots, results, storage, surgery, training, variational
+from pruning import criteria, measure, methods, model as models, plots, results, storage, surgery, variational
 from pruning.files import UserError, shown
 
 THRESHOLDS = [0.0, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.10]
@@ -65,7 +65,7 @@ def thresholds(model, args):
 def sweep(model, train_data, validation, test_data, args, folder):
     weights = models.count_weights(model)
     dense_bytes = outputs.save_model(model, folder / "dense.pt")
-    teacher = training.logits(model, train_data[0]) if args.distill else None
+    teacher = common.teacher(model, train_data, args)
     source = dropout_trained(model, train_data, teacher, args) if args.variational_dropout else model  # what is cut
     saliency = methods.obd_saliency(train_data, args.batch_size, args.seed, teacher, args.temperature,
                                     args.distill_weight) if args.criterion == "saliency" else None
@@ -110,7 +110,7 @@ def dropout_trained(model, train_data, teacher, args):
         return variational.sparse_variational_dropout(
             copy.deepcopy(model), train_data, args.variational_dropout_epochs, args.variational_dropout,
             args.finetune_lr, args.batch_size, args.seed, teacher, args.temperature, args.distill_weight, args.bf16,
-            common.epoch_progress("variational dropout"))
+            common.epoch_progress("variational dropout"), args.shift)
 
 
 def columns(rows, finetuned, bits):

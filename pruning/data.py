@@ -102,3 +102,16 @@ def load(root, validation=0):
             raise DataError(f"--validation {validation:,} leaves no training images of {len(y):,}")
         return (x[:-validation], y[:-validation]), (x[-validation:], y[-validation:]), test
     return splits
+
+
+def shifted(images, pixels, generator=None):
+    """A copy of a batch of 28x28 images (shaped (N, 784), (N, 28, 28) or (N, 1, 28, 28)), each moved
+    by a random whole number of pixels from -pixels to pixels across and down, drawn from generator,
+    the pixels moved in from outside 0 (MNIST's background)."""
+    n = len(images)
+    side = 28
+    padded = torch.nn.functional.pad(images.reshape(n, side, side), (pixels,) * 4)
+    down, across = torch.randint(0, 2 * pixels + 1, (2, n, 1, 1), generator=generator).to(images.device)
+    rows = torch.arange(side, device=images.device).view(1, side, 1) + down
+    columns = torch.arange(side, device=images.device).view(1, 1, side) + across
+    return padded[torch.arange(n, device=images.device).view(n, 1, 1), rows, columns].reshape(images.shape)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.optim.adam import adam as functional_adam
 
 from pruning import chain, surgery
+from pruning.data import shifted
 
 RECIPE = "fused adam, cosine learning rate, cross-entropy"
 
@@ -75,16 +76,19 @@ def bf16_forward(model):
 
 
 def train(model, data, epochs, lr=1e-3, batch_size=128, seed=0, teacher=None, temperature=4.0, weight=0.5,
-          progress=None, penalty=None, bf16=False):
+          progress=None, penalty=None, bf16=False, shift=0):
     """Adam (fused on CPU) with a cosine-decayed learning rate, reshuffling every epoch from a seeded
     generator; returns model, left in training mode. teacher: None, a model to distil from, or its
-    logits for every example of data. progress: wraps the range of epochs (a progress bar).
+    logits for every example of data. shift: every batch's images moved at random by up to that
+    many pixels (data.shifted), the teacher, which must then be a model, judging the same moved images. progress: wraps the range of epochs (a progress bar).
     penalty: None, or a function of no arguments whose value is added to every batch's loss (a
     regulariser such as methods.group_lasso). bf16: the products of all but the last weighted
     layer in bf16 (bf16_forward; faster where the CPU multiplies bf16 natively). The zeros of
     pruning masks (surgery.hold_below) stay zero, re-applied once a step."""
     x, y = data
-    if isinstance(teacher, torch.nn.Module):
+    if shift and teacher is not None and not isinstance(teacher, nn.Module):
+        raise ValueError("a teacher's logits are for the images as they are: with shift, give the teacher model")
+    if isinstance(teacher, nn.Module) and not shift:
         teacher = logits(teacher, x)
     forward = bf16_forward(model) if bf16 else model
     model.train()
@@ -95,9 +99,12 @@ def train(model, data, epochs, lr=1e-3, batch_size=128, seed=0, teacher=None, te
         rates = cosine_rates(lr, epochs * math.ceil(len(x) / batch_size))
         for _ in (progress or iter)(range(epochs)):
             for idx in torch.randperm(len(x), generator=gen).to(x.device).split(batch_size):
-                soft_targets = None if teacher is None else teacher.index_select(0, idx)
-                loss = distillation_loss(forward(x.index_select(0, idx)), y.index_select(0, idx), soft_targets,
-                                         temperature, weight)  # index_select: a third of x[idx]'s time
+                images = x.index_select(0, idx)  # index_select: a third of x[idx]'s time
+                if shift:
+                    images = shifted(images, shift, gen)
+                soft_targets = None if teacher is None else \
+                    logits(teacher, images) if shift else teacher.index_select(0, idx)
+                loss = distillation_loss(forward(images), y.index_select(0, idx), soft_targets, temperature, weight)
                 if penalty is not None:
                     loss = loss + penalty()
                 for p in params:
@@ -111,14 +118,15 @@ def train(model, data, epochs, lr=1e-3, batch_size=128, seed=0, teacher=None, te
     return model
 
 
-def finetuner(data, epochs, lr=1e-3, batch_size=128, seed=0, teacher=None, temperature=4.0, weight=0.5, bf16=False):
+def finetuner(data, epochs, lr=1e-3, batch_size=128, seed=0, teacher=None, temperature=4.0, weight=0.5, bf16=False,
+              shift=0):
     """finetune(model) for the pruning functions: `epochs` of train() on data, distilling from
-    teacher (a model, or its logits on data) when given."""
-    if isinstance(teacher, torch.nn.Module):
+    teacher (a model, or its logits on data) when given, the images shifted with shift."""
+    if isinstance(teacher, nn.Module) and not shift:
         teacher = logits(teacher, data[0])
 
     def finetune(model):
-        train(model, data, epochs, lr, batch_size, seed, teacher, temperature, weight, bf16=bf16)
+        train(model, data, epochs, lr, batch_size, seed, teacher, temperature, weight, bf16=bf16, shift=shift)
     return finetune
 
 

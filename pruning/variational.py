@@ -50,7 +50,7 @@ def noisy_forward(generator):
 
 
 def sparse_variational_dropout(model, data, epochs, strength=10.0, lr=1e-3, batch_size=128, seed=0, teacher=None,
-                               temperature=4.0, weight=0.5, bf16=False, progress=None):
+                               temperature=4.0, weight=0.5, bf16=False, progress=None, shift=0):
     """Train model `epochs` epochs on data, (x, y), with sparse variational dropout on the weights of
     every nn.Linear and nn.Conv2d, then zero each weight with log alpha >= 3. The loss is
     training.train()'s (distilling from teacher when given) plus strength times the prior's term,
@@ -73,7 +73,8 @@ def sparse_variational_dropout(model, data, epochs, strength=10.0, lr=1e-3, batc
         ramp = min(1.0, next(step) / ramp_steps)
         return strength * ramp * sum(kl_divergence(l.weight, l.log_variance) for l in layers) / len(data[0])
     try:
-        training.train(model, data, epochs, lr, batch_size, seed, teacher, temperature, weight, progress, prior, bf16)
+        training.train(model, data, epochs, lr, batch_size, seed, teacher, temperature, weight, progress, prior, bf16,
+                       shift)
         with torch.no_grad():
             for layer in layers:
                 layer.weight.masked_fill_(log_alpha(layer.weight, layer.log_variance) >= LOG_ALPHA_CUT, 0.0)

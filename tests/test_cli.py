@@ -74,6 +74,8 @@ def assert_rejected(script, args, message, tmp_path, capsys, monkeypatch, data_d
     (["--hidden", "-100"], "must be > 0, not -100"),
     (["--hidden"], "expected at least one argument"),
     (["--temperature", "0"], "must be > 0, not 0"),
+    (["--shift", "-1"], "must be >= 0, not -1"),
+    (["--shift", "15"], "must be at most 14, not 15"),
     (["--seeds", "0"], "must be > 0, not 0"),
     (["--seeds", "-2"], "must be > 0, not -2"),
     (["--seeds", "2.5"], "not an integer: '2.5'"),

@@ -111,3 +111,22 @@ def test_data_root_prefers_the_option_then_the_environment(monkeypatch):
     assert str(mnist.data_root()) == "/from/env"
     monkeypatch.delenv("MNIST_DATA_DIR")
     assert str(mnist.data_root()) == "data"
+
+
+def test_shifted_moves_each_image_by_at_most_the_pixels_given_and_fills_with_zeros():
+    images = torch.zeros(200, 28, 28)
+    images[:, 10, 20] = 1  # one lit pixel each
+    moved = mnist.shifted(images.flatten(1), 2, torch.Generator().manual_seed(0)).view(200, 28, 28)
+    assert (moved.flatten(1).sum(1) == 1).all()  # nothing lost or added at this distance from the edges
+    rows, columns = moved.flatten(1).argmax(1).div(28, rounding_mode="floor"), moved.flatten(1).argmax(1) % 28
+    assert {(r - 10, c - 20) for r, c in zip(rows.tolist(), columns.tolist())} == \
+        {(dr, dc) for dr in range(-2, 3) for dc in range(-2, 3)}  # all 25 moves, none further
+    assert torch.equal(mnist.shifted(images, 0), images)
+
+
+def test_shifted_keeps_the_shape_and_lets_pixels_fall_off_the_edge():
+    images = torch.zeros(64, 1, 28, 28)
+    images[:, 0, 0, 0] = 1  # the corner: three moves of four keep it, one of four loses it in each direction
+    moved = mnist.shifted(images, 1, torch.Generator().manual_seed(1))
+    assert moved.shape == images.shape and images[:, 0, 0, 0].sum() == 64
+    assert 0 < moved.sum() < 64 and set(moved.unique().tolist()) <= {0.0, 1.0}

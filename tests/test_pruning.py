@@ -600,3 +600,29 @@ def test_native_bf16_reads_the_cpu_flags(monkeypatch):
                             ("fpu avx2 avx512f", False), (None, None)):
         monkeypatch.setattr(measure, "cpu_info", lambda key, flags=flags: flags)
         assert measure.native_bf16() is expected
+
+
+def test_training_on_shifted_images_distils_from_a_teacher_judging_the_same_images():
+    torch.manual_seed(0)
+    x, y = torch.rand(64, 784), torch.randint(0, 10, (64,))
+    teacher, student = models.mnist_mlp((784, 8, 10)), models.mnist_mlp((784, 8, 10))
+    seen = []
+    teacher.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].clone()))
+    student.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].clone()) if module.training
+                                  else None)
+    training.train(student, (x, y), epochs=1, batch_size=32, teacher=teacher, shift=2)
+    assert len(seen) == 4 and torch.equal(seen[0], seen[1]) and torch.equal(seen[2], seen[3])  # teacher, student
+    unmoved = sum(any(torch.equal(row, image) for image in x) for row in seen[0])
+    assert unmoved < 8  # most moved: 1 in 25 moves is none
+    with pytest.raises(ValueError, match="teacher model"):
+        training.train(student, (x, y), epochs=1, teacher=training.logits(teacher, x), shift=1)
+
+
+def test_a_shift_of_zero_trains_exactly_as_before():
+    torch.manual_seed(0)
+    x, y = torch.rand(64, 784), torch.randint(0, 10, (64,))
+    a, b = models.mnist_mlp((784, 8, 10)), models.mnist_mlp((784, 8, 10))
+    b.load_state_dict(a.state_dict())
+    training.train(a, (x, y), epochs=2, batch_size=16)
+    training.train(b, (x, y), epochs=2, batch_size=16, shift=0)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))

@@ -407,6 +407,17 @@ def test_bf16_trains_a_model_of_its_own_and_leaves_the_fp32_checkpoints_name_alo
     assert json.loads((tmp_path / "r.json").read_text())["settings"]["bf16"] is True
     assert storage.load(tmp_path / "m.pt", with_about=True)[1]["config"]["bf16"] is True  # retrained, not reused
     fp32 = argparse.Namespace(model="mlp", hidden=[512, 256, 128], epochs=5, lr=1e-3, batch_size=128, seed=0,
-                              validation=0, bf16=False, checkpoint=None)
+                              validation=0, bf16=False, shift=0, checkpoint=None)
     name = checkpoints.checkpoint_path(fp32, checkpoints.training_config(fp32)).name
-    assert name == "mlp-e58641c41030.pt"  # as before --bf16 existed
+    assert name == "mlp-e58641c41030.pt"  # as before --bf16 and --shift existed
+
+
+@pytest.mark.slow
+def test_shift_trains_a_model_of_its_own_and_distils_from_it(tiny_data, tmp_path):
+    args = ("--data-dir", tiny_data, "--epochs", "1", "--reduction", "0.5", "--steps", "2", "--distill", "--quiet",
+            "--checkpoint", tmp_path / "m.pt", "--json", tmp_path / "r.json", "--control")
+    result = run_script("activation_pruning.py", *args, "--shift", "2")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["settings"]["shift"] == 2
+    for name in ("m.pt", "m-control.pt"):
+        assert storage.load(tmp_path / name, with_about=True)[1]["config"]["shift"] == 2
