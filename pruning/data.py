@@ -108,8 +108,9 @@ def shifted(images, pixels, generator=None):
     """A copy of a batch of 28x28 images (shaped (N, 784), (N, 28, 28) or (N, 1, 28, 28)), each moved
     by a random whole number of pixels from -pixels to pixels across and down, drawn from generator,
     the pixels moved in from outside 0 (MNIST's background)."""
-    n = len(images)
-    side = 28
+    n, side = len(images), 28
+    if images[0].numel() != side * side:
+        raise ValueError(f"shifting moves 28x28 images, not images of shape {tuple(images.shape[1:])}")
     padded = torch.nn.functional.pad(images.reshape(n, side, side), (pixels,) * 4)
     down, across = torch.randint(0, 2 * pixels + 1, (2, n, 1, 1), generator=generator).to(images.device)
     rows = torch.arange(side, device=images.device).view(1, side, 1) + down

@@ -130,3 +130,5 @@ def test_shifted_keeps_the_shape_and_lets_pixels_fall_off_the_edge():
     moved = mnist.shifted(images, 1, torch.Generator().manual_seed(1))
     assert moved.shape == images.shape and images[:, 0, 0, 0].sum() == 64
     assert 0 < moved.sum() < 64 and set(moved.unique().tolist()) <= {0.0, 1.0}
+    with pytest.raises(ValueError, match="28x28 images, not images of shape"):
+        mnist.shifted(torch.zeros(2, 3, 32, 32), 1)
