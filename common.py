@@ -203,10 +203,9 @@ def divergence_said(desc):
 
 
 def finetune(model, train_data, args, epochs, teacher=None, desc="fine-tuning", penalty=None):
-    """Fine-tune with the --finetune-* settings; from the teacher (see teacher()) as well when --distill."""
-    return train(model, train_data, epochs, args.finetune_lr, args.batch_size, args.seed,
-                 teacher if args.distill else None, args.temperature, args.distill_weight, desc, penalty, args.bf16,
-                 args.shift)
+    """Fine-tune with the --finetune-* settings, distilling from teacher() (None without --distill)."""
+    return train(model, train_data, epochs, args.finetune_lr, args.batch_size, args.seed, teacher, args.temperature,
+                 args.distill_weight, desc, penalty, args.bf16, args.shift)
 
 
 def step_finetuner(train_data, args, teacher, name):

@@ -75,21 +75,27 @@ def bf16_forward(model):
     return forward
 
 
+def teacher_targets(teacher, x, shift):
+    """What train() distils from: a teacher model's logits on x, computed once, or with shift the
+    model itself, to judge each batch's moved images; logits given already are for x as it is."""
+    if shift and teacher is not None and not isinstance(teacher, nn.Module):
+        raise ValueError("a teacher's logits are for the images as they are: with shift, give the teacher model")
+    return logits(teacher, x) if isinstance(teacher, nn.Module) and not shift else teacher
+
+
 def train(model, data, epochs, lr=1e-3, batch_size=128, seed=0, teacher=None, temperature=4.0, weight=0.5,
           progress=None, penalty=None, bf16=False, shift=0):
     """Adam (fused on CPU) with a cosine-decayed learning rate, reshuffling every epoch from a seeded
     generator; returns model, left in training mode. teacher: None, a model to distil from, or its
     logits for every example of data. shift: every batch's images moved at random by up to that
-    many pixels (data.shifted), the teacher, which must then be a model, judging the same moved images. progress: wraps the range of epochs (a progress bar).
+    many pixels (data.shifted), the teacher, which must then be a model, judging the same moved
+    images. progress: wraps the range of epochs (a progress bar).
     penalty: None, or a function of no arguments whose value is added to every batch's loss (a
     regulariser such as methods.group_lasso). bf16: the products of all but the last weighted
     layer in bf16 (bf16_forward; faster where the CPU multiplies bf16 natively). The zeros of
     pruning masks (surgery.hold_below) stay zero, re-applied once a step."""
     x, y = data
-    if shift and teacher is not None and not isinstance(teacher, nn.Module):
-        raise ValueError("a teacher's logits are for the images as they are: with shift, give the teacher model")
-    if isinstance(teacher, nn.Module) and not shift:
-        teacher = logits(teacher, x)
+    teacher = teacher_targets(teacher, x, shift)
     forward = bf16_forward(model) if bf16 else model
     model.train()
     gen = torch.Generator().manual_seed(seed)
@@ -122,8 +128,7 @@ def finetuner(data, epochs, lr=1e-3, batch_size=128, seed=0, teacher=None, tempe
               shift=0):
     """finetune(model) for the pruning functions: `epochs` of train() on data, distilling from
     teacher (a model, or its logits on data) when given, the images shifted with shift."""
-    if isinstance(teacher, nn.Module) and not shift:
-        teacher = logits(teacher, data[0])
+    teacher = teacher_targets(teacher, data[0], shift)
 
     def finetune(model):
         train(model, data, epochs, lr, batch_size, seed, teacher, temperature, weight, bf16=bf16, shift=shift)
