@@ -13,6 +13,7 @@ import copy
 import torch
 
 import common
+import options
 import outputs
 from pruning import chain, criteria, measure, methods, model as models, plots, results, surgery
 from pruning.files import UserError, shown
@@ -151,13 +152,13 @@ def plot(model, rows, baseline, args):
 
 
 def main():
-    p = common.parser(__doc__.split("\n\n")[0], THRESHOLDS)
+    p = options.parser(__doc__.split("\n\n")[0], THRESHOLDS)
     p.add_argument("--bias-compensation", action="store_true",
                    help="fold each removed neuron's mean activation into the next layer's bias")
-    p.add_argument("--multiple-of", type=common.positive(int, 1024), default=1, metavar="N",
+    p.add_argument("--multiple-of", type=options.positive(int, 1024), default=1, metavar="N",
                    help="round each hidden width up to a multiple of N by also keeping the strongest neurons "
                         "below the threshold; 8 or 16 suit CPU vector units (default: 1, no rounding)")
-    p.add_argument("--reduction", type=common.number_in(float, 0, 1, open_low=True, open_high=True), nargs="+",
+    p.add_argument("--reduction", type=options.number_in(float, 0, 1, open_low=True, open_high=True), nargs="+",
                    metavar="R",
                    help="instead of --thresholds, remove the fraction R of all parameters (e.g. 0.95), every layer "
                         "cut by the same factor")
@@ -169,11 +170,11 @@ def main():
                         "or that times the norm of the outgoing weights (default: contribution, which keeps more "
                         "accuracy; the threshold sweep always uses mean activation), or 'saliency': the mean "
                         "squared gradient of the fine-tuning loss with respect to a gate on each unit")
-    p.add_argument("--group-lasso", type=common.positive(float, 1.0), metavar="S",
+    p.add_argument("--group-lasso", type=options.positive(float, 1.0), metavar="S",
                    help="with --reduction, first train the dense model --group-lasso-epochs more with a penalty of "
                         "S times the sum of every unit's weight norm (and every pixel's with --prune-inputs), so "
                         "that it learns which units to spare before the cut (e.g. 0.003; default: none)")
-    p.add_argument("--group-lasso-epochs", type=common.positive(int, common.MAX_EPOCHS), default=10, metavar="N",
+    p.add_argument("--group-lasso-epochs", type=options.positive(int, options.MAX_EPOCHS), default=10, metavar="N",
                    help="epochs of --group-lasso training (default: 10)")
     args = p.parse_args()
     if args.group_lasso and not args.reduction:
@@ -181,7 +182,7 @@ def main():
     if args.reduction:
         if args.thresholds is not THRESHOLDS:
             raise UserError("give --thresholds or --reduction, not both")
-        common.check_labels("--reduction", args.reduction)
+        options.check_labels("--reduction", args.reduction)
         if args.multiple_of != 1:
             raise UserError("--multiple-of takes --thresholds, not --reduction")
     elif args.prune_inputs or args.criterion:
@@ -189,7 +190,7 @@ def main():
     if args.model != "mlp" and (args.prune_inputs or args.bias_compensation):
         raise UserError(f"{'--prune-inputs' if args.prune_inputs else '--bias-compensation'} takes --model mlp")
     args.criterion = args.criterion or "contribution"
-    common.check_steps(args, "--reduction", STEP_EPOCHS)
+    options.check_steps(args, "--reduction", STEP_EPOCHS)
     trained, test_images = [], []
 
     def run_one():

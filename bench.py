@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import activation_pruning
 import common
+import options
 import pruning
 import zero_pruning
 from pruning import criteria, chain, measure, surgery, training
@@ -257,7 +258,7 @@ def report_load(label):
 
 
 def main():
-    p = common.parser(__doc__.split("\n\n")[0], [])
+    p = options.parser(__doc__.split("\n\n")[0], [])
     p.add_argument("--skip-job", action="store_true", help="skip timing the whole zero-pruning job")
     p.add_argument("--skip-tutorial", action="store_true",
                    help="skip the tutorial-style reference job (about 1 minute)")

@@ -13,6 +13,7 @@ import copy
 import torch
 
 import common
+import options
 import outputs
 from pruning import criteria, measure, methods, model as models, plots, results, storage, surgery, variational
 from pruning.files import UserError, shown
@@ -186,20 +187,20 @@ def name_of(model):
 
 
 def main():
-    p = common.parser(__doc__.split("\n\n")[0], THRESHOLDS)
-    p.add_argument("--sparsity", type=common.number_in(float, 0, 1, open_high=True), nargs="+", metavar="S",
+    p = options.parser(__doc__.split("\n\n")[0], THRESHOLDS)
+    p.add_argument("--sparsity", type=options.number_in(float, 0, 1, open_high=True), nargs="+", metavar="S",
                    help="instead of --thresholds, the fractions of weights to zero (e.g. 0.9 0.95); "
                         "each is turned into the threshold that reaches it")
     p.add_argument("--criterion", choices=["magnitude", "saliency"], default="magnitude",
                    help="what ranks the weights toward a --sparsity: their magnitude (default), or 'saliency': "
                         "w^2 times the mean squared gradient of the fine-tuning loss over the training images "
                         "(Optimal Brain Damage with the Fisher's diagonal), measured again before each step")
-    p.add_argument("--variational-dropout", type=common.number_in(float, 0, 1000), metavar="S",
+    p.add_argument("--variational-dropout", type=options.number_in(float, 0, 1000), metavar="S",
                    help="with --steps, first train the dense model --variational-dropout-epochs more with sparse "
                         "variational dropout, its prior's weight S (1: the variational bound; more zeroes more), and "
                         "zero the weights it finds it can spare (default: 10 when --finetune-epochs is not given, "
                         "else none; 0: none)")
-    p.add_argument("--variational-dropout-epochs", type=common.positive(int, common.MAX_EPOCHS), default=10,
+    p.add_argument("--variational-dropout-epochs", type=options.positive(int, options.MAX_EPOCHS), default=10,
                    metavar="N", help="epochs of --variational-dropout training (default: 10)")
     args = p.parse_args()
     if args.variational_dropout and args.steps == 1:
@@ -208,11 +209,11 @@ def main():
         args.variational_dropout = STEP_VARIATIONAL_DROPOUT
     if args.criterion == "saliency" and not args.sparsity:
         raise UserError("--criterion saliency ranks the weights toward a --sparsity; --thresholds are magnitudes")
-    common.check_steps(args, "--sparsity", STEP_EPOCHS, FINAL_EPOCHS)
+    options.check_steps(args, "--sparsity", STEP_EPOCHS, FINAL_EPOCHS)
     if args.sparsity:
         if args.thresholds is not THRESHOLDS:
             raise UserError("give --thresholds or --sparsity, not both")
-        common.check_labels("--sparsity", args.sparsity)
+        options.check_labels("--sparsity", args.sparsity)
     trained = []
 
     def run_one():

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoints
-import common
+import options
 from pruning import chain, criteria, measure, methods, results, schedules, storage, surgery, training
 from pruning import model as models
 from pruning.model import count_params, count_weights, count_zeros, kept_inputs, linears, mlp, widths
@@ -239,7 +239,7 @@ def test_distillation_loss_is_cross_entropy_at_weight_zero_and_kl_at_weight_one(
 
 
 def test_the_mlp_takes_the_hidden_widths_asked_for():
-    args = common.parser("", []).parse_args(["--hidden", "300", "100"])
+    args = options.parser("", []).parse_args(["--hidden", "300", "100"])
     model = models.mnist_mlp(checkpoints.sizes(args))
     assert widths(model) == (784, 300, 100, 10)
     assert count_weights(model) == 784 * 300 + 300 * 100 + 100 * 10 == 266_200

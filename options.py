@@ -1,0 +1,156 @@
+"""The options both pruning scripts share, each checked as it is parsed (a range, a choice), and
+the checks that take several options together."""
+
+import argparse
+import math
+
+import torch
+
+import checkpoints
+from pruning import model as models
+from pruning.files import UserError
+from pruning.results import label
+
+FINAL_EPOCHS_FACTOR = 5
+MAX_EPOCHS, MAX_BATCH, MAX_WIDTH, MAX_SEEDS, MAX_STEPS, MAX_THREADS = 1000, 60_000, 100_000, 100, 1000, 1024
+MAX_LR, MAX_TEMPERATURE, MAX_THRESHOLD, MAX_SEED = 10.0, 100.0, 1e6, 2 ** 32 - MAX_SEEDS - 1
+MAX_SHIFT = 14  # pixels: half an image
+MODELS = {"mlp": "the MLP of --hidden", "lenet5": "LeNet-5 (Caffe): conv 20, conv 50, 800-500-10"}
+
+def check_labels(option, values):
+    """Every row must print, and save, under its own label."""
+    seen = {}
+    for value in values:
+        if label(value) in seen:
+            same = "are the same" if seen[label(value)] == value else f"both print as {label(value)}"
+            raise UserError(f"{option}: {seen[label(value)]:g} and {value:g} {same}; give distinct values")
+        seen[label(value)] = value
+
+
+def number_in(kind, low, high, open_low=False, open_high=False):
+    """An argparse type: a `kind` (int or float) from low to high, an open end excluded."""
+    show = "{:,}".format if kind is int else "{:g}".format
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if math.isnan(value):
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}")
+        if not (value > low if open_low else value >= low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if open_low else '>='} {show(low)}, not {text}")
+        if not (value < high if open_high else value <= high):
+            raise argparse.ArgumentTypeError(f"must be {'<' if open_high else 'at most'} {show(high)}, not {text}")
+        return value
+    return parse
+
+
+def positive(kind, limit):
+    """A number > 0 and at most `limit`, the most the code can honour or that makes sense."""
+    return number_in(kind, 0, limit, open_low=True)
+
+
+def parser(description, thresholds):
+    p = argparse.ArgumentParser(description=description)
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n")
+    p.add_argument("--thresholds", type=number_in(float, 0, MAX_THRESHOLD), nargs="+", default=thresholds, metavar="T",
+                   help=f"thresholds to sweep, each a finite number >= 0 (default: {' '.join(map(str, thresholds))})")
+    p.add_argument("--model", choices=list(MODELS), default="mlp",
+                   help="the network: " + "; ".join(f"{k}, {v}" for k, v in MODELS.items()) + " (default: mlp)")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="folder holding MNIST/raw/ (default: $MNIST_DATA_DIR, else ./data)")
+    p.add_argument("--checkpoint", metavar="PATH", help="trained model file, retrained when it does not fit the "
+                   "training settings (default: checkpoints/<model>-<hash of the training settings>.pt)")
+    p.add_argument("--retrain", action="store_true", help="train the model even if its checkpoint fits")
+    p.add_argument("--hidden", type=positive(int, MAX_WIDTH), nargs="+", default=list(models.MLP_SIZES[1:-1]),
+                   metavar="H", help=f"hidden widths of the MLP; 300 100 is LeNet-300-100 "
+                                     f"(default: {' '.join(map(str, models.MLP_SIZES[1:-1]))})")
+    p.add_argument("--epochs", type=positive(int, MAX_EPOCHS), default=5, metavar="N",
+                   help="training epochs (default: 5)")
+    p.add_argument("--lr", type=positive(float, MAX_LR), default=1e-3,
+                   help="Adam learning rate, cosine-decayed to 0 (default: 0.001)")
+    p.add_argument("--batch-size", type=positive(int, MAX_BATCH), default=128, metavar="N",
+                   help="batch size (default: 128)")
+    p.add_argument("--seed", type=number_in(int, 0, MAX_SEED), default=0,
+                   help="seed of initialisation and shuffling (default: 0)")
+    p.add_argument("--seeds", type=positive(int, MAX_SEEDS), default=1, metavar="N",
+                   help="repeat the whole run with seeds --seed, --seed + 1, ...: the table shows each figure's "
+                        "mean and standard deviation over them (default: 1)")
+    p.add_argument("--validation", type=number_in(int, 0, 50_000), default=0, metavar="N",
+                   help="hold out the last N training images: the model never trains on them, and every row "
+                        "gains its accuracy on them (default: 0, none held out)")
+    p.add_argument("--control", action="store_true",
+                   help="also train the dense model for as many epochs as a pruned model got in all "
+                        "(training and fine-tuning) and report its accuracy: the cost of pruning at equal training")
+    p.add_argument("--finetune-epochs", type=positive(int, MAX_EPOCHS), metavar="N",
+                   help="fine-tune each pruned model for N epochs (default: none, one-shot pruning only; with "
+                        "--steps, 4 a step in both scripts)")
+    p.add_argument("--finetune-lr", type=positive(float, MAX_LR), default=1e-3, metavar="LR",
+                   help="fine-tuning learning rate, cosine-decayed to 0 (default: 0.001)")
+    p.add_argument("--steps", type=positive(int, MAX_STEPS), default=1, metavar="K",
+                   help="reach each target in K steps on a cubic schedule, fine-tuning after each (default: 1)")
+    p.add_argument("--final-epochs", type=positive(int, MAX_EPOCHS), metavar="N",
+                   help=f"fine-tuning epochs after the last of several --steps (default: {FINAL_EPOCHS_FACTOR} times "
+                        "--finetune-epochs; 30 in zero pruning when --finetune-epochs is not given)")
+    p.add_argument("--distill", action="store_true",
+                   help="fine-tune against the dense model's softened outputs as well as the labels")
+    p.add_argument("--temperature", type=positive(float, MAX_TEMPERATURE), default=4.0, metavar="T",
+                   help="softening temperature of --distill (default: 4)")
+    p.add_argument("--distill-weight", type=number_in(float, 0, 1), default=0.5, metavar="W",
+                   help="weight of the dense model's outputs in the --distill loss, the labels' is 1 - W "
+                        "(default: 0.5)")
+    p.add_argument("--bits", type=number_in(int, 2, 8), metavar="B",
+                   help="also store each pruned model compressed, B from 2 to 8: each layer's weights shared among "
+                        "2^B values (k-means; fine-tuned too with --finetune-epochs), positions and codes LZMA-coded")
+    p.add_argument("--onnx", action="store_true", help="also write each pruned model as ONNX beside its other files")
+    p.add_argument("--bf16", action="store_true",
+                   help="train and fine-tune with bf16 matrix products, the logits' layer in fp32: faster on CPUs "
+                        "that multiply bf16 natively (AVX-512 BF16, AMX), as accurate within the spread over seeds")
+    p.add_argument("--shift", type=number_in(int, 0, MAX_SHIFT), default=0, metavar="K",
+                   help="train, fine-tune and distil on images each moved at random by up to K pixels across and "
+                        "down (the dense model and the control too; data augmentation, which the published "
+                        "LeNet results did not use; default: 0, the images as they are)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to train and evaluate; auto picks CUDA when present (default: auto)")
+    p.add_argument("--threads", type=positive(int, MAX_THREADS), default=torch.get_num_threads(), metavar="N",
+                   help=f"CPU threads (default: {torch.get_num_threads()}, this machine's)")
+    p.add_argument("--save-dir", metavar="DIR", help="folder for the models, made if absent and its parent exists "
+                   "(default: a new folder runs/<script>-<date>-<time>/ of the project's for each run)")
+    p.add_argument("--json", metavar="PATH", help="also write the settings and results as JSON to PATH")
+    p.add_argument("--plot", action="store_true", help="draw this script's figures as PNG files in --plot-dir")
+    p.add_argument("--plot-dir", metavar="DIR", help="folder for the figures, made if absent; implies --plot "
+                   "(default: figures/, which git ignores; the README's are in images/)")
+    p.add_argument("--quiet", action="store_true", help="print only the results: no progress, no log")
+    return p
+
+
+def check_steps(args, target_option, step_epochs, final_epochs=None):
+    """--steps needs a target. Without --finetune-epochs, steps fine-tune step_epochs each and
+    final_epochs (default: FINAL_EPOCHS_FACTOR times step_epochs) after the last; with it, the last
+    gets FINAL_EPOCHS_FACTOR times --finetune-epochs. --final-epochs overrides either, and with a
+    single step it is --finetune-epochs itself."""
+    if args.steps > 1 and not getattr(args, target_option.strip("-")):
+        raise UserError(f"--steps takes {target_option}")
+    if args.final_epochs and args.steps == 1:
+        raise UserError("--final-epochs takes --steps 2 or more")
+    if args.steps == 1:
+        args.final_epochs = args.finetune_epochs
+    elif not args.finetune_epochs:
+        args.finetune_epochs, args.final_epochs = step_epochs, args.final_epochs or final_epochs
+    args.final_epochs = args.final_epochs or FINAL_EPOCHS_FACTOR * (args.finetune_epochs or 0)
+
+
+def check_model(args):
+    if args.model == "lenet5":
+        if args.hidden != list(models.MLP_SIZES[1:-1]):
+            raise UserError("--hidden sets the MLP's widths; LeNet-5's are fixed (give --model mlp)")
+        return
+    params = models.mlp_params(checkpoints.sizes(args))
+    if params > models.MAX_PARAMS:
+        raise UserError(f"--hidden {' '.join(map(str, args.hidden))}: a model of {params:,} parameters; this "
+                        f"project builds at most {models.MAX_PARAMS:,}")
+
+
+def settings(args):
+    return {k: v for k, v in vars(args).items() if k not in ("json", "plot", "quiet")}
