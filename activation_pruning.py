@@ -20,6 +20,7 @@ from pruning.files import UserError, shown
 
 THRESHOLDS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0]
 STEP_EPOCHS = 4  # fine-tuning a step in --steps without --finetune-epochs
+STEP_GROUP_LASSO, STEP_CRITERION = 0.01, "saliency"  # and the cut there; chosen on validation (README)
 FIGURES = ["activation_pruning_accuracy.png", "activation_pixels_kept.png", "activation_widths.png"]
 
 
@@ -168,12 +169,14 @@ def main():
     p.add_argument("--criterion", choices=["activation", "contribution", "saliency"],
                    help="with --reduction, what ranks the neurons: mean activation (a pixel's standard deviation), "
                         "or that times the norm of the outgoing weights (default: contribution, which keeps more "
-                        "accuracy; the threshold sweep always uses mean activation), or 'saliency': the mean "
-                        "squared gradient of the fine-tuning loss with respect to a gate on each unit")
-    p.add_argument("--group-lasso", type=options.positive(float, 1.0), metavar="S",
+                        "accuracy; saliency in --steps without --finetune-epochs; the threshold sweep always uses "
+                        "mean activation), or 'saliency': the mean squared gradient of the fine-tuning loss with "
+                        "respect to a gate on each unit")
+    p.add_argument("--group-lasso", type=options.number_in(float, 0, 1.0), metavar="S",
                    help="with --reduction, first train the dense model --group-lasso-epochs more with a penalty of "
                         "S times the sum of every unit's weight norm (and every pixel's with --prune-inputs), so "
-                        "that it learns which units to spare before the cut (e.g. 0.003; default: none)")
+                        f"that it learns which units to spare before the cut (default: none, 0; {STEP_GROUP_LASSO} "
+                        "in --steps without --finetune-epochs)")
     p.add_argument("--group-lasso-epochs", type=options.positive(int, options.MAX_EPOCHS), default=10, metavar="N",
                    help="epochs of --group-lasso training (default: 10)")
     args = p.parse_args()
@@ -189,6 +192,9 @@ def main():
         raise UserError(f"{'--prune-inputs' if args.prune_inputs else '--criterion'} takes --reduction")
     if args.model != "mlp" and (args.prune_inputs or args.bias_compensation):
         raise UserError(f"{'--prune-inputs' if args.prune_inputs else '--bias-compensation'} takes --model mlp")
+    if args.reduction and args.steps > 1 and not args.finetune_epochs:  # the frontier's recipe, as zero pruning's
+        args.criterion = args.criterion or STEP_CRITERION
+        args.group_lasso = STEP_GROUP_LASSO if args.group_lasso is None else args.group_lasso
     args.criterion = args.criterion or "contribution"
     options.check_steps(args, "--reduction", STEP_EPOCHS)
     trained, test_images = [], []

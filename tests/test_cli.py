@@ -130,7 +130,8 @@ def test_zero_pruning_sparsity_must_be_distinct_fractions(args, message, tmp_pat
     (["--steps", "3"], "--steps takes --reduction"),
     (["--model", "lenet5", "--reduction", "0.9", "--prune-inputs"], "--prune-inputs takes --model mlp"),
     (["--group-lasso", "0.003"], "--group-lasso takes --reduction"),
-    (["--group-lasso", "0", "--reduction", "0.9"], "must be > 0, not 0"),
+    (["--group-lasso", "-1", "--reduction", "0.9"], "must be >= 0, not -1"),
+    (["--group-lasso", "2", "--reduction", "0.9"], "must be at most 1, not 2"),
 ])
 def test_activation_pruning_reduction_options_are_checked(args, message, tmp_path, capsys, monkeypatch):
     assert_rejected("activation_pruning.py", args, message, tmp_path, capsys, monkeypatch)
