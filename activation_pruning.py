@@ -192,7 +192,7 @@ def main():
         raise UserError(f"{'--prune-inputs' if args.prune_inputs else '--criterion'} takes --reduction")
     if args.model != "mlp" and (args.prune_inputs or args.bias_compensation):
         raise UserError(f"{'--prune-inputs' if args.prune_inputs else '--bias-compensation'} takes --model mlp")
-    if args.reduction and args.steps > 1 and not args.finetune_epochs:  # the frontier's recipe, as zero pruning's
+    if args.reduction and options.steps_on_defaults(args):
         args.criterion = args.criterion or STEP_CRITERION
         args.group_lasso = STEP_GROUP_LASSO if args.group_lasso is None else args.group_lasso
     args.criterion = args.criterion or "contribution"

@@ -125,6 +125,12 @@ def parser(description, thresholds):
     return p
 
 
+def steps_on_defaults(args):
+    """--steps without --finetune-epochs: fine-tuning takes each script's step defaults, and the
+    scripts add their frontier recipe. Ask before check_steps, which fills --finetune-epochs in."""
+    return args.steps > 1 and not args.finetune_epochs
+
+
 def check_steps(args, target_option, step_epochs, final_epochs=None):
     """--steps needs a target. Without --finetune-epochs, steps fine-tune step_epochs each and
     final_epochs (default: FINAL_EPOCHS_FACTOR times step_epochs) after the last; with it, the last
@@ -136,7 +142,7 @@ def check_steps(args, target_option, step_epochs, final_epochs=None):
         raise UserError("--final-epochs takes --steps 2 or more")
     if args.steps == 1:
         args.final_epochs = args.finetune_epochs
-    elif not args.finetune_epochs:
+    elif steps_on_defaults(args):
         args.finetune_epochs, args.final_epochs = step_epochs, args.final_epochs or final_epochs
     args.final_epochs = args.final_epochs or FINAL_EPOCHS_FACTOR * (args.finetune_epochs or 0)
 

@@ -205,7 +205,7 @@ def main():
     args = p.parse_args()
     if args.variational_dropout and args.steps == 1:
         raise UserError("--variational-dropout takes --steps 2 or more")
-    if args.variational_dropout is None and args.steps > 1 and not args.finetune_epochs:
+    if args.variational_dropout is None and options.steps_on_defaults(args):
         args.variational_dropout = STEP_VARIATIONAL_DROPOUT
     if args.criterion == "saliency" and not args.sparsity:
         raise UserError("--criterion saliency ranks the weights toward a --sparsity; --thresholds are magnitudes")
