@@ -85,7 +85,7 @@ def parser(description, thresholds):
                         "(training and fine-tuning) and report its accuracy: the cost of pruning at equal training")
     p.add_argument("--finetune-epochs", type=positive(int, MAX_EPOCHS), metavar="N",
                    help="fine-tune each pruned model for N epochs (default: none, one-shot pruning only; with "
-                        "--steps, 4 a step in both scripts)")
+                        "--steps, 4 a step in zero pruning, 6 in activation pruning)")
     p.add_argument("--finetune-lr", type=positive(float, MAX_LR), default=1e-3, metavar="LR",
                    help="fine-tuning learning rate, cosine-decayed to 0 (default: 0.001)")
     p.add_argument("--steps", type=positive(int, MAX_STEPS), default=1, metavar="K",

@@ -349,21 +349,21 @@ def test_validation_and_control_are_reported_under_their_names(tiny_data, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script, target, extra, first, final, cut", [
-    ("zero_pruning.py", "--sparsity", (), 10, 30, {"criterion": "magnitude", "variational_dropout": 10.0}),
-    ("activation_pruning.py", "--reduction", (), 10, 20, {"criterion": "saliency", "group_lasso": 0.01}),
-    ("activation_pruning.py", "--reduction", ("--group-lasso", "0", "--criterion", "contribution"), 0, 20,
+@pytest.mark.parametrize("script, target, extra, first, step, final, cut", [
+    ("zero_pruning.py", "--sparsity", (), 10, 4, 30, {"criterion": "magnitude", "variational_dropout": 10.0}),
+    ("activation_pruning.py", "--reduction", (), 10, 6, 30, {"criterion": "saliency", "group_lasso": 0.01}),
+    ("activation_pruning.py", "--reduction", ("--group-lasso", "0", "--criterion", "contribution"), 0, 6, 30,
      {"criterion": "contribution", "group_lasso": 0.0})])
-def test_steps_without_finetune_epochs_fine_tune_4_a_step_then_the_defaults_last(script, target, extra, first, final,
-                                                                                   cut, tiny_data, tmp_path):
+def test_steps_without_finetune_epochs_fine_tune_each_scripts_defaults(script, target, extra, first, step, final, cut,
+                                                                        tiny_data, tmp_path):
     result = run_script(script, "--data-dir", tiny_data, "--epochs", "1", "--checkpoint", tmp_path / "m.pt", target,
                         "0.5", "--steps", "3", *extra, "--control", "--json", tmp_path / "r.json",
                         "--save-dir", tmp_path / "sd")
     assert result.returncode == 0, result.stderr
     results = json.loads((tmp_path / "r.json").read_text())
-    assert (results["settings"]["finetune_epochs"], results["settings"]["final_epochs"]) == (4, final)
+    assert (results["settings"]["finetune_epochs"], results["settings"]["final_epochs"]) == (step, final)
     assert {k: results["settings"][k] for k in cut} == cut  # what learns and ranks the cut, unless given
-    assert results["control_epochs"] == 1 + first + 2 * 4 + final  # first: variational dropout's or group lasso's
+    assert results["control_epochs"] == 1 + first + 2 * step + final  # first: variational dropout's or group lasso's
 
 
 @pytest.mark.slow
