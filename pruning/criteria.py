@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from pruning import chain as chains
 from pruning.model import weighted
+from pruning.training import EVAL_BATCH
 
 
 def magnitudes(model):
@@ -57,7 +58,7 @@ def saliencies(model, losses):
 
 
 @torch.no_grad()
-def statistics(layers, x, batch_size=10_000):
+def statistics(layers, x, batch_size=EVAL_BATCH):
     """Run x through a chain of layers in batches. Returns (means, pixel_std, pixel_mean): per
     weighted layer but the last, each output's mean activation, over images and positions, taken
     after the first ReLU that follows it (else where the next weighted layer reads it); and the

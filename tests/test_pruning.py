@@ -626,3 +626,14 @@ def test_a_shift_of_zero_trains_exactly_as_before():
     training.train(a, (x, y), epochs=2, batch_size=16)
     training.train(b, (x, y), epochs=2, batch_size=16, shift=0)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_logits_are_the_models_outputs_in_order_in_eval_mode_whatever_the_batch():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.9), nn.Linear(4, 2))  # dropout: only eval mode is exact
+    x = torch.arange(21.0).reshape(7, 3)
+    with torch.no_grad():
+        expected = model.eval()(x)
+    model.train()
+    for batch_size in (1, 3, 7, 500):
+        assert torch.allclose(training.logits(model, x, batch_size), expected, atol=1e-6)
+    assert model.training  # left as it was found
