@@ -56,7 +56,9 @@ def kmeans(values, k, iterations=100):
 
 class SharedWeights(nn.Module):
     """A layer's weight as codebook[codes], 0 where the code is -1. The codebook is the parameter
-    that trains: each shared value's gradient is the sum of those of the weights that share it."""
+    that trains: each shared value's gradient is the sum of those of the weights that share it,
+    gathered by index_select, whose gradient (index_add_) sums them in one order every run; that of
+    indexing (index_put_ with accumulate) varies from run to run on a CPU, and is slower."""
 
     def __init__(self, codebook, codes):
         super().__init__()
@@ -64,7 +66,7 @@ class SharedWeights(nn.Module):
         self.register_buffer("codes", codes)
 
     def forward(self, _):
-        return F.pad(self.codebook, (1, 0))[self.codes + 1]
+        return F.pad(self.codebook, (1, 0)).index_select(0, self.codes.flatten() + 1).view(self.codes.shape)
 
 
 def quantize(model, bits):

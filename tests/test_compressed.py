@@ -126,3 +126,18 @@ def test_an_input_pruned_model_keeps_its_pixels_in_the_file(tmp_path):
     x = torch.randn(10, 784)
     with torch.no_grad():
         assert torch.equal(loaded(x), cz.quantize(model, 3)(x))
+
+
+def test_the_shared_values_gradient_is_the_same_numbers_every_time():
+    torch.manual_seed(0)
+    codes, grad = torch.randint(-1, 32, (512, 784)), torch.randn(512, 784)  # the default MLP's first layer
+
+    def codebook_grad():
+        shared = cz.SharedWeights(torch.zeros(32), codes)
+        shared(None).backward(grad)
+        return shared.codebook.grad
+
+    first = codebook_grad()
+    assert all(torch.equal(codebook_grad(), first) for _ in range(10))
+    by_hand = torch.stack([grad[codes == k].double().sum() for k in range(32)]).float()
+    assert torch.allclose(first, by_hand, rtol=1e-4, atol=1e-3)
