@@ -56,9 +56,10 @@ def kmeans(values, k, iterations=100):
 
 class SharedWeights(nn.Module):
     """A layer's weight as codebook[codes], 0 where the code is -1. The codebook is the parameter
-    that trains: each shared value's gradient is the sum of those of the weights that share it,
-    gathered by index_select, whose gradient (index_add_) sums them in one order every run; that of
-    indexing (index_put_ with accumulate) varies from run to run on a CPU, and is slower."""
+    that trains: each shared value's gradient is the sum of those of the weights that share it.
+    The weights are gathered with index_select, whose gradient (index_add_) sums in one order every
+    run; indexing's (index_put_ with accumulate) sums in an order that varies from run to run on a
+    CPU, and is slower."""
 
     def __init__(self, codebook, codes):
         super().__init__()
