@@ -72,6 +72,7 @@ def trained_model(args, train_data, test_data, train, control=False):
     train(model, train_data, config["epochs"], args.lr, args.batch_size, config["seed"],
           desc="training the control" if control else "training", bf16=args.bf16, shift=args.shift)
     storage.save(model, path, about={"config": config}, option="--checkpoint")
-    log.info(f"model: trained {config['epochs']} epochs in {time.perf_counter() - start:.1f} s, saved to {path} "
-             f"(test accuracy {training.accuracy(model, test_data):.2f}%)")
+    if log.isEnabledFor(logging.INFO):  # an evaluation of its own: not for --quiet
+        log.info(f"model: trained {config['epochs']} epochs in {time.perf_counter() - start:.1f} s, saved to {path} "
+                 f"(test accuracy {training.accuracy(model, test_data):.2f}%)")
     return model

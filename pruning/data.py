@@ -49,7 +49,10 @@ def read_idx(path, magic):
                                 "replace it with the original file")
             if shape[0] == 0:
                 raise DataError(f"{path} holds no images; replace it with the original file")
-            return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8).view(shape)
+            values = bytearray(math.prod(shape))  # read straight into it: no second copy of the file
+            if f.readinto(values) != len(values):
+                raise DataError(f"{path} changed while it was read; run again")
+            return torch.frombuffer(values, dtype=torch.uint8).view(shape)
     except OSError as e:
         raise DataError(f"cannot read {shown(path)}: {e.strerror}") from None
 
@@ -95,7 +98,7 @@ def load(root, validation=0):
         images, labels = data[f"{prefix}-images-idx3-ubyte"], data[f"{prefix}-labels-idx1-ubyte"]
         if images.shape[1:] != (28, 28) or len(images) != len(labels) or (labels > 9).any():
             raise DataError(f"{raw} does not hold MNIST: images must be 28x28 with one label 0-9 each")
-        splits.append(((images.float() / 255).flatten(1), labels.long()))
+        splits.append((images.float().div_(255).flatten(1), labels.long()))
     if validation:
         (x, y), test = splits
         if validation >= len(y):
