@@ -50,6 +50,12 @@ def new_model(args):
     return models.lenet5() if args.model == "lenet5" else models.mnist_mlp(sizes(args))
 
 
+def say_with_accuracy(line, model, test_data):
+    """Log line with the model's test accuracy, evaluated only where the line is printed (not for --quiet)."""
+    if log.isEnabledFor(logging.INFO):
+        log.info(f"{line} (test accuracy {training.accuracy(model, test_data):.2f}%)")
+
+
 def trained_model(args, train_data, test_data, train, control=False):
     """The model trained with the settings in args: from its checkpoint when one fits, else trained and saved."""
     config = training_config(args, control=control)
@@ -62,8 +68,7 @@ def trained_model(args, train_data, test_data, train, control=False):
             model, problem = None, str(e).removeprefix(f"{shown(path)} ")
         if problem is None:
             model.to(train_data[0].device)
-            if log.isEnabledFor(logging.INFO):  # an evaluation of its own: not for --quiet
-                log.info(f"model: loaded {path} (test accuracy {training.accuracy(model, test_data):.2f}%)")
+            say_with_accuracy(f"model: loaded {path}", model, test_data)
             return model
         log.warning(f"model: checkpoint {path}: {problem}; retraining")
     torch.manual_seed(config["seed"])
@@ -72,7 +77,6 @@ def trained_model(args, train_data, test_data, train, control=False):
     train(model, train_data, config["epochs"], args.lr, args.batch_size, config["seed"],
           desc="training the control" if control else "training", bf16=args.bf16, shift=args.shift)
     storage.save(model, path, about={"config": config}, option="--checkpoint")
-    if log.isEnabledFor(logging.INFO):  # an evaluation of its own: not for --quiet
-        log.info(f"model: trained {config['epochs']} epochs in {time.perf_counter() - start:.1f} s, saved to {path} "
-                 f"(test accuracy {training.accuracy(model, test_data):.2f}%)")
+    say_with_accuracy(f"model: trained {config['epochs']} epochs in {time.perf_counter() - start:.1f} s, "
+                      f"saved to {path}", model, test_data)
     return model
