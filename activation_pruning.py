@@ -21,6 +21,7 @@ from pruning.files import UserError, shown
 THRESHOLDS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0]
 STEP_EPOCHS = 6  # fine-tuning a step in --steps without --finetune-epochs (30 after the last); chosen on validation
 STEP_GROUP_LASSO, STEP_CRITERION = 0.01, "saliency"  # and the cut there; chosen on validation (README)
+STEP_INPUT_DROPOUT = 0.1  # there with --prune-inputs; chosen so too
 FIGURES = ["activation_pruning_accuracy.png", "activation_pixels_kept.png", "activation_widths.png"]
 
 
@@ -195,7 +196,10 @@ def main():
     if args.reduction and options.steps_on_defaults(args):
         args.criterion = args.criterion or STEP_CRITERION
         args.group_lasso = STEP_GROUP_LASSO if args.group_lasso is None else args.group_lasso
+        if args.prune_inputs and args.input_dropout is None:
+            args.input_dropout = STEP_INPUT_DROPOUT
     args.criterion = args.criterion or "contribution"
+    args.input_dropout = args.input_dropout or 0.0
     options.check_steps(args, "--reduction", STEP_EPOCHS)
     trained, test_images = [], []
 

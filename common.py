@@ -24,11 +24,12 @@ log = logging.getLogger("pruning")
 
 
 def train(model, data, epochs, lr, batch_size, seed, teacher=None, temperature=4.0, weight=0.5, desc="training",
-          penalty=None, bf16=False, shift=0):
+          penalty=None, bf16=False, shift=0, input_dropout=0.0):
     """training.train with a progress bar, and divergence said in one line."""
     with divergence_said(desc):
         return training.train(model, data, epochs, lr, batch_size, seed, teacher, temperature, weight,
-                              progress=epoch_progress(desc), penalty=penalty, bf16=bf16, shift=shift)
+                              progress=epoch_progress(desc), penalty=penalty, bf16=bf16, shift=shift,
+                              input_dropout=input_dropout)
 
 
 def teacher(model, train_data, args):
@@ -54,9 +55,10 @@ def divergence_said(desc):
 
 
 def finetune(model, train_data, args, epochs, teacher=None, desc="fine-tuning", penalty=None):
-    """Fine-tune with the --finetune-* settings, distilling from teacher() (None without --distill)."""
+    """Fine-tune with the --finetune-* settings and --input-dropout, distilling from teacher (None
+    without --distill)."""
     return train(model, train_data, epochs, args.finetune_lr, args.batch_size, args.seed, teacher, args.temperature,
-                 args.distill_weight, desc, penalty, args.bf16, args.shift)
+                 args.distill_weight, desc, penalty, args.bf16, args.shift, args.input_dropout)
 
 
 def step_finetuner(train_data, args, teacher, name):

@@ -88,6 +88,11 @@ def parser(description, thresholds):
                         "--steps, 4 a step in zero pruning, 6 in activation pruning)")
     p.add_argument("--finetune-lr", type=positive(float, MAX_LR), default=1e-3, metavar="LR",
                    help="fine-tuning learning rate, cosine-decayed to 0 (default: 0.001)")
+    p.add_argument("--input-dropout", type=number_in(float, 0, 1, open_high=True), metavar="P",
+                   help="in every training after the dense model's (fine-tuning, --group-lasso, "
+                        "--variational-dropout), drop each input pixel at random with probability P, the teacher "
+                        "seeing whole images (default: 0; 0.1 in activation pruning with --prune-inputs in --steps "
+                        "without --finetune-epochs)")
     p.add_argument("--steps", type=positive(int, MAX_STEPS), default=1, metavar="K",
                    help="reach each target in K steps on a cubic schedule, fine-tuning after each (default: 1)")
     p.add_argument("--final-epochs", type=positive(int, MAX_EPOCHS), metavar="N",

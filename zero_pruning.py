@@ -111,7 +111,7 @@ def dropout_trained(model, train_data, teacher, args):
         return variational.sparse_variational_dropout(
             copy.deepcopy(model), train_data, args.variational_dropout_epochs, args.variational_dropout,
             args.finetune_lr, args.batch_size, args.seed, teacher, args.temperature, args.distill_weight, args.bf16,
-            common.epoch_progress("variational dropout"), args.shift)
+            common.epoch_progress("variational dropout"), args.shift, args.input_dropout)
 
 
 def columns(rows, finetuned, bits):
@@ -207,6 +207,7 @@ def main():
         raise UserError("--variational-dropout takes --steps 2 or more")
     if args.variational_dropout is None and options.steps_on_defaults(args):
         args.variational_dropout = STEP_VARIATIONAL_DROPOUT
+    args.input_dropout = args.input_dropout or 0.0
     if args.criterion == "saliency" and not args.sparsity:
         raise UserError("--criterion saliency ranks the weights toward a --sparsity; --thresholds are magnitudes")
     options.check_steps(args, "--sparsity", STEP_EPOCHS, FINAL_EPOCHS)

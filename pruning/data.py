@@ -119,3 +119,11 @@ def shifted(images, pixels, generator=None):
     rows = torch.arange(side, device=images.device).view(1, side, 1) + down
     columns = torch.arange(side, device=images.device).view(1, 1, side) + across
     return padded[torch.arange(n, device=images.device).view(n, 1, 1), rows, columns].reshape(images.shape)
+
+
+def dropped(images, p, generator=None):
+    """A copy of a batch of images, each pixel set to 0 (MNIST's background) with probability p,
+    drawn from generator, and the others scaled by 1 / (1 - p): dropout of the input (Srivastava et
+    al. 2014), which trains a network not to lean on any one pixel."""
+    keep = torch.rand(images.shape, generator=generator) >= p
+    return images * keep.to(images.device) / (1 - p)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.optim.adam import adam as functional_adam
 
 from pruning import chain, surgery
-from pruning.data import shifted
+from pruning.data import dropped, shifted
 
 RECIPE = "fused adam, cosine learning rate, cross-entropy"
 EVAL_BATCH = 500  # images a forward pass when nothing is learned: each layer's activations stay in the CPU's caches
@@ -85,12 +85,13 @@ def teacher_targets(teacher, x, shift):
 
 
 def train(model, data, epochs, lr=1e-3, batch_size=128, seed=0, teacher=None, temperature=4.0, weight=0.5,
-          progress=None, penalty=None, bf16=False, shift=0):
+          progress=None, penalty=None, bf16=False, shift=0, input_dropout=0.0):
     """Adam (fused on CPU) with a cosine-decayed learning rate, reshuffling every epoch from a seeded
     generator; returns model, left in training mode. teacher: None, a model to distil from, or its
     logits for every example of data. shift: every batch's images moved at random by up to that
     many pixels (data.shifted), the teacher, which must then be a model, judging the same moved
-    images. progress: wraps the range of epochs (a progress bar).
+    images. input_dropout: every batch's pixels dropped with that probability (data.dropped), the
+    teacher judging them whole. progress: wraps the range of epochs (a progress bar).
     penalty: None, or a function of no arguments whose value is added to every batch's loss (a
     regulariser such as methods.group_lasso). bf16: the products of all but the last weighted
     layer in bf16 (bf16_forward; faster where the CPU multiplies bf16 natively). The zeros of
@@ -111,6 +112,8 @@ def train(model, data, epochs, lr=1e-3, batch_size=128, seed=0, teacher=None, te
                     images = shifted(images, shift, gen)
                 soft_targets = None if teacher is None else \
                     logits(teacher, images) if shift else teacher.index_select(0, idx)
+                if input_dropout:
+                    images = dropped(images, input_dropout, gen)
                 loss = distillation_loss(forward(images), y.index_select(0, idx), soft_targets, temperature, weight)
                 if penalty is not None:
                     loss = loss + penalty()
@@ -126,13 +129,15 @@ def train(model, data, epochs, lr=1e-3, batch_size=128, seed=0, teacher=None, te
 
 
 def finetuner(data, epochs, lr=1e-3, batch_size=128, seed=0, teacher=None, temperature=4.0, weight=0.5, bf16=False,
-              shift=0):
+              shift=0, input_dropout=0.0):
     """finetune(model) for the pruning functions: `epochs` of train() on data, distilling from
-    teacher (a model, or its logits on data) when given, the images shifted with shift."""
+    teacher (a model, or its logits on data) when given, the images shifted with shift and their
+    pixels dropped with input_dropout."""
     teacher = teacher_targets(teacher, data[0], shift)
 
     def finetune(model):
-        train(model, data, epochs, lr, batch_size, seed, teacher, temperature, weight, bf16=bf16, shift=shift)
+        train(model, data, epochs, lr, batch_size, seed, teacher, temperature, weight, bf16=bf16, shift=shift,
+              input_dropout=input_dropout)
     return finetune
 
 

@@ -50,13 +50,14 @@ def noisy_forward(generator):
 
 
 def sparse_variational_dropout(model, data, epochs, strength=10.0, lr=1e-3, batch_size=128, seed=0, teacher=None,
-                               temperature=4.0, weight=0.5, bf16=False, progress=None, shift=0):
+                               temperature=4.0, weight=0.5, bf16=False, progress=None, shift=0, input_dropout=0.0):
     """Train model `epochs` epochs on data, (x, y), with sparse variational dropout on the weights of
     every nn.Linear and nn.Conv2d, then zero each weight with log alpha >= 3. The loss is
     training.train()'s (distilling from teacher when given) plus strength times the prior's term,
     the KL divergence divided by the number of training examples (1 is the variational bound; more
     drives more weights to zero), its weight growing linearly from 0 over the first half of the
-    steps. Changes model in place and returns it, ordinary layers again."""
+    steps; shift and input_dropout as train() takes them. Changes model in place and returns it,
+    ordinary layers again."""
     layers = weighted(model)
     if any(prune.is_pruned(layer) for layer in layers):
         raise ValueError("sparse variational dropout takes a model without pruning masks")
@@ -74,7 +75,7 @@ def sparse_variational_dropout(model, data, epochs, strength=10.0, lr=1e-3, batc
         return strength * ramp * sum(kl_divergence(l.weight, l.log_variance) for l in layers) / len(data[0])
     try:
         training.train(model, data, epochs, lr, batch_size, seed, teacher, temperature, weight, progress, prior, bf16,
-                       shift)
+                       shift, input_dropout)
         with torch.no_grad():
             for layer in layers:
                 layer.weight.masked_fill_(log_alpha(layer.weight, layer.log_variance) >= LOG_ALPHA_CUT, 0.0)

@@ -132,3 +132,12 @@ def test_shifted_keeps_the_shape_and_lets_pixels_fall_off_the_edge():
     assert 0 < moved.sum() < 64 and set(moved.unique().tolist()) <= {0.0, 1.0}
     with pytest.raises(ValueError, match="28x28 images, not images of shape"):
         mnist.shifted(torch.zeros(2, 3, 32, 32), 1)
+
+
+def test_dropped_zeroes_pixels_at_the_rate_given_and_scales_the_rest_to_keep_the_mean():
+    images = torch.ones(500, 784)
+    out = mnist.dropped(images, 0.25, torch.Generator().manual_seed(0))
+    assert torch.equal(out.unique(), torch.tensor([0.0, 4 / 3]))  # kept pixels scaled by 1 / (1 - 0.25)
+    assert abs((out == 0).float().mean().item() - 0.25) < 0.01 and abs(out.mean().item() - 1) < 0.02
+    again = mnist.dropped(images, 0.25, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again) and torch.equal(images, torch.ones(500, 784))  # seeded; a copy

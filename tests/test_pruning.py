@@ -618,6 +618,33 @@ def test_training_on_shifted_images_distils_from_a_teacher_judging_the_same_imag
         training.train(student, (x, y), epochs=1, teacher=training.logits(teacher, x), shift=1)
 
 
+def test_input_dropout_drops_the_students_pixels_while_the_teacher_judges_them_whole():
+    torch.manual_seed(0)
+    x, y = torch.rand(64, 784) + 0.5, torch.randint(0, 10, (64,))  # no pixel is zero before dropout
+    teacher, student = models.mnist_mlp((784, 8, 10)), models.mnist_mlp((784, 8, 10))
+    seen = []
+    teacher.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].clone()))
+    student.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].clone()) if module.training
+                                  else None)
+    training.train(student, (x, y), epochs=1, batch_size=32, teacher=teacher, shift=1, input_dropout=0.5)
+    teacher_seen, student_seen = seen[0], seen[1]
+    dropped = student_seen == 0
+    assert 0.4 < dropped.float().mean() < 0.6  # shifting alone zeroes at most a row and a column
+    assert torch.equal(student_seen[~dropped], 2 * teacher_seen[~dropped])  # the teacher saw the same images whole
+
+
+def test_input_dropout_of_zero_trains_exactly_as_before_and_any_other_differently():
+    torch.manual_seed(0)
+    x, y = torch.rand(64, 784), torch.randint(0, 10, (64,))
+    models_ = [models.mnist_mlp((784, 8, 10)) for _ in range(3)]
+    for m in models_[1:]:
+        m.load_state_dict(models_[0].state_dict())
+    for m, p in zip(models_, (None, 0.0, 0.1)):
+        training.train(m, (x, y), epochs=2, batch_size=16, **({} if p is None else {"input_dropout": p}))
+    a, b, c = (list(m.parameters()) for m in models_)
+    assert all(torch.equal(p, q) for p, q in zip(a, b)) and not torch.equal(a[0], c[0])
+
+
 def test_a_shift_of_zero_trains_exactly_as_before():
     torch.manual_seed(0)
     x, y = torch.rand(64, 784), torch.randint(0, 10, (64,))
