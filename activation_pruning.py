@@ -23,6 +23,8 @@ STEP_EPOCHS = 6  # fine-tuning a step in --steps without --finetune-epochs (30 a
 STEP_GROUP_LASSO, STEP_CRITERION = 0.01, "saliency"  # and the cut there; chosen on validation (README)
 STEP_INPUT_DROPOUT = 0.1  # there with --prune-inputs; chosen so too
 FIGURES = ["activation_pruning_accuracy.png", "activation_pixels_kept.png", "activation_widths.png"]
+PUBLISHED_LENET = [  # structured pruning of LeNet-300-100 on MNIST: (method, parameters kept %, test error %)
+    ("VIB 2018", 3.6, 1.6), ("L0 2018", 10.0, 1.6), ("SBP 2017", 18.0, 1.6)]
 
 
 def targets(args):
@@ -124,10 +126,12 @@ def plot(model, rows, baseline, args):
     curves = [("accuracy", "one-shot"), ("compensated_accuracy", "bias-compensated"),
               ("finetuned_accuracy", "bias-compensated, then fine-tuned" if compensated else "fine-tuned"),
               ("quantized_accuracy", "quantized"), ("quantized_finetuned_accuracy", "quantized, fine-tuned")]
-    fig = plots.accuracy_figure(rows, baseline, "size_reduction", "parameters", curves)
+    published = PUBLISHED_LENET if models.widths(model) == (784, 300, 100, 10) else []
+    fig = plots.accuracy_figure(rows, baseline, "size_reduction", "parameters", curves, published)
     trained = "LeNet-5" if any(isinstance(m, torch.nn.Conv2d) for m in model.modules()) else \
         f"MLP {'-'.join(map(str, models.widths(model)))}"
-    fig.suptitle(f"Activation pruning of the trained {trained}")
+    fig.suptitle(f"Activation pruning of the trained {trained}"
+                 + (": published structured LeNet-300-100 results as stars" if published else ""))
     outputs.figure(fig, args, FIGURES[0])
 
     if all(isinstance(r.get("kept_pixels"), list) for r in rows):
