@@ -356,10 +356,9 @@ def test_validation_and_control_are_reported_under_their_names(tiny_data, tmp_pa
      {"criterion": "saliency", "group_lasso": 0.01, "input_dropout": 0.0}),
     ("activation_pruning.py", "--reduction", ("--prune-inputs",), 10, 6, 30,
      {"criterion": "saliency", "group_lasso": 0.01, "input_dropout": 0.1}),
-    ("activation_pruning.py", "--reduction", ("--prune-inputs", "--input-dropout", "0"), 10, 6, 30,
-     {"criterion": "saliency", "group_lasso": 0.01, "input_dropout": 0.0}),
-    ("activation_pruning.py", "--reduction", ("--group-lasso", "0", "--criterion", "contribution"), 0, 6, 30,
-     {"criterion": "contribution", "group_lasso": 0.0})])
+    ("activation_pruning.py", "--reduction",
+     ("--group-lasso", "0", "--criterion", "contribution", "--prune-inputs", "--input-dropout", "0"), 0, 6, 30,
+     {"criterion": "contribution", "group_lasso": 0.0, "input_dropout": 0.0})])
 def test_steps_without_finetune_epochs_fine_tune_each_scripts_defaults(script, target, extra, first, step, final, cut,
                                                                         tiny_data, tmp_path):
     result = run_script(script, "--data-dir", tiny_data, "--epochs", "1", "--checkpoint", tmp_path / "m.pt", target,
