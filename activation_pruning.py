@@ -128,9 +128,7 @@ def plot(model, rows, baseline, args):
               ("quantized_accuracy", "quantized"), ("quantized_finetuned_accuracy", "quantized, fine-tuned")]
     published = PUBLISHED_LENET if models.widths(model) == (784, 300, 100, 10) else []
     fig = plots.accuracy_figure(rows, baseline, "size_reduction", "parameters", curves, published)
-    trained = "LeNet-5" if any(isinstance(m, torch.nn.Conv2d) for m in model.modules()) else \
-        f"MLP {'-'.join(map(str, models.widths(model)))}"
-    fig.suptitle(f"Activation pruning of the trained {trained}"
+    fig.suptitle(f"Activation pruning of the trained {common.name_of(model)}"
                  + (": published structured LeNet-300-100 results as stars" if published else ""))
     outputs.figure(fig, args, FIGURES[0])
 

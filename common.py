@@ -17,7 +17,7 @@ import checkpoints
 import options
 import outputs
 import startup
-from pruning import data, files, measure, results, training
+from pruning import data, files, measure, model as models, results, training
 from pruning.files import UserError, shown
 
 log = logging.getLogger("pruning")
@@ -169,6 +169,13 @@ def results_over_seeds(args, run_one, plot):
     if args.plot:
         plot(rows, summary["accuracy"])
     return rows, summary
+
+
+def name_of(model):
+    """The network as figure titles name it: LeNet-5, or the MLP by its widths."""
+    if any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+        return "LeNet-5"
+    return f"MLP {'-'.join(map(str, models.widths(model)))}"
 
 
 def dense_results(args, model, train_data, validation, test_data):

@@ -10,8 +10,6 @@ import startup  # noqa: F401, I001 -- first: settles what must be settled before
 
 import copy
 
-import torch
-
 import common
 import options
 import outputs
@@ -167,7 +165,7 @@ def plot(model, rows, baseline, args):
     hidden = (magnitudes > right).sum().item()
     ax.set(xlim=(0, right), ylim=(0, 1.2 * counts.max()), ylabel="number of weights",
            xlabel=f"|w|  ({hidden:,} weights above {right:.3g} not shown)",
-           title=f"Weight magnitudes, trained {name_of(model)}: {len(magnitudes):,} weights\n"
+           title=f"Weight magnitudes, trained {common.name_of(model)}: {len(magnitudes):,} weights\n"
                  "red: pruning thresholds, each with the share of weights below it")
     outputs.figure(fig, args, FIGURES[0])
 
@@ -175,15 +173,9 @@ def plot(model, rows, baseline, args):
               ("quantized_finetuned_accuracy", "quantized, fine-tuned")]
     published = PUBLISHED_LENET if models.widths(model) == (784, 300, 100, 10) else []
     fig = plots.accuracy_figure(rows, baseline, "zero_percentage", "weights", curves, published)
-    fig.suptitle(f"Zero pruning, {name_of(model)}"
+    fig.suptitle(f"Zero pruning, {common.name_of(model)}"
                  + (": published LeNet-300-100 results as stars" if published else ""))
     outputs.figure(fig, args, FIGURES[1])
-
-
-def name_of(model):
-    if any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
-        return "LeNet-5"
-    return f"MLP {'-'.join(map(str, models.widths(model)))}"
 
 
 def main():
