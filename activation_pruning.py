@@ -82,8 +82,7 @@ def sweep(model, train_data, validation, test_data, args, folder):
             row["kept_pixels"] = models.kept_inputs(pruned).tolist()
         row.update(original_params=original, new_params=new, input_width=models.widths(pruned)[0],
                    hidden_widths=list(models.widths(pruned)[1:-1]), flops=measure.flops(pruned, test_data[0]),
-                   inference_time_s=measure.inference_time(pruned, test_data[0], args.threads),
-                   size_reduction=100 * (1 - new / original))
+                   **common.timed(args, model, pruned, test_data[0]), size_reduction=100 * (1 - new / original))
         rows.append(row)
     return rows
 
@@ -106,7 +105,7 @@ def measured_means(model, x):
     return means
 
 
-def columns(reduction, compensated, finetuned, bits, pixels=False):
+def columns(reduction, compensated, finetuned, bits, pixels=False, speed=()):
     percent, count = "{:.2f}%".format, "{:,.0f}".format
     return [("Reduction", "reduction", results.label) if reduction else ("Threshold", "threshold", results.label),
             ("Accuracy", "accuracy", percent),
@@ -116,7 +115,7 @@ def columns(reduction, compensated, finetuned, bits, pixels=False):
             *([("Input Pixels", "input_width", count)] if pixels else []),
             ("Hidden Widths", "hidden_widths", lambda widths: "-".join(f"{w:.0f}" for w in widths)),
             ("Inference Time (s)", "inference_time_s", "{:.4f}".format),
-            ("Size Reduction", "size_reduction", percent),
+            ("Size Reduction", "size_reduction", percent), *speed,
             *(common.compressed_columns(finetuned) if bits else [])]
 
 
@@ -203,23 +202,22 @@ def main():
     args.criterion = args.criterion or "contribution"
     args.input_dropout = args.input_dropout or 0.0
     options.check_steps(args, "--reduction", STEP_EPOCHS)
-    trained, test_images = [], []
+    trained = []
 
     def run_one():
         model, train_data, validation, test_data = common.setup(args)
         rows = sweep(model, train_data, validation, test_data, args, outputs.seed_folder(args, args.seed))
         trained.append(model)
-        test_images.append(len(test_data[1]))
         return rows, common.dense_results(args, model, train_data, validation, test_data)
 
     common.prepare(args, model_files(args), FIGURES)
     rows, dense = common.results_over_seeds(args, run_one,
                                             lambda rows, baseline: plot(trained[-1], rows, baseline, args))
     print(results.markdown_table(rows, columns(bool(args.reduction), args.bias_compensation and not args.reduction,
-                                               bool(args.finetune_epochs), args.bits, args.prune_inputs)))
+                                               bool(args.finetune_epochs), args.bits, args.prune_inputs,
+                                               common.speed_columns(args))))
     print("\n" + common.dense_line(dense, args.seeds))
-    print(f"Inference time: classifying all {test_images[0]:,} test images in one batch, median of repeats "
-          f"after warm-up, {args.threads} threads.")
+    print(common.speed_note(args, rows))
     if args.bits:
         print(common.compressed_note(args.bits))
     for r in rows:

@@ -1,7 +1,7 @@
 """Benchmarks that print their figures: the zero-pruning job's wall time from scratch and from the
 cached model beside a tutorial-style version of the same job, training throughput beside this
-machine's matrix-multiply speed, and the inference latency of pruned models against the dense
-one. Activation pruning is timed with plain widths and with widths rounded up to a multiple of 8.
+machine's matrix-multiply speed, and the inference latency of pruned models through
+pruning.for_inference against the dense model, beside how much less arithmetic they do.
 
     python bench.py
 """
@@ -30,12 +30,11 @@ import zero_pruning
 from pruning import criteria, chain, measure, surgery, training
 from pruning import data as mnist
 from pruning import model as models
+from pruning.inference import BATCHES
 from pruning.results import markdown_table
 
-BATCHES = [1, 32, 10000]
-SPARSITIES = [0.5, 0.8, 0.9, 0.95, 0.98]
+SPARSITIES = [0, 0.5, 0.8, 0.9, 0.95, 0.98]
 ACTIVATION_THRESHOLDS = [0.6, 0.8, 0.9, 1.0]
-ROUNDS = 5
 STEP_ROUNDS, STEPS_A_ROUND = 30, 50  # training steps of each kind, taken in turn: the machine's speed drifts
 TRAINING_ROUNDS = 5  # of an sgemm timing, 5 epochs of training and 5 more with --bf16
 STATE_OF_THE_ART = {  # name: the command, each timed from scratch (training of the dense model included)
@@ -45,7 +44,15 @@ STATE_OF_THE_ART = {  # name: the command, each timed from scratch (training of 
                                    "--finetune-epochs", "2", "--distill"],
     "activation pruning to 95% fewer params": ["activation_pruning.py", "--reduction", "0.95", "--steps", "6",
                                                "--finetune-epochs", "4", "--distill", "--prune-inputs"],
+    "zero pruning to 98% zeros": ["zero_pruning.py", "--sparsity", "0.98", "--steps", "10", "--finetune-epochs", "2",
+                                  "--distill"],
 }
+FAST_MODELS = {  # the README's models whose inference is timed: (command of STATE_OF_THE_ART, file it saves)
+    "98% zeros (CSR file, loaded)": ("zero pruning to 98% zeros", "csr-sparsity0.98.pt"),
+    "95% fewer params (loaded)": ("activation pruning to 95% fewer params", "activation-reduction0.95.pt"),
+}
+BARS = {"98% zeros (CSR file, loaded)": {1: 5, 32: 8, 10000: 8}, "95% fewer params (loaded)": {1: 6, 10000: 10},
+        "50% zeros": {b: 0.95 for b in BATCHES}, "dense": {b: 0.95 for b in BATCHES}}
 
 
 BF16_SUPPORT = {True: "multiplies bf16 natively", False: "does not multiply bf16 natively",
@@ -109,12 +116,16 @@ def time_job(args, checkpoint, retrain):
 
 def state_of_the_art_commands(folder, data_dir):
     """STATE_OF_THE_ART as run from scratch: each trains its model into folder, the pruned ones kept in
-    folder/models."""
-    models = Path(folder) / "models"
-    models.mkdir(exist_ok=True)
+    folder/<i>, the command's index."""
     return {name: [sys.executable, *command, "--quiet", "--checkpoint", str(Path(folder) / f"mlp-{i}.pt"),
-                   "--data-dir", str(data_dir), "--save-dir", str(models)]
+                   "--data-dir", str(data_dir), "--save-dir", str(Path(folder) / str(i))]
             for i, (name, command) in enumerate(STATE_OF_THE_ART.items())}
+
+
+def saved_model(folder, name):
+    """The model a STATE_OF_THE_ART command saved in folder (FAST_MODELS' name), through pruning.load."""
+    command, file = FAST_MODELS[name]
+    return pruning.load(Path(folder) / str(list(STATE_OF_THE_ART).index(command)) / file)
 
 
 def time_command(command):
@@ -157,22 +168,26 @@ def tutorial_job(data_dir, save_dir, epochs=5):
         print(f"threshold {t:g}: {correct / 100:.2f}%")
 
 
-def latency_rows(name, dense, pruned, x, threads):
-    """Per batch size: dense and pruned latency, and the speed-up. The two are timed in turn, ROUNDS
-    times each, and each keeps the median of its rounds: a passing load on the machine slows both alike."""
+def latency_rows(name, dense, model, x):
+    """Per batch size: the dense model's time in PyTorch and pruning.for_inference(model)'s, taken in
+    turn (each the median of its rounds), the speed-up, and what share of the arithmetic saved it
+    realizes (the speed-up over how many times fewer multiply-adds the model does)."""
+    arithmetic = measure.flops(dense, x) / max(1, measure.flops(model, x))
     rows = []
     for batch in BATCHES:
         xb = x[:batch].contiguous()
-        times = [[measure.inference_time(fn, xb, threads, min_run_time=0.2) for fn in (dense, pruned)]
-                 for _ in range(ROUNDS)]
-        t_dense, t_pruned = (statistics.median(column) for column in zip(*times))
-        rows.append({"model": name, "batch": batch, "dense_ms": 1e3 * t_dense, "pruned_ms": 1e3 * t_pruned,
-                     "speedup": t_dense / t_pruned})
+        t_dense, t_fast = measure.in_turn([torch.no_grad()(dense.eval()), pruning.for_inference(model, batch)], xb)
+        bar = BARS.get(name, {}).get(batch)
+        rows.append({"model": name, "batch": batch, "dense_ms": 1e3 * t_dense, "pruned_ms": 1e3 * t_fast,
+                     "speedup": t_dense / t_fast, "arithmetic": arithmetic, "realized": t_dense / t_fast / arithmetic,
+                     "bar": f"{bar:g}x" if bar else ""})
     return rows
 
 
 COLUMNS = [("Model", "model", str), ("Batch", "batch", "{:,}".format), ("Dense (ms)", "dense_ms", "{:.3f}".format),
-           ("Pruned (ms)", "pruned_ms", "{:.3f}".format), ("Speed-up", "speedup", "{:.2f}x".format)]
+           ("for_inference (ms)", "pruned_ms", "{:.3f}".format), ("Speed-up", "speedup", "{:.2f}x".format),
+           ("Bar", "bar", str), ("Fewer multiply-adds", "arithmetic", "{:.1f}x".format),
+           ("Realized", "realized", "{:.2f}".format)]
 
 
 def sgemm_gflops(threads, n=4096, repeats=5):
@@ -257,6 +272,39 @@ def report_load(label):
     return busy
 
 
+def inference_rows(args, model, train_data, x):
+    """Print the inference tables: the README's models (trained from scratch unless
+    --skip-state-of-the-art, each command timed), the dense model itself, and one-shot zero and
+    activation pruning of it at several sizes."""
+    rows = []
+    if not args.skip_state_of_the_art:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, command in state_of_the_art_commands(tmp, mnist.data_root(args.data_dir)).items():
+                print(f"{name}, from scratch: {time_command(command):.0f} s (bar: 180 s)")
+            for name in FAST_MODELS:
+                rows += latency_rows(name, model, saved_model(tmp, name), x)
+        print()
+    print(f"Inference: pruning.for_inference(model, batch) against the dense model in PyTorch, timed in turn, "
+          f"each the median of {measure.ROUNDS} rounds; {args.threads} threads, {args.machine['cpu']}. Realized: "
+          "the speed-up over how many times fewer multiply-adds the model does.\n")
+    for s in SPARSITIES:
+        threshold = criteria.threshold_for_sparsity(model, s) if s else -1.0
+        pruned = surgery.make_permanent(surgery.hold_below(copy.deepcopy(model), threshold))
+        rows += latency_rows("dense" if s == 0 else f"{100 * s:.0f}% zeros", model, pruned, x)
+    print(markdown_table(rows, COLUMNS) + "\n")
+    rows = []
+    means = activation_pruning.measured_means(model, train_data[0])
+    layers = chain.layers(model)
+    for t in ACTIVATION_THRESHOLDS:
+        keep, _ = criteria.neurons_to_keep(means, t)
+        pruned = surgery.remove_units(layers, keep, [1] * len(keep))
+        reduction = 100 * (1 - models.count_params(pruned) / models.count_params(model))
+        widths = "-".join(map(str, models.widths(pruned)[1:-1]))
+        rows += latency_rows(f"activation pruning at {t:g}, widths {widths}, {reduction:.1f}% fewer params",
+                             model, pruned, x)
+    print(markdown_table(rows, COLUMNS) + "\n")
+
+
 def main():
     p = options.parser(__doc__.split("\n\n")[0], [])
     p.add_argument("--skip-job", action="store_true", help="skip timing the whole zero-pruning job")
@@ -264,6 +312,7 @@ def main():
                    help="skip the tutorial-style reference job (about 1 minute)")
     p.add_argument("--skip-state-of-the-art", action="store_true",
                    help="skip timing the state-of-the-art pruning commands and the smallest model (about 2 minutes)")
+    p.add_argument("--inference-only", action="store_true", help="only time inference (about 5 minutes)")
     p.add_argument("--wait-policy", action="store_true",
                    help="only time training with each way OpenMP threads can wait, idle and beside other "
                         "trainings (about 3 minutes)")
@@ -277,6 +326,11 @@ def main():
     common.prepare(args, [], [])
     model, train_data, _, test_data = common.setup(args)
     print()
+    if args.inference_only:
+        inference_rows(args, model, train_data, test_data[0])
+        if report_load("after") or busy:
+            print("Warning: the machine was busy while these figures were taken; rerun them on an idle machine.")
+        return
     if not args.skip_job:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = os.path.join(tmp, "mlp.pt")
@@ -319,43 +373,7 @@ def main():
           f"Per step: {1e3 * dense / steps:.2f} ms, of which the matrix products alone take {1e3 * products:.2f} ms: "
           f"{1e3 * (dense / steps - products):.2f} ms is other work.\n")
 
-    x = test_data[0]
-    smallest = None
-    if not args.skip_state_of_the_art:
-        with tempfile.TemporaryDirectory() as tmp:
-            for name, command in state_of_the_art_commands(tmp, mnist.data_root(args.data_dir)).items():
-                print(f"{name}, from scratch: {time_command(command):.0f} s (bar: 180 s)")
-            smallest = pruning.load(os.path.join(tmp, "models", "activation-reduction0.95.pt"))
-        print()
-
-    print(f"Inference latency: median of {ROUNDS} rounds, each the median of repeats after warm-up; "
-          f"{args.threads} threads, CPU.\n")
-    if smallest is not None:
-        widths = "-".join(map(str, models.widths(smallest)[:-1]))
-        reduction = 100 * (1 - models.count_params(smallest) / models.count_params(model))
-        rows = latency_rows(f"activation pruning in steps, widths {widths}, {reduction:.1f}% fewer params",
-                            model, smallest, x, args.threads)
-        print(markdown_table(rows, COLUMNS) + "\n(bars: 3x at batch 32, 8x at batch 10,000)\n")
-    rows = []
-    for s in SPARSITIES:
-        threshold = criteria.threshold_for_sparsity(model, s)
-        pruned = surgery.make_permanent(surgery.hold_below(copy.deepcopy(model), threshold))
-        name = f"zero pruning, {100 * models.count_zeros(pruned) / models.count_weights(model):.1f}% zeros, CSR"
-        rows += latency_rows(name, model, measure.sparse_forward(pruned), x, args.threads)
-    print(markdown_table(rows, COLUMNS) + "\n")
-
-    rows = []
-    means = activation_pruning.measured_means(model, train_data[0])
-    layers = chain.layers(model)
-    for t in ACTIVATION_THRESHOLDS:
-        for multiple in (1, 8):
-            keep, _ = criteria.neurons_to_keep(means, t, multiple)
-            pruned = surgery.remove_units(layers, keep, [1] * len(keep))
-            reduction = 100 * (1 - models.count_params(pruned) / models.count_params(model))
-            widths = "-".join(map(str, models.widths(pruned)[1:-1]))
-            name = f"activation pruning at {t:g}, widths {widths}, {reduction:.1f}% fewer params"
-            rows += latency_rows(name, model, pruned, x, args.threads)
-    print(markdown_table(rows, COLUMNS) + "\n")
+    inference_rows(args, model, train_data, test_data[0])
     if report_load("after") or busy:
         print("Warning: the machine was busy while these figures were taken; rerun them on an idle machine.")
 

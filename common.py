@@ -7,6 +7,7 @@ import copy
 import logging
 import os
 import signal
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import checkpoints
 import options
 import outputs
 import startup
-from pruning import data, files, measure, model as models, results, training
+from pruning import data, files, inference, measure, model as models, results, training
 from pruning.files import UserError, shown
 
 log = logging.getLogger("pruning")
@@ -246,6 +247,60 @@ def run(main):
 
 
 # Measured in a sweep ------------------------------------------------------------------------
+
+BUSY = 0.1  # share of the CPU used by other processes from which timings are said to be unreliable
+
+
+def timed(args, dense, pruned, x):
+    """{pruned's and dense's seconds on the batch x}, the two timed in turn (measure.in_turn),
+    with --speed the speed-ups of pruning.for_inference(pruned) over dense at batch 1, 32 and
+    10,000 and the multiply-add ratio beside them. The load is read before and after; a busy
+    machine is remembered in args.busy, and said under the table."""
+    def run_dense(xb):
+        with torch.no_grad():
+            return dense(xb)
+
+    def run_pruned(xb):
+        with torch.no_grad():
+            return pruned(xb)
+
+    was = dense.training, pruned.training
+    dense.eval(), pruned.eval()
+    args.busy = getattr(args, "busy", False) or busy()
+    t_dense, t_pruned = measure.in_turn([run_dense, run_pruned], x)
+    row = {"inference_time_s": t_pruned, "dense_inference_time_s": t_dense}
+    if args.speed:
+        row["speedup"] = inference.speedups(dense, pruned, x.cpu())
+        row["flops_ratio"] = measure.flops(dense, x) / max(1, measure.flops(pruned, x))
+    args.busy = args.busy or busy()
+    dense.train(was[0]), pruned.train(was[1])
+    return row
+
+
+def busy():
+    share = measure.cpu_used_by_others(0.2)
+    return share is not None and share > BUSY
+
+
+def speed_columns(args):
+    """The --speed columns: for_inference's speed-ups at each batch size, and the arithmetic's."""
+    def speedups(by_batch):
+        return " / ".join(f"{by_batch[str(b)]:.1f}" for b in inference.BATCHES) + "x"
+    return [("Speed-up (batch 1 / 32 / 10,000)", "speedup", speedups),
+            ("Fewer Multiply-adds", "flops_ratio", "{:.1f}x".format)] if args.speed else []
+
+
+def speed_note(args, rows):
+    """The lines under a table that say how its times were taken."""
+    dense = statistics.mean(r["dense_inference_time_s"] for r in rows)
+    line = (f"Times: the 10,000 test images in one batch, each row the median of {measure.ROUNDS} rounds taken in "
+            f"turn with the dense model ({dense:.4f} s), {args.threads} threads, {args.machine['cpu']}.")
+    if args.speed:
+        line += ("\nSpeed-up: pruning.for_inference(model, batch) against the dense model in PyTorch, timed in turn at "
+                 "each batch size; Fewer Multiply-adds: the dense model's over the pruned one's.")
+    if getattr(args, "busy", False):
+        line += "\nWarning: other processes used the CPU while these times were taken; rerun on an idle machine."
+    return line
 
 def compress(model, train_data, validation, test_data, args, teacher, path, name, dense_bytes):
     """Quantize a pruned model to args.bits, fine-tune its shared values when args.finetune_epochs,

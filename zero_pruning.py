@@ -91,6 +91,8 @@ def sweep(model, train_data, validation, test_data, args, folder):
                    dense_bytes=dense_bytes, csr_bytes=outputs.save_model(pruned, folder / f"csr-{name}.pt", "csr"),
                    csr_bytes_needed=storage.csr_bytes_needed(pruned),
                    flops=measure.flops(pruned, test_data[0]))
+        if args.speed:
+            row.update(common.timed(args, model, pruned, test_data[0]))
         outputs.export_onnx(args, pruned, folder / f"zero-{name}.onnx")
         if args.bits:
             row.update(common.compress(pruned, train_data, validation, test_data, args, teacher,
@@ -112,7 +114,7 @@ def dropout_trained(model, train_data, teacher, args):
             common.epoch_progress("variational dropout"), args.shift, args.input_dropout)
 
 
-def columns(rows, finetuned, bits):
+def columns(rows, finetuned, bits, speed=()):
     percent, count = "{:.2f}%".format, "{:,.0f}".format
     given = "sparsity" if "sparsity" in rows[0] else None
     return [*([("Sparsity", "sparsity", results.label)] if given else []),
@@ -121,7 +123,7 @@ def columns(rows, finetuned, bits):
             *([("Fine-tuned", "finetuned_accuracy", percent)] if finetuned else []),
             ("Original Params", "original_params", count), ("Zeroed Params", "zeroed_params", count),
             ("Zero Percentage", "zero_percentage", percent),
-            ("Dense File (B)", "dense_bytes", count), ("CSR File (B)", "csr_bytes", count),
+            ("Dense File (B)", "dense_bytes", count), ("CSR File (B)", "csr_bytes", count), *speed,
             *(common.compressed_columns(finetuned) if bits else [])]
 
 
@@ -218,8 +220,10 @@ def main():
     common.prepare(args, model_files(args), FIGURES)
     rows, dense = common.results_over_seeds(args, run_one,
                                             lambda rows, baseline: plot(trained[-1], rows, baseline, args))
-    print(results.markdown_table(rows, columns(rows, bool(args.finetune_epochs), args.bits)))
+    print(results.markdown_table(rows, columns(rows, bool(args.finetune_epochs), args.bits, common.speed_columns(args))))
     print("\n" + common.dense_line(dense, args.seeds))
+    if args.speed:
+        print(common.speed_note(args, rows))
     print("Sizes are the files torch.save writes: dense fp32, and CSR with fp32 values and int32 indices.")
     if args.bits:
         print(common.compressed_note(args.bits))

@@ -4,13 +4,16 @@ and on what machine."""
 import logging
 import os
 import platform
+import statistics
+import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from pruning import chain
-from pruning.storage import to_csr
+
+ROUNDS = 5  # timings taken in turn; each keeps the median of its rounds
 
 
 @torch.no_grad()
@@ -20,6 +23,38 @@ def inference_time(fn, x, threads, min_run_time=0.5):
     from torch.utils.benchmark import Timer
     timer = Timer("fn(x)", globals={"fn": fn, "x": x}, num_threads=threads)
     return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def in_turn(fns, x, rounds=ROUNDS, least=0.01):
+    """Median seconds of each fn(x), the fns timed in turn, `rounds` times, each round repeating a
+    fn until `least` seconds have passed (after one call of each to warm up): a load that comes
+    and goes slows them all alike, so their ratios hold where their times do not."""
+    for fn in fns:
+        fn(x)
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, column in zip(fns, times):
+            n, start = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - start) < least or n == 0:
+                fn(x)
+                n += 1
+            column.append(elapsed / n)
+    return [statistics.median(column) for column in times]
+
+
+def cpu_used_by_others(seconds=0.5):
+    """The share of this machine's CPU time that other processes used over `seconds`, while this
+    one sleeps (from /proc/stat: Linux), or None where that cannot be read."""
+    def busy_and_total():
+        ticks = [int(n) for n in Path("/proc/stat").read_text().split()[1:9]]
+        return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # all but idle and iowait
+    try:
+        busy, total = busy_and_total()
+        time.sleep(seconds)
+        busy_after, total_after = busy_and_total()
+    except (OSError, ValueError):
+        return None
+    return (busy_after - busy) / max(1, total_after - total)
 
 
 @torch.no_grad()
@@ -43,32 +78,6 @@ def flops(model, example):
         for h in handles:
             h.remove()
     return total
-
-
-def sparse_forward(model):
-    """The forward pass of a zero-pruned MLP on CSR weights (CPU). Activations stay feature-major,
-    so every layer is one CSR @ dense product, the fast direction for torch.sparse. Turning the
-    batch feature-major is a copy anyway, and it keeps only the inputs that some weight reads.
-    Layers before the first nn.Linear (the input normalisation, the pixels kept) run as they are."""
-    layers = chain.layers(model)
-    first = next(i for i, m in enumerate(layers) if isinstance(m, nn.Linear))
-    if any(isinstance(m, nn.Conv2d) for m in layers):
-        raise ValueError("sparse inference covers networks of nn.Linear layers")
-    before = nn.Sequential(*layers[:first])
-    linears = [m for m in layers if isinstance(m, nn.Linear)]
-    head = linears[0].weight.detach().cpu()
-    used = head.ne(0).any(0).nonzero().squeeze(1)
-    weights = [to_csr(head[:, used])] + [to_csr(layer.weight) for layer in linears[1:]]
-    biases = [layer.bias.detach().cpu()[:, None] for layer in linears]
-
-    def forward(x):
-        h = before(x).T[used]
-        for i, (weight, bias) in enumerate(zip(weights, biases)):
-            h = torch.addmm(bias, weight, h)
-            if i < len(weights) - 1:
-                h.relu_()
-        return h.T
-    return forward
 
 
 def cpu_info(key):

@@ -16,7 +16,8 @@ def label(value):
 
 def mean_row(rows):
     """One row from the same row of several runs: means and sample standard deviations (of lists
-    of widths, element by element; other lists, such as the pixels kept, are sets, never averaged)."""
+    of widths, element by element, and of dicts of numbers key by key; other lists, such as the
+    pixels kept, are sets, never averaged)."""
     out = {}
     for key, value in rows[0].items():
         values = [r[key] for r in rows]
@@ -28,6 +29,10 @@ def mean_row(rows):
                                             and all(isinstance(x, (int, float)) for x in v) for v in values):
             out[key] = [statistics.mean(column) for column in zip(*values)]
             out[f"{key}_std"] = [statistics.stdev(column) for column in zip(*values)]
+        elif all(isinstance(v, dict) and v.keys() == value.keys()
+                 and all(isinstance(x, (int, float)) for x in v.values()) for v in values):  # speed-ups by batch
+            out[key] = {k: statistics.mean(v[k] for v in values) for k in value}
+            out[f"{key}_std"] = {k: statistics.stdev(v[k] for v in values) for k in value}
         else:
             out[key] = VARIES
     return out

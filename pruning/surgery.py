@@ -39,6 +39,18 @@ def make_permanent(model):
     return model
 
 
+def copy_of(model):
+    """A deep copy of model, pruning masks and all. A masked weight is a tensor its mask computes,
+    which deepcopy refuses while it records a gradient: it is computed afresh without one first
+    (the same numbers; every forward computes it again anyway)."""
+    with torch.no_grad():
+        for layer in model.modules():
+            for hook in layer._forward_pre_hooks.values():
+                if isinstance(hook, prune.BasePruningMethod):
+                    setattr(layer, hook._tensor_name, hook.apply_mask(layer))
+    return copy.deepcopy(model)
+
+
 @contextlib.contextmanager
 def masks_folded(model):
     """Within: the pruning masks of model's layers folded into plain weights, yielding the

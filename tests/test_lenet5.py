@@ -9,6 +9,7 @@ import torch
 
 import pruning
 from conftest import run_script
+from test_mnist import assert_fast_predicts_as_loaded
 from pruning import data as mnist
 from pruning import training
 
@@ -50,6 +51,8 @@ def test_lenet5_zero_pruning_ranks_conv_and_linear_weights_together(small_mnist,
     assert training.accuracy(model, test) == row["finetuned_accuracy"]
     assert training.accuracy(pruning.load(tmp_path / "models" / "compressed-sparsity0.9.bin"), test) == \
         row["quantized_finetuned_accuracy"]
+    for name in ("dense.pt", "csr-sparsity0.9.pt", "compressed-sparsity0.9.bin"):
+        assert_fast_predicts_as_loaded(tmp_path / "models" / name, test[0])
 
 
 @pytest.mark.parametrize("args", [["--reduction", "0.8", "--steps", "2", "--distill"], ["--thresholds", "0", "0.5"]])
@@ -65,5 +68,6 @@ def test_lenet5_activation_pruning_removes_channels(args, small_mnist, tmp_path)
         linear = next(m for m in model if isinstance(m, torch.nn.Linear))
         assert [conv1.out_channels, conv2.out_channels, linear.out_features] == row["hidden_widths"]
         assert linear.in_features == 16 * conv2.out_channels  # its block of columns went with each channel
+        assert_fast_predicts_as_loaded(tmp_path / "models" / f"activation-{name}.pt", test[0])
     if "--reduction" in args:
         assert results["rows"][0]["size_reduction"] >= 80 and results["rows"][0]["hidden_widths"][0] < 20

@@ -24,7 +24,7 @@ from pruning import files, storage, surgery, training
 from pruning.model import count_params, kept_inputs, mlp
 
 pytestmark = [pytest.mark.usefixtures("mnist_dir"), pytest.mark.slow]
-TIMINGS = {"inference_time_s"}
+TIMINGS = {"inference_time_s", "dense_inference_time_s"}
 
 
 def load(checkpoint):
@@ -32,6 +32,17 @@ def load(checkpoint):
     model, about = storage.load(checkpoint, with_about=True)
     assert about["config"]["recipe"] == training.RECIPE
     return model
+
+
+def assert_fast_predicts_as_loaded(path, images, batch=32):
+    """pruning.for_inference of the file's model predicts every image as the loaded model does."""
+    loaded = pruning.load(path)
+    fast = pruning.for_inference(loaded, batch)
+    with torch.no_grad():
+        expected = torch.cat([loaded(x) for x in images.split(500)])
+        got = torch.cat([fast(x) for x in images.split(500)])
+    assert torch.equal(got.argmax(1), expected.argmax(1)), path
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4), path
 
 
 def header(table):
@@ -76,6 +87,8 @@ def test_zero_pruning_default_sweep(checkpoint, tmp_path):
     assert torch.equal(training.predict(loaded, test[0]), training.predict(pruned, test[0]))
     assert [training.accuracy(pruning.load(tmp_path / f"csr-threshold{r['threshold']:.4g}.pt"), images)
             for r in rows] == [r["accuracy"] for r in rows]
+    for name in ["dense.pt"] + [f"csr-threshold{r['threshold']:.4g}.pt" for r in rows]:
+        assert_fast_predicts_as_loaded(tmp_path / name, test[0])
     assert training.accuracy(pruning.load(tmp_path / "dense.pt"), images) == results["dense_accuracy"]
 
 
@@ -99,6 +112,10 @@ def test_activation_pruning_default_sweep(checkpoint, tmp_path):
         smaller = pruning.load(tmp_path / f"activation-threshold{r['threshold']:.4g}.pt")
         assert count_params(smaller) == r["new_params"]
         assert training.accuracy(smaller, (test[0].view(-1, 1, 28, 28), test[1])) == r["accuracy"]
+        assert_fast_predicts_as_loaded(tmp_path / f"activation-threshold{r['threshold']:.4g}.pt", test[0])
+    assert all(r["dense_inference_time_s"] > 0 for r in rows)
+    assert "Times: the 10,000 test images in one batch, each row the median of 5 rounds taken in turn with the " \
+           "dense model" in stdout
 
 
 @pytest.fixture(scope="module")
@@ -109,12 +126,16 @@ def dense_accuracy(checkpoint):
 
 def test_fine_tuned_zero_pruning_keeps_accuracy_at_95_percent_zeros(checkpoint, dense_accuracy, tmp_path):
     results, stdout, _ = run_json("zero_pruning.py", tmp_path, "--checkpoint", checkpoint,
-                                  "--sparsity", "0.95", "--finetune-epochs", "4")
+                                  "--sparsity", "0.95", "--finetune-epochs", "4", "--speed")
     (row,) = results["rows"]
     assert row["zero_percentage"] >= 95
     assert row["finetuned_accuracy"] >= dense_accuracy - 0.5
     assert row["finetuned_accuracy"] > row["accuracy"]
     assert "Fine-tuned" in stdout
+    # --speed: for_inference's speed-ups by batch size beside the arithmetic's, as timed (not asserted: bench.py)
+    assert row["speedup"].keys() == {"1", "32", "10000"} and all(v > 0 for v in row["speedup"].values())
+    assert row["flops_ratio"] == pytest.approx(566_528 / (566_528 - row["zeroed_params"]), rel=1e-3)
+    assert "Speed-up (batch 1 / 32 / 10,000)" in header(stdout) and "pruning.for_inference(model, batch)" in stdout
 
 
 def test_one_step_is_the_one_shot_path(checkpoint, tmp_path):

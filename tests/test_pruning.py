@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import checkpoints
 import options
+import pruning
 from pruning import chain, criteria, measure, methods, results, schedules, storage, surgery, training
 from pruning import model as models
 from pruning.model import count_params, count_weights, count_zeros, kept_inputs, linears, mlp, widths
@@ -254,7 +255,7 @@ def test_sparse_file_round_trips_to_identical_predictions(tmp_path):
     x = torch.rand(64, 784)
     with torch.no_grad():
         assert torch.equal(loaded(x), pruned(x))
-        assert torch.allclose(measure.sparse_forward(pruned)(x), pruned(x), atol=1e-5)
+    assert torch.allclose(pruning.for_inference(loaded, 64)(x), pruned(x), atol=1e-5)
 
 
 def test_sparse_file_is_within_ten_percent_of_what_csr_needs(tmp_path):
@@ -265,12 +266,6 @@ def test_sparse_file_is_within_ten_percent_of_what_csr_needs(tmp_path):
         size = storage.save(pruned, tmp_path / "m.pt", "csr")
         assert size == (tmp_path / "m.pt").stat().st_size
         assert storage.csr_bytes_needed(pruned) <= size <= 1.10 * storage.csr_bytes_needed(pruned)
-
-
-def test_sparse_forward_skips_inputs_no_weight_reads():
-    model = tiny([2, 2, 1], [[[0.5, 0.0], [-1.0, 0.0]], [[1.0, 2.0]]], [[0.25, 1.0], [0.5]])  # input 2 unused
-    x = torch.tensor([[1.0, 7.0], [-2.0, 3.0], [4.0, -1.0]])
-    assert measure.sparse_forward(model)(x).flatten().tolist() == [1.25, 6.5, 2.75]
 
 
 def test_csr_bytes_needed_by_hand():

@@ -1,0 +1,279 @@
+"""A model made ready to predict fast on a CPU. for_inference(model, batch_size) runs each fully
+connected layer of the model's last run of them in one of three ways, whichever it measures as
+fastest on this machine at that batch size: as PyTorch runs it (dense), or through the kernel of
+kernels.py with the layer stored as its non-zeros (sparse) or whole (rows); consecutive kernel
+layers run as one compiled call. The model as given is a candidate too, so what it returns is
+never slower than what it was given. Layers before that run (the convolutions of LeNet-5) stay
+as PyTorch runs them."""
+
+import copy
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from pruning import chain, surgery
+from pruning.measure import in_turn
+from pruning.model import KeepInputs, Normalize
+
+NONE, RELU = 0, 1  # kernels' activation codes, here without importing numba
+SKIPPED = (nn.Dropout, nn.Identity)  # nothing in eval mode
+WAYS = ("dense", "sparse", "rows")  # how a layer runs: PyTorch, the kernel on its non-zeros, the kernel on every weight
+MARGIN = 1.03  # a faster plan is taken only when at least this much faster: timing noise is not speed
+MAX_BATCH = 1 << 20
+ROWS_ABOVE = {1: 0.25, "more": 0.5}  # density from which the kernel runs a layer faster whole than by its
+# non-zeros, at batch 1 and above (a 512-256 layer on a Xeon and an EPYC, docs/speed.md)
+DENSE_ABOVE = 0.5  # density from which a layer is tried in PyTorch (dense) beside the kernel
+BATCHES = (1, 32, 10000)  # the batch sizes every speed-up is measured at
+CALIBRATION = 2048  # the most inputs a plan is timed on: a larger batch is more tiles of the same
+
+
+class KernelLayers:
+    """A run of fully connected layers, each with its activation, packed for the kernel: every
+    layer's stored weights as rows in one set of arrays. The kernel reads the input's `columns`
+    (of the flattened batch) as (x - shift) / scale, into the first layer's inputs `read`: the input
+    normalisation, the kept pixels and the inputs no weight reads folded into how it gathers."""
+
+    def __init__(self, layers, dense, columns, shift=0.0, scale=1.0, read=None):
+        pointers, indices, data, biases, table, stored = [np.zeros(1, np.uint64)], [], [], [], [], 0
+        for k, ((linear, activation), whole) in enumerate(zip(layers, dense)):
+            weight = linear.weight.detach().cpu().numpy()
+            weight = weight[:, read] if k == 0 and read is not None else weight
+            rows, cols = weight.shape
+            if whole:
+                lengths, index, values = np.full(rows, cols), np.tile(np.arange(cols), rows), weight.ravel()
+            else:
+                row, index = np.nonzero(weight)
+                lengths, values = np.count_nonzero(weight, axis=1), weight[row, index]
+            table.append([rows, len(np.concatenate(pointers)) - 1, sum(map(len, biases)), activation, int(whole)])
+            pointers.append(stored + np.cumsum(lengths, dtype=np.uint64))
+            indices.append(index.astype(np.uint64))
+            data.append(values.astype(np.float32))
+            biases.append(np.zeros(rows, np.float32) if linear.bias is None else linear.bias.detach().cpu().numpy())
+            stored += int(lengths.sum())
+        self.layers = np.array(table, np.uint64)
+        self.indptr, self.indices = np.concatenate(pointers), np.concatenate(indices)
+        self.data, self.bias = np.concatenate(data), np.concatenate(biases).astype(np.float32)
+        self.columns = np.asarray(columns, np.uint64)
+        self.shift, self.scale = np.float32(shift), np.float32(scale)
+        self.width = max(len(self.columns), *self.layers[:, 0].tolist())
+        self.outputs = int(self.layers[-1, 0])
+        self.tile, self.threads = 128, 1
+
+    def __call__(self, x):
+        """x: (batch, inputs) fp32 C-contiguous tensor. Returns (batch, outputs)."""
+        from pruning import kernels
+        out = np.empty((x.shape[0], self.outputs), np.float32)
+        tile = min(self.tile, x.shape[0])
+        run = kernels.run
+        if self.threads > 1 and x.shape[0] > tile:
+            import numba
+            numba.set_num_threads(self.threads)
+            run = kernels.run_parallel
+        run(x.numpy(), self.columns, self.shift, self.scale, self.layers, self.indptr, self.indices, self.data,
+            self.bias, out, tile, self.width)
+        return torch.from_numpy(out)
+
+    def __repr__(self):
+        ways = ["rows" if whole else "sparse" for whole in self.layers[:, 4].tolist()]
+        return f"KernelLayers({', '.join(ways)}; tiles of {self.tile}, {self.threads} threads)"
+
+
+class Dense(nn.Module):
+    """A fully connected layer and its activation, as PyTorch runs them."""
+
+    def __init__(self, linear, activation):
+        super().__init__()
+        self.linear, self.relu = linear, activation == RELU
+
+    def forward(self, x):
+        y = self.linear(x)
+        return y.relu_() if self.relu else y
+
+
+class Prepared(nn.Module):
+    """The model as planned: `before` (PyTorch layers; empty where the kernel reads the input
+    itself), then `steps`, each a Dense layer or KernelLayers. Inputs it was not planned for (not
+    fp32 on the CPU, or needing gradients) go to the model as given, which also raises the model's
+    own errors."""
+
+    def __init__(self, before, steps, inputs, given, ways):
+        super().__init__()
+        self.before, self.steps, self.inputs, self.runs_before = before, steps, inputs, len(before) > 0
+        self.ways = ways
+        self.dense = nn.ModuleList(s for s in steps if isinstance(s, nn.Module))  # listed by print(model)
+        self.given = [given]  # in a list: not a submodule
+
+    def forward(self, x):
+        """Its weights need no gradient and x none, so nothing here records one."""
+        if (x.dtype != torch.float32 or x.device.type != "cpu" or x.requires_grad or x.dim() == 0
+                or math.prod(x.shape[1:]) != self.inputs):
+            return self.given[0](x)
+        h = (self.before(x) if self.runs_before else x).reshape(len(x), -1).contiguous()
+        for step in self.steps:
+            h = step(h)
+        return h
+
+    def extra_repr(self):
+        return "\n".join(repr(s) for s in self.steps if not isinstance(s, nn.Module))
+
+
+def split(layers):
+    """The chain `layers` as (what comes before its last run of fully connected layers, that run as
+    [(nn.Linear, activation code)]): each nn.Linear may be followed by a ReLU and by layers that do
+    nothing in eval mode. None where the chain does not end in such a run."""
+    start = len(layers)
+    while start > 0 and isinstance(layers[start - 1], (nn.Linear, nn.ReLU) + SKIPPED):
+        start -= 1
+    while start < len(layers) and not isinstance(layers[start], nn.Linear):
+        start += 1
+    if start == len(layers):
+        return None
+    run = []
+    for m in layers[start:]:
+        if isinstance(m, nn.Linear):
+            run.append((m, NONE))
+        elif isinstance(m, nn.ReLU):
+            run[-1] = (run[-1][0], RELU)  # relu(relu(x)) is relu(x)
+    return layers[:start], run
+
+
+def gather(before, first):
+    """How the kernel reads the model's input when all that comes before the first nn.Linear is the
+    kept pixels and the input normalisation (and a flatten), each element-wise: (the columns of the
+    flattened input that some weight reads, shift, scale). None where PyTorch must run them."""
+    if any(not isinstance(m, (Normalize, KeepInputs, nn.Flatten) + SKIPPED) for m in before):
+        return None
+    normalize = [m for m in before if isinstance(m, Normalize)]
+    keep = [m for m in before if isinstance(m, KeepInputs)]
+    if len(normalize) > 1 or len(keep) > 1:
+        return None
+    read = first.weight.detach().ne(0).any(0).cpu().nonzero().squeeze(1)
+    columns = keep[0].indices.cpu()[read] if keep else read
+    shift, scale = (normalize[0].mean, normalize[0].std) if normalize else (0.0, 1.0)
+    return columns.numpy(), shift, scale, read.numpy()
+
+
+def input_shape(layers, example):
+    """The shape of one input: the example's, else what the first layer reads."""
+    if example is not None:
+        return tuple(example.shape[1:])
+    first = layers[0]
+    if isinstance(first, Normalize):
+        return first.shape
+    if isinstance(first, KeepInputs):
+        return (first.size,)
+    if isinstance(first, nn.Linear):
+        return (first.in_features,)
+    raise ValueError("for_inference needs example=, a batch of inputs of the model, for a model that does not "
+                     "start with nn.Linear or this project's Normalize or KeepInputs")
+
+
+def plan(before, run, ways, folded, shape, given):
+    """A Prepared model whose fully connected layers run as `ways` says (one of WAYS each)."""
+    steps, i = [], 0
+    while i < len(run):
+        if ways[i] == "dense":
+            steps.append(Dense(*run[i]))
+            i += 1
+            continue
+        j = next((k for k in range(i, len(run)) if ways[k] == "dense"), len(run))
+        reads_input = i == 0 and folded is not None
+        gathered = folded if reads_input else (np.arange(run[i][0].in_features),)
+        steps.append(KernelLayers(run[i:j], [w == "rows" for w in ways[i:j]], *gathered))
+        i = j
+    reads_input = ways[0] != "dense" and folded is not None
+    return Prepared(nn.Sequential() if reads_input else nn.Sequential(*before), steps, math.prod(shape), given,
+                    ways).eval()
+
+
+def fastest(candidates, x):
+    """The fastest of candidates on x, the first (the incumbent) unless another beats it by MARGIN."""
+    times = in_turn(candidates, x)
+    return candidates[min(range(len(candidates)), key=lambda k: times[k] * (MARGIN if k else 1))]
+
+
+def tilings(batch, threads):
+    """(tile, threads) to try for the kernel at this batch size."""
+    if batch <= 256:
+        return [(batch, 1)] + ([(math.ceil(batch / threads), threads)] if threads > 1 and batch > 1 else [])
+    return [(tile, threads) for tile in (64, 128, 256)]
+
+
+@torch.no_grad()
+def for_inference(model, batch_size=32, example=None):
+    """A copy of model for predicting on the CPU, about batch_size inputs a call: in eval mode,
+    without gradients, its last run of fully connected layers computed on their non-zeros where
+    that is faster here, and the model as given kept where that is faster still. It predicts as
+    model does: its logits differ only by float rounding (the sums run in another order).
+    example: a batch of the model's inputs, needed only for a model that does not start with
+    nn.Linear or this project's Normalize or KeepInputs."""
+    if type(batch_size) is not int or not 0 < batch_size <= MAX_BATCH:
+        raise ValueError(f"batch_size must be a whole number from 1 to {MAX_BATCH:,}, not {batch_size!r}")
+    given = surgery.copy_of(model).eval().requires_grad_(False)
+    layers = chain.layers(given)
+    shape = input_shape(layers, example)
+    parts = split(layers)
+    if parts is None or any(p.dtype != torch.float32 or p.device.type != "cpu" for p in given.parameters()):
+        return given
+    before, run = parts
+    folded = gather(before, run[0][0])
+    kernel = [way(linear, batch_size) for linear, _ in run]
+    mixed = [w if density(linear) <= DENSE_ABOVE else "dense" for w, (linear, _) in zip(kernel, run)]
+    dense = ["dense"] * len(run)
+    ways = [w for i, w in enumerate([dense, kernel, mixed]) if w not in [dense, kernel, mixed][:i]]
+    x = torch.rand(min(batch_size, CALIBRATION), *shape, generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    if folded is None:  # what comes before the run is PyTorch's in every plan: time the run alone, on its inputs
+        h = nn.Sequential(*before)(x).flatten(1).contiguous()
+        tails = [plan([], run, w, None, h.shape[1:], given) for w in ways]
+        for tail in tails[1:]:
+            tune(tail, h, batch_size, threads)
+        best = fastest(tails, h)
+        if best is tails[0]:
+            return given
+        return Prepared(nn.Sequential(*before), best.steps, math.prod(shape), given, best.ways).eval()
+    candidates = [given] + [plan(before, run, w, folded, shape, given) for w in ways[1:]]
+    for candidate in candidates[1:]:
+        tune(candidate, x, batch_size, threads)
+    return fastest(candidates, x)
+
+
+def density(linear):
+    return linear.weight.count_nonzero().item() / linear.weight.numel()
+
+
+def way(linear, batch):
+    """How the kernel stores a layer: its non-zeros, or every weight where it runs faster so (a
+    contiguous dot product at batch 1, four rows at a time above): from ROWS_ABOVE non-zero."""
+    return "rows" if density(linear) > ROWS_ABOVE[1 if batch == 1 else "more"] else "sparse"
+
+
+def tune(prepared, x, batch, threads):
+    """Set the tile size and thread count of every KernelLayers in prepared (a Prepared model or a
+    KernelLayers) to the fastest measured on x."""
+    kernels = [s for s in getattr(prepared, "steps", [prepared]) if isinstance(s, KernelLayers)]
+    options = tilings(batch, threads)
+    if not kernels or len(options) == 1:
+        return
+    times = []
+    for tile, n in options:
+        for k in kernels:
+            k.tile, k.threads = tile, n
+        times.append(in_turn([prepared], x, rounds=3)[0])
+    tile, n = options[min(range(len(options)), key=times.__getitem__)]
+    for k in kernels:
+        k.tile, k.threads = tile, n
+
+
+def speedups(dense, model, x, batches=BATCHES):
+    """{batch: how many times faster for_inference(model, batch) runs `batch` images of x than
+    dense runs them in PyTorch}, the two timed in turn at each batch size."""
+    dense = torch.no_grad()(copy.deepcopy(dense).eval())
+    out = {}
+    for batch in batches:
+        xb = x[torch.arange(batch) % len(x)]  # x over again where it holds fewer
+        t_dense, t_fast = in_turn([dense, for_inference(model, batch)], xb)
+        out[str(batch)] = t_dense / t_fast
+    return out

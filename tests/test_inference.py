@@ -1,0 +1,161 @@
+"""pruning.for_inference: the same predictions, whichever way each layer runs; the kernel's paths
+(one image, tiles, four rows at a time, threads) checked against PyTorch on small models."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.utils import prune
+
+import pruning
+from pruning import compressed, inference, model as models, surgery
+from test_pruning import tiny
+
+
+def sparse_mlp(sizes=(40, 23, 13, 6), density=0.3, seed=0):
+    """An MLP of odd widths (no multiple of four) with about `density` of its weights non-zero."""
+    torch.manual_seed(seed)
+    model = models.mlp(sizes)
+    with torch.no_grad():
+        for layer in models.linears(model):
+            layer.weight.mul_(torch.rand_like(layer.weight) < density)
+    return model.eval()
+
+
+def kernel_of(model, dense, tile, threads, columns=None):
+    """KernelLayers running every layer of an MLP, each stored as `dense` says."""
+    _, run = inference.split(pruning.chain.layers(model))
+    columns = np.arange(run[0][0].in_features) if columns is None else columns
+    kernel = inference.KernelLayers(run, [dense] * len(run), columns)
+    kernel.tile, kernel.threads = tile, threads
+    return kernel
+
+
+def test_the_kernel_by_hand():
+    model = tiny([2, 2, 1], [[[1.0, 0.0], [0.0, 2.0]], [[1.0, 3.0]]], [[0.5, 0.0], [0.25]])
+    x = torch.tensor([[1.0, -1.0], [1.0, 1.0]])  # relu([1.5, -2]) -> 1.75; relu([1.5, 2]) -> 7.75
+    for dense in (False, True):
+        assert kernel_of(model, dense, 1, 1)(x[:1]).tolist() == [[1.75]]
+        assert kernel_of(model, dense, 2, 1)(x).tolist() == [[1.75], [7.75]]
+
+
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("batch,tile,threads", [(1, 1, 1), (7, 7, 1), (37, 8, 2), (64, 16, 1), (64, 16, 2)])
+def test_the_kernel_computes_what_pytorch_does(dense, batch, tile, threads):
+    model = sparse_mlp()
+    x = torch.randn(batch, 40)
+    with torch.no_grad():
+        expected = model(x)
+    got = kernel_of(model, dense, tile, threads)(x)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_kernel_reads_only_the_columns_it_is_given():
+    model = tiny([2, 2, 1], [[[0.5, 0.0], [-1.0, 0.0]], [[1.0, 2.0]]], [[0.25, 1.0], [0.5]])  # input 2 unused
+    first, run = model[0], inference.split(pruning.chain.layers(model))[1]
+    kernel = inference.KernelLayers(run, [False, False], np.array([0]), read=np.array([0]))
+    x = torch.tensor([[1.0, 7.0], [-2.0, 3.0], [4.0, -1.0]])
+    assert first.in_features == 2 and kernel(x).flatten().tolist() == [1.25, 6.5, 2.75]
+
+
+@pytest.mark.parametrize("batch", [1, 32, 300])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.95])
+def test_for_inference_predicts_as_the_model(batch, sparsity):
+    torch.manual_seed(0)
+    model = models.mnist_mlp((784, 64, 32, 10))
+    if sparsity:
+        pruning.zero_prune(model, sparsity)
+    fast = pruning.for_inference(model, batch)
+    x = torch.rand(500, 28, 28)
+    with torch.no_grad():
+        expected = model.eval()(x)
+    got = fast(x)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+    assert not fast.training and not any(p.requires_grad for p in fast.parameters())
+
+
+def every_way(model, x, batch=8):
+    """model's logits through every plan for_inference weighs: each layer dense, sparse or rows."""
+    layers = pruning.chain.layers(surgery.copy_of(model).eval().requires_grad_(False))
+    before, run = inference.split(layers)
+    folded = inference.gather(before, run[0][0])
+    shape = inference.input_shape(layers, None)
+    for way in inference.WAYS:
+        for first in inference.WAYS:
+            prepared = inference.plan(before, run, [first] + [way] * (len(run) - 1), folded, shape, model)
+            for kernel in prepared.steps:
+                if isinstance(kernel, inference.KernelLayers):
+                    kernel.tile = batch
+            yield prepared(x)
+
+
+def test_every_plan_predicts_as_the_model_with_kept_pixels_and_normalisation():
+    torch.manual_seed(0)
+    model = models.mlp((30, 17, 10), inputs=torch.randperm(784)[:30]).eval()
+    model = nn.Sequential(model[0], models.Normalize(shape=(30,)), *model[1:])  # as activation pruning leaves it
+    x = torch.rand(20, 1, 28, 28)
+    with torch.no_grad():
+        expected = model(x)
+    for got in every_way(model, x):
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lenet5s_convolutions_stay_in_pytorch_and_its_head_may_not():
+    torch.manual_seed(0)
+    model = pruning.zero_prune(models.lenet5(), 0.9)
+    fast = pruning.for_inference(model, 16)
+    x = torch.rand(16, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), model.eval()(x), rtol=1e-4, atol=1e-5)
+    for got in every_way(model, x, batch=16):
+        assert torch.allclose(got, model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_masks_and_shared_weights_are_read_as_the_weights_they_make(tmp_path):
+    torch.manual_seed(0)
+    model = models.mnist_mlp((784, 32, 10)).eval()
+    masked = surgery.hold_below(copy.deepcopy(model), 0.03)  # torch.nn.utils.prune masks, not folded
+    assert prune.is_pruned(masked)
+    quantized = compressed.quantize(surgery.make_permanent(surgery.copy_of(masked)), 4)
+    pruning.save(quantized, tmp_path / "q.bin", "compressed")
+    x = torch.rand(64, 784)
+    for m in (masked, quantized, pruning.load(tmp_path / "q.bin")):
+        with torch.no_grad():
+            expected = m.eval()(x)
+        assert torch.allclose(pruning.for_inference(m, 64)(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_inputs_it_was_not_planned_for_go_to_the_model_as_given():
+    torch.manual_seed(0)
+    model = pruning.zero_prune(models.mnist_mlp((784, 32, 10)), 0.9).eval()
+    fast = pruning.for_inference(model, 4)
+    x = torch.rand(4, 784, requires_grad=True)
+    assert fast(x).requires_grad  # the model's own forward, gradients and all
+    with pytest.raises(ValueError, match="reads images of 784 values"):
+        fast(torch.rand(4, 100))
+
+
+def test_for_inference_leaves_the_model_as_it_was():
+    torch.manual_seed(0)
+    model = pruning.zero_prune(models.mnist_mlp((784, 32, 10)), 0.9).train()
+    state = copy.deepcopy(model.state_dict())
+    pruning.for_inference(model, 2)
+    assert model.training and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, "32", 1 << 21])
+def test_batch_size_is_checked(batch_size):
+    with pytest.raises(ValueError, match="batch_size"):
+        pruning.for_inference(models.mnist_mlp(), batch_size)
+
+
+def test_a_model_of_unknown_input_shape_asks_for_an_example():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 26 * 26, 3))
+    with pytest.raises(ValueError, match="example="):
+        pruning.for_inference(model)
+    x = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(pruning.for_inference(model, 5, example=x)(x), model(x), rtol=1e-4, atol=1e-5)
