@@ -78,6 +78,8 @@ def sweep(model, train_data, validation, test_data, args, folder):
             row.update(common.compress(pruned, train_data, validation, test_data, args, teacher,
                                        folder / f"compressed-{name}.bin", f"{kind} {results.label(target)}",
                                        dense_bytes))
+        if args.baselines:
+            row.update(common.unit_baselines(model, pruned, train_data[0], spatial, args, validation, test_data))
         if args.prune_inputs:
             row["kept_pixels"] = models.kept_inputs(pruned).tolist()
         row.update(original_params=original, new_params=new, input_width=models.widths(pruned)[0],
@@ -105,7 +107,7 @@ def measured_means(model, x):
     return means
 
 
-def columns(reduction, compensated, finetuned, bits, pixels=False, speed=()):
+def columns(reduction, compensated, finetuned, bits, pixels=False, speed=(), baselines=()):
     percent, count = "{:.2f}%".format, "{:,.0f}".format
     return [("Reduction", "reduction", results.label) if reduction else ("Threshold", "threshold", results.label),
             ("Accuracy", "accuracy", percent),
@@ -115,7 +117,7 @@ def columns(reduction, compensated, finetuned, bits, pixels=False, speed=()):
             *([("Input Pixels", "input_width", count)] if pixels else []),
             ("Hidden Widths", "hidden_widths", lambda widths: "-".join(f"{w:.0f}" for w in widths)),
             ("Inference Time (s)", "inference_time_s", "{:.4f}".format),
-            ("Size Reduction", "size_reduction", percent), *speed,
+            ("Size Reduction", "size_reduction", percent), *speed, *baselines,
             *(common.compressed_columns(finetuned) if bits else [])]
 
 
@@ -215,9 +217,11 @@ def main():
                                             lambda rows, baseline: plot(trained[-1], rows, baseline, args))
     print(results.markdown_table(rows, columns(bool(args.reduction), args.bias_compensation and not args.reduction,
                                                bool(args.finetune_epochs), args.bits, args.prune_inputs,
-                                               common.speed_columns(args))))
+                                               common.speed_columns(args), common.baseline_columns(rows))))
     print("\n" + common.dense_line(dense, args.seeds))
     print(common.speed_note(args, rows))
+    if args.baselines:
+        print(common.baseline_note(args))
     if args.bits:
         print(common.compressed_note(args.bits))
     for r in rows:

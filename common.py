@@ -318,6 +318,51 @@ def compress(model, train_data, validation, test_data, args, teacher, path, name
     return row
 
 
+def calibration_images(train_data, args):
+    """--calibration training images, drawn at random (seeded by --seed): what one-shot pruning
+    measures on. The validation images are not among them: they are held out of train_data."""
+    x = train_data[0]
+    generator = torch.Generator().manual_seed(args.seed)
+    return x[torch.randperm(len(x), generator=generator)[:args.calibration].to(x.device)]
+
+
+def zero_baselines(model, sparsity, validation, test_data, seed):
+    """--baselines for a row of zero pruning: the accuracy of model with the same fraction of zeros
+    chosen at random, and by magnitude in each layer alike; neither fine-tuned."""
+    from pruning import baselines
+    return {**scores(baselines.random_zeros(copy.deepcopy(model), sparsity, seed), validation, test_data,
+                     "random_accuracy"),
+            **scores(baselines.layerwise_zeros(copy.deepcopy(model), sparsity), validation, test_data,
+                     "layerwise_accuracy")}
+
+
+def unit_baselines(model, pruned, x, spatial, args, validation, test_data):
+    """--baselines for a row of activation pruning: the accuracy of model cut to pruned's widths
+    (its input pixels too with --prune-inputs), the units chosen at random, and each layer's by
+    the norm of their weights; neither fine-tuned. x: the images the cut measures on."""
+    from pruning import baselines, methods
+    widths = list(models.widths(pruned))
+    cut = [methods.shrink(model, widths, x, criterion, args.prune_inputs, spatial)
+           for criterion in (baselines.random_units(args.seed), baselines.weight_norm_units)]
+    return {**scores(cut[0], validation, test_data, "random_accuracy"),
+            **scores(cut[1], validation, test_data, "layerwise_accuracy")}
+
+
+def baseline_note(args):
+    if not args.baselines:
+        return None
+    return ("Random and Layer-wise (--baselines), not fine-tuned: " + (
+        "the same widths, the units chosen at random, and each layer's by the norm of their weights."
+        if "activation" in Path(sys.argv[0]).name else
+        "the same share of zeros, chosen at random, and by magnitude in each layer alike."))
+
+
+def baseline_columns(rows):
+    percent = "{:.2f}%".format
+    return [("Random", "random_accuracy", percent), ("Layer-wise", "layerwise_accuracy", percent)] \
+        if "random_accuracy" in rows[0] else []
+
+
 def compressed_columns(finetuned):
     percent = "{:.2f}%".format
     return [("Quantized", "quantized_accuracy", percent),

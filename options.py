@@ -118,6 +118,10 @@ def parser(description, thresholds):
                         "LeNet results did not use; default: 0, the images as they are)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to train and evaluate; auto picks CUDA when present (default: auto)")
+    p.add_argument("--baselines", action="store_true",
+                   help="set each row beside random pruning and layer-wise magnitude at the same sparsity (zero "
+                        "pruning) or random units and units by weight norm at the same widths (activation pruning), "
+                        "neither fine-tuned")
     p.add_argument("--speed", action="store_true",
                    help="time each pruned model through pruning.for_inference against the dense model at batch 1, "
                         "32 and 10,000, in turn, and show the speed-ups beside how much less arithmetic it does")

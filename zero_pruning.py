@@ -13,7 +13,8 @@ import copy
 import common
 import options
 import outputs
-from pruning import criteria, measure, methods, model as models, plots, results, storage, surgery, variational
+from pruning import baselines, criteria, measure, methods, model as models, oneshot, plots, results, storage, surgery
+from pruning import variational
 from pruning.files import UserError, shown
 
 THRESHOLDS = [0.0, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.10]
@@ -22,6 +23,15 @@ PUBLISHED_LENET = [  # LeNet-300-100 on MNIST: (method, weights kept %, test err
 FIGURES = ["weight_magnitudes.png", "zero_pruning_accuracy.png"]
 STEP_EPOCHS, FINAL_EPOCHS = 4, 30  # fine-tuning in --steps without --finetune-epochs, chosen on validation (README)
 STEP_VARIATIONAL_DROPOUT = 10.0  # its strength, first, in --steps without --finetune-epochs; chosen so too
+
+
+def n_of_m(text):
+    """An argparse type: N:M, keep N of every M weights, 0 < N < M <= 64."""
+    try:
+        n, m = (int(v) for v in text.split(":"))
+        return oneshot.check_pattern((n, m), None)
+    except ValueError:
+        raise options.argparse.ArgumentTypeError(f"not N:M with 0 < N < M <= 64: {text!r}") from None
 
 
 def targets(args):
@@ -44,7 +54,7 @@ def model_files(args):
 def thresholds(model, args):
     """The threshold of each row: given, or the one that reaches the sparsity given; each distinct,
     and none that leaves nothing to compress. None for each row where saliency ranks the weights."""
-    if args.criterion == "saliency":
+    if args.criterion == "saliency" or args.one_shot:
         return [None] * len(args.sparsity)
     if not args.sparsity:
         chosen = args.thresholds
@@ -69,10 +79,14 @@ def sweep(model, train_data, validation, test_data, args, folder):
     saliency = methods.obd_saliency(train_data, args.batch_size, args.seed, teacher, args.temperature,
                                     args.distill_weight) if args.criterion == "saliency" else None
     dense_saliencies = saliency(model) if saliency else None  # one pass, shared by every row
+    calibration = common.calibration_images(train_data, args) if args.one_shot else None
     rows = []
     chosen = thresholds(model, args)
     for (name, kind, value), t in zip(common.progress(targets(args), "sweep", kind_of(args)), chosen):
-        if saliency is None:
+        if args.one_shot:
+            pruned = oneshot.one_shot(copy.deepcopy(model), calibration, value, args.one_shot, args.pattern)
+            pruned = surgery.hold_masked(pruned, [layer.weight != 0 for layer in models.weighted(pruned)])
+        elif saliency is None:
             pruned = surgery.hold_below(copy.deepcopy(model), t)
         else:
             pruned = surgery.hold_masked(copy.deepcopy(model), criteria.keep_largest(dense_saliencies, value))
@@ -91,6 +105,8 @@ def sweep(model, train_data, validation, test_data, args, folder):
                    dense_bytes=dense_bytes, csr_bytes=outputs.save_model(pruned, folder / f"csr-{name}.pt", "csr"),
                    csr_bytes_needed=storage.csr_bytes_needed(pruned),
                    flops=measure.flops(pruned, test_data[0]))
+        if args.baselines:
+            row.update(common.zero_baselines(model, zeroed / weights, validation, test_data, args.seed))
         if args.speed:
             row.update(common.timed(args, model, pruned, test_data[0]))
         outputs.export_onnx(args, pruned, folder / f"zero-{name}.onnx")
@@ -123,6 +139,7 @@ def columns(rows, finetuned, bits, speed=()):
             *([("Fine-tuned", "finetuned_accuracy", percent)] if finetuned else []),
             ("Original Params", "original_params", count), ("Zeroed Params", "zeroed_params", count),
             ("Zero Percentage", "zero_percentage", percent),
+            *common.baseline_columns(rows),
             ("Dense File (B)", "dense_bytes", count), ("CSR File (B)", "csr_bytes", count), *speed,
             *(common.compressed_columns(finetuned) if bits else [])]
 
@@ -194,6 +211,15 @@ def main():
                         "variational dropout, its prior's weight S (1: the variational bound; more zeroes more), and "
                         "zero the weights it finds it can spare (default: 10 when --finetune-epochs is not given, "
                         "else none; 0: none)")
+    p.add_argument("--one-shot", choices=oneshot.METHODS, metavar="METHOD",
+                   help="prune each --sparsity with no training, from --calibration training images: magnitude "
+                        "(global), wanda (|w| times its input's norm) or reconstruct (each layer's kept weights "
+                        "corrected toward the dense network's outputs, SparseGPT-style); each layer at the sparsity "
+                        "global magnitude gives it. With --finetune-epochs, also fine-tuned after")
+    p.add_argument("--pattern", type=n_of_m, metavar="N:M",
+                   help="with --one-shot, keep N of every M consecutive weights of each row instead (2:4: sparsity 0.5)")
+    p.add_argument("--calibration", type=options.positive(int, 60_000), default=oneshot.CALIBRATION, metavar="N",
+                   help=f"training images --one-shot measures on (default: {oneshot.CALIBRATION})")
     p.add_argument("--variational-dropout-epochs", type=options.positive(int, options.MAX_EPOCHS), default=10,
                    metavar="N", help="epochs of --variational-dropout training (default: 10)")
     args = p.parse_args()
@@ -202,6 +228,19 @@ def main():
     if args.variational_dropout is None and options.steps_on_defaults(args):
         args.variational_dropout = STEP_VARIATIONAL_DROPOUT
     args.input_dropout = args.input_dropout or 0.0
+    if args.pattern and not args.one_shot:
+        raise UserError("--pattern takes --one-shot")
+    if args.one_shot:
+        if args.steps > 1 or args.criterion == "saliency" or args.variational_dropout:
+            raise UserError("--one-shot prunes in one step by its own criterion: give no --steps, --criterion or "
+                            "--variational-dropout")
+        if args.pattern:
+            n, m = args.pattern
+            if args.sparsity not in (None, [1 - n / m]):
+                raise UserError(f"--pattern {n}:{m} zeroes {1 - n / m:g} of the weights; give no other --sparsity")
+            args.sparsity = [1 - n / m]
+        elif not args.sparsity:
+            raise UserError("--one-shot takes --sparsity (or --pattern)")
     if args.criterion == "saliency" and not args.sparsity:
         raise UserError("--criterion saliency ranks the weights toward a --sparsity; --thresholds are magnitudes")
     options.check_steps(args, "--sparsity", STEP_EPOCHS, FINAL_EPOCHS)
@@ -224,6 +263,12 @@ def main():
     print("\n" + common.dense_line(dense, args.seeds))
     if args.speed:
         print(common.speed_note(args, rows))
+    if args.one_shot:
+        print(f"One-shot: {args.one_shot}" + (f", {args.pattern[0]}:{args.pattern[1]} pattern" if args.pattern else "")
+              + f", from {args.calibration:,} training images, with no training"
+              + (f"; Fine-tuned: then {args.finetune_epochs} epochs, the zeros held." if args.finetune_epochs else "."))
+    if args.baselines:
+        print(common.baseline_note(args))
     print("Sizes are the files torch.save writes: dense fp32, and CSR with fp32 values and int32 indices.")
     if args.bits:
         print(common.compressed_note(args.bits))

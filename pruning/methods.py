@@ -6,24 +6,28 @@ costs; and the group-lasso penalty that trains a network to spare units before t
 import torch
 import torch.nn as nn
 
-from pruning import chain, criteria, surgery, training
+from pruning import chain, criteria, oneshot, surgery, training
 from pruning.model import count_params, weighted
 from pruning.schedules import cubic_schedule
 
 
-def zero_prune(model, sparsity, steps=1, finetune=None, saliency=None):
+def zero_prune(model, sparsity, steps=1, finetune=None, saliency=None, pattern=None):
     """Zero the weights of every nn.Linear and nn.Conv2d of model, smallest in magnitude first over
     all layers together, until the fraction `sparsity` of them is zero: in `steps` steps on the
     cubic schedule, calling finetune(model) after each with the zeros held. saliency: None, or a
     function of the model giving every weighted layer's scores (as obd_saliency's does) to rank
-    the weights by, re-scored before each step, in place of their magnitudes. Changes model in
-    place and returns it, with ordinary layers (no masks left)."""
+    the weights by, re-scored before each step, in place of their magnitudes. pattern=(n, m):
+    every step keeps the n best of every m consecutive weights of each row instead (sparsity
+    1 - n/m). Changes model in place and returns it, with ordinary layers (no masks left)."""
+    oneshot.check_pattern(pattern, sparsity)
     if not 0 <= sparsity < 1:
         raise ValueError(f"sparsity must be from 0 to below 1, not {sparsity}")
     chain.layers(model)  # refuses what it cannot prune before any change
     for target in cubic_schedule(sparsity, steps):
         scores = saliency(model) if saliency else [layer.weight.detach().abs() for layer in weighted(model)]
-        surgery.hold_masked(model, criteria.keep_largest(scores, target))
+        keep = [oneshot.keep_in_pattern(s, pattern) for s in scores] if pattern else \
+            criteria.keep_largest(scores, target)
+        surgery.hold_masked(model, keep)
         if finetune:
             finetune(model)
         surgery.make_permanent(model)

@@ -112,6 +112,13 @@ def test_cuda_without_a_gpu_is_rejected(script, tmp_path, capsys, monkeypatch):
     (["--criterion", "fisher", "--sparsity", "0.9"], "invalid choice: 'fisher'"),
     (["--sparsity", "0.9", "--variational-dropout", "10"], "--variational-dropout takes --steps 2 or more"),
     (["--sparsity", "0.9", "--steps", "2", "--variational-dropout", "-1"], "must be >= 0, not -1"),
+    (["--pattern", "2:4"], "--pattern takes --one-shot"),
+    (["--one-shot", "reconstruct"], "--one-shot takes --sparsity (or --pattern)"),
+    (["--one-shot", "obs", "--sparsity", "0.9"], "invalid choice: 'obs'"),
+    (["--one-shot", "wanda", "--pattern", "4:2"], "not N:M with 0 < N < M <= 64: '4:2'"),
+    (["--one-shot", "wanda", "--pattern", "2:4", "--sparsity", "0.9"], "--pattern 2:4 zeroes 0.5 of the weights"),
+    (["--one-shot", "magnitude", "--sparsity", "0.9", "--steps", "3"], "--one-shot prunes in one step"),
+    (["--one-shot", "magnitude", "--sparsity", "0.9", "--calibration", "0"], "must be > 0, not 0"),
 ])
 def test_zero_pruning_sparsity_must_be_distinct_fractions(args, message, tmp_path, capsys, monkeypatch):
     assert_rejected("zero_pruning.py", args, message, tmp_path, capsys, monkeypatch)

@@ -1,0 +1,121 @@
+"""Pruning without retraining (pruning.one_shot), N:M patterns and the baselines, on tiny models
+with answers worked by hand."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import pruning
+from pruning import baselines, methods, model as models, oneshot
+
+
+def linear(weights, bias=0.0):
+    layer = nn.Linear(len(weights), 1)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([weights]))
+        layer.bias.fill_(bias)
+    return nn.Sequential(layer)
+
+
+def test_keep_in_pattern_keeps_the_n_largest_of_every_m():
+    scores = torch.tensor([[4.0, 1.0, 3.0, 2.0, 0.5, 0.7, 0.1], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]])
+    keep = oneshot.keep_in_pattern(scores, (2, 4))
+    assert keep.tolist() == [[True, False, True, False, True, True, False],
+                             [False, False, True, True, False, True, True]]  # the last group of 3 keeps 2
+
+
+@pytest.mark.parametrize("pattern", [(2, 2), (0, 4), (3, 2), [2, 4], (2.0, 4), (1, 65)])
+def test_a_pattern_must_be_n_of_m(pattern):
+    with pytest.raises(ValueError, match="pattern"):
+        oneshot.check_pattern(pattern, None)
+
+
+def test_a_pattern_fixes_the_sparsity():
+    with pytest.raises(ValueError, match="zeroes 0.5 of the weights, not 0.9"):
+        oneshot.check_pattern((2, 4), 0.9)
+
+
+def test_the_reconstruction_moves_a_pruned_weight_onto_the_input_that_repeats_it():
+    model = linear([1.0, 0.5])  # its two inputs are always equal: 0.5 x2 can ride on x1
+    t = torch.linspace(-1, 1, 64)[:, None]
+    x = torch.cat([t, t], 1)
+    before = model(x).detach()
+    oneshot.one_shot(model, x, 0.5)
+    w = sorted(model[0].weight.detach().flatten().tolist())
+    assert w[0] == 0 and w[1] == pytest.approx(1.5, rel=0.02)  # damped least squares: not quite exact
+    assert torch.allclose(model(x), before, rtol=0.02, atol=0.02)
+
+
+def test_magnitude_drops_the_smaller_weight_and_wanda_the_one_that_reads_less():
+    x = torch.tensor([[1.0, 10.0], [-1.0, -10.0]])  # input norms sqrt(2) and 10 sqrt(2)
+    by_magnitude = oneshot.one_shot(linear([1.0, 0.5]), x, 0.5, "magnitude")
+    by_wanda = oneshot.one_shot(linear([1.0, 0.5]), x, 0.5, "wanda")  # scores 1.4 and 7.1
+    assert by_magnitude[0].weight.tolist() == [[1.0, 0.0]]
+    assert by_wanda[0].weight.tolist() == [[0.0, 0.5]]
+
+
+@pytest.mark.parametrize("method", oneshot.METHODS)
+def test_one_shot_reaches_its_sparsity_layer_by_layer_as_global_magnitude_allocates(method):
+    torch.manual_seed(0)
+    model = models.lenet5()
+    expected = oneshot.layer_sparsities(model, 0.9)
+    x = torch.rand(64, 1, 28, 28)
+    pruned = oneshot.one_shot(copy.deepcopy(model), x, 0.9, method)
+    got = [(layer.weight == 0).float().mean().item() for layer in models.weighted(pruned)]
+    assert got == pytest.approx(expected, abs=2e-3)
+    assert pruning.count_zeros(pruned) / pruning.count_weights(pruned) == pytest.approx(0.9, abs=1e-3)
+    again = oneshot.one_shot(copy.deepcopy(model), x, 0.9, method)
+    assert all(torch.equal(a, b) for a, b in zip(pruned.state_dict().values(), again.state_dict().values()))
+
+
+def test_one_shot_in_a_pattern_keeps_two_of_every_four_and_the_mode():
+    torch.manual_seed(0)
+    model = models.mnist_mlp((784, 32, 16, 10)).train()
+    oneshot.one_shot(model, torch.rand(128, 784), None, "reconstruct", (2, 4))
+    assert model.training
+    for layer in models.weighted(model):
+        assert (layer.weight.view(layer.weight.shape[0], -1, 4) != 0).sum(2).max() <= 2
+        assert (layer.weight == 0).float().mean() == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("bad", [dict(method="obs"), dict(sparsity=1.0), dict(sparsity=None),
+                                 dict(inputs=torch.zeros(0, 784))])
+def test_one_shot_checks_its_arguments_before_any_change(bad):
+    torch.manual_seed(0)
+    model = models.mnist_mlp((784, 8, 10))
+    state = copy.deepcopy(model.state_dict())
+    args = {"inputs": torch.rand(4, 784), "sparsity": 0.5, "method": "reconstruct", **bad}
+    with pytest.raises(ValueError):
+        oneshot.one_shot(model, **args)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_zero_prune_in_a_pattern():
+    torch.manual_seed(0)
+    model = methods.zero_prune(models.mlp((8, 8, 4)), 0.5, pattern=(2, 4))
+    for layer in models.weighted(model):
+        assert (layer.weight.view(layer.weight.shape[0], -1, 4) != 0).sum(2).tolist() == \
+            [[2, 2]] * layer.weight.shape[0]
+
+
+def test_the_zero_baselines_zero_as_many_weights():
+    torch.manual_seed(0)
+    model = models.mlp((20, 10, 5))
+    randomly = baselines.random_zeros(copy.deepcopy(model), 0.6, seed=1)
+    assert pruning.count_zeros(randomly) == round(0.6 * 250)
+    evenly = baselines.layerwise_zeros(copy.deepcopy(model), 0.6)
+    assert [(layer.weight == 0).sum().item() for layer in models.weighted(evenly)] == [120, 30]
+
+
+def test_the_unit_baselines_cut_to_the_same_widths():
+    torch.manual_seed(0)
+    model = models.mlp((20, 10, 6, 3))
+    layers = pruning.chain.layers(model)
+    x = torch.rand(32, 20)
+    for criterion in (baselines.random_units(0), baselines.weight_norm_units):
+        cut = methods.shrink(model, [20, 4, 2, 3], x, criterion, False, [1, 1, 1])
+        assert models.widths(cut) == (20, 4, 2, 3)
+    norms = baselines.weight_norm_units(layers, torch.zeros(20))
+    assert torch.allclose(norms[1], model[0].weight.norm(dim=1))
