@@ -6,15 +6,14 @@ training set, remove those below a threshold and rebuild genuinely smaller layer
     python activation_pruning.py --reduction 0.95 --steps 6 --finetune-epochs 4 --distill --prune-inputs
 """
 
-import startup  # noqa: F401, I001 -- first: settles what must be settled before torch is imported
+import cli.startup  # noqa: F401, I001 -- first: settles what must be settled before torch is imported
 
 import copy
 
 import torch
 
 import common
-import options
-import outputs
+from cli import options, outputs
 from pruning import chain, criteria, measure, methods, model as models, plots, results, surgery
 from pruning.files import UserError, shown
 
@@ -158,30 +157,32 @@ def plot(model, rows, baseline, args):
 
 def main():
     p = options.parser(__doc__.split("\n\n")[0], THRESHOLDS)
-    p.add_argument("--bias-compensation", action="store_true",
+    prune, frontier = p.groups["prune"], p.groups["methods"]
+    frontier.add_argument("--bias-compensation", action="store_true",
                    help="fold each removed neuron's mean activation into the next layer's bias")
-    p.add_argument("--multiple-of", type=options.positive(int, 1024), default=1, metavar="N",
+    prune.add_argument("--multiple-of", type=options.positive(int, 1024), default=1, metavar="N",
                    help="round each hidden width up to a multiple of N by also keeping the strongest neurons "
                         "below the threshold; 8 or 16 suit CPU vector units (default: 1, no rounding)")
-    p.add_argument("--reduction", type=options.number_in(float, 0, 1, open_low=True, open_high=True), nargs="+",
+    prune.add_argument("--reduction", type=options.number_in(float, 0, 1, open_low=True, open_high=True), nargs="+",
                    metavar="R",
                    help="instead of --thresholds, remove the fraction R of all parameters (e.g. 0.95), every layer "
                         "cut by the same factor")
-    p.add_argument("--prune-inputs", action="store_true",
+    prune.add_argument("--prune-inputs", action="store_true",
                    help="with --reduction, remove input pixels as well, the least varying first, folding each "
                         "one's mean value into the first layer's bias")
-    p.add_argument("--criterion", choices=["activation", "contribution", "saliency"],
+    frontier.add_argument("--criterion", choices=["activation", "contribution", "saliency"],
                    help="with --reduction, what ranks the neurons: mean activation (a pixel's standard deviation), "
                         "or that times the norm of the outgoing weights (default: contribution, which keeps more "
                         "accuracy; saliency in --steps without --finetune-epochs; the threshold sweep always uses "
                         "mean activation), or 'saliency': the mean squared gradient of the fine-tuning loss with "
                         "respect to a gate on each unit")
-    p.add_argument("--group-lasso", type=options.number_in(float, 0, 1.0), metavar="S",
+    frontier.add_argument("--group-lasso", type=options.number_in(float, 0, 1.0), metavar="S",
                    help="with --reduction, first train the dense model --group-lasso-epochs more with a penalty of "
                         "S times the sum of every unit's weight norm (and every pixel's with --prune-inputs), so "
                         f"that it learns which units to spare before the cut (default: none, 0; {STEP_GROUP_LASSO} "
                         "in --steps without --finetune-epochs)")
-    p.add_argument("--group-lasso-epochs", type=options.positive(int, options.MAX_EPOCHS), default=10, metavar="N",
+    frontier.add_argument("--group-lasso-epochs", type=options.positive(int, options.MAX_EPOCHS), default=10,
+                          metavar="N",
                    help="epochs of --group-lasso training (default: 10)")
     args = p.parse_args()
     if args.group_lasso and not args.reduction:

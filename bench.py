@@ -6,7 +6,7 @@ pruning.for_inference against the dense model, beside how much less arithmetic t
     python bench.py
 """
 
-import startup  # noqa: F401, I001 -- first: settles what must be settled before torch is imported
+import cli.startup  # noqa: F401, I001 -- first: settles what must be settled before torch is imported
 
 import copy
 import math
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import activation_pruning
 import common
-import options
+from cli import options
 import pruning
 import zero_pruning
 from pruning import criteria, chain, measure, surgery, training

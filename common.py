@@ -14,10 +14,7 @@ from pathlib import Path
 
 import torch
 
-import checkpoints
-import options
-import outputs
-import startup
+from cli import checkpoints, options, outputs, startup
 from pruning import data, files, inference, measure, model as models, results, training
 from pruning.files import UserError, shown
 

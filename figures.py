@@ -1,9 +1,9 @@
 """Figures that combine the JSON results of several runs.
 
-    python figures.py sizes images/file_sizes.png bits8.json bits5.json bits4.json bits3.json bits2.json
+    python figures.py sizes docs/images/file_sizes.png bits8.json bits5.json bits4.json bits3.json bits2.json
 """
 
-import startup  # noqa: F401, I001 -- first: settles what must be settled before torch is imported
+import cli.startup  # noqa: F401, I001 -- first: settles what must be settled before torch is imported
 
 import argparse
 import json

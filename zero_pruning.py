@@ -6,13 +6,12 @@ fine-tune with the zeros held in place by pruning masks, and store the weights a
     python zero_pruning.py --sparsity 0.985 --steps 10 --finetune-epochs 2 --distill --bits 5
 """
 
-import startup  # noqa: F401, I001 -- first: settles what must be settled before torch is imported
+import cli.startup  # noqa: F401, I001 -- first: settles what must be settled before torch is imported
 
 import copy
 
 import common
-import options
-import outputs
+from cli import options, outputs
 from pruning import baselines, criteria, measure, methods, model as models, oneshot, plots, results, storage, surgery
 from pruning import variational
 from pruning.files import UserError, shown
@@ -199,28 +198,30 @@ def plot(model, rows, baseline, args):
 
 def main():
     p = options.parser(__doc__.split("\n\n")[0], THRESHOLDS)
-    p.add_argument("--sparsity", type=options.number_in(float, 0, 1, open_high=True), nargs="+", metavar="S",
+    prune, frontier = p.groups["prune"], p.groups["methods"]
+    prune.add_argument("--sparsity", type=options.number_in(float, 0, 1, open_high=True), nargs="+", metavar="S",
                    help="instead of --thresholds, the fractions of weights to zero (e.g. 0.9 0.95); "
                         "each is turned into the threshold that reaches it")
-    p.add_argument("--criterion", choices=["magnitude", "saliency"], default="magnitude",
+    frontier.add_argument("--criterion", choices=["magnitude", "saliency"], default="magnitude",
                    help="what ranks the weights toward a --sparsity: their magnitude (default), or 'saliency': "
                         "w^2 times the mean squared gradient of the fine-tuning loss over the training images "
                         "(Optimal Brain Damage with the Fisher's diagonal), measured again before each step")
-    p.add_argument("--variational-dropout", type=options.number_in(float, 0, 1000), metavar="S",
+    frontier.add_argument("--variational-dropout", type=options.number_in(float, 0, 1000), metavar="S",
                    help="with --steps, first train the dense model --variational-dropout-epochs more with sparse "
                         "variational dropout, its prior's weight S (1: the variational bound; more zeroes more), and "
                         "zero the weights it finds it can spare (default: 10 when --finetune-epochs is not given, "
                         "else none; 0: none)")
-    p.add_argument("--one-shot", choices=oneshot.METHODS, metavar="METHOD",
+    prune.add_argument("--one-shot", choices=oneshot.METHODS, metavar="METHOD",
                    help="prune each --sparsity with no training, from --calibration training images: magnitude "
                         "(global), wanda (|w| times its input's norm) or reconstruct (each layer's kept weights "
                         "corrected toward the dense network's outputs, SparseGPT-style); each layer at the sparsity "
                         "global magnitude gives it. With --finetune-epochs, also fine-tuned after")
-    p.add_argument("--pattern", type=n_of_m, metavar="N:M",
-                   help="with --one-shot, keep N of every M consecutive weights of each row instead (2:4: sparsity 0.5)")
-    p.add_argument("--calibration", type=options.positive(int, 60_000), default=oneshot.CALIBRATION, metavar="N",
+    prune.add_argument("--pattern", type=n_of_m, metavar="N:M",
+                       help="with --one-shot, keep N of every M consecutive weights of each row instead "
+                            "(2:4: sparsity 0.5)")
+    prune.add_argument("--calibration", type=options.positive(int, 60_000), default=oneshot.CALIBRATION, metavar="N",
                    help=f"training images --one-shot measures on (default: {oneshot.CALIBRATION})")
-    p.add_argument("--variational-dropout-epochs", type=options.positive(int, options.MAX_EPOCHS), default=10,
+    frontier.add_argument("--variational-dropout-epochs", type=options.positive(int, options.MAX_EPOCHS), default=10,
                    metavar="N", help="epochs of --variational-dropout training (default: 10)")
     args = p.parse_args()
     if args.variational_dropout and args.steps == 1:
@@ -259,7 +260,8 @@ def main():
     common.prepare(args, model_files(args), FIGURES)
     rows, dense = common.results_over_seeds(args, run_one,
                                             lambda rows, baseline: plot(trained[-1], rows, baseline, args))
-    print(results.markdown_table(rows, columns(rows, bool(args.finetune_epochs), args.bits, common.speed_columns(args))))
+    print(results.markdown_table(rows, columns(rows, bool(args.finetune_epochs), args.bits,
+                                               common.speed_columns(args))))
     print("\n" + common.dense_line(dense, args.seeds))
     if args.speed:
         print(common.speed_note(args, rows))

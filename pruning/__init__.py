@@ -23,6 +23,6 @@ from pruning.training import accuracy, distillation_loss, finetuner, logits, pre
 from pruning.variational import sparse_variational_dropout
 
 __all__ = ["zero_prune", "activation_prune", "obd_saliency", "unit_saliency", "group_lasso",
-           "sparse_variational_dropout", "one_shot", "save", "load", "export_onnx", "for_inference", "train", "finetuner", "distillation_loss",
-           "logits", "predict", "accuracy", "count_params", "count_weights", "count_zeros", "mnist", "mnist_mlp",
-           "lenet5", "Normalize", "NotAChain", "UserError"]
+           "sparse_variational_dropout", "one_shot", "save", "load", "export_onnx", "for_inference", "train",
+           "finetuner", "distillation_loss", "logits", "predict", "accuracy", "count_params", "count_weights",
+           "count_zeros", "mnist", "mnist_mlp", "lenet5", "Normalize", "NotAChain", "UserError"]

@@ -22,8 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.nn.utils.parametrize as parametrize
 
-from pruning import architecture, chain, storage
-from pruning.files import UserError, check_readable, shown
+from pruning import architecture, chain, torchfile
+from pruning.files import UserError, atomic_write, check_readable, shown
 from pruning.model import weighted
 
 MAGIC, VERSION = b"MLPZ", 2
@@ -251,20 +251,22 @@ def decode(data):
                 tensor.copy_(torch.from_numpy(values).view_as(tensor))
     if not body.finished():
         raise ValueError("corrupted: bytes left after the last layer")
-    storage.check_model(model)
+    torchfile.check_model(model)
     return model
 
 
 def save_compressed(model, path, option=None):
     """Write a model made by quantize() to path, atomically; returns the file's size in bytes."""
-    return storage.save(model, path, "compressed", option=option)
+    data = encode(model)
+    atomic_write(path, lambda f: f.write(data), option)
+    return len(data)
 
 
 def load_compressed(path):
     """The model stored at path, predicting exactly as the quantized model saved there; a file
     that is not one, or is damaged, is refused with a one-line UserError."""
     try:
-        check_readable(path, storage.MAX_FILE_BYTES, "compressed model file")
+        check_readable(path, torchfile.MAX_FILE_BYTES, "compressed model file")
         with open(path, "rb") as f:
             return decode(f.read())
     except OSError as e:

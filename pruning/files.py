@@ -13,9 +13,12 @@ import zipfile
 import zlib
 from pathlib import Path
 
+import torch
+
 TEMPORARY = ".{name}.{pid}.{n}.tmp"
 WRITER = "pruning: neural-network pruning for model compression"  # in every file this project writes
 MAX_RESULTS_BYTES = 64 << 20
+MAX_TORCH_BYTES = 8 * 10_000_000 + (1 << 20)  # the largest model file this project writes: 10M fp32 values
 
 
 class UserError(Exception):
@@ -119,8 +122,7 @@ def results_of_ours(path):
         results = json.loads(Path(path).read_bytes())
     except (ValueError, UnicodeDecodeError):
         return False
-    return isinstance(results, dict) and (results.get("written_by") == WRITER
-                                          or {"settings", "rows", "dense_accuracy"} <= results.keys())
+    return isinstance(results, dict) and results.get("written_by") == WRITER  # keys anyone can write prove nothing
 
 
 def png_text(path):
@@ -143,12 +145,35 @@ def png_text(path):
 
 
 def torch_file_of_ours(path):
-    from pruning import storage
     try:
-        storage.read_torch_file(path)
+        read_torch_dict(path, MAX_TORCH_BYTES)
     except UserError:
         return False
     return True
+
+
+def read_torch_dict(path, limit, what="file"):
+    """The dict a PyTorch file this project wrote holds (its 'written_by' is ours), read only after
+    its entries are checked against its size and with weights_only: no code in it ever runs."""
+    check_readable(path, limit, what)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise UserError(f"{shown(path)} is not a model file of this project ({e})") from None
+    size = Path(path).stat().st_size
+    if (not any(e.filename.endswith("/data.pkl") for e in entries)
+            or any(e.compress_type != zipfile.ZIP_STORED for e in entries)
+            or sum(e.file_size for e in entries) > size):
+        raise UserError(f"{shown(path)} is not a model file of this project")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{shown(path)} is not a model file of this project, or is damaged "
+                        f"({type(e).__name__})") from None
+    if not isinstance(saved, dict) or saved.get("written_by") != WRITER:
+        raise UserError(f"{shown(path)} is not a model file of this project")
+    return saved
 
 
 def compressed_file_of_ours(path):

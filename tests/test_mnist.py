@@ -446,7 +446,8 @@ def test_a_first_run_in_a_fresh_copy_makes_its_checkpoints_and_runs_folders(tmp_
     in the one and keeps its models in a new folder of the other, named in its last line."""
     for source in ROOT.glob("*.py"):
         shutil.copy(source, tmp_path)
-    shutil.copytree(ROOT / "pruning", tmp_path / "pruning")
+    for package in ("pruning", "cli"):
+        shutil.copytree(ROOT / package, tmp_path / package)
     result = subprocess.run([sys.executable, tmp_path / "zero_pruning.py", "--epochs", "1", "--thresholds", "0",
                              "--data-dir", mnist_dir, "--quiet"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -8,8 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import checkpoints
-import options
+from cli import checkpoints, options
 import pruning
 from pruning import chain, criteria, measure, methods, results, schedules, storage, surgery, training
 from pruning import model as models

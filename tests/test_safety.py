@@ -18,7 +18,7 @@ import zlib
 import pytest
 import torch
 
-import checkpoints
+from cli import checkpoints
 import pruning
 from conftest import ROOT, run_script
 from pruning import files, storage
@@ -324,7 +324,8 @@ def test_names_of_any_bytes_and_any_length_are_handled(tiny_data, tmp_path):
 def test_a_checkpoints_folder_that_is_a_file_or_a_dangling_link_is_one_line(make, tmp_path):
     for source in ROOT.glob("*.py"):
         shutil.copy(source, tmp_path)
-    shutil.copytree(ROOT / "pruning", tmp_path / "pruning")
+    for package in ("pruning", "cli"):
+        shutil.copytree(ROOT / package, tmp_path / package)
     make(tmp_path / "checkpoints")
     result = subprocess.run([sys.executable, tmp_path / "zero_pruning.py", "--data-dir", tmp_path / "none"],
                             capture_output=True, text=True, cwd=tmp_path)

@@ -8,7 +8,7 @@ from pathlib import Path
 from pruning import data, files, plots, storage
 from pruning.files import UserError, shown
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the project
 
 made_folders = []  # made by this run: left out when nothing was written in them
 

@@ -12,7 +12,7 @@ import torch
 from pruning import model as models, storage, training
 from pruning.files import UserError, shown
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the project
 log = logging.getLogger("pruning")
 
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-import checkpoints
+from cli import checkpoints
 from pruning import model as models
 from pruning.files import UserError
 from pruning.results import label
@@ -51,89 +51,104 @@ def positive(kind, limit):
     return number_in(kind, 0, limit, open_low=True)
 
 
+GROUPS = {  # --help shows the options in these groups, in this order; each script adds its own to them
+    "prune": "what to prune, and how much",
+    "train": "training, steps and fine-tuning",
+    "methods": "the frontier's methods",
+    "outputs": "outputs: files, JSON, figures, ONNX",
+    "runs": "data, seeds, speed and reproducibility",
+}
+
+
 def parser(description, thresholds):
+    """The options both scripts share, in GROUPS (p.groups[name] to add to one)."""
     p = argparse.ArgumentParser(description=description)
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n")
-    p.add_argument("--thresholds", type=number_in(float, 0, MAX_THRESHOLD), nargs="+", default=thresholds, metavar="T",
+    p.groups = {name: p.add_argument_group(title) for name, title in GROUPS.items()}
+    prune, train, _, outputs, runs = p.groups.values()
+    prune.add_argument("--thresholds", type=number_in(float, 0, MAX_THRESHOLD), nargs="+", default=thresholds,
+                       metavar="T",
                    help=f"thresholds to sweep, each a finite number >= 0 (default: {' '.join(map(str, thresholds))})")
-    p.add_argument("--model", choices=list(MODELS), default="mlp",
+    prune.add_argument("--model", choices=list(MODELS), default="mlp",
                    help="the network: " + "; ".join(f"{k}, {v}" for k, v in MODELS.items()) + " (default: mlp)")
-    p.add_argument("--data-dir", metavar="DIR",
+    runs.add_argument("--data-dir", metavar="DIR",
                    help="folder holding MNIST/raw/ (default: $MNIST_DATA_DIR, else ./data)")
-    p.add_argument("--checkpoint", metavar="PATH", help="trained model file, retrained when it does not fit the "
+    train.add_argument("--checkpoint", metavar="PATH", help="trained model file, retrained when it does not fit the "
                    "training settings (default: checkpoints/<model>-<hash of the training settings>.pt)")
-    p.add_argument("--retrain", action="store_true", help="train the model even if its checkpoint fits")
-    p.add_argument("--hidden", type=positive(int, MAX_WIDTH), nargs="+", default=list(models.MLP_SIZES[1:-1]),
+    train.add_argument("--retrain", action="store_true", help="train the model even if its checkpoint fits")
+    prune.add_argument("--hidden", type=positive(int, MAX_WIDTH), nargs="+", default=list(models.MLP_SIZES[1:-1]),
                    metavar="H", help=f"hidden widths of the MLP; 300 100 is LeNet-300-100 "
                                      f"(default: {' '.join(map(str, models.MLP_SIZES[1:-1]))})")
-    p.add_argument("--epochs", type=positive(int, MAX_EPOCHS), default=5, metavar="N",
+    train.add_argument("--epochs", type=positive(int, MAX_EPOCHS), default=5, metavar="N",
                    help="training epochs (default: 5)")
-    p.add_argument("--lr", type=positive(float, MAX_LR), default=1e-3,
+    train.add_argument("--lr", type=positive(float, MAX_LR), default=1e-3,
                    help="Adam learning rate, cosine-decayed to 0 (default: 0.001)")
-    p.add_argument("--batch-size", type=positive(int, MAX_BATCH), default=128, metavar="N",
+    train.add_argument("--batch-size", type=positive(int, MAX_BATCH), default=128, metavar="N",
                    help="batch size (default: 128)")
-    p.add_argument("--seed", type=number_in(int, 0, MAX_SEED), default=0,
+    runs.add_argument("--seed", type=number_in(int, 0, MAX_SEED), default=0,
                    help="seed of initialisation and shuffling (default: 0)")
-    p.add_argument("--seeds", type=positive(int, MAX_SEEDS), default=1, metavar="N",
+    runs.add_argument("--seeds", type=positive(int, MAX_SEEDS), default=1, metavar="N",
                    help="repeat the whole run with seeds --seed, --seed + 1, ...: the table shows each figure's "
                         "mean and standard deviation over them (default: 1)")
-    p.add_argument("--validation", type=number_in(int, 0, 50_000), default=0, metavar="N",
+    runs.add_argument("--validation", type=number_in(int, 0, 50_000), default=0, metavar="N",
                    help="hold out the last N training images: the model never trains on them, and every row "
                         "gains its accuracy on them (default: 0, none held out)")
-    p.add_argument("--control", action="store_true",
+    train.add_argument("--control", action="store_true",
                    help="also train the dense model for as many epochs as a pruned model got in all "
                         "(training and fine-tuning) and report its accuracy: the cost of pruning at equal training")
-    p.add_argument("--finetune-epochs", type=positive(int, MAX_EPOCHS), metavar="N",
+    train.add_argument("--finetune-epochs", type=positive(int, MAX_EPOCHS), metavar="N",
                    help="fine-tune each pruned model for N epochs (default: none, one-shot pruning only; with "
                         "--steps, 4 a step in zero pruning, 6 in activation pruning)")
-    p.add_argument("--finetune-lr", type=positive(float, MAX_LR), default=1e-3, metavar="LR",
+    train.add_argument("--finetune-lr", type=positive(float, MAX_LR), default=1e-3, metavar="LR",
                    help="fine-tuning learning rate, cosine-decayed to 0 (default: 0.001)")
-    p.add_argument("--input-dropout", type=number_in(float, 0, 1, open_high=True), metavar="P",
+    train.add_argument("--input-dropout", type=number_in(float, 0, 1, open_high=True), metavar="P",
                    help="in every training after the dense model's (fine-tuning, --group-lasso, "
                         "--variational-dropout), drop each input pixel at random with probability P, the teacher "
                         "seeing whole images (default: 0; 0.1 in activation pruning with --prune-inputs in --steps "
                         "without --finetune-epochs)")
-    p.add_argument("--steps", type=positive(int, MAX_STEPS), default=1, metavar="K",
+    train.add_argument("--steps", type=positive(int, MAX_STEPS), default=1, metavar="K",
                    help="reach each target in K steps on a cubic schedule, fine-tuning after each (default: 1)")
-    p.add_argument("--final-epochs", type=positive(int, MAX_EPOCHS), metavar="N",
+    train.add_argument("--final-epochs", type=positive(int, MAX_EPOCHS), metavar="N",
                    help=f"fine-tuning epochs after the last of several --steps (default: {FINAL_EPOCHS_FACTOR} times "
                         "--finetune-epochs; 30 in zero pruning when --finetune-epochs is not given)")
-    p.add_argument("--distill", action="store_true",
+    train.add_argument("--distill", action="store_true",
                    help="fine-tune against the dense model's softened outputs as well as the labels")
-    p.add_argument("--temperature", type=positive(float, MAX_TEMPERATURE), default=4.0, metavar="T",
+    train.add_argument("--temperature", type=positive(float, MAX_TEMPERATURE), default=4.0, metavar="T",
                    help="softening temperature of --distill (default: 4)")
-    p.add_argument("--distill-weight", type=number_in(float, 0, 1), default=0.5, metavar="W",
+    train.add_argument("--distill-weight", type=number_in(float, 0, 1), default=0.5, metavar="W",
                    help="weight of the dense model's outputs in the --distill loss, the labels' is 1 - W "
                         "(default: 0.5)")
-    p.add_argument("--bits", type=number_in(int, 2, 8), metavar="B",
+    outputs.add_argument("--bits", type=number_in(int, 2, 8), metavar="B",
                    help="also store each pruned model compressed, B from 2 to 8: each layer's weights shared among "
                         "2^B values (k-means; fine-tuned too with --finetune-epochs), positions and codes LZMA-coded")
-    p.add_argument("--onnx", action="store_true", help="also write each pruned model as ONNX beside its other files")
-    p.add_argument("--bf16", action="store_true",
+    outputs.add_argument("--onnx", action="store_true",
+                         help="also write each pruned model as ONNX beside its other files")
+    train.add_argument("--bf16", action="store_true",
                    help="train and fine-tune with bf16 matrix products, the logits' layer in fp32: faster on CPUs "
                         "that multiply bf16 natively (AVX-512 BF16, AMX), as accurate within the spread over seeds")
-    p.add_argument("--shift", type=number_in(int, 0, MAX_SHIFT), default=0, metavar="K",
+    train.add_argument("--shift", type=number_in(int, 0, MAX_SHIFT), default=0, metavar="K",
                    help="train, fine-tune and distil on images each moved at random by up to K pixels across and "
                         "down (the dense model and the control too; data augmentation, which the published "
                         "LeNet results did not use; default: 0, the images as they are)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+    runs.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to train and evaluate; auto picks CUDA when present (default: auto)")
-    p.add_argument("--baselines", action="store_true",
+    runs.add_argument("--baselines", action="store_true",
                    help="set each row beside random pruning and layer-wise magnitude at the same sparsity (zero "
                         "pruning) or random units and units by weight norm at the same widths (activation pruning), "
                         "neither fine-tuned")
-    p.add_argument("--speed", action="store_true",
+    runs.add_argument("--speed", action="store_true",
                    help="time each pruned model through pruning.for_inference against the dense model at batch 1, "
                         "32 and 10,000, in turn, and show the speed-ups beside how much less arithmetic it does")
-    p.add_argument("--threads", type=positive(int, MAX_THREADS), default=torch.get_num_threads(), metavar="N",
+    runs.add_argument("--threads", type=positive(int, MAX_THREADS), default=torch.get_num_threads(), metavar="N",
                    help=f"CPU threads (default: {torch.get_num_threads()}, this machine's)")
-    p.add_argument("--save-dir", metavar="DIR", help="folder for the models, made if absent and its parent exists "
+    outputs.add_argument("--save-dir", metavar="DIR",
+                         help="folder for the models, made if absent and its parent exists "
                    "(default: a new folder runs/<script>-<date>-<time>/ of the project's for each run)")
-    p.add_argument("--json", metavar="PATH", help="also write the settings and results as JSON to PATH")
-    p.add_argument("--plot", action="store_true", help="draw this script's figures as PNG files in --plot-dir")
-    p.add_argument("--plot-dir", metavar="DIR", help="folder for the figures, made if absent; implies --plot "
-                   "(default: figures/, which git ignores; the README's are in images/)")
-    p.add_argument("--quiet", action="store_true", help="print only the results: no progress, no log")
+    outputs.add_argument("--json", metavar="PATH", help="also write the settings and results as JSON to PATH")
+    outputs.add_argument("--plot", action="store_true", help="draw this script's figures as PNG files in --plot-dir")
+    outputs.add_argument("--plot-dir", metavar="DIR", help="folder for the figures, made if absent; implies --plot "
+                   "(default: figures/, which git ignores; the README's are in docs/images/)")
+    outputs.add_argument("--quiet", action="store_true", help="print only the results: no progress, no log")
     return p
 
 

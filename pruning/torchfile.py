@@ -1,0 +1,141 @@
+"""The PyTorch model file: its architecture (the input normalisation and kept pixels included)
+beside its numbers, every weight ('dense') or each layer's weights as compressed sparse rows
+('csr': fp32 values, int32 indices), read back only after every claim in it is checked."""
+
+import contextlib
+import math
+import warnings
+from pathlib import Path
+
+import torch
+
+from pruning import architecture, chain
+from pruning.files import WRITER, UserError, atomic_write, read_torch_dict, shown
+from pruning.model import KeepInputs, weighted
+
+FORMAT, VERSION = "pruning-model", 1
+MAX_FILE_BYTES = 8 * architecture.MAX_PARAMS + (1 << 20)
+
+
+def write(model, path, storage="dense", about=None, option=None):
+    """Write model (any chain of layers this project handles) as a PyTorch file, storage 'dense' or
+    'csr'; returns the file's size."""
+    sequential = chain.sequential(model)
+    description = architecture.describe(sequential)
+    state = {k: v.detach().cpu() for k, v in sequential.state_dict().items()}
+    if storage == "csr":
+        state = csr_tensors(sequential, state)
+    elif storage != "dense":
+        raise ValueError(f"storage must be 'dense', 'csr' or 'compressed', not {storage!r}")
+    saved = {"format": FORMAT, "version": VERSION, "written_by": WRITER, "storage": storage,
+             "architecture": description, "tensors": state, "about": about or {}}
+    atomic_write(path, lambda f: torch.save(saved, f), option)
+    return Path(path).stat().st_size
+
+
+def to_csr(weight):
+    """CSR with int32 indices of a weight seen as (outputs, everything else)."""
+    with sparse_quietly():
+        csr = weight.detach().cpu().flatten(1).to_sparse_csr()
+        return torch.sparse_csr_tensor(csr.crow_indices().int(), csr.col_indices().int(), csr.values(), csr.shape,
+                                       check_invariants=True)
+
+
+@contextlib.contextmanager
+def sparse_quietly():
+    """Without PyTorch's notices that sparse tensors are in beta (for this block only)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        warnings.filterwarnings("ignore", message="Validating sparse tensor invariants")
+        yield
+
+
+def csr_tensors(model, state):
+    """Every weight as CSR, all layers' indices in one int32 tensor and all their values in one fp32
+    tensor (the file's framing stays small); the other tensors as they are."""
+    names = [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, chain.WEIGHTED)]
+    weights = [to_csr(state[name]) for name in names]
+    return {"indices": torch.cat([t for w in weights for t in (w.crow_indices(), w.col_indices())]),
+            "values": torch.cat([w.values() for w in weights]),
+            **{k: v for k, v in state.items() if k not in names}}
+
+
+def csr_bytes_needed(model):
+    """The least any CSR file of model holds: fp32 values, int32 indices and row pointers, fp32 biases."""
+    return sum(8 * layer.weight.count_nonzero().item() + 4 * (layer.weight.shape[0] + 1) + 4 * layer.weight.shape[0]
+               for layer in weighted(model))
+
+
+# Reading ----------------------------------------------------------------------------------
+
+def read_torch_file(path):
+    """The dict a model file of ours holds, checked before anything of its claimed size is allocated."""
+    saved = read_torch_dict(path, MAX_FILE_BYTES, "model file")
+    if saved.get("format") != FORMAT:
+        raise UserError(f"{shown(path)} is not a model file of this project")
+    if saved.get("version") != VERSION:
+        raise UserError(f"{shown(path)} is of format version {saved.get('version')}; this code reads {VERSION}")
+    return saved
+
+
+def read(path):
+    """(model, the dict stored with it) of a PyTorch model file of ours."""
+    saved = read_torch_file(path)
+    try:
+        model = from_tensors(saved)
+    except KeyError as e:
+        raise UserError(f"{shown(path)} cannot be loaded: it lacks its {e.args[0]!r}") from None
+    except (architecture.BadArchitecture, ValueError, TypeError, RuntimeError) as e:
+        raise UserError(f"{shown(path)} cannot be loaded: {e}") from None
+    return model, saved.get("about") if isinstance(saved.get("about"), dict) else {}
+
+
+def from_tensors(saved):
+    description, tensors = saved["architecture"], saved["tensors"]
+    shapes = {k: v.shape for k, v in architecture.build(description, "meta").state_dict().items()}
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise ValueError("its tensors are not tensors")
+    if saved["storage"] == "csr":
+        tensors = dense_from_csr(description, tensors, shapes)
+    elif saved["storage"] != "dense":
+        raise ValueError(f"unknown storage {saved['storage']!r}")
+    if tensors.keys() != shapes.keys() or any(tensors[k].shape != s for k, s in shapes.items()):
+        raise ValueError("its tensors do not fit its architecture")
+    model = architecture.build(description)
+    model.load_state_dict(tensors)
+    check_model(model)
+    return model
+
+
+def dense_from_csr(description, tensors, shapes):
+    weights = [k for k in shapes if k.endswith(".weight") and description[int(k.split(".")[0])]["type"]
+               in ("Linear", "Conv2d")]
+    indices, values = tensors.get("indices"), tensors.get("values")
+    if indices is None or values is None or indices.dim() != 1 or values.dim() != 1:
+        raise ValueError("its sparse weights are missing")
+    indices, values = indices.long(), values.float()
+    out = {k: v for k, v in tensors.items() if k not in ("indices", "values")}
+    for name in weights:
+        rows, columns = shapes[name][0], math.prod(shapes[name][1:])
+        crow, indices = indices[:rows + 1], indices[rows + 1:]
+        if len(crow) != rows + 1:
+            raise ValueError("its sparse weights end early")
+        nnz = crow[-1].item()
+        if not 0 <= nnz <= min(len(indices), len(values), rows * columns):
+            raise ValueError("its sparse weights do not fit their layers")
+        col, indices, vals, values = indices[:nnz], indices[nnz:], values[:nnz], values[nnz:]
+        with sparse_quietly():
+            out[name] = torch.sparse_csr_tensor(crow, col, vals, (rows, columns), check_invariants=True) \
+                .to_dense().view(shapes[name])
+    if len(indices) or len(values):
+        raise ValueError("numbers are left after the last layer")
+    return out
+
+
+def check_model(model):
+    """Refuse a model whose numbers cannot be right: non-finite weights, pixel indices out of range."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise ValueError("it holds weights that are not finite numbers")
+    for m in model:
+        if isinstance(m, KeepInputs) and len(m.indices) and (m.indices.min() < 0 or m.indices.max() >= m.size):
+            raise ValueError("its input pixels lie outside the image")
