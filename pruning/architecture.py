@@ -71,26 +71,66 @@ def count(description):
     return total
 
 
+FIELDS = {  # per layer type, the fields its description must hold (beside "type")
+    "Normalize": {"mean", "std", "shape"}, "KeepInputs": {"inputs", "size"}, "Linear": {"in", "out", "bias"},
+    "Conv2d": {"in", "out", "kernel", "stride", "padding", "dilation", "bias"},
+    "MaxPool2d": {"kernel", "stride", "padding"}, "AvgPool2d": {"kernel", "stride", "padding"},
+    "AdaptiveAvgPool2d": {"output"}, "AdaptiveMaxPool2d": {"output"},
+    "BatchNorm1d": {"features", "eps", "momentum", "affine", "track"},
+    "BatchNorm2d": {"features", "eps", "momentum", "affine", "track"},
+    "Dropout": {"p"}, "Flatten": set(), "ReLU": set(), "Identity": set(),
+}
+SIZES = ("in", "out", "inputs", "size", "features", "kernel", "shape", "output")
+OFFSETS = ("stride", "padding", "dilation")
+
+
+def brief(value, limit=60):
+    """value as an error line may quote it: one line, cut to a readable length."""
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def field_ok(key, value):
+    """Whether one field of a layer's description holds what it may."""
+    values = list(value) if isinstance(value, (list, tuple)) and key in SIZES + OFFSETS else [value]
+    if key in SIZES:
+        return 0 < len(values) <= 4 and all(type(v) is int and 0 < v <= MAX_DIM for v in values)
+    if key in OFFSETS:
+        return value is None and key == "stride" or 0 < len(values) <= 4 and all(
+            type(v) is int and 0 <= v <= MAX_DIM for v in values)
+    if key in ("bias", "affine", "track"):
+        return type(value) is bool
+    if key == "mean":
+        return number(value)
+    if key in ("std", "eps"):
+        return number(value) and value > 0
+    if key == "momentum":
+        return value is None or number(value) and 0 <= value <= 1
+    if key == "p":
+        return number(value) and 0 <= value <= 1
+    return False
+
+
 def check(description):
     """Raise BadArchitecture unless description is a list of layers this project builds, of at
-    most MAX_PARAMS elements; it is checked by its own numbers, before anything is allocated."""
+    most MAX_PARAMS elements: every field of every layer checked for its type and range, and the
+    size counted from them, before anything is allocated."""
     if not isinstance(description, list) or not 0 < len(description) <= MAX_LAYERS:
         raise BadArchitecture(f"the architecture is not a list of 1 to {MAX_LAYERS} layers")
     for i, d in enumerate(description):
-        if not isinstance(d, dict) or d.get("type") not in BUILDERS:
+        if not isinstance(d, dict) or not isinstance(d.get("type"), str) or d["type"] not in BUILDERS:
             raise BadArchitecture(f"layer {i} is of no type this project builds")
+        if d.keys() - {"type"} != FIELDS[d["type"]]:
+            fields = ", ".join(sorted(FIELDS[d["type"]])) or "none"
+            raise BadArchitecture(f"layer {i} ({d['type']}) does not hold its fields ({fields}) and no others")
         for key, value in d.items():
-            values = value if isinstance(value, list) else [value]
-            if key in ("in", "out", "inputs", "size", "features", "kernel", "shape", "output") and not all(
-                    type(v) is int and 0 < v <= MAX_DIM for v in values):
-                raise BadArchitecture(f"layer {i} ({d['type']}) claims an impossible size: {key} {value}")
-            if key in ("stride", "padding", "dilation") and not all(
-                    type(v) is int and 0 <= v <= MAX_DIM for v in values):
-                raise BadArchitecture(f"layer {i} ({d['type']}) claims an impossible {key}: {value}")
-    try:
-        elements = count(description)
-    except (KeyError, TypeError) as e:
-        raise BadArchitecture(f"a layer lacks or misstates {e}") from None
+            if key != "type" and not field_ok(key, value):
+                raise BadArchitecture(f"layer {i} ({d['type']}) claims an impossible {key}: {brief(value)}")
+    elements = count(description)
     if elements > MAX_PARAMS:
         raise BadArchitecture(f"it claims {elements:,} parameters, more than the {MAX_PARAMS:,} this project builds")
     if not any(d["type"] in ("Linear", "Conv2d") for d in description):

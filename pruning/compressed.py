@@ -271,5 +271,8 @@ def load_compressed(path):
             return decode(f.read())
     except OSError as e:
         raise UserError(f"cannot read {shown(path)}: {e.strerror}") from None
-    except (ValueError, struct.error, lzma.LZMAError, architecture.BadArchitecture) as e:
-        raise UserError(f"{shown(path)} cannot be loaded: {e}") from None
+    except (ValueError, TypeError, struct.error, lzma.LZMAError, architecture.BadArchitecture) as e:
+        reason = " ".join(str(e).split())[:200]  # one line, of a readable length
+        raise UserError(f"{shown(path)} cannot be loaded: {reason}") from None
+    except RecursionError:
+        raise UserError(f"{shown(path)} cannot be loaded: its description is nested too deeply") from None

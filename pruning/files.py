@@ -68,11 +68,14 @@ def shown(path):
 
 
 def remove_abandoned_temporaries(path):
-    """Temporary files that a killed run left beside `path`: those whose process is gone."""
+    """Temporary files that a killed run left beside `path`: those named as ours whose process is
+    gone and that are whole files of ours, or empty (a probe's: nothing to lose). Nothing is
+    removed by its name alone: a cut-short one stays, harmless."""
     pattern = TEMPORARY.format(name=glob.escape(path.name), pid="*", n="*")
     for tmp in path.parent.glob(pattern):
         pid = tmp.name[len(path.name) + 2:].split(".")[0]
-        if pid.isdigit() and not alive(int(pid)):
+        if pid.isdigit() and not alive(int(pid)) and kind_of(tmp) == "file" and (
+                tmp.stat().st_size == 0 or is_ours(tmp)):
             tmp.unlink(missing_ok=True)
 
 

@@ -3,12 +3,22 @@ after every step: zeros (the structure stays, the weights get sparse) and neuron
 removal (the structure shrinks); the saliencies that rank weights and units by what removing them
 costs; and the group-lasso penalty that trains a network to spare units before they are removed."""
 
+import copy
+
 import torch
 import torch.nn as nn
 
 from pruning import chain, criteria, oneshot, surgery, training
 from pruning.model import count_params, weighted
 from pruning.schedules import cubic_schedule
+
+
+MAX_STEPS = 1000
+
+
+def check_steps(steps):
+    if type(steps) is not int or not 0 < steps <= MAX_STEPS:
+        raise ValueError(f"steps must be a whole number from 1 to {MAX_STEPS}, not {steps!r}")
 
 
 def zero_prune(model, sparsity, steps=1, finetune=None, saliency=None, pattern=None):
@@ -22,6 +32,7 @@ def zero_prune(model, sparsity, steps=1, finetune=None, saliency=None, pattern=N
     oneshot.check_pattern(pattern, sparsity)
     if not 0 <= sparsity < 1:
         raise ValueError(f"sparsity must be from 0 to below 1, not {sparsity}")
+    check_steps(steps)
     chain.layers(model)  # refuses what it cannot prune before any change
     for target in cubic_schedule(sparsity, steps):
         scores = saliency(model) if saliency else [layer.weight.detach().abs() for layer in weighted(model)]
@@ -45,6 +56,7 @@ def activation_prune(model, inputs, reduction, steps=1, finetune=None, prune_inp
     is left as it was."""
     if not 0 <= reduction < 1:
         raise ValueError(f"reduction must be from 0 to below 1, not {reduction}")
+    check_steps(steps)
     if criterion not in ("activation", "contribution") and not callable(criterion):
         raise ValueError(f"criterion must be 'activation', 'contribution' or a function, not {criterion!r}")
     layers = chain.layers(model)
@@ -55,6 +67,8 @@ def activation_prune(model, inputs, reduction, steps=1, finetune=None, prune_inp
     spatial = surgery.spatial(layers, inputs)
     original = count_params(nn.Sequential(*layers))
     pruned = nn.Sequential(*layers).train(mode)
+    if reduction == 0:
+        return copy.deepcopy(pruned)  # nothing to remove: not even the one unit a cut to a width rounds away
     for r in cubic_schedule(reduction, steps):
         widths = surgery.target_widths(layers, spatial, (1 - r) * original, prune_inputs)
         pruned = shrink(pruned, widths, inputs, criterion, prune_inputs, spatial)

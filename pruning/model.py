@@ -1,6 +1,7 @@
 """The networks and what they carry with them: the input normalisation, the input pixels kept,
 and the counts every table reports."""
 
+import contextlib
 import math
 
 import torch
@@ -67,6 +68,23 @@ def lenet5():
                          nn.Conv2d(1, 20, 5), nn.ReLU(), nn.MaxPool2d(2),
                          nn.Conv2d(20, 50, 5), nn.ReLU(), nn.MaxPool2d(2),
                          nn.Flatten(), nn.Linear(800, 500), nn.ReLU(), nn.Linear(500, 10))
+
+
+@contextlib.contextmanager
+def evaluating(modules):
+    """Within: every module of `modules` (a module or a list of them) in eval mode, as measuring
+    wants it (BatchNorm reads its statistics and does not update them); after: each in the mode
+    it had."""
+    every = [m for module in (modules if isinstance(modules, (list, tuple)) else [modules])
+             for m in module.modules()]
+    modes = [m.training for m in every]
+    for m in every:
+        m.training = False
+    try:
+        yield modules
+    finally:
+        for m, mode in zip(every, modes):
+            m.training = mode
 
 
 def weighted(model):

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.utils.prune as prune
 
 from pruning import chain as chains
-from pruning.model import KeepInputs, Normalize, kept_inputs, weighted
+from pruning.model import KeepInputs, Normalize, evaluating, kept_inputs, weighted
 
 
 # Zeros ---------------------------------------------------------------------------------
@@ -84,9 +84,10 @@ def spatial(layers, example):
     """Per weighted layer, how many columns of the next weighted layer each of its outputs feeds:
     the positions of its channel after a Flatten, else 1. example: one input of the network."""
     shapes, x = [], example[:1]
-    for layer in layers:
-        x = layer(x)
-        shapes.append(x.shape)
+    with evaluating(layers), torch.no_grad():
+        for layer in layers:
+            x = layer(x)
+            shapes.append(x.shape)
     out = []
     for i, between, _ in chains.groups(layers):
         flat = next((k for k in between if isinstance(layers[k], nn.Flatten)), None)

@@ -11,7 +11,7 @@ import torch
 
 from pruning import architecture, chain
 from pruning.files import WRITER, UserError, atomic_write, read_torch_dict, shown
-from pruning.model import KeepInputs, weighted
+from pruning.model import KeepInputs, Normalize, weighted
 
 FORMAT, VERSION = "pruning-model", 1
 MAX_FILE_BYTES = 8 * architecture.MAX_PARAMS + (1 << 20)
@@ -133,9 +133,14 @@ def dense_from_csr(description, tensors, shapes):
 
 
 def check_model(model):
-    """Refuse a model whose numbers cannot be right: non-finite weights, pixel indices out of range."""
+    """Refuse a model whose numbers cannot be right: non-finite weights or buffers (BatchNorm's
+    statistics), a normalisation by zero, pixel indices out of range."""
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise ValueError("it holds weights that are not finite numbers")
+    if not all(torch.isfinite(b).all() for b in model.buffers() if b.is_floating_point()):
+        raise ValueError("it holds statistics that are not finite numbers")
     for m in model:
+        if isinstance(m, Normalize) and not (math.isfinite(m.mean) and math.isfinite(m.std) and m.std > 0):
+            raise ValueError(f"its input normalisation (mean {m.mean}, std {m.std}) is not a finite one")
         if isinstance(m, KeepInputs) and len(m.indices) and (m.indices.min() < 0 or m.indices.max() >= m.size):
             raise ValueError("its input pixels lie outside the image")

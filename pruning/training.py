@@ -97,6 +97,10 @@ def train(model, data, epochs, lr=1e-3, batch_size=128, seed=0, teacher=None, te
     layer in bf16 (bf16_forward; faster where the CPU multiplies bf16 natively). The zeros of
     pruning masks (surgery.hold_below) stay zero, re-applied once a step."""
     x, y = data
+    if len(x) != len(y):
+        raise ValueError(f"{len(x):,} images and {len(y):,} labels: give one label an image")
+    if not 0 <= input_dropout < 1:
+        raise ValueError(f"input_dropout must be from 0 to below 1, not {input_dropout}")
     teacher = teacher_targets(teacher, x, shift)
     forward = bf16_forward(model) if bf16 else model
     model.train()

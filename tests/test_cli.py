@@ -299,11 +299,27 @@ def test_more_threads_than_cores_is_accepted_with_a_warning(tmp_path):
     assert "more threads than cores make it slower" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_abandoned_temporary_files_are_removed_but_not_a_live_writers(tmp_path):
+def test_abandoned_temporary_files_are_removed_but_not_a_live_writers_nor_by_name_alone(tmp_path):
+    ours = b'{"written_by": "%s"}' % files_module.WRITER.encode()
     dead = tmp_path / ".out.json.4194303.1.tmp"  # above Linux's largest process id
+    cut_short = tmp_path / ".out.json.4194303.2.tmp"
+    users = tmp_path / ".out.json.4194303.3.tmp"  # a user's file that happens to be named so
     live = tmp_path / f".out.json.{os.getpid()}.99.tmp"
-    dead.write_text("left by a killed run")
-    live.write_text("still being written")
-    files_module.atomic_write(tmp_path / "out.json", lambda f: f.write(b"{}"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "out.json"]
+    dead.write_bytes(ours)
+    cut_short.write_bytes(ours[:9])
+    users.write_text('{"settings": 1, "rows": [], "dense_accuracy": 0}')
+    live.write_bytes(ours)
+    files_module.atomic_write(tmp_path / "out.json", lambda f: f.write(ours))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([cut_short.name, users.name, live.name, "out.json"])
+    assert users.read_text() == '{"settings": 1, "rows": [], "dense_accuracy": 0}'
+
+
+def test_a_json_with_our_keys_but_not_our_mark_is_not_ours(tmp_path):
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"settings": {}, "rows": [], "dense_accuracy": 98}')
+    with pytest.raises(files_module.UserError, match="is not a file this project wrote"):
+        files_module.atomic_write(notes, lambda f: f.write(b"{}"), "--json")
+    with pytest.raises(files_module.UserError, match="is not a file this project wrote"):
+        storage.save(mnist_mlp(), notes)
+    assert notes.read_text() == '{"settings": {}, "rows": [], "dense_accuracy": 98}'
 

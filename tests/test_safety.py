@@ -6,6 +6,7 @@ import argparse
 import json
 import lzma
 import os
+import re
 import shutil
 import signal
 import struct
@@ -21,7 +22,8 @@ import torch
 from cli import checkpoints
 import pruning
 from conftest import ROOT, run_script
-from pruning import files, storage
+from pruning import architecture, files, storage
+from pruning.model import mnist_mlp
 
 SCRIPTS = ["zero_pruning.py", "activation_pruning.py"]
 
@@ -431,3 +433,78 @@ def test_shift_trains_a_model_of_its_own_and_distils_from_it(tiny_data, tmp_path
     assert json.loads((tmp_path / "r.json").read_text())["settings"]["shift"] == 2
     for name in ("m.pt", "m-control.pt"):
         assert storage.load(tmp_path / name, with_about=True)[1]["config"]["shift"] == 2
+
+
+# Arguments and files that once got through -------------------------------------------------------
+
+def tiny_description(**changes):
+    layer = {"type": "Linear", "in": 4, "out": 2, "bias": True, **changes}
+    return [layer]
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"bias": float("nan")}, "impossible bias: nan"), ({"bias": -3}, "impossible bias: -3"),
+    ({"bias": [1] * 3_000_000}, "impossible bias: [1, 1, 1"), ({"type": []}, "of no type"),
+    ({"in": "4"}, "impossible in: '4'"), ({"extra": 1}, "does not hold its fields"),
+])
+def test_every_field_of_an_architecture_is_checked_before_counting(changes, message):
+    with pytest.raises(architecture.BadArchitecture, match=re.escape(message)) as e:
+        architecture.check(tiny_description(**changes))
+    assert len(str(e.value)) < 200
+
+
+@pytest.mark.parametrize("layer", [
+    {"type": "BatchNorm1d", "features": 4, "eps": -1.0, "momentum": 0.1, "affine": True, "track": True},
+    {"type": "BatchNorm1d", "features": 4, "eps": 1e-5, "momentum": float("inf"), "affine": True, "track": True},
+    {"type": "Normalize", "mean": 0.1, "std": 0.0, "shape": [4]},
+    {"type": "Normalize", "mean": "nan", "std": 1.0, "shape": [4]},
+    {"type": "Dropout", "p": 1.5},
+])
+def test_normalisations_and_statistics_must_be_finite_numbers(layer):
+    with pytest.raises(architecture.BadArchitecture, match="impossible"):
+        architecture.check([layer, *tiny_description()])
+
+
+def test_a_model_with_non_finite_statistics_is_refused(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
+    model[1].running_var.fill_(float("nan"))
+    storage.save(model, tmp_path / "m.pt")
+    with pytest.raises(files.UserError, match="statistics that are not finite"):
+        storage.load(tmp_path / "m.pt")
+
+
+def test_the_library_checks_its_arguments_and_leaves_the_model_as_it_was():
+    torch.manual_seed(0)
+    model = mnist_mlp()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for steps in (0, -1, 10 ** 9, 2.0):
+        with pytest.raises(ValueError, match="steps must be a whole number"):
+            pruning.zero_prune(model, 0.5, steps=steps)
+        with pytest.raises(ValueError, match="steps must be a whole number"):
+            pruning.activation_prune(model, torch.rand(8, 784), 0.5, steps=steps)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    same = pruning.activation_prune(model, torch.rand(8, 784), 0.0)
+    assert pruning.model.widths(same) == (784, 512, 256, 128, 10)  # reduction 0 removes nothing
+    with pytest.raises(ValueError, match="100 images and 99 labels"):
+        pruning.train(model, (torch.rand(100, 784), torch.zeros(99, dtype=torch.long)), 1)
+    with pytest.raises(ValueError, match="input_dropout must be from 0 to below 1"):
+        pruning.train(model, (torch.rand(8, 784), torch.zeros(8, dtype=torch.long)), 1, input_dropout=1.0)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("norm", [torch.nn.BatchNorm1d, torch.nn.BatchNorm2d])
+def test_a_batchnorm_model_in_training_mode_comes_out_of_activation_prune_as_it_was(norm):
+    torch.manual_seed(0)
+    if norm is torch.nn.BatchNorm1d:
+        model = torch.nn.Sequential(torch.nn.Linear(784, 32), norm(32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+        x = torch.rand(64, 784)
+    else:
+        model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), norm(8), torch.nn.ReLU(), torch.nn.Flatten(),
+                                    torch.nn.Linear(8 * 26 * 26, 10))
+        x = torch.rand(64, 1, 28, 28)
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    smaller = pruning.activation_prune(model, x, 0.5)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # statistics not updated
+    assert pruning.count_params(smaller) <= 0.5 * pruning.count_params(model) and smaller.training
