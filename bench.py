@@ -245,24 +245,9 @@ def products_per_step(model, batch, threads):
     return measure.inference_time(step, None, threads, min_run_time=1.0)
 
 
-def cpu_used_by_others(seconds=1.0):
-    """The share of this machine's CPU time that other processes used over `seconds`, while this
-    one sleeps (from /proc/stat: Linux), or None where that cannot be read."""
-    def busy_and_total():
-        ticks = [int(n) for n in Path("/proc/stat").read_text().split()[1:9]]
-        return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # all but idle and iowait
-    try:
-        busy, total = busy_and_total()
-        time.sleep(seconds)
-        busy_after, total_after = busy_and_total()
-    except (OSError, ValueError):
-        return None
-    return (busy_after - busy) / max(1, total_after - total)
-
-
 def report_load(label):
     """Print what else was running; True when the machine was busy."""
-    share = cpu_used_by_others()
+    share = measure.cpu_used_by_others(1.0)
     if share is None:
         print(f"CPU used by other processes {label}: unknown here (no /proc/stat)")
         return False

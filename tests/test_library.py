@@ -1,6 +1,7 @@
 """The library on networks it has never seen: a module subclass with Flatten and Dropout, a small CNN
 with BatchNorm; what it refuses; and that importing it changes nothing outside it."""
 
+import ast
 import copy
 import os
 import re
@@ -165,3 +166,42 @@ def test_the_readme_example_runs_as_written_from_a_folder_outside_the_project(mn
                             timeout=600)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["example.py", "net.onnx", "net.pt"]
+
+
+def test_the_readme_is_a_front_door_and_every_link_resolves():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 300
+    quick = readme[readme.index("## Quick start"):]
+    block = quick[quick.index("```sh\n") + 6:quick.index("\n```", quick.index("```sh\n"))]
+    assert [line.split()[0] for line in block.splitlines()] == ["./run.sh", "./test.sh"]
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    for page in pages[1:]:
+        assert f"(docs/{page.name})" in readme, page.name
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#]+?)(?:#[^)]*)?\)", page.read_text()):
+            if "://" not in target:
+                assert (page.parent / target).exists(), (page.name, target)
+
+
+def test_no_module_of_the_library_imports_another_that_imports_it_back():
+    graph = {}
+    for path in (ROOT / "pruning").glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "pruning":
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pruning."):
+                deps.add(node.module.split(".")[1])
+        graph[path.stem] = {d for d in deps if (ROOT / "pruning" / f"{d}.py").exists()} - {"__init__"}
+
+    def reaches(start, goal, seen=()):
+        return any(d == goal or (d not in seen and reaches(d, goal, (*seen, d))) for d in graph.get(start, ()))
+    assert [m for m in graph if m != "__init__" and reaches(m, m)] == []
+
+
+@pytest.mark.parametrize("script", ["zero_pruning.py", "activation_pruning.py"])
+def test_help_shows_the_options_in_named_groups(script):
+    result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=ROOT)
+    groups = [line for line in result.stdout.splitlines() if line and not line[0].isspace() and line.endswith(":")]
+    assert groups[1:4] == ["what to prune, and how much:", "training, steps and fine-tuning:", "the frontier's methods:"]
+    assert len(groups) >= 5
