@@ -13,9 +13,9 @@ import copy
 import torch
 
 import common
-from cli import options, outputs
-from pruning import chain, criteria, measure, methods, model as models, plots, results, surgery
-from pruning.files import UserError, shown
+import pruning
+from cli import options, outputs, plots, results
+from pruning import UserError
 
 THRESHOLDS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0]
 STEP_EPOCHS = 6  # fine-tuning a step in --steps without --finetune-epochs (30 after the last); chosen on validation
@@ -41,30 +41,27 @@ def model_files(args):
 def sweep(model, train_data, validation, test_data, args, folder):
     teacher = common.teacher(model, train_data, args)
     dense_bytes = outputs.save_model(model, folder / "dense.pt")
-    original = models.count_params(model)
+    original = pruning.count_params(model)
     source = lasso_trained(model, train_data, teacher, args) if args.group_lasso else model  # what is cut
-    criterion = methods.unit_saliency(train_data, args.batch_size, args.seed, teacher, args.temperature,
+    criterion = pruning.unit_saliency(train_data, args.batch_size, args.seed, teacher, args.temperature,
                                       args.distill_weight) if args.criterion == "saliency" else args.criterion
-    layers = chain.layers(source)
-    spatial = surgery.spatial(layers, train_data[0])
-    means = None if args.reduction else measured_means(model, train_data[0])
+    x = train_data[0]
+    means = None if args.reduction else pruning.mean_activations(model, x)
     rows = []
     for name, kind, target in common.progress(targets(args), "sweep", kind_of(args)):
         if args.reduction:
-            widths = surgery.target_widths(layers, spatial, (1 - target) * original, args.prune_inputs)
-            pruned = methods.shrink(source, widths, train_data[0], criterion, args.prune_inputs, spatial)
+            pruned = pruning.activation_prune(source, x, target, prune_inputs=args.prune_inputs, criterion=criterion)
             row = {"reduction": target, **common.scores(pruned, validation, test_data)}
         else:
-            keep, rescued = criteria.neurons_to_keep(means, target, args.multiple_of)
-            pruned = surgery.remove_units(layers, keep, spatial)
+            pruned, rescued = pruning.remove_below(model, means, target, args.multiple_of, example=x[:1])
             row = {"threshold": target, **common.scores(pruned, validation, test_data), "kept_strongest_only": rescued}
             if args.bias_compensation:
-                pruned = surgery.remove_units(layers, keep, spatial, means=means)
+                pruned, _ = pruning.remove_below(model, means, target, args.multiple_of, compensate=True, example=x[:1])
                 row.update(common.scores(pruned, validation, test_data, "compensated_accuracy"))
         if args.finetune_epochs:
             finetune = common.step_finetuner(train_data, args, teacher, f"{kind} {results.label(target)}")
             if args.steps > 1:
-                pruned = methods.activation_prune(source, train_data[0], target, args.steps, finetune,
+                pruned = pruning.activation_prune(source, x, target, args.steps, finetune,
                                                   args.prune_inputs, criterion)
             else:
                 finetune(pruned)
@@ -72,17 +69,17 @@ def sweep(model, train_data, validation, test_data, args, folder):
         pruned.eval()
         outputs.save_model(pruned, folder / f"activation-{name}.pt")
         outputs.export_onnx(args, pruned, folder / f"activation-{name}.onnx")
-        new = models.count_params(pruned)
+        new = pruning.count_params(pruned)
         if args.bits:
             row.update(common.compress(pruned, train_data, validation, test_data, args, teacher,
                                        folder / f"compressed-{name}.bin", f"{kind} {results.label(target)}",
                                        dense_bytes))
         if args.baselines:
-            row.update(common.unit_baselines(model, pruned, train_data[0], spatial, args, validation, test_data))
+            row.update(common.unit_baselines(model, pruned, x, args, validation, test_data))
         if args.prune_inputs:
-            row["kept_pixels"] = models.kept_inputs(pruned).tolist()
-        row.update(original_params=original, new_params=new, input_width=models.widths(pruned)[0],
-                   hidden_widths=list(models.widths(pruned)[1:-1]), flops=measure.flops(pruned, test_data[0]),
+            row["kept_pixels"] = pruning.kept_inputs(pruned).tolist()
+        row.update(original_params=original, new_params=new, input_width=pruning.widths(pruned)[0],
+                   hidden_widths=list(pruning.widths(pruned)[1:-1]), flops=pruning.flops(pruned, test_data[0]),
                    **common.timed(args, model, pruned, test_data[0]), size_reduction=100 * (1 - new / original))
         rows.append(row)
     return rows
@@ -96,14 +93,8 @@ def lasso_trained(model, train_data, teacher, args):
     """A copy of model trained --group-lasso-epochs more with the group-lasso penalty of strength
     --group-lasso (and the --finetune-* settings, distilling with --distill): what the cut starts from."""
     trained = copy.deepcopy(model)
-    penalty = methods.group_lasso(trained, args.group_lasso, train_data[0][:1], args.prune_inputs)
+    penalty = pruning.group_lasso(trained, args.group_lasso, train_data[0][:1], args.prune_inputs)
     return common.finetune(trained, train_data, args, args.group_lasso_epochs, teacher, "group lasso", penalty)
-
-
-def measured_means(model, x):
-    model.eval()
-    means, _, _ = criteria.statistics(chain.layers(model), x)
-    return means
 
 
 def columns(reduction, compensated, finetuned, bits, pixels=False, speed=(), baselines=()):
@@ -126,7 +117,7 @@ def plot(model, rows, baseline, args):
     curves = [("accuracy", "one-shot"), ("compensated_accuracy", "bias-compensated"),
               ("finetuned_accuracy", "bias-compensated, then fine-tuned" if compensated else "fine-tuned"),
               ("quantized_accuracy", "quantized"), ("quantized_finetuned_accuracy", "quantized, fine-tuned")]
-    published = PUBLISHED_LENET if models.widths(model) == (784, 300, 100, 10) else []
+    published = PUBLISHED_LENET if pruning.widths(model) == (784, 300, 100, 10) else []
     fig = plots.accuracy_figure(rows, baseline, "size_reduction", "parameters", curves, published)
     fig.suptitle(f"Activation pruning of the trained {common.name_of(model)}"
                  + (": published structured LeNet-300-100 results as stars" if published else ""))
@@ -230,7 +221,7 @@ def main():
             layers = ", ".join(str(i + 1) for i in r["kept_strongest_only"])
             print(f"At threshold {r['threshold']:g} no unit of hidden layer {layers} reached it; "
                   "the strongest one was kept.")
-    print(f"Models: {shown(args.save_dir)}")
+    print(f"Models: {common.shown(args.save_dir)}")
 
 
 if __name__ == "__main__":

@@ -22,16 +22,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import activation_pruning
 import common
-from cli import options
 import pruning
 import zero_pruning
-from pruning import criteria, chain, measure, surgery, training
+from cli import options
+from cli.results import markdown_table
+from pruning import criteria, measure, surgery, training
 from pruning import data as mnist
 from pruning import model as models
 from pruning.inference import BATCHES
-from pruning.results import markdown_table
 
 SPARSITIES = [0, 0.5, 0.8, 0.9, 0.95, 0.98]
 ACTIVATION_THRESHOLDS = [0.6, 0.8, 0.9, 1.0]
@@ -278,11 +277,9 @@ def inference_rows(args, model, train_data, x):
         rows += latency_rows("dense" if s == 0 else f"{100 * s:.0f}% zeros", model, pruned, x)
     print(markdown_table(rows, COLUMNS) + "\n")
     rows = []
-    means = activation_pruning.measured_means(model, train_data[0])
-    layers = chain.layers(model)
+    means = pruning.mean_activations(model, train_data[0])
     for t in ACTIVATION_THRESHOLDS:
-        keep, _ = criteria.neurons_to_keep(means, t)
-        pruned = surgery.remove_units(layers, keep, [1] * len(keep))
+        pruned, _ = pruning.remove_below(model, means, t)
         reduction = 100 * (1 - models.count_params(pruned) / models.count_params(model))
         widths = "-".join(map(str, models.widths(pruned)[1:-1]))
         rows += latency_rows(f"activation pruning at {t:g}, widths {widths}, {reduction:.1f}% fewer params",

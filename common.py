@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from cli import checkpoints, options, outputs, startup
-from pruning import data, files, inference, measure, model as models, results, training
+from cli import checkpoints, options, outputs, results, startup
+from pruning import data, files, inference, measure, model as models, training
 from pruning.files import UserError, shown
 
 log = logging.getLogger("pruning")
@@ -333,12 +333,13 @@ def zero_baselines(model, sparsity, validation, test_data, seed):
                      "layerwise_accuracy")}
 
 
-def unit_baselines(model, pruned, x, spatial, args, validation, test_data):
+def unit_baselines(model, pruned, x, args, validation, test_data):
     """--baselines for a row of activation pruning: the accuracy of model cut to pruned's widths
     (its input pixels too with --prune-inputs), the units chosen at random, and each layer's by
     the norm of their weights; neither fine-tuned. x: the images the cut measures on."""
-    from pruning import baselines, methods
+    from pruning import baselines, chain, methods, surgery
     widths = list(models.widths(pruned))
+    spatial = surgery.spatial(chain.layers(model), x[:1])
     cut = [methods.shrink(model, widths, x, criterion, args.prune_inputs, spatial)
            for criterion in (baselines.random_units(args.seed), baselines.weight_norm_units)]
     return {**scores(cut[0], validation, test_data, "random_accuracy"),

@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 
 import common
-from pruning import files, plots
+from cli import plots
+from pruning import files
 
 
 def read(path):

@@ -11,10 +11,9 @@ import cli.startup  # noqa: F401, I001 -- first: settles what must be settled be
 import copy
 
 import common
-from cli import options, outputs
-from pruning import baselines, criteria, measure, methods, model as models, oneshot, plots, results, storage, surgery
-from pruning import variational
-from pruning.files import UserError, shown
+import pruning
+from cli import options, outputs, plots, results
+from pruning import UserError
 
 THRESHOLDS = [0.0, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.10]
 PUBLISHED_LENET = [  # LeNet-300-100 on MNIST: (method, weights kept %, test error %)
@@ -28,7 +27,7 @@ def n_of_m(text):
     """An argparse type: N:M, keep N of every M weights, 0 < N < M <= 64."""
     try:
         n, m = (int(v) for v in text.split(":"))
-        return oneshot.check_pattern((n, m), None)
+        return pruning.check_pattern((n, m), None)
     except ValueError:
         raise options.argparse.ArgumentTypeError(f"not N:M with 0 < N < M <= 64: {text!r}") from None
 
@@ -58,12 +57,12 @@ def thresholds(model, args):
     if not args.sparsity:
         chosen = args.thresholds
     else:
-        chosen = [criteria.threshold_for_sparsity(model, s) for s in args.sparsity]
+        chosen = [pruning.threshold_for_sparsity(model, s) for s in args.sparsity]
         for i, t in enumerate(chosen):
             if t in chosen[:i]:
                 raise UserError(f"--sparsity {args.sparsity[chosen.index(t)]:g} and {args.sparsity[i]:g} select the "
                                 f"same threshold, {t:.6g}, and so the same model; give values further apart")
-    largest = criteria.magnitudes(model).max().item()
+    largest = pruning.magnitudes(model).max().item()
     if args.bits and any(t > largest for t in chosen):
         raise UserError(f"--bits: a threshold above {largest:.4g}, the largest weight's magnitude, zeroes every "
                         "weight and leaves nothing to compress; give smaller thresholds")
@@ -71,11 +70,11 @@ def thresholds(model, args):
 
 
 def sweep(model, train_data, validation, test_data, args, folder):
-    weights = models.count_weights(model)
+    weights = pruning.count_weights(model)
     dense_bytes = outputs.save_model(model, folder / "dense.pt")
     teacher = common.teacher(model, train_data, args)
     source = dropout_trained(model, train_data, teacher, args) if args.variational_dropout else model  # what is cut
-    saliency = methods.obd_saliency(train_data, args.batch_size, args.seed, teacher, args.temperature,
+    saliency = pruning.obd_saliency(train_data, args.batch_size, args.seed, teacher, args.temperature,
                                     args.distill_weight) if args.criterion == "saliency" else None
     dense_saliencies = saliency(model) if saliency else None  # one pass, shared by every row
     calibration = common.calibration_images(train_data, args) if args.one_shot else None
@@ -83,27 +82,27 @@ def sweep(model, train_data, validation, test_data, args, folder):
     chosen = thresholds(model, args)
     for (name, kind, value), t in zip(common.progress(targets(args), "sweep", kind_of(args)), chosen):
         if args.one_shot:
-            pruned = oneshot.one_shot(copy.deepcopy(model), calibration, value, args.one_shot, args.pattern)
-            pruned = surgery.hold_masked(pruned, [layer.weight != 0 for layer in models.weighted(pruned)])
+            pruned = pruning.one_shot(copy.deepcopy(model), calibration, value, args.one_shot, args.pattern)
+            pruned = pruning.hold_masked(pruned, [layer.weight != 0 for layer in pruning.weighted(pruned)])
         elif saliency is None:
-            pruned = surgery.hold_below(copy.deepcopy(model), t)
+            pruned = pruning.hold_below(copy.deepcopy(model), t)
         else:
-            pruned = surgery.hold_masked(copy.deepcopy(model), criteria.keep_largest(dense_saliencies, value))
+            pruned = pruning.hold_masked(copy.deepcopy(model), pruning.keep_largest(dense_saliencies, value))
         row = {kind: value, **({"threshold": t} if kind != "threshold" and t is not None else {}),
                **common.scores(pruned, validation, test_data)}
         if args.finetune_epochs:
             finetune = common.step_finetuner(train_data, args, teacher, f"{kind} {results.label(value)}")
             if args.steps > 1:
-                pruned = methods.zero_prune(copy.deepcopy(source), value, args.steps, finetune, saliency)
+                pruned = pruning.zero_prune(copy.deepcopy(source), value, args.steps, finetune, saliency)
             else:
                 finetune(pruned)
             row.update(common.scores(pruned, validation, test_data, "finetuned_accuracy"))
-        surgery.make_permanent(pruned)
-        zeroed = models.count_zeros(pruned)
+        pruning.make_permanent(pruned)
+        zeroed = pruning.count_zeros(pruned)
         row.update(original_params=weights, zeroed_params=zeroed, zero_percentage=100 * zeroed / weights,
                    dense_bytes=dense_bytes, csr_bytes=outputs.save_model(pruned, folder / f"csr-{name}.pt", "csr"),
-                   csr_bytes_needed=storage.csr_bytes_needed(pruned),
-                   flops=measure.flops(pruned, test_data[0]))
+                   csr_bytes_needed=pruning.csr_bytes_needed(pruned),
+                   flops=pruning.flops(pruned, test_data[0]))
         if args.baselines:
             row.update(common.zero_baselines(model, zeroed / weights, validation, test_data, args.seed))
         if args.speed:
@@ -123,7 +122,7 @@ def dropout_trained(model, train_data, teacher, args):
     strength --variational-dropout (and the --finetune-* settings, distilling with --distill), the
     weights it finds it can spare zeroed: what pruning in steps starts from."""
     with common.divergence_said("variational dropout"):
-        return variational.sparse_variational_dropout(
+        return pruning.sparse_variational_dropout(
             copy.deepcopy(model), train_data, args.variational_dropout_epochs, args.variational_dropout,
             args.finetune_lr, args.batch_size, args.seed, teacher, args.temperature, args.distill_weight, args.bf16,
             common.epoch_progress("variational dropout"), args.shift, args.input_dropout)
@@ -171,7 +170,7 @@ def memory_impact(rows, baseline):
 
 def plot(model, rows, baseline, args):
     plt = plots.pyplot()
-    magnitudes = criteria.magnitudes(model).cpu()
+    magnitudes = pruning.magnitudes(model).cpu()
     fig, ax = plt.subplots(figsize=(8, 4))
     lines = [r for r in rows if "threshold" in r]  # none where saliency ranked the weights
     right = 1.5 * max([r["threshold"] for r in lines] or [0]) or magnitudes.max().item()
@@ -189,7 +188,7 @@ def plot(model, rows, baseline, args):
 
     curves = [("accuracy", "one-shot"), ("finetuned_accuracy", "fine-tuned"), ("quantized_accuracy", "quantized"),
               ("quantized_finetuned_accuracy", "quantized, fine-tuned")]
-    published = PUBLISHED_LENET if models.widths(model) == (784, 300, 100, 10) else []
+    published = PUBLISHED_LENET if pruning.widths(model) == (784, 300, 100, 10) else []
     fig = plots.accuracy_figure(rows, baseline, "zero_percentage", "weights", curves, published)
     fig.suptitle(f"Zero pruning, {common.name_of(model)}"
                  + (": published LeNet-300-100 results as stars" if published else ""))
@@ -211,7 +210,7 @@ def main():
                         "variational dropout, its prior's weight S (1: the variational bound; more zeroes more), and "
                         "zero the weights it finds it can spare (default: 10 when --finetune-epochs is not given, "
                         "else none; 0: none)")
-    prune.add_argument("--one-shot", choices=oneshot.METHODS, metavar="METHOD",
+    prune.add_argument("--one-shot", choices=pruning.ONE_SHOT_METHODS, metavar="METHOD",
                    help="prune each --sparsity with no training, from --calibration training images: magnitude "
                         "(global), wanda (|w| times its input's norm) or reconstruct (each layer's kept weights "
                         "corrected toward the dense network's outputs, SparseGPT-style); each layer at the sparsity "
@@ -219,8 +218,8 @@ def main():
     prune.add_argument("--pattern", type=n_of_m, metavar="N:M",
                        help="with --one-shot, keep N of every M consecutive weights of each row instead "
                             "(2:4: sparsity 0.5)")
-    prune.add_argument("--calibration", type=options.positive(int, 60_000), default=oneshot.CALIBRATION, metavar="N",
-                   help=f"training images --one-shot measures on (default: {oneshot.CALIBRATION})")
+    prune.add_argument("--calibration", type=options.positive(int, 60_000), default=pruning.CALIBRATION, metavar="N",
+                   help=f"training images --one-shot measures on (default: {pruning.CALIBRATION})")
     frontier.add_argument("--variational-dropout-epochs", type=options.positive(int, options.MAX_EPOCHS), default=10,
                    metavar="N", help="epochs of --variational-dropout training (default: 10)")
     args = p.parse_args()
@@ -275,7 +274,7 @@ def main():
     if args.bits:
         print(common.compressed_note(args.bits))
     print(memory_impact(rows, dense["accuracy"]))
-    print(f"Models: {shown(args.save_dir)}")
+    print(f"Models: {common.shown(args.save_dir)}")
 
 
 if __name__ == "__main__":

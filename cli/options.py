@@ -9,7 +9,7 @@ import torch
 from cli import checkpoints
 from pruning import model as models
 from pruning.files import UserError
-from pruning.results import label
+from cli.results import label
 
 FINAL_EPOCHS_FACTOR = 5
 MAX_EPOCHS, MAX_BATCH, MAX_WIDTH, MAX_SEEDS, MAX_STEPS, MAX_THREADS = 1000, 60_000, 100_000, 100, 1000, 1024

@@ -5,7 +5,8 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from pruning import data, files, plots, storage
+from cli import plots
+from pruning import data, files, storage
 from pruning.files import UserError, shown
 
 ROOT = Path(__file__).resolve().parent.parent  # the project

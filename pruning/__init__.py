@@ -13,16 +13,25 @@ Importing it changes nothing outside it: no signal handlers, no threads, no envi
 
 from pruning.chain import NotAChain
 from pruning.data import mnist
+from pruning.criteria import keep_largest, magnitudes, threshold_for_sparsity
 from pruning.files import UserError
 from pruning.inference import for_inference
-from pruning.methods import activation_prune, group_lasso, obd_saliency, unit_saliency, zero_prune
-from pruning.model import Normalize, count_params, count_weights, count_zeros, lenet5, mnist_mlp
-from pruning.oneshot import one_shot
-from pruning.storage import export_onnx, load, save
+from pruning.measure import flops
+from pruning.methods import (activation_prune, group_lasso, mean_activations, obd_saliency, remove_below,
+                             unit_saliency, zero_prune)
+from pruning.model import Normalize, count_params, count_weights, count_zeros, kept_inputs, lenet5, mnist_mlp, weighted, \
+    widths
+from pruning.oneshot import CALIBRATION, check_pattern, one_shot
+from pruning.oneshot import METHODS as ONE_SHOT_METHODS
+from pruning.storage import csr_bytes_needed, export_onnx, load, save
+from pruning.surgery import hold_below, hold_masked, make_permanent
 from pruning.training import accuracy, distillation_loss, finetuner, logits, predict, train
 from pruning.variational import sparse_variational_dropout
 
-__all__ = ["zero_prune", "activation_prune", "obd_saliency", "unit_saliency", "group_lasso",
-           "sparse_variational_dropout", "one_shot", "save", "load", "export_onnx", "for_inference", "train",
-           "finetuner", "distillation_loss", "logits", "predict", "accuracy", "count_params", "count_weights",
-           "count_zeros", "mnist", "mnist_mlp", "lenet5", "Normalize", "NotAChain", "UserError"]
+__all__ = ["zero_prune", "activation_prune", "one_shot", "obd_saliency", "unit_saliency", "group_lasso",
+           "sparse_variational_dropout", "mean_activations", "remove_below", "hold_below", "hold_masked",
+           "make_permanent", "threshold_for_sparsity", "keep_largest", "magnitudes", "check_pattern",
+           "ONE_SHOT_METHODS", "CALIBRATION", "save", "load", "export_onnx", "csr_bytes_needed", "for_inference",
+           "flops", "train", "finetuner", "distillation_loss", "logits", "predict", "accuracy", "count_params",
+           "count_weights", "count_zeros", "weighted", "widths", "kept_inputs", "mnist", "mnist_mlp", "lenet5",
+           "Normalize", "NotAChain", "UserError"]

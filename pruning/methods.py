@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from pruning import chain, criteria, oneshot, surgery, training
-from pruning.model import count_params, weighted
+from pruning.model import count_params, evaluating, weighted
 from pruning.schedules import cubic_schedule
 
 
@@ -75,6 +75,29 @@ def activation_prune(model, inputs, reduction, steps=1, finetune=None, prune_inp
         if finetune:
             finetune(pruned)
     return pruned.train(mode)
+
+
+def mean_activations(model, x):
+    """Per hidden layer of model (a chain), each neuron's or channel's mean activation over the
+    images x, measured in eval mode after the ReLU that follows it: what remove_below cuts by."""
+    layers = chain.layers(model)
+    with evaluating(layers):
+        means, _, _ = criteria.statistics(layers, x)
+    return means
+
+
+def remove_below(model, means, threshold, multiple_of=1, compensate=False, example=None):
+    """A new, smaller nn.Sequential of model without the hidden neurons and channels whose mean
+    activation (means, as mean_activations gives them) is below threshold; a layer that would be
+    emptied keeps its strongest unit. multiple_of: each width rounded up to a multiple of it
+    with the strongest units below the threshold. compensate: every removed neuron's mean
+    activation times its outgoing weights folded into the next layer's bias. example: one input,
+    needed for a convolutional model (where a channel's columns lie after its Flatten).
+    Returns (the model, the indices of the layers that kept only their strongest unit)."""
+    layers = chain.layers(model)
+    keep, rescued = criteria.neurons_to_keep(means, threshold, multiple_of)
+    spatial = surgery.spatial(layers, example) if example is not None else [1] * len(keep)
+    return surgery.remove_units(layers, keep, spatial, means=means if compensate else None), rescued
 
 
 def obd_saliency(data, batch_size=128, seed=0, teacher=None, temperature=4.0, weight=0.5):

@@ -9,7 +9,7 @@ import torch
 import bench
 from conftest import ROOT
 from pruning.model import mlp
-from pruning.results import markdown_table
+from cli.results import markdown_table
 
 
 def test_latency_rows_time_both_models_at_every_batch_size():

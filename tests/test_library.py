@@ -144,7 +144,7 @@ def test_a_network_never_seen_is_pruned_both_ways_saved_loaded_and_run_in_onnxru
 
 def test_importing_the_library_changes_nothing_outside_it():
     code = ("import os, signal; handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM); "
-            "import pruning, pruning.storage, pruning.compressed, pruning.measure, pruning.plots; "
+            "import pruning, pruning.storage, pruning.compressed, pruning.measure, pruning.inference; "
             "assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers; "
             "assert 'GOMP_SPINCOUNT' not in os.environ")
     env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
@@ -203,5 +203,19 @@ def test_no_module_of_the_library_imports_another_that_imports_it_back():
 def test_help_shows_the_options_in_named_groups(script):
     result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=ROOT)
     groups = [line for line in result.stdout.splitlines() if line and not line[0].isspace() and line.endswith(":")]
-    assert groups[1:4] == ["what to prune, and how much:", "training, steps and fine-tuning:", "the frontier's methods:"]
+    assert groups[1:4] == ["what to prune, and how much:", "training, steps and fine-tuning:",
+                           "the frontier's methods:"]
     assert len(groups) >= 5
+
+
+@pytest.mark.parametrize("script", ["zero_pruning.py", "activation_pruning.py"])
+def test_the_scripts_call_the_library_as_a_user_would(script):
+    """Only pruning's public names (its __all__) and the command line's own modules."""
+    tree = ast.parse((ROOT / script).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pruning"):
+            assert node.module == "pruning" and {a.name for a in node.names} <= set(pruning.__all__), ast.unparse(node)
+        if isinstance(node, ast.Import):
+            assert all(not a.name.startswith("pruning.") for a in node.names), ast.unparse(node)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "pruning":
+            assert node.attr in pruning.__all__, f"pruning.{node.attr}"
