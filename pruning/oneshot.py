@@ -11,9 +11,11 @@ ones make up for them (the method):
   Alistarh 2023): each layer's weights are chosen and the kept ones corrected so that its outputs
   on its calibration inputs (the already pruned layers' outputs) come closest to what the dense
   network's layer gave on the dense network's: first the least-squares weights for that target,
-  which undo the earlier layers' error, then the surgery from them (on validation images this
-  correction raised 95% zeros from 84 to 97% on the default MLP, docs/one-shot.md); convolutions
-  through their unfolded inputs.
+  which undo the earlier layers' error, then the surgery from them, which chooses the weights to
+  zero, then each row's kept weights refitted by least squares to the same target (the surgery
+  is greedy); on validation images the target raised 95% zeros from 84 to 97% on the default
+  MLP, and the refit 0.4 points at 90% (docs/one-shot.md); convolutions through their unfolded
+  inputs.
 
 pattern=(n, m) keeps n of every m consecutive weights along each row's inputs instead (2:4);
 a CPU gains nothing from it without a kernel made for it."""
@@ -128,6 +130,19 @@ def reconstructed(weight, H, sparsity, pattern):
     return W
 
 
+def refitted(pruned, damped, targets):
+    """Each row of pruned (its zeros kept) refitted by least squares: its kept weights w_K =
+    damped_KK^-1 targets_K, where damped is the inputs' damped Gram matrix and targets' row is
+    what the row's outputs should correlate with (cross @ dense row): the best weights the
+    row's mask allows, where the column-by-column surgery is greedy."""
+    out = torch.zeros_like(pruned)
+    for r in range(len(pruned)):
+        kept = pruned[r].ne(0).nonzero().squeeze(1)
+        if len(kept):
+            out[r, kept] = torch.linalg.solve(damped[kept][:, kept], targets[r, kept])
+    return out
+
+
 @torch.no_grad()
 def one_shot(model, inputs, sparsity=None, method="reconstruct", pattern=None):
     """Zero the weights of every nn.Linear and nn.Conv2d of model (a chain) to the fraction
@@ -158,8 +173,9 @@ def one_shot(model, inputs, sparsity=None, method="reconstruct", pattern=None):
         if method == "reconstruct":
             H, cross = grams(layer, layers[:k], dense[:k], inputs)
             damped = H + DAMPING * H.diagonal().mean() * torch.eye(len(H), dtype=H.dtype)
-            target_weight = torch.linalg.solve(damped, cross @ weight.T).T  # W' X ~ W D: earlier layers' error undone
-            new = reconstructed(target_weight, H, target, pattern)
+            aims = (cross @ weight.T).T  # each row's outputs' correlation with the dense network's
+            target_weight = torch.linalg.solve(damped, aims.T).T  # W' X ~ W D: earlier layers' error undone
+            new = refitted(reconstructed(target_weight, H, target, pattern), damped, aims)
         else:
             scores = weight.abs()
             if method == "wanda":
