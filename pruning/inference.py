@@ -1,10 +1,11 @@
-"""A model made ready to predict fast on a CPU. for_inference(model, batch_size) runs each fully
-connected layer of the model's last run of them in one of three ways, whichever it measures as
-fastest on this machine at that batch size: as PyTorch runs it (dense), or through the kernel of
-kernels.py with the layer stored as its non-zeros (sparse) or whole (rows); consecutive kernel
-layers run as one compiled call. The model as given is a candidate too, so what it returns is
-never slower than what it was given. Layers before that run (the convolutions of LeNet-5) stay
-as PyTorch runs them."""
+"""A model made ready to predict fast on a CPU. for_inference(model, batch_size) takes the model's
+last run of fully connected layers and runs each either as PyTorch runs it (dense) or through the
+kernel of kernels.py, stored as its non-zeros (sparse) or whole (rows, by its density: the
+kernel's measured crossovers), consecutive kernel layers as one compiled call. Plans (all in the
+kernel, the densest layers in PyTorch, all in PyTorch) are timed on this machine at that batch
+size beside the model as given, and the fastest is kept, so what it returns is never slower than
+what it was given. Layers before that run (the convolutions of LeNet-5) stay PyTorch's.
+"""
 
 import copy
 import math

@@ -1,4 +1,4 @@
-"""Measuring a model: how fast it runs, on dense or sparse weights, how much arithmetic it does,
+"""Measuring a model: how fast it runs (timed in turn with others), how much arithmetic it does,
 and on what machine."""
 
 import logging
