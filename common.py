@@ -253,24 +253,14 @@ def timed(args, dense, pruned, x):
     with --speed the speed-ups of pruning.for_inference(pruned) over dense at batch 1, 32 and
     10,000 and the multiply-add ratio beside them. The load is read before and after; a busy
     machine is remembered in args.busy, and said under the table."""
-    def run_dense(xb):
-        with torch.no_grad():
-            return dense(xb)
-
-    def run_pruned(xb):
-        with torch.no_grad():
-            return pruned(xb)
-
-    was = dense.training, pruned.training
-    dense.eval(), pruned.eval()
     args.busy = getattr(args, "busy", False) or busy()
-    t_dense, t_pruned = measure.in_turn([run_dense, run_pruned], x)
+    with models.evaluating([dense, pruned]), torch.no_grad():
+        t_dense, t_pruned = measure.in_turn([dense, pruned], x)
     row = {"inference_time_s": t_pruned, "dense_inference_time_s": t_dense}
     if args.speed:
         row["speedup"] = inference.speedups(dense, pruned, x.cpu())
         row["flops_ratio"] = measure.flops(dense, x) / max(1, measure.flops(pruned, x))
     args.busy = args.busy or busy()
-    dense.train(was[0]), pruned.train(was[1])
     return row
 
 

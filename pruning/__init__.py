@@ -19,8 +19,8 @@ from pruning.inference import for_inference
 from pruning.measure import flops
 from pruning.methods import (activation_prune, group_lasso, mean_activations, obd_saliency, remove_below,
                              unit_saliency, zero_prune)
-from pruning.model import Normalize, count_params, count_weights, count_zeros, kept_inputs, lenet5, mnist_mlp, weighted, \
-    widths
+from pruning.model import (Normalize, count_params, count_weights, count_zeros, kept_inputs, lenet5, mnist_mlp,
+                           weighted, widths)
 from pruning.oneshot import CALIBRATION, check_pattern, one_shot
 from pruning.oneshot import METHODS as ONE_SHOT_METHODS
 from pruning.storage import csr_bytes_needed, export_onnx, load, save

@@ -37,7 +37,7 @@ class KernelLayers:
     normalisation, the kept pixels and the inputs no weight reads folded into how it gathers."""
 
     def __init__(self, layers, dense, columns, shift=0.0, scale=1.0, read=None):
-        pointers, indices, data, biases, table, stored = [np.zeros(1, np.uint64)], [], [], [], [], 0
+        pointers, indices, data, biases, table, stored, rows_before = [np.zeros(1, np.uint64)], [], [], [], [], 0, 0
         for k, ((linear, activation), whole) in enumerate(zip(layers, dense)):
             weight = linear.weight.detach().cpu().numpy()
             weight = weight[:, read] if k == 0 and read is not None else weight
@@ -47,12 +47,12 @@ class KernelLayers:
             else:
                 row, index = np.nonzero(weight)
                 lengths, values = np.count_nonzero(weight, axis=1), weight[row, index]
-            table.append([rows, len(np.concatenate(pointers)) - 1, sum(map(len, biases)), activation, int(whole)])
+            table.append([rows, rows_before, rows_before, activation, int(whole)])  # where its pointers, biases start
             pointers.append(stored + np.cumsum(lengths, dtype=np.uint64))
             indices.append(index.astype(np.uint64))
             data.append(values.astype(np.float32))
             biases.append(np.zeros(rows, np.float32) if linear.bias is None else linear.bias.detach().cpu().numpy())
-            stored += int(lengths.sum())
+            stored, rows_before = stored + int(lengths.sum()), rows_before + rows
         self.layers = np.array(table, np.uint64)
         self.indptr, self.indices = np.concatenate(pointers), np.concatenate(indices)
         self.data, self.bias = np.concatenate(data), np.concatenate(biases).astype(np.float32)
@@ -61,17 +61,17 @@ class KernelLayers:
         self.width = max(len(self.columns), *self.layers[:, 0].tolist())
         self.outputs = int(self.layers[-1, 0])
         self.tile, self.threads = 128, 1
+        from pruning import kernels  # numba: imported only by a model prepared for inference
+        self.kernels = kernels
 
     def __call__(self, x):
         """x: (batch, inputs) fp32 C-contiguous tensor. Returns (batch, outputs)."""
-        from pruning import kernels
         out = np.empty((x.shape[0], self.outputs), np.float32)
         tile = min(self.tile, x.shape[0])
-        run = kernels.run
+        run = self.kernels.run
         if self.threads > 1 and x.shape[0] > tile:
-            import numba
-            numba.set_num_threads(self.threads)
-            run = kernels.run_parallel
+            self.kernels.set_num_threads(self.threads)
+            run = self.kernels.run_parallel
         run(x.numpy(), self.columns, self.shift, self.scale, self.layers, self.indptr, self.indices, self.data,
             self.bias, out, tile, self.width)
         return torch.from_numpy(out)

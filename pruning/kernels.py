@@ -11,7 +11,7 @@ products. Every index is unsigned: numba checks a signed index for
 wrap-around on every access, which keeps the compiler from vectorising the loop."""
 
 import numpy as np
-from numba import njit, prange, uint64
+from numba import njit, prange, set_num_threads, uint64  # noqa: F401 -- set_num_threads for callers
 
 NONE, RELU = 0, 1  # activation after a layer
 SPARSE, DENSE = 0, 1  # how a layer's rows are stored: its non-zeros, or every weight

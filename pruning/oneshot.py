@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pruning import chain, criteria, surgery
-from pruning.model import weighted
+from pruning.model import evaluating, weighted
 
 METHODS = ("magnitude", "wanda", "reconstruct")
 BLOCK = 128  # columns chosen together in the reconstruction (SparseGPT's)
@@ -150,7 +150,7 @@ def one_shot(model, inputs, sparsity=None, method="reconstruct", pattern=None):
     gives it, its weights chosen by `method` (METHODS) from the calibration tensor `inputs` (a
     few thousand training images), layer after layer on the already pruned network's outputs.
     pattern=(n, m): n of every m consecutive weights of each row kept instead (sparsity 1 - n/m).
-    Changes model in place (in eval mode while it measures, then back) and returns it."""
+    Changes model in place (in eval mode while it measures, then in the mode it had) and returns it."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
     pattern = check_pattern(pattern, sparsity)
@@ -160,28 +160,26 @@ def one_shot(model, inputs, sparsity=None, method="reconstruct", pattern=None):
     dense = list(surgery.copy_of(nn.Sequential(*layers)))  # the layers as they were, masks and all
     if not torch.is_tensor(inputs) or len(inputs) == 0:
         raise ValueError("inputs must be a tensor of at least one calibration input")
-    mode = model.training
-    model.eval()
-    targets = layer_sparsities(model, sparsity) if pattern is None else [None] * len(weighted(model))
-    done = 0
-    for k, layer in enumerate(layers):
-        if not isinstance(layer, chain.WEIGHTED):
-            continue
-        target = targets[done]
-        done += 1
-        weight = layer.weight.flatten(1).double()
-        if method == "reconstruct":
-            H, cross = grams(layer, layers[:k], dense[:k], inputs)
-            damped = H + DAMPING * H.diagonal().mean() * torch.eye(len(H), dtype=H.dtype)
-            aims = (cross @ weight.T).T  # each row's outputs' correlation with the dense network's
-            target_weight = torch.linalg.solve(damped, aims.T).T  # W' X ~ W D: earlier layers' error undone
-            new = refitted(reconstructed(target_weight, H, target, pattern), damped, aims)
-        else:
-            scores = weight.abs()
-            if method == "wanda":
-                scores = scores * grams(layer, layers[:k], dense[:k], inputs)[0].diagonal().sqrt()[None, :]
-            drop = ~keep_in_pattern(scores, pattern) if pattern else weakest(scores, target)
-            new = weight.masked_fill(drop, 0)
-        layer.weight.copy_(new.view_as(layer.weight).to(layer.weight.dtype))
-    model.train(mode)
+    with evaluating(model):
+        targets = layer_sparsities(model, sparsity) if pattern is None else [None] * len(weighted(model))
+        done = 0
+        for k, layer in enumerate(layers):
+            if not isinstance(layer, chain.WEIGHTED):
+                continue
+            target = targets[done]
+            done += 1
+            weight = layer.weight.flatten(1).double()
+            if method == "reconstruct":
+                H, cross = grams(layer, layers[:k], dense[:k], inputs)
+                damped = H + DAMPING * H.diagonal().mean() * torch.eye(len(H), dtype=H.dtype)
+                aims = (cross @ weight.T).T  # each row's outputs' correlation with the dense network's
+                target_weight = torch.linalg.solve(damped, aims.T).T  # W' X ~ W D: earlier layers' error undone
+                new = refitted(reconstructed(target_weight, H, target, pattern), damped, aims)
+            else:
+                scores = weight.abs()
+                if method == "wanda":
+                    scores = scores * grams(layer, layers[:k], dense[:k], inputs)[0].diagonal().sqrt()[None, :]
+                drop = ~keep_in_pattern(scores, pattern) if pattern else weakest(scores, target)
+                new = weight.masked_fill(drop, 0)
+            layer.weight.copy_(new.view_as(layer.weight).to(layer.weight.dtype))
     return model
