@@ -4,6 +4,7 @@ at the moment the finished file is moved into place; every file is written besid
 and renamed, so a reader sees the old whole file or the new one. A file is read only if it is a
 regular file, and no larger than what it may be."""
 
+import contextlib
 import glob
 import json
 import os
@@ -15,9 +16,11 @@ from pathlib import Path
 
 import torch
 
-TEMPORARY = ".{name}.{pid}.{n}.tmp"
+TEMPORARY = ".{name}.{pid}.{n}.tmp"  # name: the destination's, cut to NAME_KEPT characters
+NAME_KEPT = 120
 WRITER = "pruning: neural-network pruning for model compression"  # in every file this project writes
 MAX_RESULTS_BYTES = 64 << 20
+MAX_PICKLE_BYTES = 1 << 20  # a file's structure (architecture, names, what it says about itself), not its numbers
 MAX_TORCH_BYTES = 8 * 10_000_000 + (1 << 20)  # the largest model file this project writes: 10M fp32 values
 
 
@@ -32,9 +35,10 @@ def atomic_write(path, write, option=None):
     leaves the old file as it was and says why in one line."""
     path = Path(path)
     remove_abandoned_temporaries(path)
-    tmp = path.parent / TEMPORARY.format(name=path.name, pid=os.getpid(), n=next_number())
+    tmp = None
     try:
-        with open(tmp, "xb") as f:
+        f, tmp = new_temporary(path)
+        with f:
             write(f)
             f.flush()
             os.fchmod(f.fileno(), 0o666 & ~umask())
@@ -46,11 +50,29 @@ def atomic_write(path, write, option=None):
             os.chmod(tmp, path.stat().st_mode & 0o777)
             os.replace(tmp, path)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
+        remove_quietly(tmp)
         if isinstance(e, OSError):
             raise UserError(f"cannot write {shown(path)}: {e.strerror or e}") from None
         raise
-    tmp.unlink(missing_ok=True)
+    remove_quietly(tmp)
+
+
+def new_temporary(path):
+    """(open file, its path): a new temporary file beside path, never one that stood there."""
+    for _ in range(100):
+        tmp = path.parent / TEMPORARY.format(name=path.name[:NAME_KEPT], pid=os.getpid(), n=next_number())
+        try:
+            return open(tmp, "xb"), tmp
+        except FileExistsError:
+            continue  # something of that name stands there: not ours to touch
+    raise UserError(f"cannot write {shown(path)}: no free name for its temporary file")
+
+
+def remove_quietly(tmp):
+    """Remove our temporary file if it is there; a folder that refuses leaves it, harmless."""
+    if tmp is not None:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 _written = 0
@@ -62,21 +84,25 @@ def next_number():
     return _written
 
 
-def shown(path):
-    """A path as it can be printed, whatever bytes its name holds."""
-    return str(path).encode("utf-8", "backslashreplace").decode()
+def shown(path, limit=200):
+    """A path as one line can print it, whatever bytes or line breaks its name holds, cut to a
+    readable length."""
+    text = str(path).encode("utf-8", "backslashreplace").decode()
+    text = text.replace("\n", "\\n").replace("\r", "\\r")
+    return text if len(text) <= limit else text[:limit // 2] + "..." + text[-limit // 2:]
 
 
 def remove_abandoned_temporaries(path):
     """Temporary files that a killed run left beside `path`: those named as ours whose process is
     gone and that are whole files of ours, or empty (a probe's: nothing to lose). Nothing is
     removed by its name alone: a cut-short one stays, harmless."""
-    pattern = TEMPORARY.format(name=glob.escape(path.name), pid="*", n="*")
+    name = path.name[:NAME_KEPT]
+    pattern = TEMPORARY.format(name=glob.escape(name), pid="*", n="*")
     for tmp in path.parent.glob(pattern):
-        pid = tmp.name[len(path.name) + 2:].split(".")[0]
+        pid = tmp.name[len(name) + 2:].split(".")[0]
         if pid.isdigit() and not alive(int(pid)) and kind_of(tmp) == "file" and (
                 tmp.stat().st_size == 0 or is_ours(tmp)):
-            tmp.unlink(missing_ok=True)
+            remove_quietly(tmp)
 
 
 def alive(pid):
@@ -123,7 +149,7 @@ def results_of_ours(path):
         return False
     try:
         results = json.loads(Path(path).read_bytes())
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         return False
     return isinstance(results, dict) and results.get("written_by") == WRITER  # keys anyone can write prove nothing
 
@@ -165,6 +191,10 @@ def read_torch_dict(path, limit, what="file"):
     except (zipfile.BadZipFile, OSError, ValueError) as e:
         raise UserError(f"{shown(path)} is not a model file of this project ({e})") from None
     size = Path(path).stat().st_size
+    structure = sum(e.file_size for e in entries if e.filename.endswith("/data.pkl"))
+    if structure > MAX_PICKLE_BYTES:
+        raise UserError(f"{shown(path)} is not a model file of this project: its description is {structure:,} "
+                        f"bytes, more than any of ours ({MAX_PICKLE_BYTES:,})")
     if (not any(e.filename.endswith("/data.pkl") for e in entries)
             or any(e.compress_type != zipfile.ZIP_STORED for e in entries)
             or sum(e.file_size for e in entries) > size):
@@ -241,12 +271,10 @@ def probe_writable(path):
     """Whether a temporary file for path can be made beside it (and its name is not too long)."""
     try:
         remove_abandoned_temporaries(path)
-        longest = TEMPORARY.format(name=path.name, pid=2 ** 22, n=10 ** 6)
-        if len(os.fsencode(longest)) > os.pathconf(path.parent, "PC_NAME_MAX"):
-            raise UserError(f"cannot write {shown(path)}: the name is too long for the file system "
-                            f"(its temporary file's name too)")
-        probe = path.parent / TEMPORARY.format(name=path.name, pid=os.getpid(), n=next_number())
-        probe.open("xb").close()
+        if len(os.fsencode(path.name)) > os.pathconf(path.parent, "PC_NAME_MAX"):
+            raise UserError(f"cannot write {shown(path)}: the name is too long for the file system")
+        f, probe = new_temporary(path)
+        f.close()
         probe.unlink()
     except OSError as e:
         raise UserError(f"cannot write {shown(path)}: {e.strerror}") from None
