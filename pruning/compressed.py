@@ -222,7 +222,7 @@ def decode(data):
     (n,) = struct.unpack("<I", body.read(4, 4 + MAX_DESCRIPTION))
     try:
         description = json.loads(bytes(body.read(n, 4 + MAX_DESCRIPTION)))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         raise ValueError("corrupted: its architecture is not readable") from None
     shapes = architecture.build(description, "meta")  # checks every claim, allocating nothing
     limit = body_limit(n, shapes)

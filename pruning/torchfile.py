@@ -3,6 +3,7 @@ beside its numbers, every weight ('dense') or each layer's weights as compressed
 ('csr': fp32 values, int32 indices), read back only after every claim in it is checked."""
 
 import contextlib
+import io
 import math
 import warnings
 from pathlib import Path
@@ -22,15 +23,28 @@ def write(model, path, storage="dense", about=None, option=None):
     'csr'; returns the file's size."""
     sequential = chain.sequential(model)
     description = architecture.describe(sequential)
-    state = {k: v.detach().cpu() for k, v in sequential.state_dict().items()}
+    state = plain_state(sequential)
     if storage == "csr":
         state = csr_tensors(sequential, state)
     elif storage != "dense":
         raise ValueError(f"storage must be 'dense', 'csr' or 'compressed', not {storage!r}")
     saved = {"format": FORMAT, "version": VERSION, "written_by": WRITER, "storage": storage,
              "architecture": description, "tensors": state, "about": about or {}}
-    atomic_write(path, lambda f: torch.save(saved, f), option)
+    buffer = io.BytesIO()  # written whole first: a full disk is then an OSError of ours, said in one line
+    torch.save(saved, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()), option)
     return Path(path).stat().st_size
+
+
+def plain_state(model):
+    """The model's tensors by name, on the CPU, with any pruning mask still attached folded into its
+    weight ('weight', not 'weight_orig' and 'weight_mask'): what the file's reader expects."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    for name in [k for k in state if k.endswith("_orig")]:
+        base = name.removesuffix("_orig")
+        if base + "_mask" in state:
+            state[base] = state.pop(name) * state.pop(base + "_mask")
+    return state
 
 
 def to_csr(weight):
@@ -74,7 +88,8 @@ def read_torch_file(path):
     if saved.get("format") != FORMAT:
         raise UserError(f"{shown(path)} is not a model file of this project")
     if saved.get("version") != VERSION:
-        raise UserError(f"{shown(path)} is of format version {saved.get('version')}; this code reads {VERSION}")
+        raise UserError(f"{shown(path)} is of format version {architecture.brief(saved.get('version'))}; "
+                        f"this code reads {VERSION}")
     return saved
 
 
@@ -93,8 +108,7 @@ def read(path):
 def from_tensors(saved):
     description, tensors = saved["architecture"], saved["tensors"]
     shapes = {k: v.shape for k, v in architecture.build(description, "meta").state_dict().items()}
-    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-        raise ValueError("its tensors are not tensors")
+    check_tensors(tensors, saved["storage"])
     if saved["storage"] == "csr":
         tensors = dense_from_csr(description, tensors, shapes)
     elif saved["storage"] != "dense":
@@ -105,6 +119,23 @@ def from_tensors(saved):
     model.load_state_dict(tensors)
     check_model(model)
     return model
+
+
+FLOATS = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+NUMBERS = {"dense": (*FLOATS, torch.int64), "csr": (*FLOATS, torch.int32, torch.int64)}
+
+
+def check_tensors(tensors, storage):
+    """Refuse tensors that are not plain dense arrays of the file's own types, or that claim more
+    elements than the bytes they were read from (a stride of 0): before anything converts them."""
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise ValueError("its tensors are not tensors")
+    for name, t in tensors.items():
+        if t.layout != torch.strided or t.device.type != "cpu" or t.dtype not in NUMBERS.get(storage, ()):
+            raise ValueError(f"its tensor {architecture.brief(name)} is not a plain array of numbers "
+                             f"({t.dtype}, {t.layout}, {t.device.type})")
+        if not t.is_contiguous() or t.untyped_storage().nbytes() < t.numel() * t.element_size():
+            raise ValueError(f"its tensor {architecture.brief(name)} claims more numbers than it holds")
 
 
 def dense_from_csr(description, tensors, shapes):
