@@ -34,14 +34,22 @@ def zero_prune(model, sparsity, steps=1, finetune=None, saliency=None, pattern=N
         raise ValueError(f"sparsity must be from 0 to below 1, not {sparsity}")
     check_steps(steps)
     chain.layers(model)  # refuses what it cannot prune before any change
-    for target in cubic_schedule(sparsity, steps):
-        scores = saliency(model) if saliency else [layer.weight.detach().abs() for layer in weighted(model)]
-        keep = [oneshot.keep_in_pattern(s, pattern) for s in scores] if pattern else \
-            criteria.keep_largest(scores, target)
-        surgery.hold_masked(model, keep)
-        if finetune:
-            finetune(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        for target in cubic_schedule(sparsity, steps):
+            scores = saliency(model) if saliency else [layer.weight.detach().abs() for layer in weighted(model)]
+            keep = [oneshot.keep_in_pattern(s, pattern) for s in scores] if pattern else \
+                criteria.keep_largest(scores, target)
+            surgery.hold_masked(model, keep)
+            if finetune:
+                finetune(model)
+            surgery.make_permanent(model)
+    except BaseException:  # a failing saliency or fine-tuning, an interrupt: the model as it was, no masks
         surgery.make_permanent(model)
+        if model.state_dict().keys() == before.keys():
+            with torch.no_grad():
+                model.load_state_dict(before)
+        raise
     return model
 
 

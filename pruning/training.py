@@ -105,6 +105,7 @@ def train(model, data, epochs, lr=1e-3, batch_size=128, seed=0, teacher=None, te
     forward = bf16_forward(model) if bf16 else model
     model.train()
     gen = torch.Generator().manual_seed(seed)
+    before = {k: v.clone() for k, v in model.state_dict().items()}  # given back if training diverges
     with surgery.masks_folded(model) as held:
         params = [p for p in model.parameters() if p.requires_grad]
         update = adam(params)
@@ -128,8 +129,12 @@ def train(model, data, epochs, lr=1e-3, batch_size=128, seed=0, teacher=None, te
                 surgery.hold(held)
                 torch.clear_autocast_cache()  # under a caller's autocast, the next forward casts the new weights
             if not all(torch.isfinite(p).all() for p in model.parameters()):
-                raise Diverged("the weights are no longer finite numbers; lower the learning rate")
-    return model
+                break
+        else:
+            return model
+    with torch.no_grad():
+        model.load_state_dict(before)
+    raise Diverged("the weights are no longer finite numbers; lower the learning rate (the model is as it was)")
 
 
 def finetuner(data, epochs, lr=1e-3, batch_size=128, seed=0, teacher=None, temperature=4.0, weight=0.5, bf16=False,
