@@ -79,11 +79,13 @@ def prepare(args, model_files, figures):
     """Before any work: check the arguments and every destination of the run. model_files: the
     names written in each seed's folder; figures: the names written in --plot-dir."""
     logging.basicConfig(format="%(message)s", level=logging.WARNING if args.quiet else logging.INFO)
+    options.check_threads(args)
     torch.set_num_threads(args.threads)
     args.machine = measure.machine()
     log.info("machine: {cpu}, {cores} cores, {threads} threads, PyTorch {pytorch}".format(**args.machine))
     options.check_labels("--thresholds", args.thresholds)
     options.check_model(args)
+    options.check_memory(args)
     if args.threads > (os.cpu_count() or 1):
         log.warning(f"--threads {args.threads}: this machine has {os.cpu_count()} cores; more threads than cores "
                     "make it slower, not faster")
@@ -96,11 +98,13 @@ def prepare(args, model_files, figures):
             import onnxscript  # noqa: F401
         except ImportError:
             raise UserError("--onnx needs the onnx and onnxscript packages: pip install -r requirements.txt") from None
-    paths = [checkpoints.checkpoint_path(args, checkpoints.training_config(args, seed)) for seed in outputs.seeds(args)]
+    configs = [(checkpoints.training_config(args, seed), False) for seed in outputs.seeds(args)]
     if args.control:
-        paths += [checkpoints.checkpoint_path(args, checkpoints.training_config(args, seed, control=True), control=True)
-                  for seed in outputs.seeds(args)]
-    outputs.check_outputs(args, paths, model_files, figures)
+        configs += [(checkpoints.training_config(args, seed, control=True), True) for seed in outputs.seeds(args)]
+    paths = [(checkpoints.checkpoint_path(args, config, control), config) for config, control in configs]
+    only_read = {path for path, config in paths if not checkpoints.needs_writing(path, config, args.retrain)}
+    outputs.check_outputs(args, [path for path, _ in paths], model_files, figures, only_read)
+    options.check_disk(args, model_files, args.seeds)
     log.info(f"models: {shown(args.save_dir)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
@@ -229,7 +233,7 @@ def run(main):
         sys.stdout.flush()
     except (UserError, data.DataError) as e:
         startup.ignore_signals()
-        print(f"{name}: error: {shown(e)}", file=sys.stderr)
+        print(f"{name}: error: {shown(e, 1000)}", file=sys.stderr)
         sys.exit(2)
     except (KeyboardInterrupt, startup.Terminated) as e:
         startup.ignore_signals()

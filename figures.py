@@ -7,11 +7,12 @@ import cli.startup  # noqa: F401, I001 -- first: settles what must be settled be
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import common
 from cli import plots
-from pruning import files
+from pruning import architecture, files
 
 
 def read(path):
@@ -19,18 +20,31 @@ def read(path):
         files.check_readable(path, files.MAX_RESULTS_BYTES, "results file")
         return json.loads(Path(path).read_bytes())
     except (OSError, ValueError) as e:
-        raise common.UserError(f"cannot read results from {path}: {getattr(e, 'strerror', None) or e}") from None
+        raise common.UserError(f"cannot read results from {files.shown(path)}: "
+                               f"{getattr(e, 'strerror', None) or architecture.brief(str(e))}") from None
+    except RecursionError:
+        raise common.UserError(f"cannot read results from {files.shown(path)}: nested too deeply") from None
 
 
 ROW_KEYS = {"accuracy", "zero_percentage", "dense_bytes", "csr_bytes", "quantized_accuracy", "compressed_bytes"}
 
 
+def number(value):
+    return type(value) in (int, float) and math.isfinite(value)
+
+
 def from_zero_pruning_with_bits(result):
-    """Whether a run's JSON holds what the sizes figure reads."""
+    """Whether a run's JSON holds what the sizes figure reads, each of the type it is read as."""
     try:
-        return (bool(result["settings"]["bits"]) and isinstance(result["settings"]["hidden"], list)
-                and isinstance(result["dense_accuracy"], (int, float)) and len(result["rows"]) > 0
-                and all(ROW_KEYS <= row.keys() for row in result["rows"]))
+        settings, rows = result["settings"], result["rows"]
+        return (type(settings["bits"]) is int and 1 <= settings["bits"] <= 8
+                and isinstance(settings["hidden"], list) and all(type(h) is int for h in settings["hidden"])
+                and number(result["dense_accuracy"]) and isinstance(rows, list) and len(rows) > 0
+                and all(isinstance(row, dict) and ROW_KEYS <= row.keys() for row in rows)
+                and all(number(value) for row in rows for key, value in row.items()
+                        if key in ROW_KEYS or key.endswith("accuracy"))
+                and all(row["csr_bytes"] > 0 and row["compressed_bytes"] > 0 and row["dense_bytes"] > 0
+                        for row in rows))
     except (KeyError, TypeError, AttributeError):
         return False
 
@@ -74,7 +88,7 @@ def main():
     results = [read(path) for path in args.results]
     for path, result in zip(args.results, results):
         if not from_zero_pruning_with_bits(result):
-            raise common.UserError(f"{path}: not the results of zero_pruning.py --bits B --json")
+            raise common.UserError(f"{files.shown(path)}: not the results of zero_pruning.py --bits B --json")
     sizes(results, args.output)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pruning import model as models, storage, training
+from pruning import files, model as models, storage, training
 from pruning.files import UserError, shown
 
 ROOT = Path(__file__).resolve().parent.parent  # the project
@@ -44,6 +44,22 @@ def checkpoint_path(args, config, control=False):
         return path.with_stem(path.stem + suffix) if suffix else path
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
     return ROOT / "checkpoints" / f"{config['model']}-{key}.pt"
+
+
+def needs_writing(path, config, retrain):
+    """Whether the checkpoint at path is to be written by this run: not when it is a checkpoint
+    trained with config (then it is only read, from read-only media too). A model of ours that is
+    not a checkpoint (a pruned one, say) is a result, refused here rather than replaced."""
+    if files.kind_of(Path(path)) != "file":
+        return True
+    try:
+        _, about = storage.load(path, with_about=True)
+    except UserError:
+        return True  # not ours, or damaged: the destination's own check decides
+    if "config" not in about:
+        raise UserError(f"--checkpoint {shown(path)} is a model this project saved as a result, not a trained "
+                        "checkpoint; refusing to replace it (give another path)")
+    return retrain or about["config"] != config
 
 
 def new_model(args):

@@ -3,12 +3,14 @@ the checks that take several options together."""
 
 import argparse
 import math
+import os
+import shutil
 
 import torch
 
 from cli import checkpoints
 from pruning import model as models
-from pruning.files import UserError
+from pruning.files import UserError, shown
 from cli.results import label
 
 FINAL_EPOCHS_FACTOR = 5
@@ -17,8 +19,13 @@ MAX_LR, MAX_TEMPERATURE, MAX_THRESHOLD, MAX_SEED = 10.0, 100.0, 1e6, 2 ** 32 - M
 MAX_SHIFT = 14  # pixels: half an image
 MODELS = {"mlp": "the MLP of --hidden", "lenet5": "LeNet-5 (Caffe): conv 20, conv 50, 800-500-10"}
 
+MAX_VALUES = 100  # rows of one run, each with its model files
+
+
 def check_labels(option, values):
-    """Every row must print, and save, under its own label."""
+    """Every row must print, and save, under its own label; a run has at most MAX_VALUES rows."""
+    if len(values) > MAX_VALUES:
+        raise UserError(f"{option}: {len(values):,} values; give at most {MAX_VALUES}")
     seen = {}
     for value in values:
         if label(value) in seen:
@@ -183,6 +190,54 @@ def check_model(args):
     if params > models.MAX_PARAMS:
         raise UserError(f"--hidden {' '.join(map(str, args.hidden))}: a model of {params:,} parameters; this "
                         f"project builds at most {models.MAX_PARAMS:,}")
+
+
+LENET5_PARAMS, LENET5_UNITS = 431_080, 20 * 24 * 24 + 20 * 12 * 12 + 50 * 8 * 8 + 50 * 4 * 4 + 500 + 10
+DATA_BYTES = 2 * 70_000 * 785 * 4  # MNIST as fp32 tensors, and a copy while it is split
+
+
+def check_threads(args):
+    cores = os.cpu_count() or 1
+    if args.threads > 4 * cores:
+        raise UserError(f"--threads {args.threads}: this machine has {cores} cores; give at most {4 * cores}")
+
+
+def check_memory(args):
+    """Refuse, before any training, a model and batch that this machine's memory cannot hold: the
+    weights with their gradients, Adam's moments, a teacher and copies, and a batch's activations
+    kept for the backward pass, with the data."""
+    if args.model == "lenet5":
+        params, units = LENET5_PARAMS, LENET5_UNITS
+    else:
+        params, units = models.mlp_params(checkpoints.sizes(args)), sum(checkpoints.sizes(args))
+    need = 4 * (8 * params + 4 * units * max(args.batch_size, 500)) + DATA_BYTES
+    have = available_memory()
+    if have is not None and need > have:
+        raise UserError(f"the model and --batch-size {args.batch_size} need about {need / 2**30:.1f} GiB of memory "
+                        f"to train; this machine has {have / 2**30:.1f} GiB available (give a smaller model or batch)")
+
+
+def check_disk(args, model_files, seeds):
+    """Refuse a run whose model files would fill the disk they go to, before any training."""
+    params = LENET5_PARAMS if args.model == "lenet5" else models.mlp_params(checkpoints.sizes(args))
+    need = len(model_files) * seeds * (4 * params + (64 << 10))
+    free = shutil.disk_usage(args.save_dir).free
+    if need > free:
+        raise UserError(f"the {len(model_files) * seeds:,} model files of this run may take up to "
+                        f"{need / 2**20:,.0f} MiB; {shown(args.save_dir)} has {free / 2**20:,.0f} MiB free "
+                        "(give fewer thresholds or sparsities, or another --save-dir)")
+
+
+def available_memory():
+    """Bytes of memory available to a new allocation (Linux: MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def settings(args):

@@ -5,7 +5,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from cli import plots
+from cli import plots, startup
 from pruning import data, files, storage
 from pruning.files import UserError, shown
 
@@ -47,13 +47,14 @@ def seed_folder(args, seed):
     return folder if args.seeds == 1 else folder / f"seed-{seed}"
 
 
-def check_outputs(args, checkpoints, model_files, figures):
+def check_outputs(args, checkpoints, model_files, figures, only_read=()):
     """Check every file this run will write, before any work: no two outputs the same file, each
     destination free or a file of ours, its folder writable. model_files: the names written in
-    each seed's folder; figures: the names written in --plot-dir."""
+    each seed's folder; figures: the names written in --plot-dir; only_read: the checkpoints that
+    fit and are only read."""
     # the folders before any is made; --json last, so that a data file named is refused as not ours
     refuse_the_data_folder(args.data_dir, [("--save-dir", args.save_dir), ("--plot-dir", args.plot_dir)])
-    if not args.checkpoint:
+    if not args.checkpoint and checkpoints:
         folder = checkpoints[0].parent
         if files.kind_of(folder) == "absent":  # the project's own folder, made on the first run
             folder.mkdir()
@@ -72,7 +73,7 @@ def check_outputs(args, checkpoints, model_files, figures):
     files.check_distinct(planned)
     for option, path in planned:
         seed_folder_to_come = option == "--save-dir" and files.kind_of(Path(path).parent) == "absent"
-        if path is not None and not seed_folder_to_come:
+        if path is not None and not seed_folder_to_come and path not in only_read:
             files.check_file_destination(option, path)
     refuse_the_data_folder(args.data_dir, [("--json", args.json)])
 
@@ -105,7 +106,8 @@ def save_model(model, path, kind="dense"):
 
 def export_onnx(args, model, path):
     if args.onnx:
-        storage.export_onnx(model.cpu(), path, option="--save-dir")
+        with startup.signals_deferred():
+            storage.export_onnx(model.cpu(), path, option="--save-dir")
 
 
 def figure(fig, args, name):

@@ -4,6 +4,7 @@ OpenMP's threads spin only briefly before they sleep while they wait: as fast as
 an idle machine, and no crawl when another process is using the cores (measured in README.md,
 Speed). Only the scripts import it: the library (pruning/) settles nothing for its users."""
 
+import contextlib
 import os
 import signal
 import sys
@@ -31,6 +32,21 @@ def interrupt(signum, frame):
     ignore_signals()
     raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
 
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Ctrl-C or SIGTERM inside the block (an ONNX export, which cannot be unwound cleanly: it
+    leaves the exporter half set up) takes effect when the block ends."""
+    received = []
+    handlers = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    if received:
+        interrupt(received[0], None)
 
 
 if "torch" not in sys.modules:  # imported first, as the scripts do; else there is nothing left to settle
