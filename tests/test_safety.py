@@ -275,6 +275,24 @@ def hostile_files(folder):
     del saved["architecture"]
     torch.save(saved, folder / "missing.pt")
     made["missing key.pt"] = folder / "missing.pt"
+    small = pruning.model.mlp([4, 3, 2])
+
+    def variant(name, **changes):
+        storage.save(small, folder / "small.pt")
+        saved = storage.read_torch_file(folder / "small.pt")
+        for key, change in changes.items():
+            saved[key] = change(saved[key])
+        torch.save(saved, folder / name)
+        made[name] = folder / name
+
+    variant("stride-0 indices.pt", storage=lambda _: "csr", tensors=lambda t: {
+        **{k: v for k, v in t.items() if not k.endswith("weight")},
+        "indices": torch.zeros(1, dtype=torch.int32).expand(400_000_000), "values": torch.ones(20)})
+    variant("48 MB about.pt", about=lambda _: {"notes": ["x" * 10] * 4_000_000})
+    variant("version as text.pt", version=lambda _: "1")
+    for kind, make in [("qint8", lambda w: torch.quantize_per_tensor(w, 0.1, 0, torch.qint8)),
+                       ("meta", lambda w: w.to("meta")), ("sparse", lambda w: w.to_sparse())]:
+        variant(f"{kind} tensor.pt", tensors=lambda t, make=make: {**t, "2.weight": make(t["2.weight"])})
     os.mkfifo(folder / "fifo")
     made["fifo"] = folder / "fifo"
     made["/dev/zero"] = "/dev/zero"
@@ -508,3 +526,150 @@ def test_a_batchnorm_model_in_training_mode_comes_out_of_activation_prune_as_it_
     assert model.training and all(m.training for m in model.modules())
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # statistics not updated
     assert pruning.count_params(smaller) <= 0.5 * pruning.count_params(model) and smaller.training
+
+
+# Failures said in one line, with the user's model and files as they were -------------------
+
+def in_subprocess(code, *args, limit_bytes=None):
+    prelude = "import resource, signal\n" + (
+        f"signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit_bytes}, {limit_bytes}))\n" if limit_bytes else "")
+    return subprocess.run([sys.executable, "-c", prelude + code, *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+
+
+def test_a_full_disk_on_a_model_file_is_one_line_and_leaves_nothing(tmp_path):
+    code = ("import sys, pruning\n"
+            "try:\n"
+            "    pruning.save(pruning.mnist_mlp(), sys.argv[1])\n"
+            "except pruning.UserError as e:\n"
+            "    print('REFUSED', e)\n")
+    result = in_subprocess(code, tmp_path / "m.pt", limit_bytes=100_000)  # a disk that fills at 100 kB
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.stdout.startswith("REFUSED cannot write") and "File too large" in result.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupt_during_an_export_takes_effect_when_it_ends():
+    code = ("import os, signal\n"
+            "from cli import startup\n"
+            "with startup.signals_deferred():\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    print('FINISHED THE EXPORT', flush=True)\n"
+            "print('NOT REACHED')\n")
+    result = in_subprocess(code)
+    assert "FINISHED THE EXPORT" in result.stdout and "NOT REACHED" not in result.stdout
+    assert result.stderr.strip().splitlines()[-1] == "KeyboardInterrupt"
+
+
+def test_a_cleanup_that_fails_is_not_a_second_error(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(files.os, "link", refuse)  # a folder that turned read-only mid-write
+    monkeypatch.setattr(files.Path, "unlink", refuse)
+    with pytest.raises(files.UserError, match="cannot write .*m.pt: Permission denied"):
+        storage.save(mnist_mlp([784, 10]), tmp_path / "m.pt")
+
+
+def test_a_long_legal_name_saves_and_a_folder_named_like_a_temporary_is_passed_by(tmp_path):
+    model = mnist_mlp([784, 10])
+    for name in ("m" * 252 + ".pt", "r.pt"):
+        for n in range(files._written + 1, files._written + 4):  # folders where the next temporaries would go
+            (tmp_path / files.TEMPORARY.format(name=name[:files.NAME_KEPT], pid=os.getpid(), n=n)).mkdir()
+        storage.save(model, tmp_path / name)
+        assert torch.equal(storage.load(tmp_path / name)[1].weight, model[1].weight)
+    assert sum(p.is_dir() for p in tmp_path.iterdir()) == 6  # not ours: left where they were
+
+
+def test_a_path_or_value_in_an_error_is_one_line_of_readable_length():
+    assert files.shown("a\nb\rc") == "a\\nb\\rc"
+    assert len(files.shown("x" * 100_000)) < 210
+    with pytest.raises(architecture.BadArchitecture) as e:
+        architecture.check(tiny_description(out=[7] * 3_000_000))
+    assert len(str(e.value)) < 200
+
+
+def test_zero_prune_that_fails_leaves_the_model_as_it_was_without_masks():
+    torch.manual_seed(0)
+    model = mnist_mlp([784, 16, 10])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+
+    def saliency(m):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("a saliency that fails on the second step")
+        return [layer.weight.detach().abs() for layer in pruning.weighted(m)]
+    with pytest.raises(RuntimeError, match="second step"):
+        pruning.zero_prune(model, 0.9, steps=3, saliency=saliency)
+    assert model.state_dict().keys() == before.keys()  # no weight_orig, no weight_mask
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("kind", ["dense", "csr"])
+def test_a_model_still_carrying_masks_saves_as_its_masked_weights(kind, tmp_path):
+    torch.manual_seed(0)
+    model = pruning.hold_below(mnist_mlp([784, 16, 10]), 0.02)
+    storage.save(model, tmp_path / "m.pt", kind)
+    loaded = storage.load(tmp_path / "m.pt")
+    x = torch.rand(5, 784)
+    assert torch.equal(loaded(x), model(x).detach())
+    assert (loaded[1].weight == 0).sum() == (model[1].weight == 0).sum() > 0
+
+
+def test_training_that_diverges_gives_the_model_back_as_it_was():
+    torch.manual_seed(0)
+    model = mnist_mlp([784, 16, 10])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.rand(64, 784) * 1e30, torch.zeros(64, dtype=torch.long)
+    with pytest.raises(pruning.training.Diverged, match="as it was"):
+        pruning.train(model, (x, y), 1, lr=1e30)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--hidden", "2", "100000", "--batch-size", "60000"], "GiB of memory to train"),
+    (["--threads", "1024"], "give at most"),
+    (["--thresholds", *map(str, range(101))], "101 values; give at most 100"),
+])
+def test_runs_the_machine_cannot_hold_are_refused_before_training(args, message, tiny_data, tmp_path):
+    refused("zero_pruning.py", tiny_data, tmp_path, *args, message=message)
+
+
+def test_a_checkpoint_option_at_a_result_of_ours_is_refused_not_replaced(tiny_data, tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    model = pruning.hold_below(mnist_mlp(), 0.05)
+    storage.save(model, tmp_path / "ckpt" / "m.pt", "csr")
+    refused("zero_pruning.py", tiny_data, tmp_path, message="saved as a result, not a trained checkpoint")
+
+
+def test_a_read_only_cache_that_holds_the_model_is_used(tiny_data, tmp_path, monkeypatch):
+    checkpoint = tmp_path / "m.pt"
+    args = ["--data-dir", str(tiny_data), "--epochs", "1", "--thresholds", "0", "--checkpoint", str(checkpoint),
+            "--save-dir", str(tmp_path / "out")]
+    assert run_script("zero_pruning.py", *args).returncode == 0
+    code = ("import sys, runpy\n"
+            "from pruning import files\n"
+            "def read_only(path):\n"
+            "    if path.name == 'm.pt':\n"
+            "        raise files.UserError(f'cannot write {path}: Read-only file system')\n"
+            "files.probe_writable = read_only\n"
+            "sys.argv = ['zero_pruning.py', *sys.argv[1:]]\n"
+            "runpy.run_path('zero_pruning.py', run_name='__main__')\n")
+    result = in_subprocess(code, *args)
+    assert result.returncode == 0, result.stderr
+    assert f"model: loaded {checkpoint}" in result.stderr
+
+
+def test_results_nested_too_deeply_are_one_line(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    assert not files.is_ours(deep)
+    odd = tmp_path / "odd.json"
+    odd.write_text(json.dumps({"written_by": files.WRITER, "settings": {"bits": "x", "hidden": [1]},
+                               "dense_accuracy": 98.0, "rows": [{k: 1 for k in ("accuracy", "zero_percentage",
+                               "dense_bytes", "csr_bytes", "quantized_accuracy", "compressed_bytes")}]}))
+    for path, message in [(deep, "nested too deeply"), (odd, "not the results of zero_pruning.py")]:
+        result = run_script("figures.py", "sizes", tmp_path / "f.png", path)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert message in result.stderr.strip().splitlines()[-1]
