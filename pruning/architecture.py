@@ -86,7 +86,10 @@ OFFSETS = ("stride", "padding", "dilation")
 
 def brief(value, limit=60):
     """value as an error line may quote it: one line, cut to a readable length."""
-    text = repr(value).replace("\n", " ")
+    try:
+        text = repr(value).replace("\n", " ")
+    except RecursionError:
+        return "a value nested too deeply"
     return text if len(text) <= limit else text[:limit] + "..."
 
 

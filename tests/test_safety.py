@@ -587,6 +587,11 @@ def test_a_path_or_value_in_an_error_is_one_line_of_readable_length():
     with pytest.raises(architecture.BadArchitecture) as e:
         architecture.check(tiny_description(out=[7] * 3_000_000))
     assert len(str(e.value)) < 200
+    deep = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(architecture.BadArchitecture, match="impossible in: a value nested too deeply"):
+        architecture.check(tiny_description(**{"in": deep}))
 
 
 def test_zero_prune_that_fails_leaves_the_model_as_it_was_without_masks():
