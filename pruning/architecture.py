@@ -32,11 +32,12 @@ def layer_description(m):
     if isinstance(m, nn.Linear):
         return {"type": kind, "in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
     if isinstance(m, nn.Conv2d):
-        if m.padding_mode != "zeros" or isinstance(m.padding, str):
-            raise BadArchitecture(f"{m}: only numeric zero padding is stored")
+        if m.groups != 1:
+            raise BadArchitecture(f"{m}: grouped convolutions are not stored")
         return {"type": kind, "in": m.in_channels, "out": m.out_channels, "kernel": list(m.kernel_size),
-                "stride": list(m.stride), "padding": list(m.padding), "dilation": list(m.dilation),
-                "bias": m.bias is not None}
+                "stride": list(m.stride), "padding": m.padding if isinstance(m.padding, str) else list(m.padding),
+                "dilation": list(m.dilation), "bias": m.bias is not None,
+                **({"padding_mode": m.padding_mode} if m.padding_mode != "zeros" else {})}
     if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
         return {"type": kind, "kernel": m.kernel_size, "stride": m.stride, "padding": m.padding}
     if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
@@ -44,13 +45,15 @@ def layer_description(m):
     if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
         return {"type": kind, "features": m.num_features, "eps": m.eps, "momentum": m.momentum,
                 "affine": m.affine, "track": m.track_running_stats}
-    if isinstance(m, nn.Dropout):
+    if isinstance(m, chain.DROPOUTS):
         return {"type": kind, "p": m.p}
+    if kind in ARGUMENTS:
+        return {"type": kind, **{field: getattr(m, attribute) for field, attribute in ARGUMENTS[kind].items()}}
     if isinstance(m, nn.Flatten):
         if (m.start_dim, m.end_dim) != (1, -1):
             raise BadArchitecture(f"{m}: only Flatten(1, -1) is stored")
         return {"type": kind}
-    if isinstance(m, (nn.ReLU, nn.Identity)):
+    if isinstance(m, chain.ELEMENTWISE + (nn.Identity,)):
         return {"type": kind}
     raise BadArchitecture(f"{kind} layers are not stored")
 
@@ -78,8 +81,17 @@ FIELDS = {  # per layer type, the fields its description must hold (beside "type
     "AdaptiveAvgPool2d": {"output"}, "AdaptiveMaxPool2d": {"output"},
     "BatchNorm1d": {"features", "eps", "momentum", "affine", "track"},
     "BatchNorm2d": {"features", "eps", "momentum", "affine", "track"},
-    "Dropout": {"p"}, "Flatten": set(), "ReLU": set(), "Identity": set(),
+    "Flatten": set(), "Identity": set(),
+    **{t.__name__: {"p"} for t in chain.DROPOUTS},
+    **{t.__name__: set() for t in chain.ELEMENTWISE},
 }
+ARGUMENTS = {  # per activation with settings, its fields and the module's attributes they hold
+    "LeakyReLU": {"slope": "negative_slope"}, "ELU": {"alpha": "alpha"}, "CELU": {"alpha": "alpha"},
+    "Softplus": {"beta": "beta", "threshold": "threshold"}, "Hardtanh": {"low": "min_val", "high": "max_val"},
+    "LogSoftmax": {"dim": "dim"}, "Softmax": {"dim": "dim"},
+}
+FIELDS.update({kind: set(fields) for kind, fields in ARGUMENTS.items()})
+OPTIONAL = {"Conv2d": {"padding_mode"}}  # fields added since the first files: a file without them is read as before
 SIZES = ("in", "out", "inputs", "size", "features", "kernel", "shape", "output")
 OFFSETS = ("stride", "padding", "dilation")
 
@@ -102,9 +114,17 @@ def field_ok(key, value):
     values = list(value) if isinstance(value, (list, tuple)) and key in SIZES + OFFSETS else [value]
     if key in SIZES:
         return 0 < len(values) <= 4 and all(type(v) is int and 0 < v <= MAX_DIM for v in values)
+    if key == "padding" and isinstance(value, str):
+        return value in ("same", "valid")
     if key in OFFSETS:
         return value is None and key == "stride" or 0 < len(values) <= 4 and all(
             type(v) is int and 0 <= v <= MAX_DIM for v in values)
+    if key == "padding_mode":
+        return value in ("zeros", "reflect", "replicate", "circular")
+    if key == "dim":
+        return type(value) is int and value in (1, -1)
+    if key in ("slope", "alpha", "beta", "threshold", "low", "high"):
+        return number(value)
     if key in ("bias", "affine", "track"):
         return type(value) is bool
     if key == "mean":
@@ -127,7 +147,7 @@ def check(description):
     for i, d in enumerate(description):
         if not isinstance(d, dict) or not isinstance(d.get("type"), str) or d["type"] not in BUILDERS:
             raise BadArchitecture(f"layer {i} is of no type this project builds")
-        if d.keys() - {"type"} != FIELDS[d["type"]]:
+        if not FIELDS[d["type"]] <= d.keys() - {"type"} <= FIELDS[d["type"]] | OPTIONAL.get(d["type"], set()):
             fields = ", ".join(sorted(FIELDS[d["type"]])) or "none"
             raise BadArchitecture(f"layer {i} ({d['type']}) does not hold its fields ({fields}) and no others")
         for key, value in d.items():
@@ -145,17 +165,19 @@ BUILDERS = {
     "KeepInputs": lambda d: KeepInputs(torch.zeros(d["inputs"], dtype=torch.long), d["size"]),
     "Linear": lambda d: nn.Linear(d["in"], d["out"], bias=d["bias"]),
     "Conv2d": lambda d: nn.Conv2d(d["in"], d["out"], d["kernel"], d["stride"], d["padding"], d["dilation"],
-                                  bias=d["bias"]),
+                                  bias=d["bias"], padding_mode=d.get("padding_mode", "zeros")),
     "MaxPool2d": lambda d: nn.MaxPool2d(d["kernel"], d["stride"], d["padding"]),
     "AvgPool2d": lambda d: nn.AvgPool2d(d["kernel"], d["stride"], d["padding"]),
     "AdaptiveAvgPool2d": lambda d: nn.AdaptiveAvgPool2d(d["output"]),
     "AdaptiveMaxPool2d": lambda d: nn.AdaptiveMaxPool2d(d["output"]),
     "BatchNorm1d": lambda d: nn.BatchNorm1d(d["features"], d["eps"], d["momentum"], d["affine"], d["track"]),
     "BatchNorm2d": lambda d: nn.BatchNorm2d(d["features"], d["eps"], d["momentum"], d["affine"], d["track"]),
-    "Dropout": lambda d: nn.Dropout(d["p"]),
     "Flatten": lambda d: nn.Flatten(),
-    "ReLU": lambda d: nn.ReLU(),
     "Identity": lambda d: nn.Identity(),
+    **{t.__name__: lambda d, t=t: t(d["p"]) for t in chain.DROPOUTS},
+    **{t.__name__: lambda d, t=t: t() for t in chain.ELEMENTWISE},
+    **{kind: lambda d, kind=kind, fields=fields: getattr(nn, kind)(**{a: d[f] for f, a in fields.items()})
+       for kind, fields in ARGUMENTS.items()},
 }
 
 

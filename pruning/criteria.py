@@ -60,8 +60,9 @@ def saliencies(model, losses):
 @torch.no_grad()
 def statistics(layers, x, batch_size=EVAL_BATCH):
     """Run x through a chain of layers in batches. Returns (means, pixel_std, pixel_mean): per
-    weighted layer but the last, each output's mean activation, over images and positions, taken
-    after the first ReLU that follows it (else where the next weighted layer reads it); and the
+    weighted layer but the last, each output's mean absolute activation (after a ReLU, its mean),
+    over images and positions, taken after the first element-wise activation that follows it
+    (else where the next weighted layer reads it); and the
     standard deviation and mean of each input pixel the first weighted layer reads."""
     groups = chains.groups(layers)
     measure_at = measured_at(layers)
@@ -76,7 +77,7 @@ def statistics(layers, x, batch_size=EVAL_BATCH):
             xb = layer(xb)
             if k in measure_at:
                 dims = [d for d in range(xb.dim()) if d != 1]
-                sums[measure_at[k]] = sums[measure_at[k]] + xb.double().sum(dims) / math.prod(
+                sums[measure_at[k]] = sums[measure_at[k]] + xb.double().abs().sum(dims) / math.prod(
                     xb.shape[d] for d in dims[1:])
     n = len(x)
     pixel_mean = pixel_sum / n
@@ -86,11 +87,12 @@ def statistics(layers, x, batch_size=EVAL_BATCH):
 
 def measured_at(layers):
     """{index of a layer: group g} for each weighted layer but the last: where its units' values are
-    read, after the first ReLU that follows it, else where the next weighted layer reads them."""
+    read, after the first element-wise activation that follows it, else where the next weighted
+    layer reads them."""
     at = {}
     for g, (i, between, _) in enumerate(chains.groups(layers)[:-1]):
-        relu = next((k for k in between if isinstance(layers[k], nn.ReLU)), None)
-        at[relu if relu is not None else max([i, *(k for k in between if not isinstance(layers[k], nn.Flatten))])] = g
+        activation = next((k for k in between if isinstance(layers[k], chains.ELEMENTWISE)), None)
+        at[activation if activation is not None else max([i, *(k for k in between if not isinstance(layers[k], nn.Flatten))])] = g
     return at
 
 

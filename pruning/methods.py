@@ -22,8 +22,9 @@ def check_steps(steps):
 
 
 def zero_prune(model, sparsity, steps=1, finetune=None, saliency=None, pattern=None):
-    """Zero the weights of every nn.Linear and nn.Conv2d of model, smallest in magnitude first over
-    all layers together, until the fraction `sparsity` of them is zero: in `steps` steps on the
+    """Zero the weights of every nn.Linear and nn.Conv1d, 2d and 3d of model (any nn.Module, whatever
+    its graph), smallest in magnitude first over all layers together, until the fraction
+    `sparsity` of them is zero: in `steps` steps on the
     cubic schedule, calling finetune(model) after each with the zeros held. saliency: None, or a
     function of the model giving every weighted layer's scores (as obd_saliency's does) to rank
     the weights by, re-scored before each step, in place of their magnitudes. pattern=(n, m):
@@ -33,7 +34,8 @@ def zero_prune(model, sparsity, steps=1, finetune=None, saliency=None, pattern=N
     if not 0 <= sparsity < 1:
         raise ValueError(f"sparsity must be from 0 to below 1, not {sparsity}")
     check_steps(steps)
-    chain.layers(model)  # refuses what it cannot prune before any change
+    if not weighted(model):
+        raise ValueError(f"{type(model).__name__} has no nn.Linear or nn.Conv layer whose weights can be zeroed")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     try:
         for target in cubic_schedule(sparsity, steps):

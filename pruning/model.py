@@ -88,8 +88,8 @@ def evaluating(modules):
 
 
 def weighted(model):
-    """The layers whose weights are pruned: every nn.Linear and nn.Conv2d, in order."""
-    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    """The layers whose weights are pruned: every nn.Linear and nn.Conv1d, 2d and 3d, in order."""
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
 
 
 def linears(model):

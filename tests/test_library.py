@@ -64,19 +64,45 @@ class Concatenation(nn.Module):
     (Residual, "not a chain"),
     (Concatenation, "not a chain"),
     (lambda: nn.Sequential(nn.Linear(8, 8), nn.LSTM(8, 8), nn.Linear(8, 2)), "layer 1 (LSTM) is not one"),
-    (lambda: nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 2)), "layer 1 (GELU) is not one"),
+    (lambda: nn.Sequential(nn.Linear(8, 8), nn.PReLU(8), nn.Linear(8, 2)), "layer 1 (PReLU) is not one"),
     (lambda: nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2)), "grouped convolution"),
 ])
-def test_a_network_that_is_not_a_chain_is_refused_before_any_change(make, message):
+def test_a_network_that_is_not_a_chain_is_refused_by_activation_prune_before_any_change(make, message):
     torch.manual_seed(0)
     model = make()
     before = copy.deepcopy(model.state_dict())
-    for prune in (lambda: pruning.zero_prune(model, 0.5),
-                  lambda: pruning.activation_prune(model, torch.rand(4, 8), 0.5)):
-        with pytest.raises(pruning.NotAChain, match=re.escape(message)) as error:
-            prune()
-        assert "\n" not in str(error.value)
+    with pytest.raises(pruning.NotAChain, match=re.escape(message)) as error:
+        pruning.activation_prune(model, torch.rand(4, 8), 0.5)
+    assert "\n" not in str(error.value)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+class Graph(nn.Module):
+    """A network no chain reader takes: a residual sum, a concatenation, a Conv1d, an LSTM."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.lstm = nn.Conv1d(1, 4, 3, padding=1), nn.LSTM(8, 8)
+        self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(16, 2)
+
+    def forward(self, x):
+        y = self.conv(x[:, None]).mean(1) + x
+        y = torch.cat([F.relu(self.a(y)) + y, self.b(y)], 1)
+        return self.c(y)
+
+
+@pytest.mark.parametrize("make", [Residual, Concatenation, Graph])
+def test_zero_prune_reaches_its_sparsity_on_any_module(make):
+    torch.manual_seed(0)
+    model = make()
+    pruning.zero_prune(model, 0.75)
+    layers = pruning.weighted(model)
+    zeros = sum((layer.weight == 0).sum().item() for layer in layers)
+    assert zeros == round(0.75 * sum(layer.weight.numel() for layer in layers))
+    assert all(not hasattr(layer, "weight_mask") for layer in layers)
+    model(torch.rand(3, 8))
+    with pytest.raises(ValueError, match="no nn.Linear or nn.Conv layer"):
+        pruning.zero_prune(nn.LSTM(8, 8), 0.5)
 
 
 def test_a_module_subclass_is_read_as_its_chain_nothing_dropped():
