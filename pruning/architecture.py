@@ -138,7 +138,7 @@ def field_ok(key, value):
     return False
 
 
-def check(description):
+def check(description, max_params=MAX_PARAMS):
     """Raise BadArchitecture unless description is a list of layers this project builds, of at
     most MAX_PARAMS elements: every field of every layer checked for its type and range, and the
     size counted from them, before anything is allocated."""
@@ -154,8 +154,9 @@ def check(description):
             if key != "type" and not field_ok(key, value):
                 raise BadArchitecture(f"layer {i} ({d['type']}) claims an impossible {key}: {brief(value)}")
     elements = count(description)
-    if elements > MAX_PARAMS:
-        raise BadArchitecture(f"it claims {elements:,} parameters, more than the {MAX_PARAMS:,} this project builds")
+    if elements > max_params:
+        raise BadArchitecture(f"it claims {elements:,} parameters, more than the {max_params:,} allowed "
+                              "(load(path, max_params=...) allows more)")
     if not any(d["type"] in ("Linear", "Conv2d") for d in description):
         raise BadArchitecture("it has no layer with weights")
 
@@ -185,9 +186,9 @@ TYPES = {name: getattr(nn, name, None) or {"Normalize": Normalize, "KeepInputs":
          for name in BUILDERS}
 
 
-def build(description, device=None):
+def build(description, device=None, max_params=MAX_PARAMS):
     """The nn.Sequential a checked description describes; device 'meta' allocates nothing."""
-    check(description)
+    check(description, max_params)
     try:
         with torch.device(device or "cpu"):
             return nn.Sequential(*(BUILDERS[d["type"]](d) for d in description))

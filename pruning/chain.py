@@ -175,6 +175,21 @@ def flatten(node, where):
     return nn.Flatten()
 
 
+def input_shape(layers):
+    """The shape of one input as the chain records it: its input normalisation's, its kept pixels'
+    image, or its first nn.Linear's inputs (after a flatten); None where it records none."""
+    for m in layers:
+        if isinstance(m, Normalize):
+            return tuple(m.shape)
+        if isinstance(m, KeepInputs):
+            return (m.size,)
+        if isinstance(m, nn.Linear):
+            return (m.in_features,)
+        if not isinstance(m, (nn.Flatten, nn.Identity) + DROPOUTS):
+            return None
+    return None
+
+
 def sequential(model):
     """model as an nn.Sequential of its chain of layers (the same module objects)."""
     return model if isinstance(model, nn.Sequential) and all(isinstance(m, KNOWN) for m in model) \

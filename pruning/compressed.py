@@ -97,6 +97,11 @@ def to_file_precision(model):
     return model
 
 
+def is_quantized(model):
+    """Whether model's weighted layers share their values (a model quantize made)."""
+    return any(parametrize.is_parametrized(layer, "weight") for layer in weighted(model))
+
+
 def shared_values(layer):
     """(codebook, codes) of a layer of a quantized model."""
     shared = layer.parametrizations.weight[0]
@@ -206,7 +211,7 @@ def body_limit(description_bytes, model):
         + 4 * others
 
 
-def decode(data):
+def decode(data, max_params=architecture.MAX_PARAMS):
     """The plain nn.Sequential stored in data; ValueError says what is wrong with it."""
     if len(data) < HEADER.size or data[:4] != MAGIC:
         raise ValueError("not a compressed model file of this project")
@@ -224,9 +229,9 @@ def decode(data):
         description = json.loads(bytes(body.read(n, 4 + MAX_DESCRIPTION)))
     except (ValueError, RecursionError):
         raise ValueError("corrupted: its architecture is not readable") from None
-    shapes = architecture.build(description, "meta")  # checks every claim, allocating nothing
+    shapes = architecture.build(description, "meta", max_params)  # checks every claim, allocating nothing
     limit = body_limit(n, shapes)
-    model = architecture.build(description)
+    model = architecture.build(description, max_params=max_params)
     shared = set()
     with torch.no_grad():
         for name, layer in model.named_modules():
@@ -262,13 +267,13 @@ def save_compressed(model, path, option=None):
     return len(data)
 
 
-def load_compressed(path):
+def load_compressed(path, max_params=architecture.MAX_PARAMS):
     """The model stored at path, predicting exactly as the quantized model saved there; a file
     that is not one, or is damaged, is refused with a one-line UserError."""
     try:
-        check_readable(path, torchfile.MAX_FILE_BYTES, "compressed model file")
+        check_readable(path, torchfile.file_limit(max_params), "compressed model file")
         with open(path, "rb") as f:
-            return decode(f.read())
+            return decode(f.read(), max_params)
     except OSError as e:
         raise UserError(f"cannot read {shown(path)}: {e.strerror}") from None
     except (ValueError, TypeError, struct.error, lzma.LZMAError, architecture.BadArchitecture) as e:

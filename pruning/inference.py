@@ -160,13 +160,9 @@ def input_shape(layers, example):
     """The shape of one input: the example's, else what the first layer reads."""
     if example is not None:
         return tuple(example.shape[1:])
-    first = layers[0]
-    if isinstance(first, Normalize):
-        return first.shape
-    if isinstance(first, KeepInputs):
-        return (first.size,)
-    if isinstance(first, nn.Linear):
-        return (first.in_features,)
+    shape = chain.input_shape(layers)
+    if shape is not None:
+        return shape
     raise ValueError("for_inference needs example=, a batch of inputs of the model, for a model that does not "
                      "start with nn.Linear or this project's Normalize or KeepInputs")
 

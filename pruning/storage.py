@@ -7,29 +7,44 @@ import torch
 
 from pruning import chain, compressed, torchfile
 from pruning.files import WRITER, UserError, atomic_write, check_readable, shown
+from pruning.model import MAX_PARAMS
 from pruning.torchfile import MAX_FILE_BYTES, csr_bytes_needed, read_torch_file, to_csr  # noqa: F401
 
 
-def save(model, path, storage="dense", about=None, option=None):
+def save(model, path, storage="dense", about=None, option=None, bits=None):
     """Write model (any chain of layers this project handles) to path; returns the file's size.
-    storage: 'dense', 'csr', or 'compressed' (a model made by compressed.quantize). about: a
-    JSON-able dict stored with it (the training settings of a checkpoint, say)."""
+    storage: 'dense' (every weight, in the model's dtype), 'csr' (the non-zeros), or 'compressed'
+    (each layer's weights shared among 2^bits values, bits 5 unless given: lossy, and what loads
+    is exactly the quantized model; a model made by compressed.quantize is written as it is).
+    about: a JSON-able dict stored with it (the training settings of a checkpoint, say)."""
     if storage == "compressed":
+        if bits is not None and (type(bits) is not int or not 1 <= bits <= 8):
+            raise ValueError(f"bits must be a whole number from 1 to 8, not {bits!r}")
+        if not compressed.is_quantized(model) or bits is not None:
+            model = compressed.quantize(chain.sequential(model).float(), bits or DEFAULT_BITS)
         return compressed.save_compressed(model, path, option)
+    if bits is not None:
+        raise ValueError("bits is for storage='compressed'")
     return torchfile.write(model, path, storage, about, option)
 
 
-def load(path, with_about=False):
-    """The model stored at path, in eval mode: a file of any of the project's formats. A file that
-    is not one of ours, is damaged or claims an impossible architecture is refused with a one-line
-    UserError. with_about: (model, the dict stored with it)."""
-    check_readable(path, MAX_FILE_BYTES, "model file")
+DEFAULT_BITS = 5
+
+
+def load(path, with_about=False, max_params=MAX_PARAMS):
+    """The model stored at path, in eval mode and the dtype it was saved in: a file of any of the
+    project's formats. A file that is not one of ours, is damaged or claims an impossible
+    architecture, or more than max_params parameters, is refused with a one-line UserError.
+    with_about: (model, the dict stored with it)."""
+    if type(max_params) is not int or max_params < 1:
+        raise ValueError(f"max_params must be a positive whole number, not {max_params!r}")
+    check_readable(path, torchfile.file_limit(max_params), "model file")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"MLPZ":
-        model, about = compressed.load_compressed(path), {}
+        model, about = compressed.load_compressed(path, max_params), {}
     elif magic == b"PK\x03\x04":
-        model, about = torchfile.read(path)
+        model, about = torchfile.read(path, max_params)
     else:
         raise UserError(f"{shown(path)} is not a model file of this project")
     model.eval()
@@ -40,11 +55,17 @@ def load(path, with_about=False):
 
 def export_onnx(model, path, example=None, option=None):
     """Write model as ONNX (opset of torch.onnx's exporter), input 'images' of any batch size,
-    output 'logits'. example: one input (default: a raw MNIST image, for the project's models)."""
+    output 'logits'. example: a batch of inputs; without it, the input shape the model records
+    (its input normalisation's, its kept pixels' image, or its first nn.Linear's inputs)."""
     import onnx  # noqa: F401 -- the exporter needs it; its absence is said in one line
     model = chain.sequential(model).eval()
     if example is None:
-        example = torch.rand(2, 1, 28, 28)
+        shape = chain.input_shape(chain.layers(model))
+        if shape is None:
+            raise ValueError("export_onnx needs example=, a batch of the model's inputs: the model does not "
+                             "record its input shape (it starts with neither nn.Linear nor Normalize)")
+        dtype = next(model.parameters()).dtype
+        example = torch.rand(2, *shape, dtype=dtype)
     example = example[:2] if len(example) > 1 else torch.cat([example, example])
     batch = torch.export.Dim("batch")
     with torch.no_grad():

@@ -15,7 +15,15 @@ from pruning.files import WRITER, UserError, atomic_write, read_torch_dict, show
 from pruning.model import KeepInputs, Normalize, weighted
 
 FORMAT, VERSION = "pruning-model", 1
-MAX_FILE_BYTES = 8 * architecture.MAX_PARAMS + (1 << 20)
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def file_limit(max_params=architecture.MAX_PARAMS):
+    """The largest model file of at most max_params parameters: fp64 values with int32 indices."""
+    return 12 * max_params + (1 << 20)
+
+
+MAX_FILE_BYTES = file_limit()
 
 
 def write(model, path, storage="dense", about=None, option=None):
@@ -29,11 +37,21 @@ def write(model, path, storage="dense", about=None, option=None):
     elif storage != "dense":
         raise ValueError(f"storage must be 'dense', 'csr' or 'compressed', not {storage!r}")
     saved = {"format": FORMAT, "version": VERSION, "written_by": WRITER, "storage": storage,
-             "architecture": description, "tensors": state, "about": about or {}}
+             "architecture": description, "dtype": dtype_of(sequential), "tensors": state, "about": about or {}}
     buffer = io.BytesIO()  # written whole first: a full disk is then an OSError of ours, said in one line
     torch.save(saved, buffer)
     atomic_write(path, lambda f: f.write(buffer.getbuffer()), option)
     return Path(path).stat().st_size
+
+
+def dtype_of(model):
+    """The name of the floating-point type of model's weights (one for all)."""
+    kinds = {p.dtype for p in model.parameters()}
+    name = next((n for n, t in DTYPES.items() if kinds == {t}), None)
+    if name is None:
+        raise ValueError(f"the model's weights are of {', '.join(sorted(map(str, kinds)))}: one floating-point "
+                         f"type of {', '.join(DTYPES)} is stored")
+    return name
 
 
 def plain_state(model):
@@ -82,9 +100,9 @@ def csr_bytes_needed(model):
 
 # Reading ----------------------------------------------------------------------------------
 
-def read_torch_file(path):
+def read_torch_file(path, max_params=architecture.MAX_PARAMS):
     """The dict a model file of ours holds, checked before anything of its claimed size is allocated."""
-    saved = read_torch_dict(path, MAX_FILE_BYTES, "model file")
+    saved = read_torch_dict(path, file_limit(max_params), "model file")
     if saved.get("format") != FORMAT:
         raise UserError(f"{shown(path)} is not a model file of this project")
     if saved.get("version") != VERSION:
@@ -93,11 +111,11 @@ def read_torch_file(path):
     return saved
 
 
-def read(path):
-    """(model, the dict stored with it) of a PyTorch model file of ours."""
-    saved = read_torch_file(path)
+def read(path, max_params=architecture.MAX_PARAMS):
+    """(model, the dict stored with it) of a PyTorch model file of ours, in the dtype it was saved in."""
+    saved = read_torch_file(path, max_params)
     try:
-        model = from_tensors(saved)
+        model = from_tensors(saved, max_params)
     except KeyError as e:
         raise UserError(f"{shown(path)} cannot be loaded: it lacks its {e.args[0]!r}") from None
     except (architecture.BadArchitecture, ValueError, TypeError, RuntimeError) as e:
@@ -105,9 +123,12 @@ def read(path):
     return model, saved.get("about") if isinstance(saved.get("about"), dict) else {}
 
 
-def from_tensors(saved):
+def from_tensors(saved, max_params=architecture.MAX_PARAMS):
     description, tensors = saved["architecture"], saved["tensors"]
-    shapes = {k: v.shape for k, v in architecture.build(description, "meta").state_dict().items()}
+    dtype = saved.get("dtype", "float32")  # files written before the dtype was recorded: fp32
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ValueError(f"its dtype {architecture.brief(dtype)} is not one of {', '.join(DTYPES)}")
+    shapes = {k: v.shape for k, v in architecture.build(description, "meta", max_params).state_dict().items()}
     check_tensors(tensors, saved["storage"])
     if saved["storage"] == "csr":
         tensors = dense_from_csr(description, tensors, shapes)
@@ -115,7 +136,7 @@ def from_tensors(saved):
         raise ValueError(f"unknown storage {saved['storage']!r}")
     if tensors.keys() != shapes.keys() or any(tensors[k].shape != s for k, s in shapes.items()):
         raise ValueError("its tensors do not fit its architecture")
-    model = architecture.build(description)
+    model = architecture.build(description, max_params=max_params).to(DTYPES[dtype])
     model.load_state_dict(tensors)
     check_model(model)
     return model
@@ -144,7 +165,7 @@ def dense_from_csr(description, tensors, shapes):
     indices, values = tensors.get("indices"), tensors.get("values")
     if indices is None or values is None or indices.dim() != 1 or values.dim() != 1:
         raise ValueError("its sparse weights are missing")
-    indices, values = indices.long(), values.float()
+    indices = indices.long()
     out = {k: v for k, v in tensors.items() if k not in ("indices", "values")}
     for name in weights:
         rows, columns = shapes[name][0], math.prod(shapes[name][1:])

@@ -1,0 +1,201 @@
+"""The networks people bring: pytorch/examples' MNIST Net as written there, MLPs of every common
+activation, every flatten spelling, functions and modules nested as users write them; each pruned
+both ways, saved, loaded back exactly and exported. Files that keep the dtype, padding="same",
+more parameters than the default bound, and the compressed format from any model."""
+
+import onnxruntime
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pruning
+from pruning import chain
+
+
+class ExamplesNet(nn.Module):  # pytorch/examples, mnist/main.py, as written there
+    def __init__(self):
+        super(ExamplesNet, self).__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, 1)
+        self.conv2 = nn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = nn.Dropout(0.25)
+        self.dropout2 = nn.Dropout(0.5)
+        self.fc1 = nn.Linear(9216, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        x = F.relu(x)
+        x = self.conv2(x)
+        x = F.relu(x)
+        x = F.max_pool2d(x, 2)
+        x = self.dropout1(x)
+        x = torch.flatten(x, 1)
+        x = self.fc1(x)
+        x = F.relu(x)
+        x = self.dropout2(x)
+        x = self.fc2(x)
+        output = F.log_softmax(x, dim=1)
+        return output
+
+
+class Reshaped(nn.Module):
+    def __init__(self, spelling):
+        super().__init__()
+        self.spelling = spelling
+        self.conv, self.fc1, self.fc2 = nn.Conv2d(1, 4, 5), nn.Linear(4 * 12 * 12, 16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.gelu(self.conv(x)), 2)
+        x = {"view -1": lambda: x.view(-1, 4 * 12 * 12), "view size": lambda: x.view(x.size(0), -1),
+             "reshape shape": lambda: x.reshape(x.shape[0], -1), "method": lambda: x.flatten(1),
+             "torch.reshape": lambda: torch.reshape(x, (-1, 576))}[self.spelling]()
+        return torch.log_softmax(self.fc2(F.leaky_relu(self.fc1(x), 0.1)), dim=-1)
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(784, 32)
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x))
+
+
+def round_trips(model, x, tmp_path, storage="dense"):
+    pruning.save(model, tmp_path / "m.pt", storage)
+    loaded = pruning.load(tmp_path / "m.pt")
+    model.eval()
+    return torch.equal(loaded(x), model(x)), loaded
+
+
+def test_the_pytorch_examples_mnist_net_is_read_pruned_both_ways_saved_and_exported(tmp_path):
+    torch.manual_seed(0)
+    model, x = ExamplesNet(), torch.rand(16, 1, 28, 28)
+    assert [type(m).__name__ for m in chain.layers(model)] == [
+        "Conv2d", "ReLU", "Conv2d", "ReLU", "MaxPool2d", "Dropout", "Flatten", "Linear", "ReLU", "Dropout", "Linear",
+        "LogSoftmax"]
+    smaller = pruning.activation_prune(model, x, 0.5)
+    assert pruning.count_params(smaller) <= 0.5 * pruning.count_params(model)
+    same, _ = round_trips(smaller, x, tmp_path)
+    assert same
+    pruning.zero_prune(model, 0.9)
+    assert pruning.count_zeros(model) / pruning.count_weights(model) == pytest.approx(0.9, abs=1e-5)
+    same, loaded = round_trips(model, x, tmp_path, "csr")
+    assert same
+    pruning.export_onnx(loaded, tmp_path / "m.onnx", example=x)
+    out = onnxruntime.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"images": x.numpy()})[0]
+    assert torch.allclose(torch.from_numpy(out), loaded(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("activation", [nn.GELU(), nn.SiLU(), nn.Tanh(), nn.LeakyReLU(0.2), nn.ELU(0.5),
+                                        nn.Sigmoid(), nn.ReLU6(), nn.Hardswish(), nn.Softplus(2.0)])
+def test_an_mlp_of_any_elementwise_activation_is_pruned_both_ways_and_round_trips_exactly(activation, tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), activation, nn.AlphaDropout(0.1), nn.Linear(64, 32),
+                          activation, nn.Linear(32, 10), nn.LogSoftmax(1))
+    x = torch.rand(64, 1, 28, 28)
+    smaller = pruning.activation_prune(model, x, 0.5)
+    assert pruning.model.widths(smaller)[1:] < (64, 32, 10) and pruning.count_params(smaller) <= 0.5 * 52650
+    assert round_trips(smaller, x, tmp_path)[0]
+    pruning.zero_prune(model, 0.9)
+    same, loaded = round_trips(model, x, tmp_path, "csr")
+    assert same and type(loaded[2]) is type(activation) and repr(loaded[2]) == repr(activation)
+    assert torch.equal(pruning.for_inference(loaded, example=x)(x).argmax(1), model(x).argmax(1))
+
+
+def test_units_of_a_signed_activation_are_ranked_by_their_mean_absolute_value():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(2)), model[0].bias.zero_()
+    x = torch.tensor([[-3.0, 0.5], [-3.0, 0.5]])  # unit 0 strongly negative, unit 1 weakly positive
+    means = pruning.mean_activations(model, x)[0]
+    assert torch.allclose(means, torch.tanh(torch.tensor([3.0, 0.5])))
+    assert pruning.model.widths(pruning.remove_below(model, [means], 0.6)[0]) == (2, 1, 1)
+    assert pruning.remove_below(model, [means], 0.6)[0][0].weight[0, 0] == 1  # the strong negative unit stays
+
+
+@pytest.mark.parametrize("spelling", ["view -1", "view size", "reshape shape", "method", "torch.reshape"])
+def test_every_flatten_spelling_is_read_as_a_flatten(spelling, tmp_path):
+    torch.manual_seed(0)
+    model, x = Reshaped(spelling), torch.rand(8, 1, 28, 28)
+    assert [type(m).__name__ for m in chain.layers(model)] == [
+        "Conv2d", "GELU", "MaxPool2d", "Flatten", "Linear", "LeakyReLU", "Linear", "LogSoftmax"]
+    assert round_trips(pruning.activation_prune(model, x, 0.5), x, tmp_path)[0]
+
+
+def test_modules_of_ones_own_nested_in_sequentials_and_used_twice_are_read_as_they_run(tmp_path):
+    relu = nn.ReLU()
+    model = nn.Sequential(nn.Flatten(), Block(), nn.Sequential(nn.Linear(32, 16), relu), nn.Linear(16, 16), relu,
+                          nn.Linear(16, 10))
+    assert [type(m).__name__ for m in chain.layers(model)] == [
+        "Flatten", "Linear", "Tanh", "Linear", "ReLU", "Linear", "ReLU", "Linear"]
+    x = torch.rand(8, 1, 28, 28)
+    assert round_trips(pruning.activation_prune(model, x, 0.3), x, tmp_path)[0]
+
+
+def test_softmax_between_layers_or_over_the_batch_is_refused():
+    with pytest.raises(pruning.NotAChain, match="stands between two pruned layers"):
+        pruning.activation_prune(nn.Sequential(nn.Linear(4, 4), nn.Softmax(1), nn.Linear(4, 2)), torch.rand(4, 4), 0.5)
+
+    class OverTheBatch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return F.log_softmax(self.fc(x), dim=0)
+    with pytest.raises(pruning.NotAChain, match="only over the classes"):
+        pruning.activation_prune(OverTheBatch(), torch.rand(4, 4), 0.5)
+
+
+# Files that keep what they were given ---------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("storage", ["dense", "csr"])
+def test_a_model_round_trips_with_its_dtype(dtype, storage, tmp_path):
+    torch.manual_seed(0)
+    model = pruning.zero_prune(pruning.mnist_mlp([784, 32, 10]), 0.5).to(dtype)
+    x = torch.rand(8, 784, dtype=dtype)
+    same, loaded = round_trips(model, x, tmp_path, storage)
+    assert same and {p.dtype for p in loaded.parameters()} == {dtype}
+
+
+def test_padding_same_and_other_conv_settings_are_stored(tmp_path):
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding="same", padding_mode="reflect"), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, padding="valid"), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
+    same, loaded = round_trips(model, torch.rand(2, 1, 28, 28), tmp_path)
+    assert same and loaded[0].padding == "same" and loaded[0].padding_mode == "reflect"
+
+
+def test_the_parameter_bound_is_an_argument_of_load(tmp_path):
+    model = nn.Sequential(nn.Linear(4000, 3000), nn.ReLU(), nn.Linear(3000, 10))
+    pruning.save(model, tmp_path / "m.pt")
+    with pytest.raises(pruning.UserError, match="12,033,010 parameters, more than the 10,000,000 allowed"):
+        pruning.load(tmp_path / "m.pt")
+    assert pruning.count_params(pruning.load(tmp_path / "m.pt", max_params=20_000_000)) == 12_033_010
+    with pytest.raises(pruning.UserError, match="48,134,557 bytes, more than any model file"):
+        pruning.load(tmp_path / "m.pt", max_params=1000)
+
+
+def test_save_writes_the_compressed_file_from_any_model_and_load_reads_it_back_exactly(tmp_path):
+    torch.manual_seed(0)
+    model = pruning.zero_prune(pruning.mnist_mlp([784, 64, 10]), 0.9)
+    size = pruning.save(model, tmp_path / "m.bin", storage="compressed", bits=5)
+    loaded, x = pruning.load(tmp_path / "m.bin"), torch.rand(32, 784)
+    quantized = pruning.compressed.quantize(model, 5).eval()
+    assert torch.equal(loaded(x), quantized(x)) and size < pruning.save(model, tmp_path / "m.pt", "csr") / 3
+    with pytest.raises(ValueError, match="bits must be a whole number from 1 to 8"):
+        pruning.save(model, tmp_path / "m.bin", storage="compressed", bits=9)
+
+
+def test_export_onnx_takes_the_input_shape_the_model_records_or_refuses(tmp_path):
+    torch.manual_seed(0)
+    model = pruning.mnist_mlp([784, 16, 10])
+    pruning.export_onnx(model, tmp_path / "m.onnx")
+    x = torch.rand(3, 784)
+    out = onnxruntime.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"images": x.numpy()})[0]
+    assert torch.allclose(torch.from_numpy(out), model.eval()(x), atol=1e-5)
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 30 * 30, 10))
+    with pytest.raises(ValueError, match="export_onnx needs example="):
+        pruning.export_onnx(conv, tmp_path / "c.onnx")
