@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn as nn
 
-from pruning import chain
+from pruning import chain, graph
 from pruning.model import MAX_PARAMS, KeepInputs, Normalize
 
 MAX_LAYERS, MAX_DIM = 256, 1 << 24
@@ -18,7 +18,10 @@ class BadArchitecture(ValueError):
 
 
 def describe(model):
-    """The list of layer descriptions of a chain model (as chain.layers gives it)."""
+    """The list of layer descriptions of a chain model (as chain.layers gives it), or of a
+    graph.Graph's layers, each with the nodes it reads ("reads", -1 the model's input)."""
+    if isinstance(model, graph.Graph):
+        return [{**layer_description(m), "reads": reads} for m, reads in zip(model.layers, model.inputs)]
     return [layer_description(m) for m in chain.layers(model)]
 
 
@@ -53,7 +56,7 @@ def layer_description(m):
         if (m.start_dim, m.end_dim) != (1, -1):
             raise BadArchitecture(f"{m}: only Flatten(1, -1) is stored")
         return {"type": kind}
-    if isinstance(m, chain.ELEMENTWISE + (nn.Identity,)):
+    if isinstance(m, chain.ELEMENTWISE + graph.JOINS + (nn.Identity,)):
         return {"type": kind}
     raise BadArchitecture(f"{kind} layers are not stored")
 
@@ -81,7 +84,7 @@ FIELDS = {  # per layer type, the fields its description must hold (beside "type
     "AdaptiveAvgPool2d": {"output"}, "AdaptiveMaxPool2d": {"output"},
     "BatchNorm1d": {"features", "eps", "momentum", "affine", "track"},
     "BatchNorm2d": {"features", "eps", "momentum", "affine", "track"},
-    "Flatten": set(), "Identity": set(),
+    "Flatten": set(), "Identity": set(), "Add": set(), "Cat": set(),
     **{t.__name__: {"p"} for t in chain.DROPOUTS},
     **{t.__name__: set() for t in chain.ELEMENTWISE},
 }
@@ -147,18 +150,37 @@ def check(description, max_params=MAX_PARAMS):
     for i, d in enumerate(description):
         if not isinstance(d, dict) or not isinstance(d.get("type"), str) or d["type"] not in BUILDERS:
             raise BadArchitecture(f"layer {i} is of no type this project builds")
-        if not FIELDS[d["type"]] <= d.keys() - {"type"} <= FIELDS[d["type"]] | OPTIONAL.get(d["type"], set()):
+        if not FIELDS[d["type"]] <= d.keys() - {"type"} <= FIELDS[d["type"]] | OPTIONAL.get(d["type"], set()) | {
+                "reads"}:
             fields = ", ".join(sorted(FIELDS[d["type"]])) or "none"
             raise BadArchitecture(f"layer {i} ({d['type']}) does not hold its fields ({fields}) and no others")
         for key, value in d.items():
-            if key != "type" and not field_ok(key, value):
+            if key not in ("type", "reads") and not field_ok(key, value):
                 raise BadArchitecture(f"layer {i} ({d['type']}) claims an impossible {key}: {brief(value)}")
+    check_inputs(description)
     elements = count(description)
     if elements > max_params:
         raise BadArchitecture(f"it claims {elements:,} parameters, more than the {max_params:,} allowed "
                               "(load(path, max_params=...) allows more)")
     if not any(d["type"] in ("Linear", "Conv2d") for d in description):
         raise BadArchitecture("it has no layer with weights")
+
+
+def check_inputs(description):
+    """A graph's description: every layer reads earlier nodes (-1 the model's input), a join two or
+    more, any other layer one; a chain's: none says what it reads."""
+    given = ["reads" in d for d in description]
+    if not any(given):
+        if any(d["type"] in ("Add", "Cat") for d in description):
+            raise BadArchitecture("it joins tensors but does not say which")
+        return
+    if not all(given):
+        raise BadArchitecture("some of its layers say which nodes they read and some do not")
+    for k, d in enumerate(description):
+        reads, joins = d["reads"], d["type"] in ("Add", "Cat")
+        if not (isinstance(reads, list) and (2 <= len(reads) <= 16 if joins else len(reads) == 1)
+                and all(type(i) is int and -1 <= i < k for i in reads)):
+            raise BadArchitecture(f"layer {k} ({d['type']}) reads impossible nodes: {brief(reads)}")
 
 
 BUILDERS = {
@@ -175,6 +197,8 @@ BUILDERS = {
     "BatchNorm2d": lambda d: nn.BatchNorm2d(d["features"], d["eps"], d["momentum"], d["affine"], d["track"]),
     "Flatten": lambda d: nn.Flatten(),
     "Identity": lambda d: nn.Identity(),
+    "Add": lambda d: graph.Add(),
+    "Cat": lambda d: graph.Cat(),
     **{t.__name__: lambda d, t=t: t(d["p"]) for t in chain.DROPOUTS},
     **{t.__name__: lambda d, t=t: t() for t in chain.ELEMENTWISE},
     **{kind: lambda d, kind=kind, fields=fields: getattr(nn, kind)(**{a: d[f] for f, a in fields.items()})
@@ -182,8 +206,8 @@ BUILDERS = {
 }
 
 
-TYPES = {name: getattr(nn, name, None) or {"Normalize": Normalize, "KeepInputs": KeepInputs}[name]
-         for name in BUILDERS}
+TYPES = {name: getattr(nn, name, None) or {"Normalize": Normalize, "KeepInputs": KeepInputs, "Add": graph.Add,
+                                            "Cat": graph.Cat}[name] for name in BUILDERS}
 
 
 def build(description, device=None, max_params=MAX_PARAMS):
@@ -191,6 +215,9 @@ def build(description, device=None, max_params=MAX_PARAMS):
     check(description, max_params)
     try:
         with torch.device(device or "cpu"):
-            return nn.Sequential(*(BUILDERS[d["type"]](d) for d in description))
+            layers = [BUILDERS[d["type"]](d) for d in description]
+            if "reads" in description[0]:
+                return graph.Graph(layers, [d["reads"] for d in description])
+            return nn.Sequential(*layers)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise BadArchitecture(f"a layer cannot be built ({type(e).__name__}: {e})") from None

@@ -39,6 +39,8 @@ WITH_ARGUMENTS = {  # function or method: (module, [(argument name, position aft
     torch.softmax: (nn.Softmax, [("dim", 1, None)]), "softmax": (nn.Softmax, [("dim", 1, None)]),
     F.dropout: (nn.Dropout, [("p", 1, 0.5)]), F.dropout1d: (nn.Dropout1d, [("p", 1, 0.5)]),
     F.dropout2d: (nn.Dropout2d, [("p", 1, 0.5)]), F.alpha_dropout: (nn.AlphaDropout, [("p", 1, 0.5)]),
+    F.adaptive_avg_pool2d: (nn.AdaptiveAvgPool2d, [("output_size", 1, None)]),
+    F.adaptive_max_pool2d: (nn.AdaptiveMaxPool2d, [("output_size", 1, None)]),
 }
 FLATTENS = (torch.flatten, "flatten", "view", "reshape", torch.reshape)
 SIZES = ("size", "shape", "dim")  # x.size(0), x.shape[0]: a flatten's computed sizes

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.nn.utils.parametrize as parametrize
 
-from pruning import architecture, chain, torchfile
+from pruning import architecture, chain, graph, torchfile
 from pruning.files import UserError, atomic_write, check_readable, shown
 from pruning.model import weighted
 
@@ -153,7 +153,7 @@ def compressed_size(data):
 
 def encode(model):
     """The file's bytes for a model made by quantize()."""
-    model = chain.sequential(model)
+    model = graph.network(model)
     description = json.dumps(architecture.describe(model), separators=(",", ":")).encode()
     body = [struct.pack("<I", len(description)), description]
     shared = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, chain.WEIGHTED)}

@@ -209,7 +209,10 @@ def for_inference(model, batch_size=32, example=None):
     if type(batch_size) is not int or not 0 < batch_size <= MAX_BATCH:
         raise ValueError(f"batch_size must be a whole number from 1 to {MAX_BATCH:,}, not {batch_size!r}")
     given = surgery.copy_of(model).eval().requires_grad_(False)
-    layers = chain.layers(given)
+    try:
+        layers = chain.layers(given)
+    except chain.NotAChain:  # a graph of residual sums and concatenations: PyTorch's, as given
+        return given
     shape = input_shape(layers, example)
     parts = split(layers)
     if parts is None or any(p.dtype != torch.float32 or p.device.type != "cpu" for p in given.parameters()):

@@ -8,7 +8,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from pruning import chain, criteria, oneshot, surgery, training
+from pruning import chain, criteria, graph, oneshot, surgery, training
 from pruning.model import count_params, evaluating, weighted
 from pruning.schedules import cubic_schedule
 
@@ -69,7 +69,11 @@ def activation_prune(model, inputs, reduction, steps=1, finetune=None, prune_inp
     check_steps(steps)
     if criterion not in ("activation", "contribution") and not callable(criterion):
         raise ValueError(f"criterion must be 'activation', 'contribution' or a function, not {criterion!r}")
-    layers = chain.layers(model)
+    try:
+        layers = chain.layers(model)
+    except chain.NotAChain as not_a_chain:
+        joined = joins(model, not_a_chain)
+        return graph_prune(joined, inputs, reduction, steps, finetune, prune_inputs, criterion)
     chain.groups(layers)
     if prune_inputs and not criteria.reads_pixels(layers):
         raise chain.NotAChain("prune_inputs needs a network whose first weighted layer is an nn.Linear")
@@ -82,6 +86,33 @@ def activation_prune(model, inputs, reduction, steps=1, finetune=None, prune_inp
     for r in cubic_schedule(reduction, steps):
         widths = surgery.target_widths(layers, spatial, (1 - r) * original, prune_inputs)
         pruned = shrink(pruned, widths, inputs, criterion, prune_inputs, spatial)
+        if finetune:
+            finetune(pruned)
+    return pruned.train(mode)
+
+
+def joins(model, not_a_chain):
+    """model's Graph when what made it no chain is a residual sum or a concatenation; else the
+    chain reader's refusal stands (or the graph reader's, which names the join it cannot take)."""
+    joined = graph.of(model)
+    if not any(isinstance(layer, graph.JOINS) for layer in joined.layers):
+        raise not_a_chain
+    return joined
+
+
+def graph_prune(joined, inputs, reduction, steps, finetune, prune_inputs, criterion):
+    """activation_prune on a network with residual sums and concatenations (graph.py): every channel
+    space cut by one fraction, the channels joined by a sum together."""
+    if prune_inputs or callable(criterion):
+        raise chain.NotAChain("a network with residual sums or concatenations is pruned by 'activation' or "
+                              "'contribution', without prune_inputs")
+    graph.prunable(joined, inputs)
+    mode, original = joined.training, count_params(joined)
+    pruned = graph.Graph([copy.deepcopy(layer) for layer in joined.layers], joined.inputs).train(mode)
+    if reduction == 0:
+        return pruned
+    for r in cubic_schedule(reduction, steps):
+        pruned = graph.shrink(pruned, inputs, (1 - r) * original, criterion, inputs)
         if finetune:
             finetune(pruned)
     return pruned.train(mode)

@@ -5,7 +5,7 @@ model from any of them; ONNX for other runtimes."""
 
 import torch
 
-from pruning import chain, compressed, torchfile
+from pruning import chain, compressed, graph, torchfile
 from pruning.files import WRITER, UserError, atomic_write, check_readable, shown
 from pruning.model import MAX_PARAMS
 from pruning.torchfile import MAX_FILE_BYTES, csr_bytes_needed, read_torch_file, to_csr  # noqa: F401
@@ -21,7 +21,7 @@ def save(model, path, storage="dense", about=None, option=None, bits=None):
         if bits is not None and (type(bits) is not int or not 1 <= bits <= 8):
             raise ValueError(f"bits must be a whole number from 1 to 8, not {bits!r}")
         if not compressed.is_quantized(model) or bits is not None:
-            model = compressed.quantize(chain.sequential(model).float(), bits or DEFAULT_BITS)
+            model = compressed.quantize(graph.network(model).float(), bits or DEFAULT_BITS)
         return compressed.save_compressed(model, path, option)
     if bits is not None:
         raise ValueError("bits is for storage='compressed'")
@@ -58,9 +58,9 @@ def export_onnx(model, path, example=None, option=None):
     output 'logits'. example: a batch of inputs; without it, the input shape the model records
     (its input normalisation's, its kept pixels' image, or its first nn.Linear's inputs)."""
     import onnx  # noqa: F401 -- the exporter needs it; its absence is said in one line
-    model = chain.sequential(model).eval()
+    model = graph.network(model).eval()
     if example is None:
-        shape = chain.input_shape(chain.layers(model))
+        shape = chain.input_shape(graph.layers_of(model))
         if shape is None:
             raise ValueError("export_onnx needs example=, a batch of the model's inputs: the model does not "
                              "record its input shape (it starts with neither nn.Linear nor Normalize)")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from pruning import architecture, chain
+from pruning import architecture, chain, graph
 from pruning.files import WRITER, UserError, atomic_write, read_torch_dict, shown
 from pruning.model import KeepInputs, Normalize, weighted
 
@@ -29,7 +29,7 @@ MAX_FILE_BYTES = file_limit()
 def write(model, path, storage="dense", about=None, option=None):
     """Write model (any chain of layers this project handles) as a PyTorch file, storage 'dense' or
     'csr'; returns the file's size."""
-    sequential = chain.sequential(model)
+    sequential = graph.network(model)
     description = architecture.describe(sequential)
     state = plain_state(sequential)
     if storage == "csr":
@@ -160,7 +160,7 @@ def check_tensors(tensors, storage):
 
 
 def dense_from_csr(description, tensors, shapes):
-    weights = [k for k in shapes if k.endswith(".weight") and description[int(k.split(".")[0])]["type"]
+    weights = [k for k in shapes if k.endswith(".weight") and description[int(k.split(".")[-2])]["type"]
                in ("Linear", "Conv2d")]
     indices, values = tensors.get("indices"), tensors.get("values")
     if indices is None or values is None or indices.dim() != 1 or values.dim() != 1:
@@ -191,7 +191,7 @@ def check_model(model):
         raise ValueError("it holds weights that are not finite numbers")
     if not all(torch.isfinite(b).all() for b in model.buffers() if b.is_floating_point()):
         raise ValueError("it holds statistics that are not finite numbers")
-    for m in model:
+    for m in model.modules():
         if isinstance(m, Normalize) and not (math.isfinite(m.mean) and math.isfinite(m.std) and m.std > 0):
             raise ValueError(f"its input normalisation (mean {m.mean}, std {m.std}) is not a finite one")
         if isinstance(m, KeepInputs) and len(m.indices) and (m.indices.min() < 0 or m.indices.max() >= m.size):

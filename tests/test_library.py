@@ -60,9 +60,18 @@ class Concatenation(nn.Module):
         return self.b(torch.cat([self.a(x), x], 1))
 
 
+class Shifted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.b(F.relu(self.a(x)) + 1.0)
+
+
 @pytest.mark.parametrize("make, message", [
-    (Residual, "not a chain"),
-    (Concatenation, "not a chain"),
+    (Residual, "no channel can be removed: every layer's channels are summed with the model's input"),
+    (Shifted, "a sum in Shifted that is not of two tensors"),
     (lambda: nn.Sequential(nn.Linear(8, 8), nn.LSTM(8, 8), nn.Linear(8, 2)), "layer 1 (LSTM) is not one"),
     (lambda: nn.Sequential(nn.Linear(8, 8), nn.PReLU(8), nn.Linear(8, 2)), "layer 1 (PReLU) is not one"),
     (lambda: nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2)), "grouped convolution"),

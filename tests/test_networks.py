@@ -1,6 +1,7 @@
 """The networks people bring: pytorch/examples' MNIST Net as written there, MLPs of every common
-activation, every flatten spelling, functions and modules nested as users write them; each pruned
-both ways, saved, loaded back exactly and exported. Files that keep the dtype, padding="same",
+activation, every flatten spelling, functions and modules nested as users write them, a ResNet
+with residual sums and a concatenation; each pruned both ways, saved, loaded back exactly and
+exported. Files that keep the dtype, padding="same",
 more parameters than the default bound, and the compressed format from any model."""
 
 import onnxruntime
@@ -10,33 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pruning
+from networks import ExamplesNet, ResNet
 from pruning import chain
-
-
-class ExamplesNet(nn.Module):  # pytorch/examples, mnist/main.py, as written there
-    def __init__(self):
-        super(ExamplesNet, self).__init__()
-        self.conv1 = nn.Conv2d(1, 32, 3, 1)
-        self.conv2 = nn.Conv2d(32, 64, 3, 1)
-        self.dropout1 = nn.Dropout(0.25)
-        self.dropout2 = nn.Dropout(0.5)
-        self.fc1 = nn.Linear(9216, 128)
-        self.fc2 = nn.Linear(128, 10)
-
-    def forward(self, x):
-        x = self.conv1(x)
-        x = F.relu(x)
-        x = self.conv2(x)
-        x = F.relu(x)
-        x = F.max_pool2d(x, 2)
-        x = self.dropout1(x)
-        x = torch.flatten(x, 1)
-        x = self.fc1(x)
-        x = F.relu(x)
-        x = self.dropout2(x)
-        x = self.fc2(x)
-        output = F.log_softmax(x, dim=1)
-        return output
 
 
 class Reshaped(nn.Module):
@@ -199,3 +175,93 @@ def test_export_onnx_takes_the_input_shape_the_model_records_or_refuses(tmp_path
     conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 30 * 30, 10))
     with pytest.raises(ValueError, match="export_onnx needs example="):
         pruning.export_onnx(conv, tmp_path / "c.onnx")
+
+
+# Residual sums and concatenations ----------------------------------------------------------------
+
+def test_channels_joined_by_a_sum_go_together_and_a_concatenation_keeps_its_offsets(tmp_path):
+    torch.manual_seed(0)
+    model, x = ResNet(), torch.rand(32, 1, 28, 28)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    smaller = pruning.activation_prune(model, x, 0.5)
+    assert pruning.count_params(smaller) <= 0.5 * pruning.count_params(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and model.training
+    convs = [layer for layer in smaller.layers if isinstance(layer, nn.Conv2d)]
+    stem, stage1_in, stage1_out, stage2_in, stage2_out, project = (c.weight.shape for c in convs)
+    assert stem[0] == stage1_in[1] == stage1_out[0] == stage2_in[1] == project[1]  # one space: the stem's and stage 1's
+    assert stage2_out[0] == project[0]  # the two branches of stage 2's sum
+    assert smaller.layers[-1].weight.shape[1] == 2 * project[0]  # average and max pooling side by side
+    smaller.eval()
+    for storage in ("dense", "csr"):
+        same, loaded = round_trips(smaller, x, tmp_path, storage)
+        assert same and isinstance(loaded, pruning.graph.Graph)
+    pruning.export_onnx(loaded, tmp_path / "m.onnx", example=x)
+    out = onnxruntime.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"images": x.numpy()})[0]
+    assert torch.allclose(torch.from_numpy(out), loaded(x), atol=1e-4)
+
+
+@torch.no_grad()
+def test_removing_channels_that_pass_on_nothing_keeps_every_output_of_a_residual_network():
+    torch.manual_seed(0)
+    model = ResNet().eval()
+    joined = pruning.graph.of(model)
+    spaces, seen = pruning.graph.layout(joined, torch.rand(2, 1, 28, 28))
+    stage2 = spaces.find(seen[[k for k, layer in enumerate(joined.layers) if isinstance(layer, nn.Conv2d)][-1]][0][0])
+    keep = {stage2: torch.arange(32) != 7}  # channel 7 of stage 2: zero in both branches and in the head
+    for layer in (model.stage2.bn2, model.stage2.project[1]):
+        layer.weight[7], layer.bias[7] = 0, 0
+    x = torch.rand(8, 1, 28, 28)
+    smaller = pruning.graph.shrunk(joined, keep, spaces, seen).eval()
+    assert torch.allclose(smaller(x), model(x), atol=1e-6)
+    assert smaller.layers[-1].weight.shape == (10, 62)
+
+
+def test_a_concatenation_is_pruned_at_its_parts_offsets():
+    class Concatenation(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 6), nn.Linear(8, 4), nn.Linear(10, 2)
+
+        def forward(self, x):
+            return self.c(torch.cat([F.relu(self.a(x)), torch.tanh(self.b(x))], 1))
+    torch.manual_seed(0)
+    model = Concatenation()
+    smaller = pruning.activation_prune(model, torch.rand(16, 8), 0.4)
+    a, b, c = (layer for layer in smaller.layers if isinstance(layer, nn.Linear))
+    assert c.weight.shape[1] == a.weight.shape[0] + b.weight.shape[0] < 10
+
+
+class Joined(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.a, self.b, self.d, self.c = nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        if self.how == "cat along the batch":
+            return self.c(torch.cat([self.d(x), self.d(x)], 0))
+        return self.c(torch.cat([self.a(x), self.b(x)], 1) + self.d(x))
+
+
+@pytest.mark.parametrize("how, message", [("cat along the batch", "only along the channels"),
+                                          ("sum of different layouts", "channels are laid out differently")])
+def test_joins_the_graph_reader_cannot_take_are_refused_in_one_line(how, message):
+    with pytest.raises(pruning.NotAChain, match=message) as error:
+        pruning.activation_prune(Joined(how), torch.rand(4, 8), 0.5)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.slow
+def test_a_residual_network_on_mnist_loses_at_most_a_point_with_half_its_parameters(mnist_dir, tmp_path):
+    (x, y), (x_test, y_test) = pruning.mnist(mnist_dir)
+    train_data, test_data = (x[:12_000].view(-1, 1, 28, 28), y[:12_000]), (x_test.view(-1, 1, 28, 28), y_test)
+    torch.manual_seed(0)
+    model = pruning.train(ResNet(), train_data, epochs=1)
+    dense = pruning.accuracy(model, test_data)
+    finetune = pruning.finetuner(train_data, epochs=1, teacher=model)
+    smaller = pruning.activation_prune(model, train_data[0][:2000], 0.5, finetune=finetune)
+    assert pruning.count_params(smaller) <= 0.5 * pruning.count_params(model)
+    assert pruning.accuracy(smaller, test_data) >= dense - 1, (dense, pruning.accuracy(smaller, test_data))
+    pruning.save(smaller, tmp_path / "m.pt")
+    assert torch.equal(pruning.logits(pruning.load(tmp_path / "m.pt"), test_data[0]),
+                       pruning.logits(smaller, test_data[0]))

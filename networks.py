@@ -1,0 +1,140 @@
+"""The networks people bring, on MNIST: pytorch/examples' `Net` exactly as written there, and a
+ResNet-style network with residual sums and a concatenation, each trained one epoch, then pruned
+both ways (90% zeros; half its parameters), each fine-tuned one epoch with distillation; test
+accuracy beside the dense model's, and each pruned model saved, loaded (identical logits),
+exported to ONNX and run in onnxruntime against the loaded model.
+
+    python networks.py --seeds 3
+"""
+
+import cli.startup  # noqa: F401, I001 -- first: settles what must be settled before torch is imported
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+import pruning
+from pruning import measure
+
+
+class ExamplesNet(nn.Module):  # pytorch/examples, mnist/main.py, as written there
+    def __init__(self):
+        super(ExamplesNet, self).__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, 1)
+        self.conv2 = nn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = nn.Dropout(0.25)
+        self.dropout2 = nn.Dropout(0.5)
+        self.fc1 = nn.Linear(9216, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        x = F.relu(x)
+        x = self.conv2(x)
+        x = F.relu(x)
+        x = F.max_pool2d(x, 2)
+        x = self.dropout1(x)
+        x = torch.flatten(x, 1)
+        x = self.fc1(x)
+        x = F.relu(x)
+        x = self.dropout2(x)
+        x = self.fc2(x)
+        output = F.log_softmax(x, dim=1)
+        return output
+
+
+class Block(nn.Module):
+    """Two 3x3 convolutions with BatchNorm and a residual sum; a 1x1 projection where the shape changes."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.project = None if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(out + (x if self.project is None else self.project(x)))
+
+
+class ResNet(nn.Module):
+    """A stem, two residual stages (the second with a projection), average and max pooling
+    concatenated, and a linear head: 20,026 parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(pruning.Normalize(shape=(1, 28, 28)), nn.Conv2d(1, 16, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(16), nn.ReLU())
+        self.stage1, self.stage2 = Block(16, 16, 1), Block(16, 32, 2)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = self.stage2(self.stage1(self.stem(x)))
+        x = torch.cat([F.adaptive_avg_pool2d(x, 1), F.adaptive_max_pool2d(x, 1)], 1)
+        return self.fc(torch.flatten(x, 1))
+
+
+NETWORKS = {"pytorch/examples Net": (ExamplesNet, 0.5), "ResNet-style": (ResNet, 1.0)}  # and the bar: points
+
+
+def onnx_agrees(model, x, folder):
+    """The largest difference between onnxruntime's outputs and the loaded model's on x."""
+    import onnxruntime
+    pruning.save(model, folder / "m.pt", "csr")
+    loaded = pruning.load(folder / "m.pt")
+    pruning.export_onnx(loaded, folder / "m.onnx", example=x[:2])
+    out = onnxruntime.InferenceSession(str(folder / "m.onnx")).run(None, {"images": x.numpy()})[0]
+    return (torch.from_numpy(out) - pruning.logits(loaded, x)).abs().max().item()
+
+
+def one_seed(name, seed, train_data, test_data, folder):
+    make, _ = NETWORKS[name]
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    model = pruning.train(make(), train_data, epochs=1, seed=seed)
+    dense = pruning.accuracy(model, test_data)
+    finetune = pruning.finetuner(train_data, epochs=1, seed=seed, teacher=model)
+    sparse = pruning.zero_prune(copy.deepcopy(model), 0.9, finetune=finetune)
+    smaller = pruning.activation_prune(model, train_data[0][:2000], 0.5, finetune=finetune)
+    x = test_data[0][:1000]
+    row = {"dense": dense, "zeros": pruning.accuracy(sparse, test_data), "half": pruning.accuracy(smaller, test_data),
+           "parameters": f"{pruning.count_params(model):,} to {pruning.count_params(smaller):,}",
+           "onnx": max(onnx_agrees(sparse, x, folder), onnx_agrees(smaller, x, folder))}
+    print(f"| {name} | {seed} | {row['dense']:.2f}% | {row['zeros']:.2f}% | {row['half']:.2f}% | "
+          f"{row['parameters']} | {row['onnx']:.1e} | {time.perf_counter() - start:.0f} |", flush=True)
+    return row
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", help="the folder holding MNIST/raw (default: $MNIST_DATA_DIR, else ./data)")
+    p.add_argument("--seeds", type=int, default=1, choices=range(1, 11), metavar="N", help="seeds 0..N-1 (1 to 10)")
+    p.add_argument("--network", choices=list(NETWORKS), action="append", help="only this network (default: both)")
+    args = p.parse_args()
+    (x, y), (x_test, y_test) = pruning.mnist(args.data_dir)
+    train_data, test_data = (x.view(-1, 1, 28, 28), y), (x_test.view(-1, 1, 28, 28), y_test)
+    print(f"machine: {measure.machine()['cpu']}, {torch.get_num_threads()} threads\n")
+    print("| network | seed | dense | 90% zeros | half the parameters | parameters | onnxruntime vs loaded | seconds |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- |")
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = {name: [one_seed(name, seed, train_data, test_data, Path(tmp)) for seed in range(args.seeds)]
+                for name in args.network or NETWORKS}
+    for name, seeds in rows.items():
+        for key, what in (("zeros", "90% zeros"), ("half", "half the parameters")):
+            drops = [r["dense"] - r[key] for r in seeds]
+            print(f"\n{name}, {what}: {statistics.mean(drops):.2f} points below dense on average (each seed: "
+                  f"{', '.join(f'{d:.2f}' for d in drops)}); bar: within {NETWORKS[name][1]}", end="")
+    print()
+
+
+if __name__ == "__main__":
+    common.run(main)
