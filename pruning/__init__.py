@@ -8,8 +8,21 @@ its quietest neurons and channels, in steps with fine-tuning; store the result s
     pruning.save(smaller, "small.pt"); model = pruning.load("small.pt"); pruning.export_onnx(model, "small.onnx")
     fast = pruning.for_inference(model, batch_size=32)  # as model predicts, faster where its zeros allow
 
-Importing it changes nothing outside it: no signal handlers, no threads, no environment.
+Importing it changes nothing outside it: no signal handlers, no threads, no environment. Imported
+before PyTorch, it has PyTorch's OpenMP threads spin only briefly before they sleep while they
+wait, as the scripts do (cli/startup.py): as fast on an idle machine, and no crawl beside another
+busy process; the variable that says so is set only while PyTorch loads.
 """
+
+import os as _os
+import sys as _sys
+
+if "torch" not in _sys.modules and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & _os.environ.keys():
+    _os.environ["GOMP_SPINCOUNT"] = "3000"  # GNU OpenMP reads it once, as PyTorch loads it
+    try:
+        import torch  # noqa: F401
+    finally:
+        del _os.environ["GOMP_SPINCOUNT"]
 
 from pruning.chain import NotAChain
 from pruning.data import mnist

@@ -57,17 +57,22 @@ def saliencies(model, losses):
     return [w.detach().square() * f for w, f in zip(weights, mean_squared_gradients(losses, weights))]
 
 
+NONNEGATIVE = (nn.ReLU, nn.ReLU6)  # after these a unit's mean is how much it carries
+
+
 @torch.no_grad()
 def statistics(layers, x, batch_size=EVAL_BATCH):
-    """Run x through a chain of layers in batches. Returns (means, pixel_std, pixel_mean): per
-    weighted layer but the last, each output's mean absolute activation (after a ReLU, its mean),
-    over images and positions, taken after the first element-wise activation that follows it
-    (else where the next weighted layer reads it); and the
-    standard deviation and mean of each input pixel the first weighted layer reads."""
+    """Run x through a chain of layers in batches. Returns (activity, pixel_std, pixel_mean,
+    folds): per weighted layer but the last, each output's activity over images and positions,
+    taken after the first element-wise activation that follows it (else where the next weighted
+    layer reads it): after a ReLU its mean, after a signed activation (GELU, Tanh, ...) its
+    standard deviation, what it carries beyond a constant; per such layer its outputs' means
+    (None after a ReLU), which removal folds into the next layer's bias; and the standard
+    deviation and mean of each input pixel the first weighted layer reads."""
     groups = chains.groups(layers)
     measure_at = measured_at(layers)
     first = groups[0][0]
-    sums = [0.0] * (len(groups) - 1)
+    sums, squares = [0.0] * (len(groups) - 1), [0.0] * (len(groups) - 1)
     pixel_sum = pixel_squares = 0.0
     for xb in x.split(batch_size):
         for k, layer in enumerate(layers):
@@ -76,13 +81,24 @@ def statistics(layers, x, batch_size=EVAL_BATCH):
                 pixel_sum, pixel_squares = pixel_sum + inputs.sum(0), pixel_squares + (inputs ** 2).sum(0)
             xb = layer(xb)
             if k in measure_at:
-                dims = [d for d in range(xb.dim()) if d != 1]
-                sums[measure_at[k]] = sums[measure_at[k]] + xb.double().abs().sum(dims) / math.prod(
-                    xb.shape[d] for d in dims[1:])
+                g, dims = measure_at[k], [d for d in range(xb.dim()) if d != 1]
+                positions = math.prod(xb.shape[d] for d in dims[1:])
+                sums[g] = sums[g] + xb.double().sum(dims) / positions
+                squares[g] = squares[g] + xb.double().square().sum(dims) / positions
     n = len(x)
     pixel_mean = pixel_sum / n
     pixel_var = ((pixel_squares - n * pixel_mean ** 2) / max(n - 1, 1)).clamp(min=0)
-    return [s.float() / n for s in sums], pixel_var.sqrt().float(), pixel_mean.float()
+    means = [s / n for s in sums]
+    spread = [(q / n - m ** 2).clamp(min=0).sqrt() for q, m in zip(squares, means)]
+    signed = [not nonnegative for nonnegative in unsigned(layers)]
+    activity = [(d if s else m).float() for m, d, s in zip(means, spread, signed)]
+    folds = [m.float() if s else None for m, s in zip(means, signed)]
+    return activity, pixel_var.sqrt().float(), pixel_mean.float(), folds
+
+
+def unsigned(layers):
+    """Per weighted layer but the last, whether its outputs are read after a ReLU (never negative)."""
+    return [isinstance(layers[k], NONNEGATIVE) for k in sorted(measured_at(layers), key=measured_at(layers).get)]
 
 
 def measured_at(layers):
@@ -153,13 +169,14 @@ def unit_norms(layers, spatial, prune_inputs=False):
 
 
 def scores(layers, x, criterion, spatial):
-    """(strength, means): per unit layer, the input pixels first, how much each unit carries and its
-    mean value. 'activation': a unit's mean activation, a pixel's standard deviation over x (a
+    """(strength, means, folds): per unit layer, the input pixels first, how much each unit carries
+    and its activity; per hidden layer, the means removal folds (statistics). 'activation': a
+    unit's activity (after a ReLU its mean activation), a pixel's standard deviation over x (a
     constant pixel carries no information, however bright); 'contribution': that times the norm
     of the unit's outgoing weights, what it actually passes on; a function (as methods.unit_saliency
     gives): its scores, criterion(layers, pixel_mean). spatial: per group, how many columns of the
     next layer each output feeds (positions after a Flatten, else 1)."""
-    means, pixel_std, pixel_mean = statistics(layers, x)
+    means, pixel_std, pixel_mean, folds = statistics(layers, x)
     strength = [pixel_std, *means]
     if callable(criterion):
         strength = criterion(layers, pixel_mean)
@@ -167,7 +184,7 @@ def scores(layers, x, criterion, spatial):
         first = layers[chains.groups(layers)[0][0]]
         pixels = pixel_std * first.weight.detach().norm(dim=0) if reads_pixels(layers) else pixel_std
         strength = [pixels, *(s * outgoing_norms(layers, g, len(s), spatial[g]) for g, s in enumerate(means))]
-    return strength, [pixel_mean, *means]
+    return strength, [pixel_mean, *means], folds
 
 
 def strongest(strength, width):

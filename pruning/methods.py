@@ -120,10 +120,11 @@ def graph_prune(joined, inputs, reduction, steps, finetune, prune_inputs, criter
 
 def mean_activations(model, x):
     """Per hidden layer of model (a chain), each neuron's or channel's mean activation over the
-    images x, measured in eval mode after the ReLU that follows it: what remove_below cuts by."""
+    images x, measured in eval mode after the ReLU that follows it (after a signed activation,
+    its standard deviation): what remove_below cuts by."""
     layers = chain.layers(model)
     with evaluating(layers):
-        means, _, _ = criteria.statistics(layers, x)
+        means, _, _, _ = criteria.statistics(layers, x)
     return means
 
 
@@ -132,13 +133,15 @@ def remove_below(model, means, threshold, multiple_of=1, compensate=False, examp
     activation (means, as mean_activations gives them) is below threshold; a layer that would be
     emptied keeps its strongest unit. multiple_of: each width rounded up to a multiple of it
     with the strongest units below the threshold. compensate: every removed neuron's mean
-    activation times its outgoing weights folded into the next layer's bias. example: one input,
+    activation times its outgoing weights folded into the next layer's bias (after a ReLU; after
+    a signed activation, means is not its mean). example: one input,
     needed for a convolutional model (where a channel's columns lie after its Flatten).
     Returns (the model, the indices of the layers that kept only their strongest unit)."""
     layers = chain.layers(model)
     keep, rescued = criteria.neurons_to_keep(means, threshold, multiple_of)
     spatial = surgery.spatial(layers, example) if example is not None else [1] * len(keep)
-    return surgery.remove_units(layers, keep, spatial, means=means if compensate else None), rescued
+    folds = [m if nonnegative else None for m, nonnegative in zip(means, criteria.unsigned(layers))]
+    return surgery.remove_units(layers, keep, spatial, means=folds if compensate else None), rescued
 
 
 def obd_saliency(data, batch_size=128, seed=0, teacher=None, temperature=4.0, weight=0.5):
@@ -202,8 +205,9 @@ def shrink(model, widths, x, criterion, prune_inputs, spatial):
     layers = chain.layers(model)
     mode = model.training
     model.eval()
-    strength, means = criteria.scores(layers, x, criterion, spatial)
+    strength, means, folds = criteria.scores(layers, x, criterion, spatial)
     model.train(mode)
     keep = [criteria.strongest(s, w) for s, w in zip(strength, widths[:-1])]
     inputs = (keep[0], means[0]) if prune_inputs else None
-    return surgery.remove_units(layers, keep[1:], spatial, inputs)
+    folded = folds if any(f is not None for f in folds) else None  # after signed activations: their means
+    return surgery.remove_units(layers, keep[1:], spatial, inputs, folded)

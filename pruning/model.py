@@ -88,8 +88,9 @@ def evaluating(modules):
 
 
 def weighted(model):
-    """The layers whose weights are pruned: every nn.Linear and nn.Conv1d, 2d and 3d, in order."""
-    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    """The layers whose weights are pruned: every nn.Linear and convolution (1d, 2d, 3d, transposed
+    too), in order."""
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
 
 
 def linears(model):

@@ -147,8 +147,8 @@ def remove_units(layers, keep, spatial, inputs=None, means=None):
         else:
             columns = keep[g - 1].repeat_interleave(spatial[g - 1])
             direct = spatial[g - 1] == 1 and isinstance(old, nn.Linear) and all(
-                isinstance(layers[k], (nn.ReLU,) + chains.DROPOUTS) for k in groups[g - 1][1])  # mean |a| is mean a
-            folded = means[g - 1] if means and direct else None
+                isinstance(layers[k], chains.ELEMENTWISE + chains.DROPOUTS) for k in groups[g - 1][1])
+            folded = means[g - 1] if means and means[g - 1] is not None and direct else None
         new[i] = rebuilt(old, rows, columns, folded)
         for k in between:
             if isinstance(layers[k], chains.PER_CHANNEL):

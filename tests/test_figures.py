@@ -2,6 +2,7 @@
 
 import json
 
+import figures
 from conftest import run_script
 
 
@@ -32,10 +33,11 @@ def test_results_it_cannot_draw_get_one_line_and_no_file(tmp_path):
              "no-bits.json": {**result(5, 1), "settings": {"bits": None}},
              "empty.json": {**result(5, 1), "rows": []}}
     for name, data in cases.items():
-        completed = run_script("figures.py", "sizes", tmp_path / "out.png", write(tmp_path / name, data))
-        assert completed.returncode == 2, (name, completed.stderr)
-        assert completed.stderr.strip().endswith("not the results of zero_pruning.py --bits B --json"), completed.stderr
-        assert len(completed.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.png").exists()
+        assert not figures.from_zero_pruning_with_bits(data), name
+    completed = run_script("figures.py", "sizes", tmp_path / "out.png", write(tmp_path / "list.json", [1, 2]))
+    assert completed.returncode == 2, completed.stderr
+    assert completed.stderr.strip().endswith("not the results of zero_pruning.py --bits B --json"), completed.stderr
+    assert len(completed.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.png").exists()
     (tmp_path / "broken.json").write_text("{")
     completed = run_script("figures.py", "sizes", tmp_path / "out.png", tmp_path / "broken.json")
     assert completed.returncode == 2 and "cannot read results from" in completed.stderr

@@ -92,10 +92,11 @@ class Graph(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv, self.lstm = nn.Conv1d(1, 4, 3, padding=1), nn.LSTM(8, 8)
+        self.up = nn.ConvTranspose1d(4, 1, 3, padding=1)
         self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(16, 2)
 
     def forward(self, x):
-        y = self.conv(x[:, None]).mean(1) + x
+        y = self.up(self.conv(x[:, None]))[:, 0] + x
         y = torch.cat([F.relu(self.a(y)) + y, self.b(y)], 1)
         return self.c(y)
 

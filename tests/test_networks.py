@@ -80,15 +80,16 @@ def test_an_mlp_of_any_elementwise_activation_is_pruned_both_ways_and_round_trip
     assert torch.equal(pruning.for_inference(loaded, example=x)(x).argmax(1), model(x).argmax(1))
 
 
-def test_units_of_a_signed_activation_are_ranked_by_their_mean_absolute_value():
+def test_a_unit_of_a_signed_activation_is_ranked_by_its_spread_and_its_mean_folded_when_it_goes():
     model = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 1))
     with torch.no_grad():
-        model[0].weight.copy_(torch.eye(2)), model[0].bias.zero_()
-    x = torch.tensor([[-3.0, 0.5], [-3.0, 0.5]])  # unit 0 strongly negative, unit 1 weakly positive
-    means = pruning.mean_activations(model, x)[0]
-    assert torch.allclose(means, torch.tanh(torch.tensor([3.0, 0.5])))
-    assert pruning.model.widths(pruning.remove_below(model, [means], 0.6)[0]) == (2, 1, 1)
-    assert pruning.remove_below(model, [means], 0.6)[0][0].weight[0, 0] == 1  # the strong negative unit stays
+        model[0].weight.copy_(torch.tensor([[0.0, 0.0], [0.0, 1.0]])), model[0].bias.copy_(torch.tensor([-3.0, 0.0]))
+    x = torch.rand(64, 2)  # unit 0 is tanh(-3) whatever the input: strongly negative, and carries nothing
+    activity = pruning.mean_activations(model, x)[0]
+    assert activity[0] == 0 and torch.allclose(activity[1], torch.tanh(x[:, 1]).double().std(unbiased=False).float())
+    smaller = pruning.activation_prune(model, x, 0.4, criterion="activation")
+    assert pruning.model.widths(smaller) == (2, 1, 1) and smaller[0].weight[0, 1] == 1  # unit 1 stays
+    assert torch.allclose(smaller(x), model(x), atol=1e-6)  # unit 0's constant went into the next bias
 
 
 @pytest.mark.parametrize("spelling", ["view -1", "view size", "reshape shape", "method", "torch.reshape"])

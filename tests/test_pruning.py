@@ -361,7 +361,7 @@ def test_bias_compensation_is_exact_for_a_constant_activation():
 def test_removing_a_constant_input_pixel_keeps_every_output_exactly():
     model = dead_neuron_model()  # inputs: pixel 0 varies, pixel 1 is always 0.5
     x = torch.tensor([[1.0, 0.5], [-2.0, 0.5], [0.25, 0.5]])
-    strength, means = criteria.scores(chain.layers(model), x, "activation", [1, 1, 1])
+    strength, means, _ = criteria.scores(chain.layers(model), x, "activation", [1, 1, 1])
     assert strength[0].tolist() == [pytest.approx(x[:, 0].std().item()), 0.0] and means[0][1].item() == 0.5
     smaller = remove(model, [torch.ones(3, dtype=torch.bool), torch.ones(2, dtype=torch.bool)],
                                 inputs=(torch.tensor([True, False]), means[0]))

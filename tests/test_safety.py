@@ -19,7 +19,8 @@ import zlib
 import pytest
 import torch
 
-from cli import checkpoints
+import figures
+from cli import checkpoints, options
 import pruning
 from conftest import ROOT, run_script
 from pruning import architecture, files, storage
@@ -288,7 +289,7 @@ def hostile_files(folder):
     variant("stride-0 indices.pt", storage=lambda _: "csr", tensors=lambda t: {
         **{k: v for k, v in t.items() if not k.endswith("weight")},
         "indices": torch.zeros(1, dtype=torch.int32).expand(400_000_000), "values": torch.ones(20)})
-    variant("48 MB about.pt", about=lambda _: {"notes": ["x" * 10] * 4_000_000})
+    variant("large about.pt", about=lambda _: {"notes": ["x" * 10] * 600_000})  # its description over 1 MiB
     variant("version as text.pt", version=lambda _: "1")
     for kind, make in [("qint8", lambda w: torch.quantize_per_tensor(w, 0.1, 0, torch.qint8)),
                        ("meta", lambda w: w.to("meta")), ("sparse", lambda w: w.to_sparse())]:
@@ -464,6 +465,8 @@ def tiny_description(**changes):
     ({"bias": float("nan")}, "impossible bias: nan"), ({"bias": -3}, "impossible bias: -3"),
     ({"bias": [1] * 3_000_000}, "impossible bias: [1, 1, 1"), ({"type": []}, "of no type"),
     ({"in": "4"}, "impossible in: '4'"), ({"extra": 1}, "does not hold its fields"),
+    ({"reads": [0]}, "reads impossible nodes: [0]"), ({"reads": [-1, -1]}, "reads impossible nodes"),
+    ({"reads": "x" * 1000}, "reads impossible nodes: 'xxxx"),
 ])
 def test_every_field_of_an_architecture_is_checked_before_counting(changes, message):
     with pytest.raises(architecture.BadArchitecture, match=re.escape(message)) as e:
@@ -632,13 +635,23 @@ def test_training_that_diverges_gives_the_model_back_as_it_was():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--hidden", "2", "100000", "--batch-size", "60000"], "GiB of memory to train"),
-    (["--threads", "1024"], "give at most"),
-    (["--thresholds", *map(str, range(101))], "101 values; give at most 100"),
-])
-def test_runs_the_machine_cannot_hold_are_refused_before_training(args, message, tiny_data, tmp_path):
-    refused("zero_pruning.py", tiny_data, tmp_path, *args, message=message)
+def test_runs_the_machine_cannot_hold_are_refused_before_training():
+    def args(**changes):
+        return argparse.Namespace(**{"model": "mlp", "hidden": [512, 256, 128], "batch_size": 128, "threads": 2,
+                                     **changes})
+    with pytest.raises(files.UserError, match="GiB of memory to train; this machine has"):
+        options.check_memory(args(hidden=[2, 100_000], batch_size=60_000))
+    options.check_memory(args())
+    with pytest.raises(files.UserError, match="--threads 1024: this machine has .* cores; give at most"):
+        options.check_threads(args(threads=1024))
+    with pytest.raises(files.UserError, match="--thresholds: 101 values; give at most 100"):
+        options.check_labels("--thresholds", [i / 1000 for i in range(101)])
+
+
+@pytest.mark.slow
+def test_a_run_that_would_not_fit_in_memory_is_refused_by_the_script(tiny_data, tmp_path):
+    refused("zero_pruning.py", tiny_data, tmp_path, "--hidden", "2", "100000", "--batch-size", "60000",
+            message="GiB of memory to train")
 
 
 def test_a_checkpoint_option_at_a_result_of_ours_is_refused_not_replaced(tiny_data, tmp_path):
@@ -648,6 +661,7 @@ def test_a_checkpoint_option_at_a_result_of_ours_is_refused_not_replaced(tiny_da
     refused("zero_pruning.py", tiny_data, tmp_path, message="saved as a result, not a trained checkpoint")
 
 
+@pytest.mark.slow
 def test_a_read_only_cache_that_holds_the_model_is_used(tiny_data, tmp_path, monkeypatch):
     checkpoint = tmp_path / "m.pt"
     args = ["--data-dir", str(tiny_data), "--epochs", "1", "--thresholds", "0", "--checkpoint", str(checkpoint),
@@ -666,15 +680,15 @@ def test_a_read_only_cache_that_holds_the_model_is_used(tiny_data, tmp_path, mon
     assert f"model: loaded {checkpoint}" in result.stderr
 
 
-def test_results_nested_too_deeply_are_one_line(tmp_path):
+def test_results_nested_too_deeply_or_of_other_types_are_one_line(tmp_path):
     deep = tmp_path / "deep.json"
     deep.write_text("[" * 100_000 + "]" * 100_000)
     assert not files.is_ours(deep)
-    odd = tmp_path / "odd.json"
-    odd.write_text(json.dumps({"written_by": files.WRITER, "settings": {"bits": "x", "hidden": [1]},
-                               "dense_accuracy": 98.0, "rows": [{k: 1 for k in ("accuracy", "zero_percentage",
-                               "dense_bytes", "csr_bytes", "quantized_accuracy", "compressed_bytes")}]}))
-    for path, message in [(deep, "nested too deeply"), (odd, "not the results of zero_pruning.py")]:
-        result = run_script("figures.py", "sizes", tmp_path / "f.png", path)
-        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-        assert message in result.stderr.strip().splitlines()[-1]
+    with pytest.raises(files.UserError, match="nested too deeply"):
+        figures.read(deep)
+    row = {k: 1 for k in ("accuracy", "zero_percentage", "dense_bytes", "csr_bytes", "quantized_accuracy",
+                          "compressed_bytes")}
+    good = {"settings": {"bits": 5, "hidden": [1]}, "dense_accuracy": 98.0, "rows": [row]}
+    assert figures.from_zero_pruning_with_bits(good)
+    assert not figures.from_zero_pruning_with_bits({**good, "settings": {"bits": "x", "hidden": [1]}})
+    assert not figures.from_zero_pruning_with_bits({**good, "rows": [{**row, "csr_bytes": "many"}]})
