@@ -5,6 +5,8 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+import torch
+
 from cli import plots, startup
 from pruning import data, files, storage
 from pruning.files import UserError, shown
@@ -106,8 +108,8 @@ def save_model(model, path, kind="dense"):
 
 def export_onnx(args, model, path):
     if args.onnx:
-        with startup.signals_deferred():
-            storage.export_onnx(model.cpu(), path, option="--save-dir")
+        with startup.signals_deferred():  # input: raw images, (N, 1, 28, 28) or (N, 784)
+            storage.export_onnx(model.cpu(), path, torch.rand(2, 1, 28, 28), option="--save-dir")
 
 
 def figure(fig, args, name):

@@ -193,13 +193,13 @@ def scores(graph, x, spaces, seen, criterion, batch_size=500):
                 values[k] = layer(*(values[i] for i in reads))
                 (s, p), *rest = seen[k]
                 if not rest and p == 1 and spaces.find(s) in roots:
-                    out = values[k].double().abs()
+                    out = values[k].detach().double().abs().cpu()
                     strength[spaces.find(s)] += out.transpose(0, 1).flatten(1).sum(1) / (out[0, 0].numel() * len(x))
     if criterion == "contribution":
         squares = {r: torch.zeros_like(v) for r, v in strength.items()}
         for layer, reads in zip(graph.layers, graph.inputs):
             if isinstance(layer, chain.WEIGHTED):
-                weight = layer.weight.detach().double()
+                weight = layer.weight.detach().double().cpu()
                 columns = weight.transpose(0, 1).flatten(1) if isinstance(layer, nn.Conv2d) else weight.t()
                 offset = 0
                 for s, p in seen[reads[0]]:
@@ -223,13 +223,14 @@ def shrunk(graph, keep, spaces, seen):
             rows, columns = mask(seen[k], every, spaces), mask(seen[reads[0]], every, spaces)
             layers.append(surgery.rebuilt(layer, rows.to(layer.weight.device), columns.to(layer.weight.device), None))
         elif isinstance(layer, chain.PER_CHANNEL):
-            layers.append(surgery.fewer_channels(layer, mask(seen[k], every, spaces)))
+            device = next(layer.buffers(), torch.zeros(0)).device
+            layers.append(surgery.fewer_channels(layer, mask(seen[k], every, spaces).to(device)))
         else:
             layers.append(layer)
     return Graph(layers, graph.inputs).train(graph.training)
 
 
-def widths_for(graph, spaces, seen, fraction):
+def widths_for(spaces, fraction):
     """{root space: the channels it keeps} when every prunable space keeps `fraction` of them."""
     roots = {spaces.find(s) for s in range(len(spaces.parent))}
     return {r: max(1, round(fraction * spaces.width[r])) for r in roots if not spaces.fixed[r]}
@@ -256,9 +257,9 @@ def shrink(graph, x, target, criterion, example):
     low, high = 0.0, 1.0
     for _ in range(30):  # the largest fraction that fits
         middle = (low + high) / 2
-        low, high = (middle, high) if params_at(graph, spaces, seen, widths_for(graph, spaces, seen, middle)) \
-            <= target else (low, middle)
-    widths = widths_for(graph, spaces, seen, low)
+        low, high = (middle, high) if params_at(graph, spaces, seen, widths_for(spaces, middle)) <= target \
+            else (low, middle)
+    widths = widths_for(spaces, low)
     strength = scores(graph, x, spaces, seen, criterion)
     keep = {r: torch.zeros(len(s), dtype=torch.bool).index_fill_(0, s.argsort(descending=True, stable=True)[
         :widths[r]], True) for r, s in strength.items()}

@@ -1,13 +1,16 @@
 """bench.py's parts, on tiny inputs: its figures are printed, never asserted, but it must run."""
 
 import argparse
-import subprocess
+import sys
 
 import pytest
 import torch
+import torchvision
 
+import activation_pruning
 import bench
-from conftest import ROOT
+import common
+import zero_pruning
 from pruning.model import mlp
 from cli.results import markdown_table
 
@@ -27,11 +30,17 @@ def test_latency_rows_time_both_models_at_every_batch_size():
 
 
 @pytest.mark.slow
-def test_the_state_of_the_art_commands_pass_every_check_before_the_data(tmp_path):
-    """bench.py times these from scratch; each must get as far as loading the (here missing) data."""
+def test_the_state_of_the_art_commands_pass_every_check_before_the_data(tmp_path, capsys, monkeypatch):
+    """bench.py times these from scratch; each must get as far as loading the (here missing) data,
+    its script's main run in this process as its command line runs it."""
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])  # a download fails at once
+    mains = {"zero_pruning.py": zero_pruning.main, "activation_pruning.py": activation_pruning.main}
     for name, command in bench.state_of_the_art_commands(tmp_path, tmp_path / "no-data").items():
-        result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-        assert result.returncode == 2 and "the download failed" in result.stderr, (name, result.stderr)
+        monkeypatch.setattr(sys, "argv", command[1:])
+        with pytest.raises(SystemExit) as exit:
+            common.run(mains[command[1]])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and "the download failed" in err, (name, err)
 
 
 @pytest.mark.slow

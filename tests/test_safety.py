@@ -3,6 +3,7 @@ file we read is checked before anything of the size it claims is allocated. The 
 tiny MNIST of blank images, so each takes a second or two."""
 
 import argparse
+import functools
 import json
 import lzma
 import os
@@ -19,7 +20,10 @@ import zlib
 import pytest
 import torch
 
+import activation_pruning
+import common
 import figures
+import zero_pruning
 from cli import checkpoints, options
 import pruning
 from conftest import ROOT, run_script
@@ -62,6 +66,23 @@ def refused(script, tiny_data, tmp_path, *args, message):
     after = snapshot(tmp_path)
     assert {p: after[p] for p in before} == before
     return result
+
+
+def refused_in_process(script, tiny_data, tmp_path, *args, message, capsys, monkeypatch):
+    """refused(), with the script's main run in this process as its command line runs it: for
+    refusals made before any work, where a new process would only add PyTorch's import."""
+    (tmp_path / "ckpt").mkdir(exist_ok=True)
+    before = snapshot(tmp_path)
+    monkeypatch.setattr(sys, "argv", [script, "--data-dir", str(tiny_data), "--epochs", "1", "--checkpoint",
+                                      str(tmp_path / "ckpt" / "m.pt"), *map(str, args)])
+    with pytest.raises(SystemExit) as exit:
+        common.run({"zero_pruning.py": zero_pruning.main, "activation_pruning.py": activation_pruning.main}[script])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2, err
+    assert err.strip().splitlines()[-1].startswith(f"{script}: error:") and message in err.strip().splitlines()[-1]
+    assert "Traceback" not in err and "model: trained" not in err  # refused before the work
+    after = snapshot(tmp_path)
+    assert {p: after[p] for p in before} == before
 
 
 def user_files(tmp_path):
@@ -113,23 +134,25 @@ def test_the_data_we_read_and_our_own_sources_are_never_outputs(script, tiny_dat
     ("zero_pruning.py", ["dense.pt", "csr-threshold0.pt", "compressed-threshold0.05.bin", "zero-threshold0.onnx"]),
     ("activation_pruning.py", ["dense.pt", "activation-threshold0.pt", "compressed-threshold0.05.bin"]),
 ])
-def test_files_of_ours_by_name_but_not_by_content_are_refused_before_the_work(script, names, tiny_data, tmp_path):
-    for name in names:
+def test_files_of_ours_by_name_but_not_by_content_are_refused_before_the_work(script, names, tiny_data, tmp_path,
+                                                                             capsys, monkeypatch):
+    for i, name in enumerate(names):
         folder = tmp_path / "sd"
         folder.mkdir(exist_ok=True)
         (folder / name).write_text("the user's own file that happens to have our name")
-        result = refused(script, tiny_data, tmp_path, "--thresholds", "0", "0.05", "--bits", "5", "--onnx",
-                         "--save-dir", folder, message=f"{folder / name} is not a file this project wrote")
-        assert "model: trained" not in result.stderr  # refused before the work
+        run = refused if i == 0 else functools.partial(refused_in_process, capsys=capsys, monkeypatch=monkeypatch)
+        run(script, tiny_data, tmp_path, "--thresholds", "0", "0.05", "--bits", "5", "--onnx", "--save-dir", folder,
+            message=f"{folder / name} is not a file this project wrote")
         (folder / name).unlink()
     plots = tmp_path / "pd"
     plots.mkdir()
     figure = "weight_magnitudes.png" if script == "zero_pruning.py" else "activation_pruning_accuracy.png"
     (plots / figure).write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
-    refused(script, tiny_data, tmp_path, "--plot-dir", plots, message=f"{plots / figure} is not a file this project")
+    here = functools.partial(refused_in_process, capsys=capsys, monkeypatch=monkeypatch)
+    here(script, tiny_data, tmp_path, "--plot-dir", plots, message=f"{plots / figure} is not a file this project")
     (plots / figure).unlink()
     (plots / figure).mkdir()
-    refused(script, tiny_data, tmp_path, "--plot-dir", plots, message=f"{plots / figure} is a folder, not a file")
+    here(script, tiny_data, tmp_path, "--plot-dir", plots, message=f"{plots / figure} is a folder, not a file")
 
 
 @pytest.mark.slow
