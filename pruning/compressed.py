@@ -71,9 +71,9 @@ class SharedWeights(nn.Module):
 
 
 def quantize(model, bits):
-    """A copy of model whose layers share at most 2^bits weight values each; zeros stay zero
-    unless no weight of the layer is zero, when all are shared."""
-    quantized = copy.deepcopy(model)
+    """A copy of model, in fp32, whose layers share at most 2^bits weight values each; zeros stay
+    zero unless no weight of the layer is zero, when all are shared."""
+    quantized = copy.deepcopy(model).float()
     for layer in weighted(quantized):
         weight = layer.weight.detach()
         stored = weight != 0 if (weight == 0).any() else torch.ones_like(weight, dtype=torch.bool)

@@ -21,7 +21,7 @@ def save(model, path, storage="dense", about=None, option=None, bits=None):
         if bits is not None and (type(bits) is not int or not 1 <= bits <= 8):
             raise ValueError(f"bits must be a whole number from 1 to 8, not {bits!r}")
         if not compressed.is_quantized(model) or bits is not None:
-            model = compressed.quantize(graph.network(model).float(), bits or DEFAULT_BITS)
+            model = compressed.quantize(graph.network(model), bits or DEFAULT_BITS)
         return compressed.save_compressed(model, path, option)
     if bits is not None:
         raise ValueError("bits is for storage='compressed'")

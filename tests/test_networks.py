@@ -164,6 +164,9 @@ def test_save_writes_the_compressed_file_from_any_model_and_load_reads_it_back_e
     assert torch.equal(loaded(x), quantized(x)) and size < pruning.save(model, tmp_path / "m.pt", "csr") / 3
     with pytest.raises(ValueError, match="bits must be a whole number from 1 to 8"):
         pruning.save(model, tmp_path / "m.bin", storage="compressed", bits=9)
+    half = model.to(torch.bfloat16)
+    pruning.save(half, tmp_path / "h.bin", storage="compressed")
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}  # the caller's model left in its dtype
 
 
 def test_export_onnx_takes_the_input_shape_the_model_records_or_refuses(tmp_path):
