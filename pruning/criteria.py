@@ -98,7 +98,8 @@ def statistics(layers, x, batch_size=EVAL_BATCH):
 
 def unsigned(layers):
     """Per weighted layer but the last, whether its outputs are read after a ReLU (never negative)."""
-    return [isinstance(layers[k], NONNEGATIVE) for k in sorted(measured_at(layers), key=measured_at(layers).get)]
+    at = measured_at(layers)
+    return [isinstance(layers[k], NONNEGATIVE) for k in sorted(at, key=at.get)]
 
 
 def measured_at(layers):
@@ -176,15 +177,15 @@ def scores(layers, x, criterion, spatial):
     of the unit's outgoing weights, what it actually passes on; a function (as methods.unit_saliency
     gives): its scores, criterion(layers, pixel_mean). spatial: per group, how many columns of the
     next layer each output feeds (positions after a Flatten, else 1)."""
-    means, pixel_std, pixel_mean, folds = statistics(layers, x)
-    strength = [pixel_std, *means]
+    activity, pixel_std, pixel_mean, folds = statistics(layers, x)
+    strength = [pixel_std, *activity]
     if callable(criterion):
         strength = criterion(layers, pixel_mean)
     elif criterion == "contribution":
         first = layers[chains.groups(layers)[0][0]]
         pixels = pixel_std * first.weight.detach().norm(dim=0) if reads_pixels(layers) else pixel_std
-        strength = [pixels, *(s * outgoing_norms(layers, g, len(s), spatial[g]) for g, s in enumerate(means))]
-    return strength, [pixel_mean, *means], folds
+        strength = [pixels, *(s * outgoing_norms(layers, g, len(s), spatial[g]) for g, s in enumerate(activity))]
+    return strength, [pixel_mean, *activity], folds
 
 
 def strongest(strength, width):

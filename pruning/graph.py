@@ -250,10 +250,10 @@ def params_at(graph, spaces, seen, widths):
     return total
 
 
-def shrink(graph, x, target, criterion, example):
+def shrink(graph, x, target, criterion):
     """graph cut to at most `target` parameters, every prunable space by one fraction, keeping the
-    strongest channels of each."""
-    spaces, seen = layout(graph, example)
+    strongest channels of each, measured on x."""
+    spaces, seen = layout(graph, x)
     low, high = 0.0, 1.0
     for _ in range(30):  # the largest fraction that fits
         middle = (low + high) / 2

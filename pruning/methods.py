@@ -112,7 +112,7 @@ def graph_prune(joined, inputs, reduction, steps, finetune, prune_inputs, criter
     if reduction == 0:
         return pruned
     for r in cubic_schedule(reduction, steps):
-        pruned = graph.shrink(pruned, inputs, (1 - r) * original, criterion, inputs)
+        pruned = graph.shrink(pruned, inputs, (1 - r) * original, criterion)
         if finetune:
             finetune(pruned)
     return pruned.train(mode)
