@@ -9,16 +9,18 @@ what it was given. Layers before that run (the convolutions of LeNet-5) stay PyT
 
 import copy
 import math
+import functools
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from pruning import chain, surgery
+from pruning import chain, kernels, surgery
+from pruning.kernels import NONE, RELU, TILES
 from pruning.measure import in_turn
 from pruning.model import KeepInputs, Normalize
 
-NONE, RELU = 0, 1  # kernels' activation codes, here without importing numba
 SKIPPED = (nn.Dropout, nn.Identity)  # nothing in eval mode
 WAYS = ("dense", "sparse", "rows")  # how a layer runs: PyTorch, the kernel on its non-zeros, the kernel on every weight
 MARGIN = 1.03  # a faster plan is taken only when at least this much faster: timing noise is not speed
@@ -30,14 +32,21 @@ BATCHES = (1, 32, 10000)  # the batch sizes every speed-up is measured at
 CALIBRATION = 2048  # the most inputs a plan is timed on: a larger batch is more tiles of the same
 
 
+@functools.cache
+def pool(threads):
+    """The threads that share a large batch's tiles: started once, when first needed."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="pruning-kernel")
+
+
 class KernelLayers:
     """A run of fully connected layers, each with its activation, packed for the kernel: every
-    layer's stored weights as rows in one set of arrays. The kernel reads the input's `columns`
-    (of the flattened batch) as (x - shift) / scale, into the first layer's inputs `read`: the input
+    layer's stored weights as rows in one set of arrays. It reads inputs of `inputs` values, as
+    (x - shift) / scale; the first layer's inputs `read` are the input's `columns`: the input
     normalisation, the kept pixels and the inputs no weight reads folded into how it gathers."""
 
-    def __init__(self, layers, dense, columns, shift=0.0, scale=1.0, read=None):
-        pointers, indices, data, biases, table, stored, rows_before = [np.zeros(1, np.uint64)], [], [], [], [], 0, 0
+    def __init__(self, layers, dense, inputs, columns=None, shift=0.0, scale=1.0, read=None):
+        columns = np.arange(inputs) if columns is None else np.asarray(columns)
+        pointers, indices, data, biases, table, stored, rows_before = [np.zeros(1, np.int64)], [], [], [], [], 0, 0
         for k, ((linear, activation), whole) in enumerate(zip(layers, dense)):
             weight = linear.weight.detach().cpu().numpy()
             weight = weight[:, read] if k == 0 and read is not None else weight
@@ -47,34 +56,58 @@ class KernelLayers:
             else:
                 row, index = np.nonzero(weight)
                 lengths, values = np.count_nonzero(weight, axis=1), weight[row, index]
-            table.append([rows, rows_before, rows_before, activation, int(whole)])  # where its pointers, biases start
-            pointers.append(stored + np.cumsum(lengths, dtype=np.uint64))
-            indices.append(index.astype(np.uint64))
+            storage = kernels.DENSE if whole else kernels.SPARSE
+            if k == 0:  # a tile reads the input's columns; one image, those columns picked in order
+                first_indices = index.astype(np.uint32)
+                if not np.array_equal(columns, np.arange(inputs)):
+                    storage, index = kernels.SHARED if whole else kernels.SPARSE, columns[index]
+            table.append([rows, rows_before, rows_before, activation, storage])  # where its pointers, biases start
+            pointers.append(stored + np.cumsum(lengths, dtype=np.int64))
+            indices.append(index.astype(np.uint32))
             data.append(values.astype(np.float32))
             biases.append(np.zeros(rows, np.float32) if linear.bias is None else linear.bias.detach().cpu().numpy())
             stored, rows_before = stored + int(lengths.sum()), rows_before + rows
-        self.layers = np.array(table, np.uint64)
+        self.layers, self.columns, self.first_indices = np.array(table, np.int64), columns.astype(np.int64), first_indices
         self.indptr, self.indices = np.concatenate(pointers), np.concatenate(indices)
         self.data, self.bias = np.concatenate(data), np.concatenate(biases).astype(np.float32)
-        self.columns = np.asarray(columns, np.uint64)
-        self.shift, self.scale = np.float32(shift), np.float32(scale)
-        self.width = max(len(self.columns), *self.layers[:, 0].tolist())
-        self.outputs = int(self.layers[-1, 0])
-        self.tile, self.threads = 128, 1
-        from pruning import kernels  # numba: imported only by a model prepared for inference
-        self.kernels = kernels
+        read_blocks = np.unique(columns[columns < inputs - inputs % kernels.LANES] // kernels.LANES)
+        self.blocks = (read_blocks * kernels.LANES).astype(np.int64)
+        self.scales = np.array([shift, 1 / scale], np.float32)
+        self.inputs, self.outputs = inputs, int(self.layers[-1, 0])
+        self.width = max(inputs, *self.layers[:, 0].tolist())
+        self.tile, self.threads = TILES[-1], 1
+        fields = dict(layers=self.layers, count=len(self.layers), indptr=self.indptr, indices=self.indices,
+                      data=self.data, bias=self.bias, blocks=self.blocks, block_count=len(self.blocks),
+                      inputs=inputs, outputs=self.outputs, columns=self.columns, column_count=len(self.columns),
+                      first_indices=self.first_indices)
+        self.plan = np.array([v.ctypes.data if isinstance(v, np.ndarray) else v for v in map(fields.get, kernels.PLAN)],
+                             np.int64)
+        self.plan_at, self.scales_at = self.plan.ctypes.data, self.scales.ctypes.data
+        self.runs = kernels.compiled()[1]
 
     def __call__(self, x):
-        """x: (batch, inputs) fp32 C-contiguous tensor. Returns (batch, outputs)."""
-        out = np.empty((x.shape[0], self.outputs), np.float32)
-        tile = min(self.tile, x.shape[0])
-        run = self.kernels.run
-        if self.threads > 1 and x.shape[0] > tile:
-            self.kernels.set_num_threads(self.threads)
-            run = self.kernels.run_parallel
-        run(x.numpy(), self.columns, self.shift, self.scale, self.layers, self.indptr, self.indices, self.data,
-            self.bias, out, tile, self.width)
-        return torch.from_numpy(out)
+        """x: (batch, inputs) fp32 tensor, its rows contiguous. Returns (batch, outputs)."""
+        batch = x.shape[0]
+        out = torch.empty(batch, self.outputs)
+        tile = 1 if batch == 1 else self.tile
+        tiles = -(-batch // tile)
+        threads = min(self.threads, tiles)
+        size = self.width * tile
+        buffers = torch.empty(threads * 2 * size + 16)  # each buffer on a 64-byte boundary
+        at = buffers.data_ptr() + (-buffers.data_ptr()) % 64
+        run, xp, stride, outp = self.runs[tile], x.data_ptr(), x.stride(0), out.data_ptr()
+        if threads == 1:
+            run(self.plan_at, self.scales_at, xp, stride, 0, batch, outp, at, at + 4 * size)
+            return out
+        share = -(-tiles // threads) * tile
+
+        def part(k):
+            one = at + 8 * size * k
+            run(self.plan_at, self.scales_at, xp, stride, k * share, min((k + 1) * share, batch), outp, one,
+                one + 4 * size)
+
+        list(pool(threads).map(part, range(threads)))
+        return out
 
     def __repr__(self):
         ways = ["rows" if whole else "sparse" for whole in self.layers[:, 4].tolist()]
@@ -177,8 +210,8 @@ def plan(before, run, ways, folded, shape, given):
             continue
         j = next((k for k in range(i, len(run)) if ways[k] == "dense"), len(run))
         reads_input = i == 0 and folded is not None
-        gathered = folded if reads_input else (np.arange(run[i][0].in_features),)
-        steps.append(KernelLayers(run[i:j], [w == "rows" for w in ways[i:j]], *gathered))
+        inputs, gathered = (math.prod(shape), folded) if reads_input else (run[i][0].in_features, ())
+        steps.append(KernelLayers(run[i:j], [w == "rows" for w in ways[i:j]], inputs, *gathered))
         i = j
     reads_input = ways[0] != "dense" and folded is not None
     return Prepared(nn.Sequential() if reads_input else nn.Sequential(*before), steps, math.prod(shape), given,
@@ -192,10 +225,12 @@ def fastest(candidates, x):
 
 
 def tilings(batch, threads):
-    """(tile, threads) to try for the kernel at this batch size."""
-    if batch <= 256:
-        return [(batch, 1)] + ([(math.ceil(batch / threads), threads)] if threads > 1 and batch > 1 else [])
-    return [(tile, threads) for tile in (64, 128, 256)]
+    """(tile, threads) to try for the kernel at this batch size: tiles no wider than twice the
+    batch, the batch in one thread or shared among `threads`."""
+    if batch == 1:
+        return [(1, 1)]
+    tiles = [tile for tile in TILES[1:] if tile < 2 * batch] or [TILES[1]]
+    return [(tile, 1) for tile in tiles] + [(tile, threads) for tile in tiles if 1 < threads and tile < batch]
 
 
 @torch.no_grad()

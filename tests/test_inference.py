@@ -27,8 +27,7 @@ def sparse_mlp(sizes=(40, 23, 13, 6), density=0.3, seed=0):
 def kernel_of(model, dense, tile, threads, columns=None):
     """KernelLayers running every layer of an MLP, each stored as `dense` says."""
     _, run = inference.split(pruning.chain.layers(model))
-    columns = np.arange(run[0][0].in_features) if columns is None else columns
-    kernel = inference.KernelLayers(run, [dense] * len(run), columns)
+    kernel = inference.KernelLayers(run, [dense] * len(run), run[0][0].in_features, columns)
     kernel.tile, kernel.threads = tile, threads
     return kernel
 
@@ -38,11 +37,12 @@ def test_the_kernel_by_hand():
     x = torch.tensor([[1.0, -1.0], [1.0, 1.0]])  # relu([1.5, -2]) -> 1.75; relu([1.5, 2]) -> 7.75
     for dense in (False, True):
         assert kernel_of(model, dense, 1, 1)(x[:1]).tolist() == [[1.75]]
-        assert kernel_of(model, dense, 2, 1)(x).tolist() == [[1.75], [7.75]]
+        assert kernel_of(model, dense, 16, 1)(x).tolist() == [[1.75], [7.75]]
 
 
 @pytest.mark.parametrize("dense", [False, True])
-@pytest.mark.parametrize("batch,tile,threads", [(1, 1, 1), (7, 7, 1), (37, 8, 2), (64, 16, 1), (64, 16, 2)])
+@pytest.mark.parametrize("batch,tile,threads", [(1, 1, 1), (7, 16, 1), (37, 16, 2), (64, 16, 1), (64, 32, 2),
+                                                (130, 64, 2)])
 def test_the_kernel_computes_what_pytorch_does(dense, batch, tile, threads):
     model = sparse_mlp()
     x = torch.randn(batch, 40)
@@ -55,7 +55,7 @@ def test_the_kernel_computes_what_pytorch_does(dense, batch, tile, threads):
 def test_the_kernel_reads_only_the_columns_it_is_given():
     model = tiny([2, 2, 1], [[[0.5, 0.0], [-1.0, 0.0]], [[1.0, 2.0]]], [[0.25, 1.0], [0.5]])  # input 2 unused
     first, run = model[0], inference.split(pruning.chain.layers(model))[1]
-    kernel = inference.KernelLayers(run, [False, False], np.array([0]), read=np.array([0]))
+    kernel = inference.KernelLayers(run, [False, False], 2, np.array([0]), read=np.array([0]))
     x = torch.tensor([[1.0, 7.0], [-2.0, 3.0], [4.0, -1.0]])
     assert first.in_features == 2 and kernel(x).flatten().tolist() == [1.25, 6.5, 2.75]
 
@@ -77,7 +77,7 @@ def test_for_inference_predicts_as_the_model(batch, sparsity):
     assert not fast.training and not any(p.requires_grad for p in fast.parameters())
 
 
-def every_way(model, x, batch=8):
+def every_way(model, x, tile=16):
     """model's logits through every plan for_inference weighs: each layer dense, sparse or rows."""
     layers = pruning.chain.layers(surgery.copy_of(model).eval().requires_grad_(False))
     before, run = inference.split(layers)
@@ -88,7 +88,7 @@ def every_way(model, x, batch=8):
             prepared = inference.plan(before, run, [first] + [way] * (len(run) - 1), folded, shape, model)
             for kernel in prepared.steps:
                 if isinstance(kernel, inference.KernelLayers):
-                    kernel.tile = batch
+                    kernel.tile = tile
             yield prepared(x)
 
 
@@ -110,7 +110,7 @@ def test_lenet5s_convolutions_stay_in_pytorch_and_its_head_may_not():
     x = torch.rand(16, 1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(fast(x), model.eval()(x), rtol=1e-4, atol=1e-5)
-    for got in every_way(model, x, batch=16):
+    for got in every_way(model, x):
         assert torch.allclose(got, model(x), rtol=1e-4, atol=1e-5)
 
 
