@@ -9,6 +9,7 @@ what it was given. Layers before that run (the convolutions of LeNet-5) stay PyT
 
 import copy
 import math
+import threading
 import functools
 from concurrent.futures import ThreadPoolExecutor
 
@@ -83,28 +84,33 @@ class KernelLayers:
         self.plan = np.array([v.ctypes.data if isinstance(v, np.ndarray) else v for v in map(fields.get, kernels.PLAN)],
                              np.int64)
         self.plan_at, self.scales_at = self.plan.ctypes.data, self.scales.ctypes.data
+        self.scratch = torch.empty(2 * self.width * TILES[-1] + 16)  # two buffers, each on a 64-byte boundary
+        self.scratch_free = threading.Lock()
         self.runs = kernels.compiled()[1]
 
     def __call__(self, x):
-        """x: (batch, inputs) fp32 tensor, its rows contiguous. Returns (batch, outputs)."""
-        batch = x.shape[0]
+        """x: fp32, contiguous, each of its `len(x)` rows `inputs` values. Returns (batch, outputs)."""
+        batch = len(x)
         out = torch.empty(batch, self.outputs)
         tile = 1 if batch == 1 else self.tile
         tiles = -(-batch // tile)
         threads = min(self.threads, tiles)
-        size = self.width * tile
-        buffers = torch.empty(threads * 2 * size + 16)  # each buffer on a 64-byte boundary
-        at = buffers.data_ptr() + (-buffers.data_ptr()) % 64
-        run, xp, stride, outp = self.runs[tile], x.data_ptr(), x.stride(0), out.data_ptr()
-        if threads == 1:
-            run(self.plan_at, self.scales_at, xp, stride, 0, batch, outp, at, at + 4 * size)
+        if threads == 1 and self.scratch_free.acquire(blocking=False):
+            try:  # the buffers kept for one call at a time
+                one = self.scratch.data_ptr() + (-self.scratch.data_ptr()) % 64
+                self.runs[tile](self.plan_at, self.scales_at, x.data_ptr(), self.inputs, 0, batch, out.data_ptr(), one,
+                                one + 4 * self.width * tile)
+            finally:
+                self.scratch_free.release()
             return out
-        share = -(-tiles // threads) * tile
+        size = self.width * tile
+        buffers = torch.empty(threads * 2 * size + 16)
+        at, share = buffers.data_ptr() + (-buffers.data_ptr()) % 64, -(-tiles // threads) * tile
 
         def part(k):
             one = at + 8 * size * k
-            run(self.plan_at, self.scales_at, xp, stride, k * share, min((k + 1) * share, batch), outp, one,
-                one + 4 * size)
+            self.runs[tile](self.plan_at, self.scales_at, x.data_ptr(), self.inputs, k * share,
+                            min((k + 1) * share, batch), out.data_ptr(), one, one + 4 * size)
 
         list(pool(threads).map(part, range(threads)))
         return out
@@ -141,10 +147,10 @@ class Prepared(nn.Module):
 
     def forward(self, x):
         """Its weights need no gradient and x none, so nothing here records one."""
-        if (x.dtype != torch.float32 or x.device.type != "cpu" or x.requires_grad or x.dim() == 0
-                or math.prod(x.shape[1:]) != self.inputs):
+        if (x.dtype != torch.float32 or not x.is_cpu or x.requires_grad or x.dim() == 0
+                or x.numel() != x.shape[0] * self.inputs):
             return self.given[0](x)
-        h = (self.before(x) if self.runs_before else x).reshape(len(x), -1).contiguous()
+        h = x if not self.runs_before and x.is_contiguous() else self.before(x).reshape(len(x), -1).contiguous()
         for step in self.steps:
             h = step(h)
         return h

@@ -339,6 +339,45 @@ done:
   ret void
 }
 """
+SCATTER = """
+define internal void @scatter(ptr noalias %result, i64 %width, ptr noalias %out, i64 %outputs) {
+entry:
+  %g.p = alloca i64
+  %o.p = alloca i64
+  %ragged = urem i64 %outputs, 16
+  %blocked = sub i64 %outputs, %ragged
+  store i64 0, ptr %g.p
+  br label %each.group
+each.group:
+  %g = load i64, ptr %g.p
+  %g.more = icmp ult i64 %g, %width
+  br i1 %g.more, label %group, label %done
+group:
+  %image.at = mul i64 %g, %outputs
+  store i64 0, ptr %o.p
+  br label %each.block
+each.block:
+  %o = load i64, ptr %o.p
+  %o.more = icmp ult i64 %o, %blocked
+  br i1 %o.more, label %block, label %group.next
+block:
+  %src.row = mul i64 %o, %width
+  %src.at = add i64 %src.row, %g
+  %src = getelementptr inbounds float, ptr %result, i64 %src.at
+  %dst.at = add i64 %image.at, %o
+  %dst = getelementptr inbounds float, ptr %out, i64 %dst.at
+  call void @transpose(ptr %src, i64 %width, ptr %dst, i64 %outputs, float 0.0, float 1.0)
+  %o.next = add i64 %o, 16
+  store i64 %o.next, ptr %o.p
+  br label %each.block
+group.next:
+  %g.next = add i64 %g, 16
+  store i64 %g.next, ptr %g.p
+  br label %each.group
+done:
+  ret void
+}
+"""
 PICK = """
 define internal void @pick(ptr noalias %row, ptr noalias %columns, i64 %count, ptr noalias %a, float %shift,
                            float %inverse) {
@@ -432,6 +471,18 @@ tail:
   call void @pick(ptr %image, ptr %columns, i64 %column_count.n, ptr %one, float %shift, float %inverse)
   br label %run.layers
 """
+    scatter = f"""  %whole.tile = icmp eq i64 %images, {width}
+  %out.ragged = urem i64 %outputs.n, {LANES}
+  %out.blocked = sub i64 %outputs.n, %out.ragged
+  %written = select i1 %whole.tile, i64 %out.blocked, i64 0
+  br i1 %whole.tile, label %scatter, label %scattered
+scatter:
+  %tile.at = mul i64 %t, %outputs.n
+  %tile.out = getelementptr inbounds float, ptr %out, i64 %tile.at
+  call void @scatter(ptr %result, i64 {width}, ptr %tile.out, i64 %outputs.n)
+  br label %scattered
+scattered:
+""" if width > 1 else "  %written = add i64 0, 0\n"
     return f"""
 define void @run_{width}(ptr noalias %plan, ptr noalias %scales, ptr noalias %x, i64 %stride, i64 %first,
                          i64 %last, ptr noalias %out, ptr noalias %one, ptr noalias %two) {{
@@ -494,7 +545,7 @@ layer:
   br label %layer.loop
 write:
   %result = load ptr, ptr %from.p
-  store i64 0, ptr %n.p
+{scatter}  store i64 0, ptr %n.p
   br label %write.images
 write.images:
   %m = load i64, ptr %n.p
@@ -503,7 +554,7 @@ write.images:
 write.image:
   %target = add i64 %t, %m
   %target.at = mul i64 %target, %outputs.n
-  store i64 0, ptr %j.p
+  store i64 %written, ptr %j.p
   br label %write.units
 write.units:
   %u = load i64, ptr %j.p
@@ -537,7 +588,7 @@ done:
 def source():
     """The kernel's whole LLVM module."""
     return ("declare <16 x float> @llvm.fmuladd.v16f32(<16 x float>, <16 x float>, <16 x float>)\n"
-            + LAYER_OF_ONE + "".join(tile_layer(w) for w in TILES[1:]) + transpose() + GATHER + PICK
+            + LAYER_OF_ONE + "".join(tile_layer(w) for w in TILES[1:]) + transpose() + GATHER + SCATTER + PICK
             + "".join(driver(w) for w in TILES))
 
 

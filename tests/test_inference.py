@@ -43,8 +43,9 @@ def test_the_kernel_by_hand():
 @pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("batch,tile,threads", [(1, 1, 1), (7, 16, 1), (37, 16, 2), (64, 16, 1), (64, 32, 2),
                                                 (130, 64, 2)])
-def test_the_kernel_computes_what_pytorch_does(dense, batch, tile, threads):
-    model = sparse_mlp()
+@pytest.mark.parametrize("sizes", [(40, 23, 13, 6), (40, 23, 37)])  # outputs past 16 leave the tile 16 by 16
+def test_the_kernel_computes_what_pytorch_does(dense, batch, tile, threads, sizes):
+    model = sparse_mlp(sizes)
     x = torch.randn(batch, 40)
     with torch.no_grad():
         expected = model(x)
