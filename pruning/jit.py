@@ -1,0 +1,78 @@
+"""Writing LLVM's language from Python, and compiling it for this CPU with llvmlite. The kernel of
+kernels.py is written with these few helpers: a function, a counted loop, a branch, a load, a
+store, a vector of one value. Loop counters and accumulators live in stack slots, which LLVM turns
+into registers. Imported only when a model is prepared for inference."""
+
+import ctypes
+
+VECTOR = "<16 x float>"  # the vector every kernel loop works on: one AVX-512 register, two AVX2 ones
+
+
+def function(head, body, counters=(), slots=()):
+    """IR of a function returning nothing: `head` is its name and arguments, `counters` the names of
+    its loops' i64 counters, `slots` (name, type) pairs of its other stack slots."""
+    stack = "".join(f"  %{name}.p = alloca i64\n" for name in counters)
+    stack += "".join(f"  %{name}.p = alloca {kind}\n" for name, kind in slots)
+    return f"\ndefine {head} {{\nentry:\n{stack}{body}  ret void\n}}\n"
+
+
+def loop(name, start, stop, body, step=1):
+    """IR of `for %name in range(start, stop, step): body`, its counter in the slot %name.p."""
+    return (f"  store i64 {start}, ptr %{name}.p\n  br label %{name}.test\n{name}.test:\n"
+            f"  %{name} = load i64, ptr %{name}.p\n  %{name}.more = icmp ult i64 %{name}, {stop}\n"
+            f"  br i1 %{name}.more, label %{name}.body, label %{name}.done\n{name}.body:\n{body}"
+            f"  %{name}.next = add i64 %{name}, {step}\n  store i64 %{name}.next, ptr %{name}.p\n"
+            f"  br label %{name}.test\n{name}.done:\n")
+
+
+def when(name, condition, body, otherwise=""):
+    """IR of `if condition: body else: otherwise` (labels named after `name`)."""
+    return (f"  br i1 {condition}, label %{name}.then, label %{name}.else\n{name}.then:\n{body}"
+            f"  br label %{name}.end\n{name}.else:\n{otherwise}  br label %{name}.end\n{name}.end:\n")
+
+
+def load(name, kind, base, index):
+    """IR of %name = the `kind` at base[index] (a vector: the 16 floats from there)."""
+    return (f"  %{name}.at = getelementptr inbounds {element(kind)}, ptr {base}, i64 {index}\n"
+            f"  %{name} = load {kind}, ptr %{name}.at, align 4\n")
+
+
+def store(name, kind, value, base, index):
+    """IR of base[index] = value (a vector: the 16 floats from there); name labels the address."""
+    return (f"  %{name}.to = getelementptr inbounds {element(kind)}, ptr {base}, i64 {index}\n"
+            f"  store {kind} {value}, ptr %{name}.to, align 4\n")
+
+
+def element(kind):
+    """What an index into memory holding `kind` counts: floats for a vector."""
+    return "float" if kind == VECTOR else kind
+
+
+def splat(name, value, kind=VECTOR):
+    """IR of %name = the float `value` in every lane (the float itself where kind is float)."""
+    if kind == "float":
+        return f"  %{name} = fadd float {value}, 0.0\n"
+    return (f"  %{name}.one = insertelement {kind} poison, float {value}, i64 0\n"
+            f"  %{name} = shufflevector {kind} %{name}.one, {kind} poison, <16 x i32> zeroinitializer\n")
+
+
+def compiled(source, names, arguments):
+    """Compile the module `source` for this CPU: (the engine that holds the code, {name: the
+    function `name`, callable from Python with ctypes `arguments`})."""
+    import llvmlite.binding as llvm
+
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    machine = llvm.Target.from_default_triple().create_target_machine(
+        cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(), opt=3)
+    module = llvm.parse_assembly(source)
+    module.triple, module.data_layout = machine.triple, str(machine.target_data)
+    module.verify()
+    tuning = llvm.create_pipeline_tuning_options(speed_level=3)
+    tuning.loop_vectorization = tuning.slp_vectorization = True
+    builder = llvm.create_pass_builder(machine, tuning)
+    builder.getModulePassManager().run(module, builder)
+    engine = llvm.create_mcjit_compiler(module, machine)
+    engine.finalize_object()
+    kind = ctypes.CFUNCTYPE(None, *arguments)
+    return engine, {name: kind(engine.get_function_address(name)) for name in names}
