@@ -24,13 +24,14 @@ from pruning.model import KeepInputs, Normalize
 
 SKIPPED = (nn.Dropout, nn.Identity)  # nothing in eval mode
 WAYS = ("dense", "sparse", "rows")  # how a layer runs: PyTorch, the kernel on its non-zeros, the kernel on every weight
-MARGIN = 1.03  # a faster plan is taken only when at least this much faster: timing noise is not speed
+MARGIN = 1.05  # a faster plan is taken only when at least this much faster: timing noise is not speed
 MAX_BATCH = 1 << 20
 ROWS_ABOVE = {1: 0.25, "more": 0.5}  # density from which the kernel runs a layer faster whole than by its
 # non-zeros, at batch 1 and above (a 512-256 layer on a Xeon and an EPYC, docs/speed.md)
 DENSE_ABOVE = 0.5  # density from which a layer is tried in PyTorch (dense) beside the kernel
 BATCHES = (1, 32, 10000)  # the batch sizes every speed-up is measured at
-CALIBRATION = 2048  # the most inputs a plan is timed on: a larger batch is more tiles of the same
+CALIBRATION = 10000  # the most inputs a plan is timed on: a larger batch is more tiles of the same (a
+# smaller one may sit in a cache the batch asked for does not)
 
 
 @functools.cache
