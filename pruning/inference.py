@@ -8,9 +8,9 @@ what it was given. Layers before that run (the convolutions of LeNet-5) stay PyT
 """
 
 import copy
+import functools
 import math
 import threading
-import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
