@@ -69,7 +69,8 @@ class KernelLayers:
             data.append(values.astype(np.float32))
             biases.append(np.zeros(rows, np.float32) if linear.bias is None else linear.bias.detach().cpu().numpy())
             stored, rows_before = stored + int(lengths.sum()), rows_before + rows
-        self.layers, self.columns, self.first_indices = np.array(table, np.int64), columns.astype(np.int64), first_indices
+        self.layers, self.first_indices = np.array(table, np.int64), first_indices
+        self.columns = columns.astype(np.int64)
         self.indptr, self.indices = np.concatenate(pointers), np.concatenate(indices)
         self.data, self.bias = np.concatenate(data), np.concatenate(biases).astype(np.float32)
         read_blocks = np.unique(columns[columns < inputs - inputs % kernels.LANES] // kernels.LANES)

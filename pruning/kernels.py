@@ -64,7 +64,8 @@ def layer(width):
                  + load(f"{tag}c", "i32", "%indices", k)
                  + f"  %{tag}c.wide = zext i32 %{tag}c to i64\n  %{tag}c.row = mul i64 %{tag}c.wide, {width}\n")
         for v in vectors:
-            lines += (f"  %{tag}x{v}.i = add i64 %{tag}c.row, {v * LANES}\n" + load(f"{tag}x{v}", VECTOR, "%a", f"%{tag}x{v}.i")
+            lines += (f"  %{tag}x{v}.i = add i64 %{tag}c.row, {v * LANES}\n"
+                      + load(f"{tag}x{v}", VECTOR, "%a", f"%{tag}x{v}.i")
                       + accumulate(f"{tag}{v}", f"sum{sums}{v}", f"%{tag}w.v", f"%{tag}x{v}"))
         return lines
 
@@ -96,7 +97,8 @@ def layer(width):
     pair = ("  %p.two = shl i64 %p, 1\n  %p.k = add i64 %first, %p.two\n  %p.k1 = add i64 %p.k, 1\n"
             + weight("e", 0, "%p.k") + weight("f", 1, "%p.k1"))
     row += loop("p", 0, "%pairs", pair)
-    row += ("  %odd = trunc i64 %span to i1\n  %odd.k = sub i64 %last, 1\n" + when("odd", "%odd", weight("g", 0, "%odd.k"))
+    row += ("  %odd = trunc i64 %span to i1\n  %odd.k = sub i64 %last, 1\n"
+            + when("odd", "%odd", weight("g", 0, "%odd.k"))
             + f"  %j.out = mul i64 %j, {width}\n")
     for v in vectors:
         row += (f"  %s{v}.a = load {VECTOR}, ptr %sum0{v}.p\n  %s{v}.b = load {VECTOR}, ptr %sum1{v}.p\n"
@@ -203,7 +205,8 @@ def driver(width):
                   "  call void @pick(ptr %image, ptr %columns, i64 %column_count.n, ptr %one, float %shift, "
                   "float %inverse)\n")
     else:
-        block = (load("start", "i64", "%blocks", "%b") + "  %src = getelementptr inbounds float, ptr %g.src, i64 %start\n"
+        block = (load("start", "i64", "%blocks", "%b")
+                 + "  %src = getelementptr inbounds float, ptr %g.src, i64 %start\n"
                  f"  %dst.row = mul i64 %start, {width}\n  %dst.at = add i64 %dst.row, %g\n"
                  "  %dst = getelementptr inbounds float, ptr %one, i64 %dst.at\n"
                  f"  call void @transpose(ptr %src, i64 %stride, ptr %dst, {arguments})\n")
@@ -232,8 +235,8 @@ def driver(width):
     layers = "  store ptr %one, ptr %from.p\n  store ptr %two, ptr %to.p\n" + loop("l", 0, "%count.n", step)
     unit = (f"  %r.row = mul i64 %u, {width}\n  %r.i = add i64 %r.row, %m\n" + load("r", "float", "%result", "%r.i")
             + "  %out.i = add i64 %target.at, %u\n" + store("r", "float", "%r", "%out", "%out.i"))
-    image = "  %target = add i64 %t, %m\n  %target.at = mul i64 %target, %outputs.n\n" + loop("u", "%written", "%outputs.n",
-                                                                                           unit)
+    image = ("  %target = add i64 %t, %m\n  %target.at = mul i64 %target, %outputs.n\n"
+             + loop("u", "%written", "%outputs.n", unit))
     if width == 1:
         outputs = "  %written = add i64 0, 0\n"
     else:
