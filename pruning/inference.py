@@ -36,7 +36,8 @@ CALIBRATION = 10000  # the most inputs a plan is timed on: a larger batch is mor
 
 @functools.cache
 def pool(threads):
-    """The threads that share a large batch's tiles: started once, when first needed."""
+    """The threads that share a large batch's tiles with the caller's: started once, when first
+    needed."""
     return ThreadPoolExecutor(threads, thread_name_prefix="pruning-kernel")
 
 
@@ -114,7 +115,10 @@ class KernelLayers:
             self.runs[tile](self.plan_at, self.scales_at, x.data_ptr(), self.inputs, k * share,
                             min((k + 1) * share, batch), out.data_ptr(), one, one + 4 * size)
 
-        list(pool(threads).map(part, range(threads)))
+        others = [pool(threads - 1).submit(part, k) for k in range(1, threads)]
+        part(0)  # this thread takes the first share
+        for other in others:
+            other.result()
         return out
 
     def __repr__(self):
