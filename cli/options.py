@@ -10,6 +10,7 @@ import torch
 
 from cli import checkpoints
 from pruning import model as models
+from pruning import training
 from pruning.files import UserError, shown
 from cli.results import label
 
@@ -186,13 +187,13 @@ def check_model(args):
         if args.hidden != list(models.MLP_SIZES[1:-1]):
             raise UserError("--hidden sets the MLP's widths; LeNet-5's are fixed (give --model mlp)")
         return
-    params = models.mlp_params(checkpoints.sizes(args))
+    params, _ = planned_size(args)
     if params > models.MAX_PARAMS:
         raise UserError(f"--hidden {' '.join(map(str, args.hidden))}: a model of {params:,} parameters; this "
                         f"project builds at most {models.MAX_PARAMS:,}")
 
 
-LENET5_PARAMS, LENET5_UNITS = 431_080, 20 * 24 * 24 + 20 * 12 * 12 + 50 * 8 * 8 + 50 * 4 * 4 + 500 + 10
+LENET5_UNITS = 20 * 24 * 24 + 20 * 12 * 12 + 50 * 8 * 8 + 50 * 4 * 4 + 500 + 10  # activations of one image
 DATA_BYTES = 2 * 70_000 * 785 * 4  # MNIST as fp32 tensors, and a copy while it is split
 
 
@@ -202,15 +203,21 @@ def check_threads(args):
         raise UserError(f"--threads {args.threads}: this machine has {cores} cores; give at most {4 * cores}")
 
 
+def planned_size(args):
+    """(parameters, units) of the model the options ask for: its weights, and the activations one
+    image makes in it."""
+    if args.model == "lenet5":
+        return models.count_params(models.lenet5()), LENET5_UNITS
+    sizes = checkpoints.sizes(args)
+    return models.mlp_params(sizes), sum(sizes)
+
+
 def check_memory(args):
     """Refuse, before any training, a model and batch that this machine's memory cannot hold: the
     weights with their gradients, Adam's moments, a teacher and copies, and a batch's activations
     kept for the backward pass, with the data."""
-    if args.model == "lenet5":
-        params, units = LENET5_PARAMS, LENET5_UNITS
-    else:
-        params, units = models.mlp_params(checkpoints.sizes(args)), sum(checkpoints.sizes(args))
-    need = 4 * (8 * params + 4 * units * max(args.batch_size, 500)) + DATA_BYTES
+    params, units = planned_size(args)
+    need = 4 * (8 * params + 4 * units * max(args.batch_size, training.EVAL_BATCH)) + DATA_BYTES
     have = available_memory()
     if have is not None and need > have:
         raise UserError(f"the model and --batch-size {args.batch_size} need about {need / 2**30:.1f} GiB of memory "
@@ -219,7 +226,7 @@ def check_memory(args):
 
 def check_disk(args, model_files, seeds):
     """Refuse a run whose model files would fill the disk they go to, before any training."""
-    params = LENET5_PARAMS if args.model == "lenet5" else models.mlp_params(checkpoints.sizes(args))
+    params, _ = planned_size(args)
     need = len(model_files) * seeds * (4 * params + (64 << 10))
     free = shutil.disk_usage(args.save_dir).free
     if need > free:
