@@ -87,8 +87,7 @@ class KernelLayers:
         self.plan = np.array([v.ctypes.data if isinstance(v, np.ndarray) else v for v in map(fields.get, kernels.PLAN)],
                              np.int64)
         self.plan_at, self.scales_at = self.plan.ctypes.data, self.scales.ctypes.data
-        self.scratch = torch.empty(2 * self.width * TILES[-1] + 16)  # two buffers, each on a 64-byte boundary
-        self.scratch_free = threading.Lock()
+        self.scratch, self.scratch_free = torch.empty(0), threading.Lock()  # buffers kept between calls
         self.runs = kernels.compiled()[1]
 
     def __call__(self, x):
@@ -99,7 +98,9 @@ class KernelLayers:
         tiles = -(-batch // tile)
         threads = min(self.threads, tiles)
         if threads == 1 and self.scratch_free.acquire(blocking=False):
-            try:  # the buffers kept for one call at a time
+            try:  # the buffers kept for one call at a time, each on a 64-byte boundary
+                if len(self.scratch) < 2 * self.width * tile + 16:
+                    self.scratch = torch.empty(2 * self.width * tile + 16)
                 one = self.scratch.data_ptr() + (-self.scratch.data_ptr()) % 64
                 self.runs[tile](self.plan_at, self.scales_at, x.data_ptr(), self.inputs, 0, batch, out.data_ptr(), one,
                                 one + 4 * self.width * tile)
