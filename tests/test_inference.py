@@ -2,6 +2,7 @@
 (one image, tiles, four rows at a time, threads) checked against PyTorch on small models."""
 
 import copy
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -51,6 +52,18 @@ def test_the_kernel_computes_what_pytorch_does(dense, batch, tile, threads, size
         expected = model(x)
     got = kernel_of(model, dense, tile, threads)(x)
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_calls_from_several_threads_at_once_each_get_their_own_answer():
+    model = sparse_mlp((40, 23, 37))
+    kernel = kernel_of(model, False, 16, 1)
+    inputs = [torch.randn(batch, 40) for batch in (1, 1, 20, 20)] * 2
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+    with ThreadPoolExecutor(len(inputs)) as pool:  # calls that find the kept buffers busy take their own
+        answers = list(pool.map(lambda x: [kernel(x) for _ in range(50)], inputs))
+    for got, want in zip(answers, expected):
+        assert all(torch.allclose(g, want, rtol=1e-5, atol=1e-5) for g in got)
 
 
 def test_the_kernel_reads_only_the_columns_it_is_given():
