@@ -84,33 +84,41 @@ class LayerTracer(torch.fx.Tracer):
 
 def traced(model):
     """The chain of a module subclass, read from its forward by torch.fx."""
-    try:
-        graph = LayerTracer().trace(model)
-    except Exception as e:
-        raise NotAChain(f"{type(model).__name__}'s forward cannot be traced as a chain of layers "
-                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    chain, last, sizes = [], None, set()
-    for node in graph.nodes:
-        if node.op == "placeholder":
-            if last is not None:
-                raise NotAChain(f"{type(model).__name__}'s forward takes more than one input")
-            last = node
-            continue
-        if node.op == "output":
-            if node.args[0] is not last:
-                raise NotAChain(f"{type(model).__name__}'s output is not its last layer's")
-            break
-        if is_size(node, sizes):  # x.view(x.size(0), -1), x.reshape(x.shape[0], -1)
-            sizes.add(node)
-            continue
-        inputs = [a for a in node.all_input_nodes if a not in sizes]
-        if inputs != [last]:
+    (last, nodes), chain = walked(model, "chain"), []
+    for node, reads in nodes:
+        if reads != [last]:
             what = node.target if node.op == "call_module" else getattr(node.target, "__name__", node.target)
             raise NotAChain(f"{what} in {type(model).__name__} does not take only the previous layer's output "
                             "(a residual sum, a concatenation or a branch): not a chain")
         chain.append(as_module(model, node))
         last = node
     return chain
+
+
+def walked(model, kind):
+    """model's forward traced by torch.fx: (its input's node, [(each later node, the nodes it
+    reads)]), the nodes that only compute sizes left out, the output checked to be the last node's.
+    kind ("chain", "graph") names what is read, in the messages."""
+    try:
+        graph = LayerTracer().trace(model)
+    except Exception as e:
+        raise NotAChain(f"{type(model).__name__}'s forward cannot be traced as a {kind} of layers "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    first, nodes, sizes = None, [], set()
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if first is not None:
+                raise NotAChain(f"{type(model).__name__}'s forward takes more than one input")
+            first = node
+        elif node.op == "output":
+            if node.args[0] is not (nodes[-1][0] if nodes else first):
+                raise NotAChain(f"{type(model).__name__}'s output is not its last layer's")
+            break
+        elif is_size(node, sizes):  # x.view(x.size(0), -1), x.reshape(x.shape[0], -1)
+            sizes.add(node)
+        else:
+            nodes.append((node, [a for a in node.all_input_nodes if a not in sizes]))
+    return first, nodes
 
 
 def is_size(node, sizes):

@@ -56,26 +56,9 @@ def of(model):
     """model as a Graph of its own layers (the same module objects), read from its forward."""
     if isinstance(model, Graph):
         return model
-    try:
-        graph = chain.LayerTracer().trace(model)
-    except Exception as e:
-        raise chain.NotAChain(f"{type(model).__name__}'s forward cannot be traced as a graph of layers "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    index, sizes, layers, inputs = {}, set(), [], []
-    for node in graph.nodes:
-        if node.op == "placeholder":
-            if -1 in index.values():
-                raise chain.NotAChain(f"{type(model).__name__}'s forward takes more than one input")
-            index[node] = -1
-            continue
-        if node.op == "output":
-            if index.get(node.args[0]) != len(layers) - 1:
-                raise chain.NotAChain(f"{type(model).__name__}'s output is not its last layer's")
-            break
-        if chain.is_size(node, sizes):
-            sizes.add(node)
-            continue
-        reads = [a for a in node.all_input_nodes if a not in sizes]
+    first, nodes = chain.walked(model, "graph")
+    index, layers, inputs = {first: -1}, [], []
+    for node, reads in nodes:
         if node.target in SUMS + CATS:
             layer = join(node, type(model).__name__)
         else:
