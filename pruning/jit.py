@@ -48,12 +48,10 @@ def element(kind):
     return "float" if kind == VECTOR else kind
 
 
-def splat(name, value, kind=VECTOR):
-    """IR of %name = the float `value` in every lane (the float itself where kind is float)."""
-    if kind == "float":
-        return f"  %{name} = fadd float {value}, 0.0\n"
-    return (f"  %{name}.one = insertelement {kind} poison, float {value}, i64 0\n"
-            f"  %{name} = shufflevector {kind} %{name}.one, {kind} poison, <16 x i32> zeroinitializer\n")
+def splat(name, value):
+    """IR of %name = a vector of the float `value` in every lane."""
+    return (f"  %{name}.one = insertelement {VECTOR} poison, float {value}, i64 0\n"
+            f"  %{name} = shufflevector {VECTOR} %{name}.one, {VECTOR} poison, <16 x i32> zeroinitializer\n")
 
 
 def compiled(source, names, arguments):
