@@ -94,6 +94,8 @@ class KernelLayers:
         """x: fp32, contiguous, each of its `len(x)` rows `inputs` values. Returns (batch, outputs)."""
         batch = len(x)
         out = torch.empty(batch, self.outputs)
+        if batch == 0:
+            return out
         tile = 1 if batch == 1 else self.tile
         tiles = -(-batch // tile)
         threads = min(self.threads, tiles)
@@ -157,7 +159,7 @@ class Prepared(nn.Module):
         if (x.dtype != torch.float32 or not x.is_cpu or x.requires_grad or x.dim() == 0
                 or x.numel() != x.shape[0] * self.inputs):
             return self.given[0](x)
-        h = x if not self.runs_before and x.is_contiguous() else self.before(x).reshape(len(x), -1).contiguous()
+        h = x if not self.runs_before and x.is_contiguous() else self.before(x).flatten(1).contiguous()
         for step in self.steps:
             h = step(h)
         return h

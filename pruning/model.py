@@ -21,7 +21,7 @@ class Normalize(nn.Module):
         self.mean, self.std, self.shape = float(mean), float(std), tuple(shape)
 
     def forward(self, x):
-        if x[0].numel() != math.prod(self.shape):
+        if x.dim() == 0 or math.prod(x.shape[1:]) != math.prod(self.shape):
             raise ValueError(f"the model reads images of {math.prod(self.shape)} values, "
                              f"not of shape {tuple(x.shape[1:])}")
         return torch.sub(x.reshape(-1, *self.shape), self.mean).div_(self.std)  # one temporary, not two
@@ -40,7 +40,7 @@ class KeepInputs(nn.Module):
         self.register_buffer("indices", torch.as_tensor(indices, dtype=torch.long))
 
     def forward(self, x):
-        if x[0].numel() != self.size:
+        if x.dim() == 0 or math.prod(x.shape[1:]) != self.size:
             raise ValueError(f"the model reads images of {self.size} values, not of shape {tuple(x.shape[1:])}")
         return x.flatten(1).index_select(1, self.indices)
 

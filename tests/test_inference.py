@@ -142,6 +142,16 @@ def test_masks_and_shared_weights_are_read_as_the_weights_they_make(tmp_path):
         assert torch.allclose(pruning.for_inference(m, 64)(x), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_an_empty_batch_gives_no_predictions():
+    torch.manual_seed(0)
+    kept = models.mlp((30, 17, 10), inputs=torch.randperm(784)[:30])
+    for model in (pruning.zero_prune(models.mnist_mlp((784, 32, 10)), 0.9), kept, models.lenet5()):
+        with torch.no_grad():
+            assert model.eval()(torch.rand(0, 1, 28, 28)).shape == (0, 10)
+        for got in every_way(model, torch.rand(0, 1, 28, 28)):  # whichever plan for_inference would choose
+            assert got.shape == (0, 10)
+
+
 def test_inputs_it_was_not_planned_for_go_to_the_model_as_given():
     torch.manual_seed(0)
     model = pruning.zero_prune(models.mnist_mlp((784, 32, 10)), 0.9).eval()
