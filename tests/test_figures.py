@@ -2,6 +2,9 @@
 
 import json
 
+import pytest
+
+import common
 import figures
 from conftest import run_script
 
@@ -38,6 +41,6 @@ def test_results_it_cannot_draw_get_one_line_and_no_file(tmp_path):
     assert completed.returncode == 2, completed.stderr
     assert completed.stderr.strip().endswith("not the results of zero_pruning.py --bits B --json"), completed.stderr
     assert len(completed.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.png").exists()
-    (tmp_path / "broken.json").write_text("{")
-    completed = run_script("figures.py", "sizes", tmp_path / "out.png", tmp_path / "broken.json")
-    assert completed.returncode == 2 and "cannot read results from" in completed.stderr
+    (tmp_path / "broken.json").write_text("{")  # refused the same way, here in process
+    with pytest.raises(common.UserError, match="cannot read results from"):
+        figures.read(tmp_path / "broken.json")
