@@ -19,8 +19,7 @@ import functools
 from pruning.jit import VECTOR, function, load, loop, splat, store, when
 
 NONE, RELU = 0, 1  # activation after a layer
-SPARSE, SHARED, DENSE = 0, 1, 2  # how a layer's rows are stored: each its non-zeros; every row the same
-# columns (the input's columns a first layer reads); every row all columns, in order
+SPARSE, WHOLE = 0, 1  # how a layer's rows are stored: each its non-zeros; every row every column it reads
 BLOCK = 4  # rows of a layer stored whole computed together, each input vector loaded once for them
 LANES = 16  # floats in a vector
 TILES = (1, 16, 32, 64)  # the images a tile may hold
@@ -58,16 +57,17 @@ def layer(width):
     every other weight."""
     vectors, rows = range(width // LANES), range(BLOCK)
 
+    def input_row(tag, k):
+        """IR of %<tag>x0, %<tag>x1, ...: the vectors of the input that the layer's index k names."""
+        return (load(f"{tag}c", "i32", "%indices", k)
+                + f"  %{tag}c.wide = zext i32 %{tag}c to i64\n  %{tag}c.row = mul i64 %{tag}c.wide, {width}\n"
+                + "".join(f"  %{tag}x{v}.i = add i64 %{tag}c.row, {v * LANES}\n"
+                          + load(f"{tag}x{v}", VECTOR, "%a", f"%{tag}x{v}.i") for v in vectors))
+
     def weight(tag, sums, k):
         """IR adding weight k of the layer to the sums `sums`."""
-        lines = (load(f"{tag}w", "float", "%data", k) + splat(f"{tag}w.v", f"%{tag}w")
-                 + load(f"{tag}c", "i32", "%indices", k)
-                 + f"  %{tag}c.wide = zext i32 %{tag}c to i64\n  %{tag}c.row = mul i64 %{tag}c.wide, {width}\n")
-        for v in vectors:
-            lines += (f"  %{tag}x{v}.i = add i64 %{tag}c.row, {v * LANES}\n"
-                      + load(f"{tag}x{v}", VECTOR, "%a", f"%{tag}x{v}.i")
-                      + accumulate(f"{tag}{v}", f"sum{sums}{v}", f"%{tag}w.v", f"%{tag}x{v}"))
-        return lines
+        return (load(f"{tag}w", "float", "%data", k) + splat(f"{tag}w.v", f"%{tag}w") + input_row(tag, k)
+                + "".join(accumulate(f"{tag}{v}", f"sum{sums}{v}", f"%{tag}w.v", f"%{tag}x{v}") for v in vectors))
 
     block = (load("start", "i64", "%pointers", "%i") + "  %i.second = add i64 %i, 1\n"
              + load("end", "i64", "%pointers", "%i.second") + "  %cols = sub i64 %end, %start\n")
@@ -76,10 +76,7 @@ def layer(width):
                   f"  %bias{r}.i = add i64 %i, {r}\n" + load(f"bias{r}", "float", "%bias", f"%bias{r}.i")
                   + splat(f"bias{r}.v", f"%bias{r}")
                   + "".join(f"  store {VECTOR} %bias{r}.v, ptr %sum{r}{v}.p\n" for v in vectors))
-    column = ("  %c.i = add i64 %start, %k\n" + load("c", "i32", "%indices", "%c.i")
-              + f"  %c.wide = zext i32 %c to i64\n  %c.row = mul i64 %c.wide, {width}\n")
-    column += "".join(f"  %x{v}.i = add i64 %c.row, {v * LANES}\n" + load(f"x{v}", VECTOR, "%a", f"%x{v}.i")
-                      for v in vectors)
+    column = "  %k.at = add i64 %start, %k\n" + input_row("", "%k.at")  # the rows share their columns
     for r in rows:
         column += (f"  %w{r}.i = add i64 %row{r}, %k\n" + load(f"w{r}", "float", "%data", f"%w{r}.i")
                    + splat(f"w{r}.v", f"%w{r}")
