@@ -27,11 +27,16 @@ WAYS = ("dense", "sparse", "rows")  # how a layer runs: PyTorch, the kernel on i
 MARGIN = 1.05  # a faster plan is taken only when at least this much faster: timing noise is not speed
 MAX_BATCH = 1 << 20
 ROWS_ABOVE = {1: 0.25, "more": 0.5}  # density from which the kernel runs a layer faster whole than by its
-# non-zeros, at batch 1 and above (a 512-256 layer on a Xeon and an EPYC, docs/speed.md)
+# non-zeros, at batch 1 and above (a 512-256 layer on a Xeon: 25% at 1, 50% at 32, 40% at 2,048; speed.md)
 DENSE_ABOVE = 0.5  # density from which a layer is tried in PyTorch (dense) beside the kernel
 BATCHES = (1, 32, 10000)  # the batch sizes every speed-up is measured at
 CALIBRATION = 10000  # the most inputs a plan is timed on: a larger batch is more tiles of the same (a
 # smaller one may sit in a cache the batch asked for does not)
+
+
+def aligned(buffer):
+    """The first address in buffer (a float tensor) on a 64-byte boundary: a cache line's."""
+    return buffer.data_ptr() + (-buffer.data_ptr()) % 64
 
 
 @functools.cache
@@ -59,11 +64,9 @@ class KernelLayers:
             else:
                 row, index = np.nonzero(weight)
                 lengths, values = np.count_nonzero(weight, axis=1), weight[row, index]
-            storage = kernels.DENSE if whole else kernels.SPARSE
             if k == 0:  # a tile reads the input's columns; one image, those columns picked in order
-                first_indices = index.astype(np.uint32)
-                if not np.array_equal(columns, np.arange(inputs)):
-                    storage, index = kernels.SHARED if whole else kernels.SPARSE, columns[index]
+                first_indices, index = index.astype(np.uint32), columns[index]
+            storage = kernels.WHOLE if whole else kernels.SPARSE
             table.append([rows, rows_before, rows_before, activation, storage])  # where its pointers, biases start
             pointers.append(stored + np.cumsum(lengths, dtype=np.int64))
             indices.append(index.astype(np.uint32))
@@ -97,29 +100,27 @@ class KernelLayers:
         if batch == 0:
             return out
         tile = 1 if batch == 1 else self.tile
-        tiles = -(-batch // tile)
+        tiles, size = -(-batch // tile), self.width * tile
         threads = min(self.threads, tiles)
+        share = -(-tiles // threads) * tile
+
+        def part(k, buffers):
+            """Images of the k-th share through the kernel, in the two buffers from address `buffers`."""
+            self.runs[tile](self.plan_at, self.scales_at, x.data_ptr(), self.inputs, k * share,
+                            min((k + 1) * share, batch), out.data_ptr(), buffers, buffers + 4 * size)
+
         if threads == 1 and self.scratch_free.acquire(blocking=False):
-            try:  # the buffers kept for one call at a time, each on a 64-byte boundary
-                if len(self.scratch) < 2 * self.width * tile + 16:
-                    self.scratch = torch.empty(2 * self.width * tile + 16)
-                one = self.scratch.data_ptr() + (-self.scratch.data_ptr()) % 64
-                self.runs[tile](self.plan_at, self.scales_at, x.data_ptr(), self.inputs, 0, batch, out.data_ptr(), one,
-                                one + 4 * self.width * tile)
+            try:  # the buffers kept for one call at a time
+                if len(self.scratch) < 2 * size + 16:
+                    self.scratch = torch.empty(2 * size + 16)
+                part(0, aligned(self.scratch))
             finally:
                 self.scratch_free.release()
             return out
-        size = self.width * tile
-        buffers = torch.empty(threads * 2 * size + 16)
-        at, share = buffers.data_ptr() + (-buffers.data_ptr()) % 64, -(-tiles // threads) * tile
-
-        def part(k):
-            one = at + 8 * size * k
-            self.runs[tile](self.plan_at, self.scales_at, x.data_ptr(), self.inputs, k * share,
-                            min((k + 1) * share, batch), out.data_ptr(), one, one + 4 * size)
-
-        others = [pool(threads - 1).submit(part, k) for k in range(1, threads)]
-        part(0)  # this thread takes the first share
+        buffers = torch.empty(threads * 2 * size + 16)  # kept until the shares are done
+        at = aligned(buffers)
+        others = [pool(threads - 1).submit(part, k, at + 8 * size * k) for k in range(1, threads)]
+        part(0, at)  # this thread takes the first share
         for other in others:
             other.result()
         return out
