@@ -209,5 +209,4 @@ def shrink(model, widths, x, criterion, prune_inputs, spatial):
     model.train(mode)
     keep = [criteria.strongest(s, w) for s, w in zip(strength, widths[:-1])]
     inputs = (keep[0], means[0]) if prune_inputs else None
-    folded = folds if any(f is not None for f in folds) else None  # after signed activations: their means
-    return surgery.remove_units(layers, keep[1:], spatial, inputs, folded)
+    return surgery.remove_units(layers, keep[1:], spatial, inputs, folds)  # after signed activations: their means

@@ -132,7 +132,8 @@ def remove_units(layers, keep, spatial, inputs=None, means=None):
     """A new nn.Sequential of the chain without the units whose keep entry is False: keep holds a
     mask per weighted layer but the last. With means (bias compensation), every removed neuron's
     mean activation times its outgoing weights is folded into the next layer's bias, where that
-    layer reads it directly (an nn.Linear after an nn.Linear). inputs, a mask over the first
+    layer reads it directly (an nn.Linear after an nn.Linear); a layer whose entry is None folds
+    nothing. inputs, a mask over the first
     layer's input pixels and each pixel's mean value, removes the pixels masked out the same way,
     always folding their means: a constant pixel goes without changing any output."""
     groups = chains.groups(layers)
