@@ -82,7 +82,8 @@ def sweep(model, train_data, validation, test_data, args, folder):
     chosen = thresholds(model, args)
     for (name, kind, value), t in zip(common.progress(targets(args), "sweep", kind_of(args)), chosen):
         if args.one_shot:
-            pruned = pruning.one_shot(copy.deepcopy(model), calibration, value, args.one_shot, args.pattern)
+            pruned = pruning.one_shot(copy.deepcopy(model), calibration, value, method=args.one_shot,
+                                      pattern=args.pattern)
             pruned = pruning.hold_masked(pruned, [layer.weight != 0 for layer in pruning.weighted(pruned)])
         elif saliency is None:
             pruned = pruning.hold_below(copy.deepcopy(model), t)

@@ -131,12 +131,13 @@ def layout(graph, example):
         elif isinstance(layer, Cat):
             seen[k] = [segment for parts in before for segment in parts]
         elif isinstance(layer, Add):
-            a, b = before
-            if [p for _, p in a] != [p for _, p in b] or [spaces.width[spaces.find(s)] for s, _ in a] != \
-                    [spaces.width[spaces.find(s)] for s, _ in b]:
-                raise chain.NotAChain(f"layer {k} sums tensors whose channels are laid out differently")
-            for (s, _), (t, _) in zip(a, b):
-                spaces.union(s, t)
+            a = before[0]
+            for b in before[1:]:  # a sum of any number of tensors, each laid out as the first
+                if [p for _, p in a] != [p for _, p in b] or [spaces.width[spaces.find(s)] for s, _ in a] != \
+                        [spaces.width[spaces.find(s)] for s, _ in b]:
+                    raise chain.NotAChain(f"layer {k} sums tensors whose channels are laid out differently")
+                for (s, _), (t, _) in zip(a, b):
+                    spaces.union(s, t)
             seen[k] = a
         elif isinstance(layer, nn.Flatten):
             positions = int(torch.tensor(shapes[reads[0]][2:]).prod()) if len(shapes[reads[0]]) > 2 else 1

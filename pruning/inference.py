@@ -10,12 +10,15 @@ what it was given. Layers before that run (the convolutions of LeNet-5) stay PyT
 import copy
 import functools
 import math
+import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.utils.prune as prune
 
 from pruning import chain, kernels, surgery
 from pruning.kernels import NONE, RELU, TILES
@@ -39,11 +42,29 @@ def aligned(buffer):
     return buffer.data_ptr() + (-buffer.data_ptr()) % 64
 
 
-@functools.cache
 def pool(threads):
-    """The threads that share a large batch's tiles with the caller's: started once, when first
-    needed."""
+    """The threads that share a large batch's tiles with the caller's: started once a process, when
+    first needed (a forked child, which inherits no running thread, starts its own)."""
+    return threads_of(threads, os.getpid())
+
+
+@functools.cache
+def threads_of(threads, process):
     return ThreadPoolExecutor(threads, thread_name_prefix="pruning-kernel")
+
+
+def empty(*shape):
+    """An uninitialised fp32 tensor on the CPU, whatever the process's default dtype and device: the
+    kernel writes fp32 to CPU memory."""
+    return torch.empty(*shape, dtype=torch.float32, device="cpu")
+
+
+def rebuilt(arguments, tile, threads):
+    """A KernelLayers from the arguments it was made with, tuned as given (for copies and pickles:
+    a KernelLayers holds the raw addresses of its own arrays)."""
+    made = KernelLayers(*arguments)
+    made.tile, made.threads = tile, threads
+    return made
 
 
 class KernelLayers:
@@ -53,7 +74,12 @@ class KernelLayers:
     normalisation, the kept pixels and the inputs no weight reads folded into how it gathers."""
 
     def __init__(self, layers, dense, inputs, columns=None, shift=0.0, scale=1.0, read=None):
+        self.arguments = (layers, dense, inputs, columns, shift, scale, read)
         columns = np.arange(inputs) if columns is None else np.asarray(columns)
+        first = layers[0][0].in_features if read is None else len(read)
+        if len(columns) != first or (len(columns) and not 0 <= columns.min() <= columns.max() < inputs):
+            raise ValueError(f"the kernel's first layer reads {first} of {inputs} inputs, not columns "
+                             f"{columns.min() if len(columns) else ''}..{columns.max() if len(columns) else ''}")
         pointers, indices, data, biases, table, stored, rows_before = [np.zeros(1, np.int64)], [], [], [], [], 0, 0
         for k, ((linear, activation), whole) in enumerate(zip(layers, dense)):
             weight = linear.weight.detach().cpu().numpy()
@@ -90,18 +116,25 @@ class KernelLayers:
         self.plan = np.array([v.ctypes.data if isinstance(v, np.ndarray) else v for v in map(fields.get, kernels.PLAN)],
                              np.int64)
         self.plan_at, self.scales_at = self.plan.ctypes.data, self.scales.ctypes.data
-        self.scratch, self.scratch_free = torch.empty(0), threading.Lock()  # buffers kept between calls
+        self.scratch, self.scratch_free = empty(0), threading.Lock()  # buffers kept between calls
         self.runs = kernels.compiled()[1]
 
+    def __reduce__(self):
+        return rebuilt, (self.arguments, self.tile, self.threads)
+
     def __call__(self, x):
-        """x: fp32, contiguous, each of its `len(x)` rows `inputs` values. Returns (batch, outputs)."""
+        """x: fp32 on the CPU, contiguous, (batch, inputs). Returns (batch, outputs)."""
+        if not (x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
+                and x.dim() == 2 and x.shape[1] == self.inputs):
+            raise ValueError(f"the kernel reads contiguous fp32 CPU inputs of shape (batch, {self.inputs}), "
+                             f"not {x.dtype} {tuple(x.shape)} on {x.device}")
         batch = len(x)
-        out = torch.empty(batch, self.outputs)
+        out = empty(batch, self.outputs)
         if batch == 0:
             return out
         tile = 1 if batch == 1 else self.tile
         tiles, size = -(-batch // tile), self.width * tile
-        threads = min(self.threads, tiles)
+        threads = min(self.threads, tiles, torch.get_num_threads())  # a DataLoader worker's 1 kept
         share = -(-tiles // threads) * tile
 
         def part(k, buffers):
@@ -112,12 +145,12 @@ class KernelLayers:
         if threads == 1 and self.scratch_free.acquire(blocking=False):
             try:  # the buffers kept for one call at a time
                 if len(self.scratch) < 2 * size + 16:
-                    self.scratch = torch.empty(2 * size + 16)
+                    self.scratch = empty(2 * size + 16)
                 part(0, aligned(self.scratch))
             finally:
                 self.scratch_free.release()
             return out
-        buffers = torch.empty(threads * 2 * size + 16)  # kept until the shares are done
+        buffers = empty(threads * 2 * size + 16)  # kept until the shares are done
         at = aligned(buffers)
         others = [pool(threads - 1).submit(part, k, at + 8 * size * k) for k in range(1, threads)]
         part(0, at)  # this thread takes the first share
@@ -144,23 +177,36 @@ class Dense(nn.Module):
 
 class Prepared(nn.Module):
     """The model as planned: `before` (PyTorch layers; empty where the kernel reads the input
-    itself), then `steps`, each a Dense layer or KernelLayers. Inputs it was not planned for (not
-    fp32 on the CPU, or needing gradients) go to the model as given, which also raises the model's
-    own errors."""
+    itself), then `steps`, each a Dense layer or KernelLayers; `layers` holds the run's nn.Linear
+    layers, so that the prepared model's parameters and state_dict are the model's. Inputs it was
+    not planned for (not fp32 on the CPU, of another shape, needing gradients, or traced) go to the
+    model as given, which also raises the model's own errors. `summary` says which layers run
+    where."""
 
-    def __init__(self, before, steps, inputs, given, ways):
+    def __init__(self, before, steps, shape, loose, given, ways):
         super().__init__()
-        self.before, self.steps, self.inputs, self.runs_before = before, steps, inputs, len(before) > 0
-        self.ways = ways
-        self.dense = nn.ModuleList(s for s in steps if isinstance(s, nn.Module))  # listed by print(model)
+        self.before, self.runs_before = before, len(before) > 0
+        self.steps = list(steps)  # a plain list: the kernel's steps are not modules
+        self.layers = nn.ModuleList(linear for step in steps for linear in step_linears(step))
+        self.shape, self.loose, self.inputs, self.ways = tuple(shape), loose, math.prod(shape), ways
         self.given = [given]  # in a list: not a submodule
+        self.summary = summary(ways, before, runs_before=len(before) > 0)
+
+    def planned_for(self, x):
+        """Whether x is a batch this plan computes: fp32 on the CPU with no gradient, not traced or
+        compiled, each input of the planned shape (of its size, where the model reshapes its input)."""
+        if x.dtype != torch.float32 or not x.is_cpu or x.requires_grad or x.dim() < 2:
+            return False
+        if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+            return False
+        return math.prod(x.shape[1:]) == self.inputs if self.loose else tuple(x.shape[1:]) == self.shape
 
     def forward(self, x):
         """Its weights need no gradient and x none, so nothing here records one."""
-        if (x.dtype != torch.float32 or not x.is_cpu or x.requires_grad or x.dim() == 0
-                or x.numel() != x.shape[0] * self.inputs):
+        if not torch.is_tensor(x) or not self.planned_for(x):
             return self.given[0](x)
-        h = x if not self.runs_before and x.is_contiguous() else self.before(x).flatten(1).contiguous()
+        h = x.reshape(len(x), self.inputs) if not self.runs_before else self.before(x).flatten(1)
+        h = h.contiguous()
         for step in self.steps:
             h = step(h)
         return h
@@ -169,14 +215,26 @@ class Prepared(nn.Module):
         return "\n".join(repr(s) for s in self.steps if not isinstance(s, nn.Module))
 
 
+def step_linears(step):
+    return [step.linear] if isinstance(step, Dense) else [linear for linear, _ in step.arguments[0]]
+
+
+def summary(ways, before, runs_before):
+    """Which of the model's last fully connected layers run where, in words."""
+    where = ", ".join(f"{k}: {w}" for k, w in enumerate(ways))
+    head = "PyTorch runs the layers before them; " if runs_before else ""
+    return (f"{head}fully connected layers ({where}; dense = PyTorch, sparse = the kernel on the non-zeros, "
+            "rows = the kernel on every weight)")
+
+
 def split(layers):
     """The chain `layers` as (what comes before its last run of fully connected layers, that run as
     [(nn.Linear, activation code)]): each nn.Linear may be followed by a ReLU and by layers that do
     nothing in eval mode. None where the chain does not end in such a run."""
     start = len(layers)
-    while start > 0 and isinstance(layers[start - 1], (nn.Linear, nn.ReLU) + SKIPPED):
+    while start > 0 and as_written(layers[start - 1], (nn.Linear, nn.ReLU) + SKIPPED):
         start -= 1
-    while start < len(layers) and not isinstance(layers[start], nn.Linear):
+    while start < len(layers) and not as_written(layers[start], nn.Linear):
         start += 1
     if start == len(layers):
         return None
@@ -189,11 +247,26 @@ def split(layers):
     return layers[:start], run
 
 
+def as_written(module, kinds):
+    """Whether module is one of kinds and computes what that kind does: its forward PyTorch's own
+    (a subclass may compute something else), with no hook but pruning masks'."""
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    kind = next((k for k in kinds if isinstance(module, k)), None)
+    return kind is not None and type(module).forward is kind.forward and not hooked(module)
+
+
+def hooked(module):
+    """Whether a hook other than a pruning mask's runs when module does."""
+    pre = [h for h in module._forward_pre_hooks.values() if not isinstance(h, prune.BasePruningMethod)]
+    return bool(pre or module._forward_hooks or module._backward_hooks or module._backward_pre_hooks
+                or getattr(module, "_parametrizations", None))
+
+
 def gather(before, first):
     """How the kernel reads the model's input when all that comes before the first nn.Linear is the
     kept pixels and the input normalisation (and a flatten), each element-wise: (the columns of the
     flattened input that some weight reads, shift, scale). None where PyTorch must run them."""
-    if any(not isinstance(m, (Normalize, KeepInputs, nn.Flatten) + SKIPPED) for m in before):
+    if any(not as_written(m, (Normalize, KeepInputs, nn.Flatten) + SKIPPED) for m in before):
         return None
     normalize = [m for m in before if isinstance(m, Normalize)]
     keep = [m for m in before if isinstance(m, KeepInputs)]
@@ -216,7 +289,7 @@ def input_shape(layers, example):
                      "start with nn.Linear or this project's Normalize or KeepInputs")
 
 
-def plan(before, run, ways, folded, shape, given):
+def plan(before, run, ways, folded, shape, loose, given):
     """A Prepared model whose fully connected layers run as `ways` says (one of WAYS each)."""
     steps, i = [], 0
     while i < len(run):
@@ -230,7 +303,7 @@ def plan(before, run, ways, folded, shape, given):
         steps.append(KernelLayers(run[i:j], [w == "rows" for w in ways[i:j]], inputs, *gathered))
         i = j
     reads_input = ways[0] != "dense" and folded is not None
-    return Prepared(nn.Sequential() if reads_input else nn.Sequential(*before), steps, math.prod(shape), given,
+    return Prepared(nn.Sequential() if reads_input else nn.Sequential(*before), steps, shape, loose, given,
                     ways).eval()
 
 
@@ -249,46 +322,93 @@ def tilings(batch, threads):
     return [(tile, 1) for tile in tiles] + [(tile, threads) for tile in tiles if 1 < threads and tile < batch]
 
 
+def as_given(given, why):
+    """The model as given, saying why (a warning, and its `summary`)."""
+    warnings.warn(f"for_inference returns the model as given: {why}", stacklevel=4)
+    given.summary = f"the model as given, in PyTorch: {why}"
+    return given
+
+
+def check_example(given, example):
+    """The model run on one input of example, its own errors as one ValueError: a wrong example
+    would have the kernel read inputs of a size the model does not take."""
+    if example is None:
+        return
+    if not torch.is_tensor(example) or example.dim() < 1 or len(example) == 0:
+        raise ValueError("example must be a batch of at least one of the model's inputs, as a tensor")
+    try:
+        given(example[:1])
+    except Exception as e:
+        raise ValueError(f"example is not an input the model takes ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
 @torch.no_grad()
 def for_inference(model, batch_size=32, example=None):
     """A copy of model for predicting on the CPU, about batch_size inputs a call: in eval mode,
     without gradients, its last run of fully connected layers computed on their non-zeros where
     that is faster here, and the model as given kept where that is faster still. It predicts as
-    model does: its logits differ only by float rounding (the sums run in another order).
+    model does: its logits differ only by float rounding (the sums run in another order). What it
+    returns says what it did in its `summary`; where it cannot run any layer faster (a graph, no
+    fully connected layers at the end, not fp32, hooks, no llvmlite) it returns the model as given
+    with a warning.
     example: a batch of the model's inputs, needed only for a model that does not start with
-    nn.Linear or this project's Normalize or KeepInputs."""
+    nn.Linear or this project's Normalize or KeepInputs.
+
+    Example:
+        >>> fast = pruning.for_inference(pruning.load("net.pt"), batch_size=32)
+        >>> print(fast.summary)
+    """
     if type(batch_size) is not int or not 0 < batch_size <= MAX_BATCH:
         raise ValueError(f"batch_size must be a whole number from 1 to {MAX_BATCH:,}, not {batch_size!r}")
     given = surgery.copy_of(model).eval().requires_grad_(False)
+    check_example(given, example)
     try:
         layers = chain.layers(given)
     except chain.NotAChain:  # a graph of residual sums and concatenations: PyTorch's, as given
-        return given
+        return as_given(given, "it is not a chain of layers, and only a chain's last fully connected layers "
+                               "run in the kernel")
     shape = input_shape(layers, example)
+    loose = bool(layers) and isinstance(layers[0], (Normalize, KeepInputs, nn.Flatten))  # reshape their input
     parts = split(layers)
-    if parts is None or any(p.dtype != torch.float32 or p.device.type != "cpu" for p in given.parameters()):
-        return given
+    if parts is None:
+        return as_given(given, "it does not end in nn.Linear layers with ReLU or no activation between them "
+                                 "(as PyTorch writes them, with no hooks)")
+    if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in given.parameters()):
+        return as_given(given, "the kernel runs fp32 models on the CPU")
+    if any(hooked(m) for m in given.modules()):
+        return as_given(given, "it has hooks, which the kernel would not run")
+    if not kernels.available():
+        return as_given(given, "llvmlite, which compiles the kernel, is not installed (pip install llvmlite)")
     before, run = parts
     folded = gather(before, run[0][0])
     kernel = [way(linear, batch_size) for linear, _ in run]
     mixed = [w if density(linear) <= DENSE_ABOVE else "dense" for w, (linear, _) in zip(kernel, run)]
     dense = ["dense"] * len(run)
     ways = [w for i, w in enumerate([dense, kernel, mixed]) if w not in [dense, kernel, mixed][:i]]
-    x = torch.rand(min(batch_size, CALIBRATION), *shape, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(min(batch_size, CALIBRATION), *shape, generator=torch.Generator().manual_seed(0),
+                   dtype=torch.float32, device="cpu")
     threads = torch.get_num_threads()
     if folded is None:  # what comes before the run is PyTorch's in every plan: time the run alone, on its inputs
         h = nn.Sequential(*before)(x).flatten(1).contiguous()
-        tails = [plan([], run, w, None, h.shape[1:], given) for w in ways]
+        tails = [plan([], run, w, None, h.shape[1:], False, given) for w in ways]
         for tail in tails[1:]:
             tune(tail, h, batch_size, threads)
         best = fastest(tails, h)
         if best is tails[0]:
-            return given
-        return Prepared(nn.Sequential(*before), best.steps, math.prod(shape), given, best.ways).eval()
-    candidates = [given] + [plan(before, run, w, folded, shape, given) for w in ways[1:]]
+            return chosen(given)
+        return Prepared(nn.Sequential(*before), best.steps, shape, loose, given, best.ways).eval()
+    candidates = [given] + [plan(before, run, w, folded, shape, loose, given) for w in ways[1:]]
     for candidate in candidates[1:]:
         tune(candidate, x, batch_size, threads)
-    return fastest(candidates, x)
+    best = fastest(candidates, x)
+    return chosen(given) if best is given else best
+
+
+def chosen(given):
+    """The model as given, where it was timed the fastest."""
+    given.summary = "the model as given, in PyTorch: timed faster here than every plan in the kernel"
+    return given
 
 
 def density(linear):

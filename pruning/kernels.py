@@ -260,6 +260,13 @@ def source():
 
 
 @functools.cache
+def available():
+    """Whether llvmlite, which compiles the kernel, can be imported."""
+    import importlib.util
+    return importlib.util.find_spec("llvmlite") is not None
+
+
+@functools.cache
 def compiled():
     """{tile: run_<tile>, callable from Python}, compiled once a process for this CPU."""
     from pruning import jit

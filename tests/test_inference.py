@@ -99,7 +99,7 @@ def every_way(model, x, tile=16):
     shape = inference.input_shape(layers, None)
     for way in inference.WAYS:
         for first in inference.WAYS:
-            prepared = inference.plan(before, run, [first] + [way] * (len(run) - 1), folded, shape, model)
+            prepared = inference.plan(before, run, [first] + [way] * (len(run) - 1), folded, shape, True, model)
             for kernel in prepared.steps:
                 if isinstance(kernel, inference.KernelLayers):
                     kernel.tile = tile
@@ -183,3 +183,124 @@ def test_a_model_of_unknown_input_shape_asks_for_an_example():
     x = torch.rand(5, 1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(pruning.for_inference(model, 5, example=x)(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_chains_through_the_kernel_give_the_models_logits(seed):
+    """Differential: random widths, sparsities, batch sizes, tiles, threads and input layers; each
+    prepared model's logits against the model's, whichever plan wins."""
+    rng = np.random.default_rng(seed)
+    sizes = [int(rng.integers(1, 90)) for _ in range(int(rng.integers(2, 5)))]
+    density = float(rng.choice([0.0, 0.001, 0.02, 0.1, 0.5, 0.9, 1.0]))
+    model = sparse_mlp(sizes, density, seed)
+    if rng.random() < 0.5:  # the project's input layers, which the kernel folds into how it reads
+        model = nn.Sequential(pruning.Normalize(0.1, 0.3, (sizes[0],)), *model).eval()
+    batch = int(rng.choice([1, 2, 15, 17, 33, 64, 65, 200]))
+    x = torch.rand(batch, sizes[0])
+    fast = pruning.for_inference(model, batch)
+    for kernel in [s for s in getattr(fast, "steps", []) if isinstance(s, inference.KernelLayers)]:
+        kernel.tile = int(rng.choice(inference.TILES[1:]))
+        kernel.threads = int(rng.integers(1, 3))
+    with torch.no_grad():
+        assert torch.allclose(fast(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_wrong_example_is_refused_before_the_kernel_reads_it():
+    model = sparse_mlp((1000, 10), density=0.05)
+    with pytest.raises(ValueError, match="example is not an input the model takes"):
+        pruning.for_inference(model, 64, example=torch.rand(2, 16))
+    _, run = inference.split(pruning.chain.layers(model))
+    with pytest.raises(ValueError, match="reads 1000 of 16 inputs"):
+        inference.KernelLayers(run, [False], 16)
+
+
+@pytest.mark.parametrize("default", [torch.float16, torch.bfloat16, torch.float64, "meta"])
+def test_the_process_defaults_do_not_reach_the_kernels_buffers(default):
+    model = sparse_mlp((40, 23, 13, 6), density=0.1)
+    x = torch.rand(70, 40)
+    kernel = kernel_of(model, False, 16, 2)
+    expected = kernel(x)
+    try:
+        torch.set_default_device("meta") if default == "meta" else torch.set_default_dtype(default)
+        got = kernel(x)
+    finally:
+        torch.set_default_device("cpu") if default == "meta" else torch.set_default_dtype(torch.float32)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+
+
+def test_the_kernel_refuses_inputs_of_another_shape():
+    kernel = kernel_of(sparse_mlp(), False, 16, 1)
+    for x in (torch.rand(3, 41), torch.rand(3, 40).double(), torch.rand(40, 3).T):
+        with pytest.raises(ValueError, match=r"reads contiguous fp32 CPU inputs of shape \(batch, 40\)"):
+            kernel(x)
+
+
+def test_a_prepared_model_copies_and_pickles_as_a_model_does():
+    import io
+    import pickle
+    model = sparse_mlp((40, 23, 13, 6), density=0.1)
+    x = torch.rand(70, 40)
+    fast = pruning.for_inference(model, 70)
+    fast.steps = [kernel_of(model, False, 16, 2)]  # all in the kernel, whichever plan won
+    buffer = io.BytesIO()
+    torch.save(fast, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast)), torch.load(buffer, weights_only=False)):
+        assert torch.equal(other(x), fast(x))
+    assert pruning.count_params(fast) == pruning.count_params(model)
+    assert set(fast.state_dict()) == {f"layers.{k}.{p}" for k in range(3) for p in ("weight", "bias")}
+
+
+def test_a_forked_child_runs_a_prepared_model():
+    import multiprocessing
+    model = sparse_mlp((40, 23, 13, 6), density=0.1)
+    x = torch.rand(200, 40)
+    fast = pruning.for_inference(model, 200)
+    fast.steps = [kernel_of(model, False, 16, 2)]
+    expected = fast(x)  # the pool of threads started in this process
+    with multiprocessing.get_context("fork").Pool(1, initializer=torch.set_num_threads, initargs=(1,)) as child:
+        got = child.apply_async(fast, (x,)).get(timeout=60)
+    assert torch.equal(got, expected)
+
+
+def test_what_the_kernel_cannot_reproduce_stays_pytorchs():
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    x = torch.rand(16, 40)
+    hooked = sparse_mlp()
+    hooked[0].register_forward_hook(lambda m, i, out: out + 1)
+    for model in (nn.Sequential(nn.Linear(40, 20), nn.ReLU(), Doubled(20, 6)).eval(), hooked):
+        with torch.no_grad():
+            assert torch.equal(pruning.for_inference(model, 16)(x), model(x))
+    with pytest.warns(UserWarning, match="it has hooks"):
+        fast = pruning.for_inference(hooked, 16)
+    assert fast.summary.startswith("the model as given")
+
+
+def test_tracing_a_prepared_model_traces_the_model():
+    model = sparse_mlp((40, 23, 13, 6), density=0.1)
+    x = torch.rand(8, 40)
+    fast = pruning.for_inference(model, 8)
+    fast.steps = [kernel_of(model, False, 16, 1)]
+    traced = torch.jit.trace(fast, x, check_trace=False)
+    assert torch.allclose(traced(x), model(x), atol=1e-6)
+
+
+def test_inputs_of_another_shape_than_planned_get_the_models_answer():
+    model = sparse_mlp((40, 23, 13, 6), density=0.1)
+    fast = pruning.for_inference(model, 8)
+    fast.steps = [kernel_of(model, False, 16, 1)]
+    assert fast(torch.rand(3, 1, 40)).shape == model(torch.rand(3, 1, 40)).shape == (3, 1, 6)
+    for shape in ((3, 40, 1), (3, 20, 2)):
+        with pytest.raises(RuntimeError):
+            fast(torch.rand(shape))
+
+
+def test_without_llvmlite_the_model_stays_pytorchs_with_a_warning(monkeypatch):
+    from pruning import kernels
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    with pytest.warns(UserWarning, match="llvmlite"):
+        fast = pruning.for_inference(sparse_mlp(), 8)
+    assert not isinstance(fast, inference.Prepared)

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from torch.nn.utils import prune
 
 import pruning
 from pruning import baselines, methods, model as models, oneshot
@@ -50,8 +51,8 @@ def test_the_reconstruction_moves_a_pruned_weight_onto_the_input_that_repeats_it
 
 def test_magnitude_drops_the_smaller_weight_and_wanda_the_one_that_reads_less():
     x = torch.tensor([[1.0, 10.0], [-1.0, -10.0]])  # input norms sqrt(2) and 10 sqrt(2)
-    by_magnitude = oneshot.one_shot(linear([1.0, 0.5]), x, 0.5, "magnitude")
-    by_wanda = oneshot.one_shot(linear([1.0, 0.5]), x, 0.5, "wanda")  # scores 1.4 and 7.1
+    by_magnitude = oneshot.one_shot(linear([1.0, 0.5]), x, 0.5, method="magnitude")
+    by_wanda = oneshot.one_shot(linear([1.0, 0.5]), x, 0.5, method="wanda")  # scores 1.4 and 7.1
     assert by_magnitude[0].weight.tolist() == [[1.0, 0.0]]
     assert by_wanda[0].weight.tolist() == [[0.0, 0.5]]
 
@@ -59,21 +60,22 @@ def test_magnitude_drops_the_smaller_weight_and_wanda_the_one_that_reads_less():
 @pytest.mark.parametrize("method", oneshot.METHODS)
 def test_one_shot_reaches_its_sparsity_layer_by_layer_as_global_magnitude_allocates(method):
     torch.manual_seed(0)
-    model = models.lenet5()
-    expected = oneshot.layer_sparsities(model, 0.9)
-    x = torch.rand(64, 1, 28, 28)
-    pruned = oneshot.one_shot(copy.deepcopy(model), x, 0.9, method)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding="same"), nn.ReLU(), nn.MaxPool2d(4), nn.Flatten(),
+                          nn.Linear(196, 32), nn.ReLU(), nn.Linear(32, 10))  # LeNet-5's kinds of layer, smaller
+    expected = oneshot.layer_sparsities(models.weighted(model), 0.9)
+    x = torch.rand(200, 1, 28, 28)
+    pruned = oneshot.one_shot(copy.deepcopy(model), x, 0.9, method=method)
     got = [(layer.weight == 0).float().mean().item() for layer in models.weighted(pruned)]
     assert got == pytest.approx(expected, abs=2e-3)
     assert pruning.count_zeros(pruned) / pruning.count_weights(pruned) == pytest.approx(0.9, abs=1e-3)
-    again = oneshot.one_shot(copy.deepcopy(model), x, 0.9, method)
+    again = oneshot.one_shot(copy.deepcopy(model), x, 0.9, method=method)
     assert all(torch.equal(a, b) for a, b in zip(pruned.state_dict().values(), again.state_dict().values()))
 
 
 def test_one_shot_in_a_pattern_keeps_two_of_every_four_and_the_mode():
     torch.manual_seed(0)
     model = models.mnist_mlp((784, 32, 16, 10)).train()
-    oneshot.one_shot(model, torch.rand(128, 784), None, "reconstruct", (2, 4))
+    oneshot.one_shot(model, torch.rand(800, 784), None, method="reconstruct", pattern=(2, 4))
     assert model.training
     for layer in models.weighted(model):
         assert (layer.weight.view(layer.weight.shape[0], -1, 4) != 0).sum(2).max() <= 2
@@ -119,3 +121,94 @@ def test_the_unit_baselines_cut_to_the_same_widths():
         assert models.widths(cut) == (20, 4, 2, 3)
     norms = baselines.weight_norm_units(layers, torch.zeros(20))
     assert torch.allclose(norms[1], model[0].weight.norm(dim=1))
+
+
+def unchanged(model, state):
+    return all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(inputs=torch.rand(900, 784).double()), "cannot run on these calibration inputs"),
+    (dict(inputs=torch.full((900, 784), float("nan"))), "all of them finite"),
+    (dict(inputs=torch.rand(16, 784)), r"layer 1 \(Linear\) reads 784 inputs.*at least 784 calibration inputs"),
+    (dict(sparsity=[0.5]), "sparsity must be a number"), (dict(sparsity="0.5"), "sparsity must be a number"),
+    (dict(sparsity=torch.tensor(0.5)), "sparsity must be a number")])
+def test_one_shot_refuses_in_one_line_and_leaves_the_model(bad, message):
+    torch.manual_seed(0)
+    model = models.mnist_mlp((784, 8, 10))
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=message):
+        oneshot.one_shot(model, **{"inputs": torch.rand(900, 784), "sparsity": 0.5, **bad})
+    assert unchanged(model, state)
+
+
+@pytest.mark.parametrize("interrupt", [RuntimeError, KeyboardInterrupt])
+def test_one_shot_failing_part_way_leaves_the_model_as_it_was(interrupt):
+    class FailsLater(nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            FailsLater.calls += 1
+            if FailsLater.calls == 6:  # after the first layer was pruned
+                raise interrupt()
+            return x
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), FailsLater(), nn.Linear(16, 4))
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(interrupt):
+        oneshot.one_shot(model, torch.rand(600, 20), 0.5)
+    assert unchanged(model, state)
+
+
+def test_sparsity_zero_changes_nothing():
+    torch.manual_seed(0)
+    model = models.mnist_mlp((784, 8, 10))
+    state = copy.deepcopy(model.state_dict())
+    oneshot.one_shot(model, torch.rand(900, 784), 0)
+    assert unchanged(model, state)
+
+
+@pytest.mark.parametrize("padding,mode", [("same", "zeros"), ("valid", "zeros"), (1, "reflect"), (2, "circular")])
+def test_the_unfolded_inputs_are_what_the_convolution_multiplies(padding, mode):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, (3, 4), padding=padding, padding_mode=mode, dilation=(1, 2))
+    x = torch.randn(5, 2, 9, 10)
+    rows = oneshot.inputs_of(conv, x)
+    by_rows = (rows @ conv.weight.flatten(1).T + conv.bias).view(5, -1, 3)
+    assert torch.allclose(by_rows, conv(x).flatten(2).transpose(1, 2), atol=1e-5)
+
+
+def test_one_shot_runs_layer_by_layer_through_a_residual_graph():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(10, 10), nn.Linear(10, 10), nn.Linear(20, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.head(torch.cat([h + self.b(h), x], 1))
+
+    torch.manual_seed(0)
+    model, x = Residual(), torch.randn(400, 10)
+    before, magnitude = model(x).detach(), copy.deepcopy(model)
+    oneshot.one_shot(model, x, 0.5)
+    oneshot.one_shot(magnitude, x, 0.5, method="magnitude")
+    assert pruning.count_zeros(model) == pytest.approx(0.5 * pruning.count_weights(model), abs=1)
+    assert (model(x) - before).norm() <= (magnitude(x) - before).norm()
+
+
+def test_a_model_with_pruning_masks_keeps_them_and_reaches_the_sparsity():
+    torch.manual_seed(0)
+    model = models.mnist_mlp((784, 16, 10))
+    prune.l1_unstructured(model[1], "weight", amount=0.6)
+    held = model[1].weight == 0
+    oneshot.one_shot(model, torch.rand(900, 784), 0.8)
+    model(torch.rand(2, 784))  # the masks' hook computes the weights again
+    assert pruning.count_zeros(model) == pytest.approx(0.8 * pruning.count_weights(model), abs=1)
+    assert (model[1].weight[held] == 0).all() and prune.is_pruned(model)
+
+
+def test_a_model_with_nothing_to_prune_is_refused():
+    with pytest.raises(ValueError, match="calls no nn.Linear or nn.Conv2d"):
+        oneshot.one_shot(nn.Sequential(nn.ReLU()), torch.rand(4, 3), 0.5)
