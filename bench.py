@@ -299,6 +299,8 @@ def main():
                    help="only time training with each way OpenMP threads can wait, idle and beside other "
                         "trainings (about 3 minutes)")
     args = p.parse_args()
+    if args.device == "cuda":
+        raise pruning.UserError("bench.py times inference and training on the CPU: give no --device cuda")
     args.device = "cpu"
     busy = report_load("before")
     if args.wait_policy:

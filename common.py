@@ -98,6 +98,11 @@ def prepare(args, model_files, figures):
             import onnxscript  # noqa: F401
         except ImportError:
             raise UserError("--onnx needs the onnx and onnxscript packages: pip install -r requirements.txt") from None
+    if getattr(args, "speed", False):
+        from pruning import kernels
+        if not kernels.available():
+            raise UserError("--speed times the models through the sparse kernel, which needs llvmlite: "
+                            "pip install -r requirements.txt")
     configs = [(checkpoints.training_config(args, seed), False) for seed in outputs.seeds(args)]
     if args.control:
         configs += [(checkpoints.training_config(args, seed, control=True), True) for seed in outputs.seeds(args)]

@@ -231,6 +231,11 @@ def main():
     args.input_dropout = args.input_dropout or 0.0
     if args.pattern and not args.one_shot:
         raise UserError("--pattern takes --one-shot")
+    if args.calibration != pruning.CALIBRATION and not args.one_shot:
+        raise UserError("--calibration takes --one-shot")
+    if args.calibration > 60_000 - args.validation:
+        raise UserError(f"--calibration {args.calibration:,}: the training set holds {60_000 - args.validation:,} "
+                        f"images once --validation {args.validation:,} are held out")
     if args.one_shot:
         if args.steps > 1 or args.criterion == "saliency" or args.variational_dropout:
             raise UserError("--one-shot prunes in one step by its own criterion: give no --steps, --criterion or "

@@ -119,6 +119,9 @@ def test_cuda_without_a_gpu_is_rejected(script, tmp_path, capsys, monkeypatch):
     (["--one-shot", "wanda", "--pattern", "2:4", "--sparsity", "0.9"], "--pattern 2:4 zeroes 0.5 of the weights"),
     (["--one-shot", "magnitude", "--sparsity", "0.9", "--steps", "3"], "--one-shot prunes in one step"),
     (["--one-shot", "magnitude", "--sparsity", "0.9", "--calibration", "0"], "must be > 0, not 0"),
+    (["--sparsity", "0.9", "--calibration", "100"], "--calibration takes --one-shot"),
+    (["--one-shot", "magnitude", "--sparsity", "0.9", "--calibration", "60000", "--validation", "50000"],
+     "the training set holds 10,000 images once --validation 50,000 are held out"),
 ])
 def test_zero_pruning_sparsity_must_be_distinct_fractions(args, message, tmp_path, capsys, monkeypatch):
     assert_rejected("zero_pruning.py", args, message, tmp_path, capsys, monkeypatch)
@@ -323,3 +326,11 @@ def test_a_json_with_our_keys_but_not_our_mark_is_not_ours(tmp_path):
         storage.save(mnist_mlp(), notes)
     assert notes.read_text() == '{"settings": {}, "rows": [], "dense_accuracy": 98}'
 
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_speed_without_llvmlite_is_refused_before_any_work(script, tmp_path, capsys, monkeypatch):
+    from pruning import kernels
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    assert_rejected(script, ["--speed"], "--speed times the models through the sparse kernel, which needs llvmlite",
+                    tmp_path, capsys, monkeypatch)

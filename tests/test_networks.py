@@ -269,3 +269,13 @@ def test_a_residual_network_on_mnist_loses_at_most_a_point_with_half_its_paramet
     pruning.save(smaller, tmp_path / "m.pt")
     assert torch.equal(pruning.logits(pruning.load(tmp_path / "m.pt"), test_data[0]),
                        pruning.logits(smaller, test_data[0]))
+
+
+def test_a_sum_of_three_tensors_shrinks_its_channels_together():
+    from pruning import graph
+    torch.manual_seed(0)
+    layers = [nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.Linear(6, 6), graph.Add(), nn.Linear(6, 2)]
+    net = graph.Graph(layers, [[-1], [0], [1], [1], [1, 2, 3], [4]])  # as a file of ours may hold it
+    small = pruning.activation_prune(net, torch.rand(64, 4), reduction=0.3)
+    widths = [m.out_features for m in small.modules() if isinstance(m, nn.Linear)]
+    assert widths[0] == widths[1] == widths[2] < 6 and widths[3] == 2
