@@ -2,13 +2,14 @@
 per seed, the figures in --plot-dir; and every destination checked before any work."""
 
 import sys
+import warnings
 from datetime import datetime
 from pathlib import Path
 
 import torch
 
 from cli import plots, startup
-from pruning import data, files, storage
+from pruning import data, files, storage, torchfile
 from pruning.files import UserError, shown
 
 ROOT = Path(__file__).resolve().parent.parent  # the project
@@ -103,7 +104,11 @@ def seeds(args):
 
 
 def save_model(model, path, kind="dense"):
-    return storage.save(model, path, kind, option="--save-dir")
+    """Save model under --save-dir; the tables set the CSR file's size beside the dense one's, so the
+    library's warning that one is larger is not repeated."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torchfile.LargerThanDense)
+        return storage.save(model, path, kind, option="--save-dir")
 
 
 def export_onnx(args, model, path):

@@ -3,14 +3,14 @@ the positions of the non-zero weights as gaps or a bitmask, all entropy-coded by
 (Deep Compression, Han et al. 2016, with LZMA in place of Huffman coding).
 
 File: magic b"MLPZ", format version (1 byte), body length and CRC-32 of the body (4 bytes each,
-little-endian), then the body, an LZMA2 raw stream of: the architecture as JSON (its length in 4
+little-endian), then the body, an LZMA2 raw stream of: the dtype the model loads in (1 byte, an
+index into torchfile.DTYPES; version 3 on, version 2 loads in fp32), the architecture as JSON (its length in 4
 bytes first; architecture.py), then per layer with weights its position encoding, its shared values
 (fp16), its positions and one code (a byte) per stored weight, then every other number of the
 model (biases and the like as fp16, the kept pixels' indices as int32) in the order of its state.
 Every fp16 number is rounded so in the model before it is measured (to_file_precision).
 """
 
-import copy
 import json
 import lzma
 import struct
@@ -22,11 +22,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.nn.utils.parametrize as parametrize
 
-from pruning import architecture, chain, graph, torchfile
+from pruning import architecture, chain, graph, surgery, torchfile
 from pruning.files import UserError, atomic_write, check_readable, shown
 from pruning.model import weighted
 
-MAGIC, VERSION = b"MLPZ", 2
+MAGIC, VERSION = b"MLPZ", 3
+READS = (2, 3)  # the versions this code reads
 MAX_DESCRIPTION = 1 << 20
 HEADER = struct.Struct("<4sBII")
 LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
@@ -72,8 +73,9 @@ class SharedWeights(nn.Module):
 
 def quantize(model, bits):
     """A copy of model, in fp32, whose layers share at most 2^bits weight values each; zeros stay
-    zero unless no weight of the layer is zero, when all are shared."""
-    quantized = copy.deepcopy(model).float()
+    zero unless no weight of the layer is zero, when all are shared. Pruning masks
+    (torch.nn.utils.prune's) are folded into the weights of the copy first."""
+    quantized = surgery.make_permanent(surgery.copy_of(model)).float()
     for layer in weighted(quantized):
         weight = layer.weight.detach()
         stored = weight != 0 if (weight == 0).any() else torch.ones_like(weight, dtype=torch.bool)
@@ -151,11 +153,11 @@ def compressed_size(data):
 
 # The file -----------------------------------------------------------------------------
 
-def encode(model):
-    """The file's bytes for a model made by quantize()."""
+def encode(model, dtype="float32"):
+    """The file's bytes for a model made by quantize(), to load in dtype (a name of torchfile.DTYPES)."""
     model = graph.network(model)
     description = json.dumps(architecture.describe(model), separators=(",", ":")).encode()
-    body = [struct.pack("<I", len(description)), description]
+    body = [bytes([list(torchfile.DTYPES).index(dtype)]), struct.pack("<I", len(description)), description]
     shared = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, chain.WEIGHTED)}
     for layer in weighted(model):
         codebook, codes = shared_values(layer)
@@ -216,21 +218,28 @@ def decode(data, max_params=architecture.MAX_PARAMS):
     if len(data) < HEADER.size or data[:4] != MAGIC:
         raise ValueError("not a compressed model file of this project")
     _, version, length, crc = HEADER.unpack_from(data)
-    if version != VERSION:
-        raise ValueError(f"format version {version}, this code reads version {VERSION}")
+    if version not in READS:
+        raise ValueError(f"format version {version}, this code reads versions {READS[0]} to {READS[-1]}")
     packed = data[HEADER.size:]
     if len(packed) != length:
         raise ValueError(f"truncated or extended: the body is {len(packed):,} bytes, its header says {length:,}")
     if zlib.crc32(packed) != crc:
         raise ValueError("corrupted: its checksum does not match")
     body = Body(packed)
-    (n,) = struct.unpack("<I", body.read(4, 4 + MAX_DESCRIPTION))
+    dtype = "float32"
+    if version >= 3:
+        (code,) = body.read(1, 1 + 4 + MAX_DESCRIPTION)
+        if code >= len(torchfile.DTYPES):
+            raise ValueError(f"corrupted: dtype {code} is not one of {len(torchfile.DTYPES)}")
+        dtype = list(torchfile.DTYPES)[code]
+    first = 1 if version >= 3 else 0
+    (n,) = struct.unpack("<I", body.read(4, first + 4 + MAX_DESCRIPTION))
     try:
-        description = json.loads(bytes(body.read(n, 4 + MAX_DESCRIPTION)))
+        description = json.loads(bytes(body.read(n, first + 4 + MAX_DESCRIPTION)))
     except (ValueError, RecursionError):
         raise ValueError("corrupted: its architecture is not readable") from None
     shapes = architecture.build(description, "meta", max_params)  # checks every claim, allocating nothing
-    limit = body_limit(n, shapes)
+    limit = first + body_limit(n, shapes)
     model = architecture.build(description, max_params=max_params)
     shared = set()
     with torch.no_grad():
@@ -257,12 +266,13 @@ def decode(data, max_params=architecture.MAX_PARAMS):
     if not body.finished():
         raise ValueError("corrupted: bytes left after the last layer")
     torchfile.check_model(model)
-    return model
+    return model.to(torchfile.DTYPES[dtype])
 
 
-def save_compressed(model, path, option=None):
-    """Write a model made by quantize() to path, atomically; returns the file's size in bytes."""
-    data = encode(model)
+def save_compressed(model, path, option=None, dtype="float32"):
+    """Write a model made by quantize() to path, atomically, to load in dtype; returns the file's size
+    in bytes."""
+    data = encode(model, dtype)
     atomic_write(path, lambda f: f.write(data), option)
     return len(data)
 

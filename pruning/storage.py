@@ -3,6 +3,9 @@ module reads it. The PyTorch file (torchfile.py: 'dense', 'csr') and the compres
 (compressed.py) each record the architecture beside the numbers, so pruning.load rebuilds the
 model from any of them; ONNX for other runtimes."""
 
+import os
+import warnings
+
 import torch
 
 from pruning import chain, compressed, graph, torchfile
@@ -20,9 +23,10 @@ def save(model, path, storage="dense", about=None, option=None, bits=None):
     if storage == "compressed":
         if bits is not None and (type(bits) is not int or not 1 <= bits <= 8):
             raise ValueError(f"bits must be a whole number from 1 to 8, not {bits!r}")
+        dtype = torchfile.dtype_of(model)
         if not compressed.is_quantized(model) or bits is not None:
             model = compressed.quantize(graph.network(model), bits or DEFAULT_BITS)
-        return compressed.save_compressed(model, path, option)
+        return compressed.save_compressed(model, path, option, dtype)
     if bits is not None:
         raise ValueError("bits is for storage='compressed'")
     return torchfile.write(model, path, storage, about, option)
@@ -31,11 +35,23 @@ def save(model, path, storage="dense", about=None, option=None, bits=None):
 DEFAULT_BITS = 5
 
 
-def load(path, with_about=False, max_params=MAX_PARAMS):
+def load(path, with_about=False, max_params=None):
     """The model stored at path, in eval mode and the dtype it was saved in: a file of any of the
     project's formats. A file that is not one of ours, is damaged or claims an impossible
-    architecture, or more than max_params parameters, is refused with a one-line UserError.
-    with_about: (model, the dict stored with it)."""
+    architecture, or more parameters than its size justifies, is refused with a one-line UserError.
+
+    Args:
+        path: a file save() wrote.
+        with_about: return (model, the dict stored with it).
+        max_params: the most parameters to build; by default what the file's size can hold
+            (PARAMS_PER_BYTE a byte, at least MAX_PARAMS): every file save() writes loads, and a
+            small crafted file cannot claim gigabytes.
+
+    Example:
+        >>> model = pruning.load("net.pt")
+    """
+    if max_params is None:
+        max_params = params_justified(path)
     if type(max_params) is not int or max_params < 1:
         raise ValueError(f"max_params must be a positive whole number, not {max_params!r}")
     check_readable(path, torchfile.file_limit(max_params), "model file")
@@ -51,6 +67,19 @@ def load(path, with_about=False, max_params=MAX_PARAMS):
     return (model, about) if with_about else model
 
 
+PARAMS_PER_BYTE = 256  # parameters a byte of a file may claim: a compressed file of 99.9% zeros holds fewer
+MOST_PARAMS = 2_000_000_000  # 8 GB of fp32 weights: the most any file may claim
+
+
+def params_justified(path):
+    """The parameters a file of path's size may hold: PARAMS_PER_BYTE a byte, MAX_PARAMS at least."""
+    try:
+        size = os.stat(path).st_size
+    except OSError:
+        return MAX_PARAMS  # check_readable says why in one line
+    return min(MOST_PARAMS, max(MAX_PARAMS, PARAMS_PER_BYTE * size))
+
+
 # Other runtimes -----------------------------------------------------------------------------
 
 def export_onnx(model, path, example=None, option=None):
@@ -64,8 +93,10 @@ def export_onnx(model, path, example=None, option=None):
         if shape is None:
             raise ValueError("export_onnx needs example=, a batch of the model's inputs: the model does not "
                              "record its input shape (it starts with neither nn.Linear nor Normalize)")
-        dtype = next(model.parameters()).dtype
-        example = torch.rand(2, *shape, dtype=dtype)
+        example = torch.rand(2, *shape, dtype=next(model.parameters()).dtype)
+    if any(p.dtype == torch.bfloat16 for p in model.parameters()):
+        warnings.warn("a bf16 model exports to ONNX, but onnxruntime's CPU provider does not run bf16 Gemm or Conv: "
+                      "export model.float() to run it there", stacklevel=2)
     example = example[:2] if len(example) > 1 else torch.cat([example, example])
     batch = torch.export.Dim("batch")
     with torch.no_grad():

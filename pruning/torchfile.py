@@ -33,7 +33,12 @@ def write(model, path, storage="dense", about=None, option=None):
     description = architecture.describe(sequential)
     state = plain_state(sequential)
     if storage == "csr":
+        dense_bytes = tensor_bytes(state)
         state = csr_tensors(sequential, state)
+        if tensor_bytes(state) > dense_bytes:
+            warnings.warn(LargerThanDense(f"{shown(path)}: its non-zeros as CSR take {tensor_bytes(state):,} B, more "
+                                          f"than the {dense_bytes:,} B of every weight (CSR pays below about half "
+                                          "zeros): storage='dense' is smaller"), stacklevel=3)
     elif storage != "dense":
         raise ValueError(f"storage must be 'dense', 'csr' or 'compressed', not {storage!r}")
     saved = {"format": FORMAT, "version": VERSION, "written_by": WRITER, "storage": storage,
@@ -42,6 +47,14 @@ def write(model, path, storage="dense", about=None, option=None):
     torch.save(saved, buffer)
     atomic_write(path, lambda f: f.write(buffer.getbuffer()), option)
     return Path(path).stat().st_size
+
+
+class LargerThanDense(UserWarning):
+    """A CSR file larger than the dense one would be."""
+
+
+def tensor_bytes(state):
+    return sum(t.numel() * t.element_size() for t in state.values())
 
 
 def dtype_of(model):

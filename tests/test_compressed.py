@@ -141,3 +141,60 @@ def test_the_shared_values_gradient_is_the_same_numbers_every_time():
     assert all(torch.equal(codebook_grad(), first) for _ in range(10))
     by_hand = torch.stack([grad[codes == k].double().sum() for k in range(32)]).float()
     assert torch.allclose(first, by_hand, rtol=1e-4, atol=1e-3)
+
+
+def repacked(data, body):
+    """data's header over a new body."""
+    import lzma
+    import zlib
+    packed = lzma.compress(body, format=lzma.FORMAT_RAW, filters=cz.LZMA_FILTERS)
+    return cz.HEADER.pack(cz.MAGIC, data[4], len(packed), zlib.crc32(packed)) + packed
+
+
+def body_of(data):
+    import lzma
+    return lzma.decompress(data[cz.HEADER.size:], format=lzma.FORMAT_RAW, filters=cz.LZMA_FILTERS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16, torch.float32])
+def test_a_compressed_file_loads_in_the_dtype_it_was_saved_in(dtype, tmp_path):
+    import pruning
+    model = pruned_mlp().to(dtype)
+    pruning.save(model, tmp_path / "m.bin", storage="compressed")
+    loaded = pruning.load(tmp_path / "m.bin")
+    assert {p.dtype for p in loaded.parameters()} == {dtype}
+    x = torch.rand(8, 784, dtype=dtype)
+    expected = cz.quantize(model, 5)(x.float()).to(dtype)  # the quantized model, in the dtype it loads in
+    assert torch.allclose(loaded(x).float(), expected.float(), rtol=0.02, atol=0.02)
+
+
+def test_a_version_2_file_loads_in_fp32_and_a_wrong_dtype_code_is_refused(tmp_path):
+    path, data = saved(tmp_path)
+    old = bytearray(repacked(data, body_of(data)[1:]))  # version 2: no dtype byte
+    old[4] = 2
+    path.write_bytes(bytes(old))
+    assert {p.dtype for p in cz.load_compressed(path).parameters()} == {torch.float32}
+    path.write_bytes(repacked(data, b"\x09" + body_of(data)[1:]))
+    with pytest.raises(UserError, match="dtype 9 is not one of 4"):
+        cz.load_compressed(path)
+
+
+def test_a_model_pruned_by_pytorchs_masks_saves_compressed(tmp_path):
+    import pruning
+    from torch.nn.utils import prune
+    model = pruned_mlp(sparsity=0.0)
+    prune.l1_unstructured(model[0], "weight", amount=0.8)
+    pruning.save(model, tmp_path / "m.bin", storage="compressed")
+    loaded = pruning.load(tmp_path / "m.bin")
+    assert (loaded[0].weight == 0).sum() >= (model[0].weight == 0).sum()
+    assert prune.is_pruned(model)  # the user's model keeps its masks
+
+
+def test_a_model_past_ten_million_parameters_loads_without_options(tmp_path):
+    import pruning
+    model = torch.nn.Sequential(torch.nn.Linear(3000, 3500))  # 10,503,500 parameters
+    with torch.no_grad():
+        model[0].weight.mul_(torch.rand(3500, 3000) < 0.01)  # a CSR file of 99% zeros: 1.3 MB
+    for storage in ("dense", "csr"):
+        pruning.save(model, tmp_path / "big", storage=storage)
+        assert pruning.count_params(pruning.load(tmp_path / "big")) == 10_503_500
