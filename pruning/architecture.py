@@ -211,13 +211,51 @@ TYPES = {name: getattr(nn, name, None) or {"Normalize": Normalize, "KeepInputs":
 
 
 def build(description, device=None, max_params=MAX_PARAMS):
-    """The nn.Sequential a checked description describes; device 'meta' allocates nothing."""
+    """The nn.Sequential (or graph.Graph) a checked description describes; device 'meta' allocates
+    nothing, and runs one input of the shape the model records through it, to check that its layers
+    fit together and that a call needs no more than MAX_ACTIVATIONS values an input."""
     check(description, max_params)
     try:
         with torch.device(device or "cpu"):
             layers = [BUILDERS[d["type"]](d) for d in description]
-            if "reads" in description[0]:
-                return graph.Graph(layers, [d["reads"] for d in description])
-            return nn.Sequential(*layers)
+            model = graph.Graph(layers, [d["reads"] for d in description]) if "reads" in description[0] \
+                else nn.Sequential(*layers)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise BadArchitecture(f"a layer cannot be built ({type(e).__name__}: {e})") from None
+    if device == "meta":
+        check_shapes(model)
+    return model
+
+
+MAX_ACTIVATIONS = 1 << 27  # values every layer's output holds for one input: 512 MB of fp32
+
+
+def check_shapes(meta_model):
+    """Run one input of the shape the model records (none recorded: nothing to run) through the model
+    built on the meta device, which computes shapes and allocates nothing."""
+    shape = chain.input_shape(graph.layers_of(meta_model))
+    if shape is None:
+        return
+    values = 0
+
+    def count(module, args, output):
+        nonlocal values
+        values += output.numel() if isinstance(output, torch.Tensor) else 0
+        if values > MAX_ACTIVATIONS:
+            raise BadArchitecture(f"one input would need more than {MAX_ACTIVATIONS:,} values in its layers' "
+                                  "outputs")
+
+    modules = meta_model.layers if isinstance(meta_model, graph.Graph) else meta_model
+    hooks = [m.register_forward_hook(count) for m in modules]
+    try:
+        with torch.no_grad():
+            meta_model.eval()(torch.empty(1, *shape, device="meta"))
+    except BadArchitecture:
+        raise
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else ""
+        raise BadArchitecture(f"its layers do not fit together on an input of shape {shape} "
+                              f"({type(e).__name__}: {reason[:120]})") from None
+    finally:
+        for h in hooks:
+            h.remove()

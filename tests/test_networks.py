@@ -145,12 +145,17 @@ def test_padding_same_and_other_conv_settings_are_stored(tmp_path):
     assert same and loaded[0].padding == "same" and loaded[0].padding_mode == "reflect"
 
 
-def test_the_parameter_bound_is_an_argument_of_load(tmp_path):
+def test_the_parameter_bound_follows_the_files_size_or_the_argument_of_load(tmp_path):
     model = nn.Sequential(nn.Linear(4000, 3000), nn.ReLU(), nn.Linear(3000, 10))
     pruning.save(model, tmp_path / "m.pt")
+    assert pruning.count_params(pruning.load(tmp_path / "m.pt")) == 12_033_010
     with pytest.raises(pruning.UserError, match="12,033,010 parameters, more than the 10,000,000 allowed"):
-        pruning.load(tmp_path / "m.pt")
-    assert pruning.count_params(pruning.load(tmp_path / "m.pt", max_params=20_000_000)) == 12_033_010
+        pruning.load(tmp_path / "m.pt", max_params=10_000_000)
+    saved = torch.load(tmp_path / "m.pt", weights_only=True)
+    saved["tensors"] = {}  # the same claim in a file of a few hundred bytes
+    torch.save(saved, tmp_path / "small.pt")
+    with pytest.raises(pruning.UserError, match="12,033,010 parameters, more than the 10,000,000 allowed"):
+        pruning.load(tmp_path / "small.pt")
     with pytest.raises(pruning.UserError, match="48,134,557 bytes, more than any model file"):
         pruning.load(tmp_path / "m.pt", max_params=1000)
 
@@ -269,6 +274,25 @@ def test_a_residual_network_on_mnist_loses_at_most_a_point_with_half_its_paramet
     pruning.save(smaller, tmp_path / "m.pt")
     assert torch.equal(pruning.logits(pruning.load(tmp_path / "m.pt"), test_data[0]),
                        pruning.logits(smaller, test_data[0]))
+
+
+def test_a_file_whose_layers_do_not_fit_together_is_refused_before_load_returns(tmp_path):
+    model = nn.Sequential(nn.Linear(784, 20), nn.ReLU(), nn.Linear(20, 10))
+    pruning.save(model, tmp_path / "m.pt")
+    saved = torch.load(tmp_path / "m.pt", weights_only=True)
+    saved["architecture"][2]["in"] = 21  # a claim the tensors would also have to fit: checked first
+    torch.save(saved, tmp_path / "bad.pt")
+    with pytest.raises(pruning.UserError, match=r"do not fit together on an input of shape \(784,\)"):
+        pruning.load(tmp_path / "bad.pt")
+
+
+def test_nested_concatenations_that_would_need_terabytes_are_refused():
+    from pruning import architecture
+    description = [{"type": "Linear", "in": 4, "out": 4, "bias": True, "reads": [-1]}]
+    for k in range(10):  # each node 16 copies of the one before: 4 * 16^10 values
+        description.append({"type": "Cat", "reads": [k] * 16})
+    with pytest.raises(architecture.BadArchitecture, match="more than 134,217,728 values"):
+        architecture.build(description, "meta")
 
 
 def test_a_sum_of_three_tensors_shrinks_its_channels_together():
