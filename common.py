@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from cli import checkpoints, options, outputs, results, startup
-from pruning import data, files, inference, measure, model as models, training
+from pruning import data, files, inference, measure, training
+from pruning import model as models
 from pruning.files import UserError, shown
 
 log = logging.getLogger("pruning")

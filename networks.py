@@ -124,8 +124,8 @@ def main():
     (x, y), (x_test, y_test) = pruning.mnist(args.data_dir)
     train_data, test_data = (x.view(-1, 1, 28, 28), y), (x_test.view(-1, 1, 28, 28), y_test)
     print(f"machine: {measure.machine()['cpu']}, {torch.get_num_threads()} threads\n")
-    print("| network | seed | dense | 90% zeros | half the parameters | parameters | onnxruntime vs loaded | seconds |\n"
-          "| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| network | seed | dense | 90% zeros | half the parameters | parameters | onnxruntime vs loaded "
+          "| seconds |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:
         rows = {name: [one_seed(name, seed, train_data, test_data, Path(tmp)) for seed in range(args.seeds)]
                 for name in args.network or NETWORKS}

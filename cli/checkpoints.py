@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from pruning import files, model as models, storage, training
+from pruning import files, storage, training
+from pruning import model as models
 from pruning.files import UserError, shown
 
 ROOT = Path(__file__).resolve().parent.parent  # the project

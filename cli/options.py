@@ -9,10 +9,10 @@ import shutil
 import torch
 
 from cli import checkpoints
+from cli.results import label
 from pruning import model as models
 from pruning import training
 from pruning.files import UserError, shown
-from cli.results import label
 
 FINAL_EPOCHS_FACTOR = 5
 MAX_EPOCHS, MAX_BATCH, MAX_WIDTH, MAX_SEEDS, MAX_STEPS, MAX_THREADS = 1000, 60_000, 100_000, 100, 1000, 1024

@@ -25,15 +25,31 @@ if "torch" not in _sys.modules and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & _
         del _os.environ["GOMP_SPINCOUNT"]
 
 from pruning.chain import NotAChain
-from pruning.data import mnist
 from pruning.criteria import keep_largest, magnitudes, threshold_for_sparsity
+from pruning.data import mnist
 from pruning.files import UserError
 from pruning.inference import for_inference
 from pruning.measure import flops
-from pruning.methods import (activation_prune, group_lasso, mean_activations, obd_saliency, remove_below,
-                             unit_saliency, zero_prune)
-from pruning.model import (Normalize, count_params, count_weights, count_zeros, kept_inputs, lenet5, mnist_mlp,
-                           weighted, widths)
+from pruning.methods import (
+    activation_prune,
+    group_lasso,
+    mean_activations,
+    obd_saliency,
+    remove_below,
+    unit_saliency,
+    zero_prune,
+)
+from pruning.model import (
+    Normalize,
+    count_params,
+    count_weights,
+    count_zeros,
+    kept_inputs,
+    lenet5,
+    mnist_mlp,
+    weighted,
+    widths,
+)
 from pruning.oneshot import CALIBRATION, check_pattern, one_shot
 from pruning.oneshot import METHODS as ONE_SHOT_METHODS
 from pruning.storage import csr_bytes_needed, export_onnx, load, save

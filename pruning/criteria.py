@@ -109,7 +109,8 @@ def measured_at(layers):
     at = {}
     for g, (i, between, _) in enumerate(chains.groups(layers)[:-1]):
         activation = next((k for k in between if isinstance(layers[k], chains.ELEMENTWISE)), None)
-        at[activation if activation is not None else max([i, *(k for k in between if not isinstance(layers[k], nn.Flatten))])] = g
+        last = max([i, *(k for k in between if not isinstance(layers[k], nn.Flatten))])
+        at[activation if activation is not None else last] = g
     return at
 
 

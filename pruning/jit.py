@@ -1,7 +1,8 @@
 """Writing LLVM's language from Python, and compiling it for this CPU with llvmlite. The kernel of
 kernels.py is written with these few helpers: a function, a counted loop, a branch, a load, a
 store, a vector of one value. Loop counters and accumulators live in stack slots, which LLVM turns
-into registers. Imported only when a model is prepared for inference."""
+into registers. llvmlite itself is imported only when the kernel is first compiled (the first
+for_inference of a process), never by `import pruning`."""
 
 import ctypes
 

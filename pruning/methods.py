@@ -12,7 +12,6 @@ from pruning import chain, criteria, graph, oneshot, surgery, training
 from pruning.model import count_params, evaluating, weighted
 from pruning.schedules import cubic_schedule
 
-
 MAX_STEPS = 1000
 
 

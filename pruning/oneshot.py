@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pruning import chain, criteria, surgery
+from pruning import criteria, surgery
 from pruning.model import evaluating, weighted
 
 METHODS = ("magnitude", "wanda", "reconstruct")

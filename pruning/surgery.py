@@ -14,7 +14,6 @@ import torch.nn.utils.prune as prune
 from pruning import chain as chains
 from pruning.model import KeepInputs, Normalize, evaluating, kept_inputs, weighted
 
-
 # Zeros ---------------------------------------------------------------------------------
 
 def hold_below(model, threshold):

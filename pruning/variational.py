@@ -72,7 +72,7 @@ def sparse_variational_dropout(model, data, epochs, strength=10.0, lr=1e-3, batc
 
     def prior():
         ramp = min(1.0, next(step) / ramp_steps)
-        return strength * ramp * sum(kl_divergence(l.weight, l.log_variance) for l in layers) / len(data[0])
+        return strength * ramp * sum(kl_divergence(layer.weight, layer.log_variance) for layer in layers) / len(data[0])
     try:
         training.train(model, data, epochs, lr, batch_size, seed, teacher, temperature, weight, progress, prior, bf16,
                        shift, input_dropout)

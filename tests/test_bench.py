@@ -11,8 +11,8 @@ import activation_pruning
 import bench
 import common
 import zero_pruning
-from pruning.model import mlp
 from cli.results import markdown_table
+from pruning.model import mlp
 
 
 def test_latency_rows_time_both_models_at_every_batch_size():

@@ -3,17 +3,16 @@
 import os
 import stat
 import sys
-
 import zipfile
 
 import pytest
 import torch
 import torchvision
+from conftest import run_script
 
 import activation_pruning
 import common
 import zero_pruning
-from conftest import run_script
 from pruning import files as files_module
 from pruning import storage
 from pruning.model import mnist_mlp

@@ -180,8 +180,9 @@ def test_a_version_2_file_loads_in_fp32_and_a_wrong_dtype_code_is_refused(tmp_pa
 
 
 def test_a_model_pruned_by_pytorchs_masks_saves_compressed(tmp_path):
-    import pruning
     from torch.nn.utils import prune
+
+    import pruning
     model = pruned_mlp(sparsity=0.0)
     prune.l1_unstructured(model[0], "weight", amount=0.8)
     pruning.save(model, tmp_path / "m.bin", storage="compressed")

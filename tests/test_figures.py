@@ -3,10 +3,10 @@
 import json
 
 import pytest
+from conftest import run_script
 
 import common
 import figures
-from conftest import run_script
 
 
 def result(bits, compressed_bytes):

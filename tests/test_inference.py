@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from test_pruning import tiny
 from torch.nn.utils import prune
 
 import pruning
-from pruning import compressed, inference, model as models, surgery
-from test_pruning import tiny
+from pruning import compressed, inference, surgery
+from pruning import model as models
 
 
 def sparse_mlp(sizes=(40, 23, 13, 6), density=0.3, seed=0):

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-
-import pruning
 from conftest import run_script
 from test_mnist import assert_fast_predicts_as_loaded
+
+import pruning
 from pruning import data as mnist
 from pruning import training
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import ROOT
 
 import pruning
-from conftest import ROOT
 from pruning import chain, surgery
 
 

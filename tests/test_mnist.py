@@ -2,23 +2,23 @@
 determinism, and what Ctrl-C and concurrent runs leave on disk."""
 
 import errno
-import shutil
 import json
 import os
-import statistics
+import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
+from conftest import ROOT, run_script, script_command
 
 import activation_pruning as ap
 import common
 import pruning
 import zero_pruning as zp
-from conftest import ROOT, run_script, script_command
 from pruning import data as mnist
 from pruning import files, storage, surgery, torchfile, training
 from pruning.model import count_params, kept_inputs, mlp
@@ -376,7 +376,8 @@ def test_several_seeds_give_the_mean_and_spread_of_the_single_seed_runs(tmp_path
     runs = [run_json("zero_pruning.py", tmp_path, *args, "--checkpoint", tmp_path / f"m-seed{seed}.pt",
                      "--seed", str(seed)) for seed in (3, 4)]
     single = [results for results, _, _ in runs]
-    assert all(f"model: loaded {tmp_path / f'm-seed{s}.pt'}" in err for s, (_, _, err) in zip((3, 4), runs))  # its own file
+    assert all(f"model: loaded {tmp_path / f'm-seed{s}.pt'}" in err  # each seed its own file
+               for s, (_, _, err) in zip((3, 4), runs))
     assert both["per_seed"] == [s["rows"] for s in single]
     assert both["per_seed_dense_accuracy"] == [s["dense_accuracy"] for s in single]
     for i, row in enumerate(both["rows"]):

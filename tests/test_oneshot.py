@@ -9,7 +9,8 @@ import torch.nn as nn
 from torch.nn.utils import prune
 
 import pruning
-from pruning import baselines, methods, model as models, oneshot
+from pruning import baselines, methods, oneshot
+from pruning import model as models
 
 
 def linear(weights, bias=0.0):

@@ -8,9 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import checkpoints, options
 import pruning
-from cli import results
+from cli import checkpoints, options, results
 from pruning import chain, criteria, measure, methods, schedules, storage, surgery, training
 from pruning import model as models
 from pruning.model import count_params, count_weights, count_zeros, kept_inputs, linears, mlp, widths

@@ -19,14 +19,14 @@ import zlib
 
 import pytest
 import torch
+from conftest import ROOT, run_script
 
 import activation_pruning
 import common
 import figures
+import pruning
 import zero_pruning
 from cli import checkpoints, options
-import pruning
-from conftest import ROOT, run_script
 from pruning import architecture, files, storage
 from pruning.model import mnist_mlp
 

@@ -1,0 +1,140 @@
+"""A run of fully connected layers packed for the kernel of kernels.py, and called: every layer's
+stored weights as rows in one set of arrays, the layer table and the pointers the kernel's driver
+reads (kernels.PLAN), the buffers it writes, and the threads that share a large batch."""
+
+import functools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from pruning import kernels
+from pruning.kernels import TILES
+
+
+def aligned(buffer):
+    """The first address in buffer (a float tensor) on a 64-byte boundary: a cache line's."""
+    return buffer.data_ptr() + (-buffer.data_ptr()) % 64
+
+
+def pool(threads):
+    """The threads that share a large batch's tiles with the caller's: started once a process, when
+    first needed (a forked child, which inherits no running thread, starts its own)."""
+    return threads_of(threads, os.getpid())
+
+
+@functools.cache
+def threads_of(threads, process):
+    return ThreadPoolExecutor(threads, thread_name_prefix="pruning-kernel")
+
+
+def empty(*shape):
+    """An uninitialised fp32 tensor on the CPU, whatever the process's default dtype and device: the
+    kernel writes fp32 to CPU memory."""
+    return torch.empty(*shape, dtype=torch.float32, device="cpu")
+
+
+def rebuilt(arguments, tile, threads):
+    """A KernelLayers from the arguments it was made with, tuned as given (for copies and pickles:
+    a KernelLayers holds the raw addresses of its own arrays)."""
+    made = KernelLayers(*arguments)
+    made.tile, made.threads = tile, threads
+    return made
+
+
+class KernelLayers:
+    """A run of fully connected layers, each with its activation, packed for the kernel: every
+    layer's stored weights as rows in one set of arrays. It reads inputs of `inputs` values, as
+    (x - shift) / scale; the first layer's inputs `read` are the input's `columns`: the input
+    normalisation, the kept pixels and the inputs no weight reads folded into how it gathers."""
+
+    def __init__(self, layers, dense, inputs, columns=None, shift=0.0, scale=1.0, read=None):
+        self.arguments = (layers, dense, inputs, columns, shift, scale, read)
+        columns = np.arange(inputs) if columns is None else np.asarray(columns)
+        first = layers[0][0].in_features if read is None else len(read)
+        if len(columns) != first or (len(columns) and not 0 <= columns.min() <= columns.max() < inputs):
+            raise ValueError(f"the kernel's first layer reads {first} of {inputs} inputs, not columns "
+                             f"{columns.min() if len(columns) else ''}..{columns.max() if len(columns) else ''}")
+        pointers, indices, data, biases, table, stored, rows_before = [np.zeros(1, np.int64)], [], [], [], [], 0, 0
+        for k, ((linear, activation), whole) in enumerate(zip(layers, dense)):
+            weight = linear.weight.detach().cpu().numpy()
+            weight = weight[:, read] if k == 0 and read is not None else weight
+            rows, cols = weight.shape
+            if whole:
+                lengths, index, values = np.full(rows, cols), np.tile(np.arange(cols), rows), weight.ravel()
+            else:
+                row, index = np.nonzero(weight)
+                lengths, values = np.count_nonzero(weight, axis=1), weight[row, index]
+            if k == 0:  # a tile reads the input's columns; one image, those columns picked in order
+                first_indices, index = index.astype(np.uint32), columns[index]
+            storage = kernels.WHOLE if whole else kernels.SPARSE
+            table.append([rows, rows_before, rows_before, activation, storage])  # where its pointers, biases start
+            pointers.append(stored + np.cumsum(lengths, dtype=np.int64))
+            indices.append(index.astype(np.uint32))
+            data.append(values.astype(np.float32))
+            biases.append(np.zeros(rows, np.float32) if linear.bias is None else linear.bias.detach().cpu().numpy())
+            stored, rows_before = stored + int(lengths.sum()), rows_before + rows
+        self.layers, self.first_indices = np.array(table, np.int64), first_indices
+        self.columns = columns.astype(np.int64)
+        self.indptr, self.indices = np.concatenate(pointers), np.concatenate(indices)
+        self.data, self.bias = np.concatenate(data), np.concatenate(biases).astype(np.float32)
+        read_blocks = np.unique(columns[columns < inputs - inputs % kernels.LANES] // kernels.LANES)
+        self.blocks = (read_blocks * kernels.LANES).astype(np.int64)
+        self.scales = np.array([shift, 1 / scale], np.float32)
+        self.inputs, self.outputs = inputs, int(self.layers[-1, 0])
+        self.width = max(inputs, *self.layers[:, 0].tolist())
+        self.tile, self.threads = TILES[-1], 1
+        fields = dict(layers=self.layers, count=len(self.layers), indptr=self.indptr, indices=self.indices,
+                      data=self.data, bias=self.bias, blocks=self.blocks, block_count=len(self.blocks),
+                      inputs=inputs, outputs=self.outputs, columns=self.columns, column_count=len(self.columns),
+                      first_indices=self.first_indices)
+        self.plan = np.array([v.ctypes.data if isinstance(v, np.ndarray) else v for v in map(fields.get, kernels.PLAN)],
+                             np.int64)
+        self.plan_at, self.scales_at = self.plan.ctypes.data, self.scales.ctypes.data
+        self.scratch, self.scratch_free = empty(0), threading.Lock()  # buffers kept between calls
+        self.runs = kernels.compiled()[1]
+
+    def __reduce__(self):
+        return rebuilt, (self.arguments, self.tile, self.threads)
+
+    def __call__(self, x):
+        """x: fp32 on the CPU, contiguous, (batch, inputs). Returns (batch, outputs)."""
+        if not (x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
+                and x.dim() == 2 and x.shape[1] == self.inputs):
+            raise ValueError(f"the kernel reads contiguous fp32 CPU inputs of shape (batch, {self.inputs}), "
+                             f"not {x.dtype} {tuple(x.shape)} on {x.device}")
+        batch = len(x)
+        out = empty(batch, self.outputs)
+        if batch == 0:
+            return out
+        tile = 1 if batch == 1 else self.tile
+        tiles, size = -(-batch // tile), self.width * tile
+        threads = min(self.threads, tiles, torch.get_num_threads())  # a DataLoader worker's 1 kept
+        share = -(-tiles // threads) * tile
+
+        def part(k, buffers):
+            """Images of the k-th share through the kernel, in the two buffers from address `buffers`."""
+            self.runs[tile](self.plan_at, self.scales_at, x.data_ptr(), self.inputs, k * share,
+                            min((k + 1) * share, batch), out.data_ptr(), buffers, buffers + 4 * size)
+
+        if threads == 1 and self.scratch_free.acquire(blocking=False):
+            try:  # the buffers kept for one call at a time
+                if len(self.scratch) < 2 * size + 16:
+                    self.scratch = empty(2 * size + 16)
+                part(0, aligned(self.scratch))
+            finally:
+                self.scratch_free.release()
+            return out
+        buffers = empty(threads * 2 * size + 16)  # kept until the shares are done
+        at = aligned(buffers)
+        others = [pool(threads - 1).submit(part, k, at + 8 * size * k) for k in range(1, threads)]
+        part(0, at)  # this thread takes the first share
+        for other in others:
+            other.result()
+        return out
+
+    def __repr__(self):
+        ways = ["rows" if whole else "sparse" for whole in self.layers[:, 4].tolist()]
+        return f"KernelLayers({', '.join(ways)}; tiles of {self.tile}, {self.threads} threads)"
