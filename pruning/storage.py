@@ -8,7 +8,7 @@ import warnings
 
 import torch
 
-from pruning import chain, compressed, graph, torchfile
+from pruning import chain, compressed, exported, graph, torchfile
 from pruning.files import WRITER, UserError, atomic_write, check_readable, shown
 from pruning.model import MAX_PARAMS
 from pruning.torchfile import MAX_FILE_BYTES, csr_bytes_needed, read_torch_file, to_csr  # noqa: F401
@@ -37,7 +37,8 @@ DEFAULT_BITS = 5
 
 def load(path, with_about=False, max_params=None):
     """The model stored at path, in eval mode and the dtype it was saved in: a file of any of the
-    project's formats. A file that is not one of ours, is damaged or claims an impossible
+    project's formats, or a torch.export file (.pt2, an ExportedProgram), rebuilt as layers. A file
+    that is not one of ours, is damaged or claims an impossible
     architecture, or more parameters than its size justifies, is refused with a one-line UserError.
 
     Args:
@@ -59,6 +60,8 @@ def load(path, with_about=False, max_params=None):
         magic = f.read(4)
     if magic == b"MLPZ":
         model, about = compressed.load_compressed(path, max_params), {}
+    elif magic == b"PK\x03\x04" and exported.is_exported(path):
+        model, about = exported.load_exported(path), {}
     elif magic == b"PK\x03\x04":
         model, about = torchfile.read(path, max_params)
     else:
