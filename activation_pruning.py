@@ -11,10 +11,11 @@ import cli.startup  # noqa: F401, I001 -- first: settles what must be settled be
 import copy
 
 import torch
+import torch.nn as nn
 
 import common
 import pruning
-from cli import options, outputs, plots, results
+from cli import checkpoints, options, outputs, plots, results
 from pruning import UserError
 
 THRESHOLDS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0]
@@ -186,6 +187,10 @@ def main():
             raise UserError("--multiple-of takes --thresholds, not --reduction")
     elif args.prune_inputs or args.criterion:
         raise UserError(f"{'--prune-inputs' if args.prune_inputs else '--criterion'} takes --reduction")
+    if args.model not in ("mlp", "lenet5") and not args.reduction and not isinstance(
+            checkpoints.given_model(args.model), nn.Sequential):
+        raise UserError(f"--model {common.shown(args.model)}: its network joins tensors (a residual sum or a "
+                        "concatenation), and the --thresholds sweep removes units of a chain: give --reduction")
     if args.model != "mlp" and (args.prune_inputs or args.bias_compensation):
         raise UserError(f"{'--prune-inputs' if args.prune_inputs else '--bias-compensation'} takes --model mlp")
     if args.reduction and options.steps_on_defaults(args):

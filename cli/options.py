@@ -77,8 +77,10 @@ def parser(description, thresholds):
     prune.add_argument("--thresholds", type=number_in(float, 0, MAX_THRESHOLD), nargs="+", default=thresholds,
                        metavar="T",
                    help=f"thresholds to sweep, each a finite number >= 0 (default: {' '.join(map(str, thresholds))})")
-    prune.add_argument("--model", choices=list(MODELS), default="mlp",
-                   help="the network: " + "; ".join(f"{k}, {v}" for k, v in MODELS.items()) + " (default: mlp)")
+    prune.add_argument("--model", default="mlp", metavar="{" + ",".join(MODELS) + ",FILE}",
+                   help="the network: " + "; ".join(f"{k}, {v}" for k, v in MODELS.items())
+                   + "; or FILE, a trained network in a torch.export file (.pt2) or a model file of this project, "
+                     "pruned as it is, no training (default: mlp)")
     runs.add_argument("--data-dir", metavar="DIR",
                    help="folder holding MNIST/raw/ (default: $MNIST_DATA_DIR, else ./data)")
     train.add_argument("--checkpoint", metavar="PATH", help="trained model file, retrained when it does not fit the "
@@ -183,6 +185,17 @@ def check_steps(args, target_option, step_epochs, final_epochs=None):
 
 
 def check_model(args):
+    if args.model not in MODELS:
+        if args.hidden != list(models.MLP_SIZES[1:-1]):
+            raise UserError("--hidden sets the MLP's widths; a --model FILE's are its own")
+        for option in ("control", "retrain", "checkpoint"):
+            if getattr(args, option, None):
+                raise UserError(f"--{option} is about training the dense model; --model FILE is trained already")
+        params = models.count_params(checkpoints.given_model(args.model))
+        if params > models.MAX_PARAMS:
+            raise UserError(f"--model {shown(args.model)}: a model of {params:,} parameters; the scripts prune at "
+                            f"most {models.MAX_PARAMS:,}")
+        return
     if args.model == "lenet5":
         if args.hidden != list(models.MLP_SIZES[1:-1]):
             raise UserError("--hidden sets the MLP's widths; LeNet-5's are fixed (give --model mlp)")
@@ -206,6 +219,8 @@ def check_threads(args):
 def planned_size(args):
     """(parameters, units) of the model the options ask for: its weights, and the activations one
     image makes in it."""
+    if args.model not in MODELS:
+        return models.count_params(checkpoints.given_model(args.model)), checkpoints.given_units(args.model)
     if args.model == "lenet5":
         return models.count_params(models.lenet5()), LENET5_UNITS
     sizes = checkpoints.sizes(args)

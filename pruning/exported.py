@@ -73,7 +73,9 @@ def layer_of(node, tensor):
         return nn.AdaptiveAvgPool2d(tuple(node.args[1]))
     elif op in (aten.flatten.using_ints, aten.view.default, aten.reshape.default, aten._unsafe_view.default):
         shape, out = node.args[0].meta["val"].shape, node.meta["val"].shape
-        if len(out) == len(shape) or len(out) != 2 or out[0] != shape[0]:
+        if tuple(out) == tuple(shape):
+            return None
+        if len(out) != 2 or out[0] != shape[0]:
             raise ValueError(f"{op} reshapes to {tuple(out)}: only a flatten of each input to one row is rebuilt")
         return nn.Flatten() if len(shape) > 2 else None
     elif op in (aten.add.Tensor, aten.add_.Tensor):

@@ -145,7 +145,9 @@ def layout(graph, example):
         elif isinstance(layer, chain.PER_CHANNEL + chain.PASS_THROUGH) and not isinstance(
                 layer, (chain.KeepInputs, chain.Normalize)):
             seen[k] = before[0]
-        elif isinstance(layer, chain.OUTPUTS + (chain.KeepInputs, chain.Normalize)):
+        elif isinstance(layer, (chain.KeepInputs, chain.Normalize)):  # the input, reshaped: its channels stay
+            seen[k] = [(spaces.new(shapes[k][1], fixed=True), 1)]
+        elif isinstance(layer, chain.OUTPUTS):
             seen[k] = before[0]
             for s, _ in before[0]:
                 spaces.fixed[spaces.find(s)] = True

@@ -86,6 +86,7 @@ def assert_rejected(script, args, message, tmp_path, capsys, monkeypatch, data_d
     (["--json", "no/such/folder/out.json"], "folder no/such/folder does not exist"),
     (["--json", "/proc/out.json"], "cannot write /proc/out.json"),
     (["--save-dir", "no/such/folder"], "folder no/such/folder does not exist"),
+    (["--model", "no/such/net.pt2"], "no/such/net.pt2 does not exist"),
 ])
 def test_bad_options_are_rejected(script, args, message, tmp_path, capsys, monkeypatch):
     assert_rejected(script, args, message, tmp_path, capsys, monkeypatch)

@@ -82,3 +82,19 @@ def test_a_zip_that_is_no_export_is_still_not_a_model_file(tmp_path):
         archive.writestr("x/data.pkl", b"not a model")
     with pytest.raises(pruning.UserError, match="not a model file of this project|cannot be loaded"):
         pruning.load(tmp_path / "a.pt2")
+
+
+@pytest.mark.slow
+def test_the_scripts_print_their_tables_for_a_network_given_as_an_exported_file(mnist_dir, tmp_path):
+    import json
+
+    from conftest import run_script
+    path = exported(users_cnn(), tmp_path / "users.pt2")  # its class is not importable by the scripts
+    result = run_script("zero_pruning.py", "--model", path, "--sparsity", "0.5", "0.9", "--json", tmp_path / "z.json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "z.json").read_text())["rows"]
+    weights = pruning.count_weights(users_cnn())
+    assert [r["sparsity"] for r in rows] == [0.5, 0.9] and all(r["original_params"] == weights for r in rows)
+    assert "| Sparsity |" in result.stdout and f"model: {path}, as given" in result.stderr
+    refused = run_script("activation_pruning.py", "--model", path)
+    assert refused.returncode == 2 and "joins tensors" in refused.stderr and "Traceback" not in refused.stderr
