@@ -186,12 +186,13 @@ def check_steps(args, target_option, step_epochs, final_epochs=None):
 
 def check_model(args):
     if args.model not in MODELS:
+        given = checkpoints.given_model(args.model)  # the file, read and checked first
         if args.hidden != list(models.MLP_SIZES[1:-1]):
             raise UserError("--hidden sets the MLP's widths; a --model FILE's are its own")
         for option in ("control", "retrain", "checkpoint"):
             if getattr(args, option, None):
                 raise UserError(f"--{option} is about training the dense model; --model FILE is trained already")
-        params = models.count_params(checkpoints.given_model(args.model))
+        params = models.count_params(given)
         if params > models.MAX_PARAMS:
             raise UserError(f"--model {shown(args.model)}: a model of {params:,} parameters; the scripts prune at "
                             f"most {models.MAX_PARAMS:,}")
