@@ -20,7 +20,7 @@ def check_steps(steps):
         raise ValueError(f"steps must be a whole number from 1 to {MAX_STEPS}, not {steps!r}")
 
 
-def zero_prune(model, sparsity, steps=1, finetune=None, saliency=None, pattern=None):
+def zero_prune(model, sparsity, *, steps=1, finetune=None, saliency=None, pattern=None):
     """Zero the weights of every nn.Linear and nn.Conv1d, 2d and 3d of model (any nn.Module, whatever
     its graph), smallest in magnitude first over all layers together, until the fraction
     `sparsity` of them is zero: in `steps` steps on the
@@ -54,7 +54,7 @@ def zero_prune(model, sparsity, steps=1, finetune=None, saliency=None, pattern=N
     return model
 
 
-def activation_prune(model, inputs, reduction, steps=1, finetune=None, prune_inputs=False,
+def activation_prune(model, inputs, reduction, *, steps=1, finetune=None, prune_inputs=False,
                      criterion="contribution"):
     """Remove hidden neurons and conv channels of model (and its input pixels with prune_inputs),
     measured on the tensor `inputs`, until the fraction `reduction` of its parameters is gone:
@@ -84,7 +84,7 @@ def activation_prune(model, inputs, reduction, steps=1, finetune=None, prune_inp
         return copy.deepcopy(pruned)  # nothing to remove: not even the one unit a cut to a width rounds away
     for r in cubic_schedule(reduction, steps):
         widths = surgery.target_widths(layers, spatial, (1 - r) * original, prune_inputs)
-        pruned = shrink(pruned, widths, inputs, criterion, prune_inputs, spatial)
+        pruned = surgery.reestimate_batchnorm(shrink(pruned, widths, inputs, criterion, prune_inputs, spatial), inputs)
         if finetune:
             finetune(pruned)
     return pruned.train(mode)
@@ -111,7 +111,7 @@ def graph_prune(joined, inputs, reduction, steps, finetune, prune_inputs, criter
     if reduction == 0:
         return pruned
     for r in cubic_schedule(reduction, steps):
-        pruned = graph.shrink(pruned, inputs, (1 - r) * original, criterion)
+        pruned = surgery.reestimate_batchnorm(graph.shrink(pruned, inputs, (1 - r) * original, criterion), inputs)
         if finetune:
             finetune(pruned)
     return pruned.train(mode)
@@ -127,7 +127,7 @@ def mean_activations(model, x):
     return means
 
 
-def remove_below(model, means, threshold, multiple_of=1, compensate=False, example=None):
+def remove_below(model, means, threshold, *, multiple_of=1, compensate=False, example=None):
     """A new, smaller nn.Sequential of model without the hidden neurons and channels whose mean
     activation (means, as mean_activations gives them) is below threshold; a layer that would be
     emptied keeps its strongest unit. multiple_of: each width rounded up to a multiple of it
@@ -143,7 +143,7 @@ def remove_below(model, means, threshold, multiple_of=1, compensate=False, examp
     return surgery.remove_units(layers, keep, spatial, means=folds if compensate else None), rescued
 
 
-def obd_saliency(data, batch_size=128, seed=0, teacher=None, temperature=4.0, weight=0.5):
+def obd_saliency(data, *, batch_size=128, seed=0, teacher=None, temperature=4.0, weight=0.5):
     """saliency(model) for zero_prune: criteria.saliencies over one pass of data, (x, y), in seeded
     random batches, of the loss fine-tuning minimises (training.distillation_loss, distilling from
     teacher: None, a model, or its logits for every example of data), with model in eval mode.
@@ -160,7 +160,7 @@ def obd_saliency(data, batch_size=128, seed=0, teacher=None, temperature=4.0, we
     return saliency
 
 
-def unit_saliency(data, batch_size=128, seed=0, teacher=None, temperature=4.0, weight=0.5):
+def unit_saliency(data, *, batch_size=128, seed=0, teacher=None, temperature=4.0, weight=0.5):
     """A criterion for activation_prune: criterion(layers, pixel_mean) gives each unit's saliency
     (criteria.unit_saliencies) over one pass of data as obd_saliency measures it, the chain in the
     mode activation_prune measures in (eval)."""
@@ -181,11 +181,11 @@ def batch_losses(data, batch_size, seed, teacher, temperature, weight):
         for idx in torch.randperm(len(x), generator=gen).to(x.device).split(batch_size):
             soft_targets = None if teacher is None else teacher.index_select(0, idx)
             yield training.distillation_loss(forward(x.index_select(0, idx)), y.index_select(0, idx), soft_targets,
-                                             temperature, weight)
+                                             temperature=temperature, weight=weight)
     return losses
 
 
-def group_lasso(model, strength, example, prune_inputs=False):
+def group_lasso(model, strength, example, *, prune_inputs=False):
     """A penalty for training.train(): strength times the sum of every unit's weight norm, in and
     out together (every input pixel's too with prune_inputs), which drives the weights of the
     units the network can best spare toward zero as groups (group lasso: Yuan and Lin 2006; for

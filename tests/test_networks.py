@@ -303,3 +303,17 @@ def test_a_sum_of_three_tensors_shrinks_its_channels_together():
     small = pruning.activation_prune(net, torch.rand(64, 4), reduction=0.3)
     widths = [m.out_features for m in small.modules() if isinstance(m, nn.Linear)]
     assert widths[0] == widths[1] == widths[2] < 6 and widths[3] == 2
+
+
+def test_activation_prune_measures_batchnorm_afresh_after_each_cut():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 24 * 24, 10)).eval()
+    x = torch.rand(64, 1, 28, 28)
+    small = pruning.activation_prune(model, x, reduction=0.4)
+    conv, norm = small[2], small[3]
+    with torch.no_grad():
+        before_norm = conv(small[1](small[0](x)))
+    assert torch.allclose(norm.running_mean, before_norm.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(norm.running_var, before_norm.var((0, 2, 3)), rtol=1e-3)
+    assert norm.momentum == 0.1 and not small.training
