@@ -44,8 +44,9 @@ def sweep(model, train_data, validation, test_data, args, folder):
     dense_bytes = outputs.save_model(model, folder / "dense.pt")
     original = pruning.count_params(model)
     source = lasso_trained(model, train_data, teacher, args) if args.group_lasso else model  # what is cut
-    criterion = pruning.unit_saliency(train_data, args.batch_size, args.seed, teacher, args.temperature,
-                                      args.distill_weight) if args.criterion == "saliency" else args.criterion
+    criterion = pruning.unit_saliency(train_data, batch_size=args.batch_size, seed=args.seed, teacher=teacher,
+                                      temperature=args.temperature, weight=args.distill_weight) \
+        if args.criterion == "saliency" else args.criterion
     x = train_data[0]
     means = None if args.reduction else pruning.mean_activations(model, x)
     rows = []
@@ -54,16 +55,17 @@ def sweep(model, train_data, validation, test_data, args, folder):
             pruned = pruning.activation_prune(source, x, target, prune_inputs=args.prune_inputs, criterion=criterion)
             row = {"reduction": target, **common.scores(pruned, validation, test_data)}
         else:
-            pruned, rescued = pruning.remove_below(model, means, target, args.multiple_of, example=x[:1])
+            pruned, rescued = pruning.remove_below(model, means, target, multiple_of=args.multiple_of, example=x[:1])
             row = {"threshold": target, **common.scores(pruned, validation, test_data), "kept_strongest_only": rescued}
             if args.bias_compensation:
-                pruned, _ = pruning.remove_below(model, means, target, args.multiple_of, compensate=True, example=x[:1])
+                pruned, _ = pruning.remove_below(model, means, target, multiple_of=args.multiple_of, compensate=True,
+                                                 example=x[:1])
                 row.update(common.scores(pruned, validation, test_data, "compensated_accuracy"))
         if args.finetune_epochs:
             finetune = common.step_finetuner(train_data, args, teacher, f"{kind} {results.label(target)}")
             if args.steps > 1:
-                pruned = pruning.activation_prune(source, x, target, args.steps, finetune,
-                                                  args.prune_inputs, criterion)
+                pruned = pruning.activation_prune(source, x, target, steps=args.steps, finetune=finetune,
+                                                  prune_inputs=args.prune_inputs, criterion=criterion)
             else:
                 finetune(pruned)
             row.update(common.scores(pruned, validation, test_data, "finetuned_accuracy"))
@@ -94,7 +96,7 @@ def lasso_trained(model, train_data, teacher, args):
     """A copy of model trained --group-lasso-epochs more with the group-lasso penalty of strength
     --group-lasso (and the --finetune-* settings, distilling with --distill): what the cut starts from."""
     trained = copy.deepcopy(model)
-    penalty = pruning.group_lasso(trained, args.group_lasso, train_data[0][:1], args.prune_inputs)
+    penalty = pruning.group_lasso(trained, args.group_lasso, train_data[0][:1], prune_inputs=args.prune_inputs)
     return common.finetune(trained, train_data, args, args.group_lasso_epochs, teacher, "group lasso", penalty)
 
 

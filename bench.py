@@ -75,7 +75,7 @@ def time_training_part(data_dir, examples, threads):
     torch.set_num_threads(threads)
     (x, y), _ = mnist.load(mnist.data_root(data_dir))
     start = time.perf_counter()
-    training.train(models.mnist_mlp(), (x[:examples], y[:examples]), 1, 1e-3, 128, 0)
+    training.train(models.mnist_mlp(), (x[:examples], y[:examples]), epochs=1)
     print(time.perf_counter() - start)
 
 
@@ -201,7 +201,8 @@ def training_throughput(args, model, train_data, bf16=False):
     6 floating-point operations per weight per example (forward, two backward products)."""
     fresh = models.mnist_mlp(models.widths(model))
     start = time.perf_counter()
-    training.train(fresh, train_data, args.epochs, args.lr, args.batch_size, args.seed, bf16=bf16)
+    training.train(fresh, train_data, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                   bf16=bf16)
     seconds = time.perf_counter() - start
     return seconds, 6 * models.count_weights(model) * len(train_data[1]) * args.epochs / seconds / 1e9
 
@@ -220,7 +221,7 @@ def step_seconds(args, model, train_data, rounds=STEP_ROUNDS, steps=STEPS_A_ROUN
     for _ in range(rounds):
         for kind, (net, soft) in kinds.items():
             start = time.perf_counter()
-            training.train(net, (x, y), 1, args.lr, args.batch_size, args.seed, soft)
+            training.train(net, (x, y), epochs=1, lr=args.lr, batch_size=args.batch_size, seed=args.seed, teacher=soft)
             times[kind].append((time.perf_counter() - start) / steps)
     return {kind: statistics.median(t) for kind, t in times.items()}
 

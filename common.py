@@ -22,13 +22,18 @@ from pruning.files import UserError, shown
 log = logging.getLogger("pruning")
 
 
-def train(model, data, epochs, lr, batch_size, seed, teacher=None, temperature=4.0, weight=0.5, desc="training",
-          penalty=None, bf16=False, shift=0, input_dropout=0.0):
+def train(model, data, recipe, *, teacher=None, desc="training", penalty=None):
     """training.train with a progress bar, and divergence said in one line."""
     with divergence_said(desc):
-        return training.train(model, data, epochs, lr, batch_size, seed, teacher, temperature, weight,
-                              progress=epoch_progress(desc), penalty=penalty, bf16=bf16, shift=shift,
-                              input_dropout=input_dropout)
+        return training.train(model, data, recipe, teacher=teacher, progress=epoch_progress(desc), penalty=penalty)
+
+
+def finetune_recipe(args, epochs):
+    """Fine-tuning's recipe: --finetune-lr, --batch-size, --seed, --temperature, --distill-weight,
+    --bf16, --shift, --input-dropout, for `epochs`."""
+    return training.Recipe(epochs=epochs, lr=args.finetune_lr, batch_size=args.batch_size, seed=args.seed,
+                           temperature=args.temperature, distill_weight=args.distill_weight, bf16=args.bf16,
+                           shift=args.shift, input_dropout=args.input_dropout)
 
 
 def teacher(model, train_data, args):
@@ -56,8 +61,7 @@ def divergence_said(desc):
 def finetune(model, train_data, args, epochs, teacher=None, desc="fine-tuning", penalty=None):
     """Fine-tune with the --finetune-* settings and --input-dropout, distilling from teacher (None
     without --distill)."""
-    return train(model, train_data, epochs, args.finetune_lr, args.batch_size, args.seed, teacher, args.temperature,
-                 args.distill_weight, desc, penalty, args.bf16, args.shift, args.input_dropout)
+    return train(model, train_data, finetune_recipe(args, epochs), teacher=teacher, desc=desc, penalty=penalty)
 
 
 def step_finetuner(train_data, args, teacher, name):

@@ -74,8 +74,9 @@ def sweep(model, train_data, validation, test_data, args, folder):
     dense_bytes = outputs.save_model(model, folder / "dense.pt")
     teacher = common.teacher(model, train_data, args)
     source = dropout_trained(model, train_data, teacher, args) if args.variational_dropout else model  # what is cut
-    saliency = pruning.obd_saliency(train_data, args.batch_size, args.seed, teacher, args.temperature,
-                                    args.distill_weight) if args.criterion == "saliency" else None
+    saliency = pruning.obd_saliency(train_data, batch_size=args.batch_size, seed=args.seed, teacher=teacher,
+                                    temperature=args.temperature, weight=args.distill_weight) \
+        if args.criterion == "saliency" else None
     dense_saliencies = saliency(model) if saliency else None  # one pass, shared by every row
     calibration = common.calibration_images(train_data, args) if args.one_shot else None
     rows = []
@@ -94,7 +95,8 @@ def sweep(model, train_data, validation, test_data, args, folder):
         if args.finetune_epochs:
             finetune = common.step_finetuner(train_data, args, teacher, f"{kind} {results.label(value)}")
             if args.steps > 1:
-                pruned = pruning.zero_prune(copy.deepcopy(source), value, args.steps, finetune, saliency)
+                pruned = pruning.zero_prune(copy.deepcopy(source), value, steps=args.steps, finetune=finetune,
+                                            saliency=saliency)
             else:
                 finetune(pruned)
             row.update(common.scores(pruned, validation, test_data, "finetuned_accuracy"))
@@ -124,9 +126,8 @@ def dropout_trained(model, train_data, teacher, args):
     weights it finds it can spare zeroed: what pruning in steps starts from."""
     with common.divergence_said("variational dropout"):
         return pruning.sparse_variational_dropout(
-            copy.deepcopy(model), train_data, args.variational_dropout_epochs, args.variational_dropout,
-            args.finetune_lr, args.batch_size, args.seed, teacher, args.temperature, args.distill_weight, args.bf16,
-            common.epoch_progress("variational dropout"), args.shift, args.input_dropout)
+            copy.deepcopy(model), train_data, common.finetune_recipe(args, args.variational_dropout_epochs),
+            strength=args.variational_dropout, teacher=teacher, progress=common.epoch_progress("variational dropout"))
 
 
 def columns(rows, finetuned, bits, speed=()):

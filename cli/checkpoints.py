@@ -150,8 +150,9 @@ def trained_model(args, train_data, test_data, train, control=False):
     torch.manual_seed(config["seed"])
     model = new_model(args).to(train_data[0].device)
     start = time.perf_counter()
-    train(model, train_data, config["epochs"], args.lr, args.batch_size, config["seed"],
-          desc="training the control" if control else "training", bf16=args.bf16, shift=args.shift)
+    recipe = training.Recipe(epochs=config["epochs"], lr=args.lr, batch_size=args.batch_size, seed=config["seed"],
+                             bf16=args.bf16, shift=args.shift)
+    train(model, train_data, recipe, desc="training the control" if control else "training")
     storage.save(model, path, about={"config": config}, option="--checkpoint")
     say_with_accuracy(f"model: trained {config['epochs']} epochs in {time.perf_counter() - start:.1f} s, "
                       f"saved to {path}", model, test_data)

@@ -14,7 +14,7 @@ from pruning.model import MAX_PARAMS
 from pruning.torchfile import MAX_FILE_BYTES, csr_bytes_needed, read_torch_file, to_csr  # noqa: F401
 
 
-def save(model, path, storage="dense", about=None, option=None, bits=None):
+def save(model, path, storage="dense", *, about=None, option=None, bits=None):
     """Write model (any chain of layers this project handles) to path; returns the file's size.
     storage: 'dense' (every weight, in the model's dtype), 'csr' (the non-zeros), or 'compressed'
     (each layer's weights shared among 2^bits values, bits 5 unless given: lossy, and what loads
@@ -35,7 +35,7 @@ def save(model, path, storage="dense", about=None, option=None, bits=None):
 DEFAULT_BITS = 5
 
 
-def load(path, with_about=False, max_params=None):
+def load(path, *, with_about=False, max_params=None):
     """The model stored at path, in eval mode and the dtype it was saved in: a file of any of the
     project's formats, or a torch.export file (.pt2, an ExportedProgram), rebuilt as layers. A file
     that is not one of ours, is damaged or claims an impossible
@@ -85,7 +85,7 @@ def params_justified(path):
 
 # Other runtimes -----------------------------------------------------------------------------
 
-def export_onnx(model, path, example=None, option=None):
+def export_onnx(model, path, example=None, *, option=None):
     """Write model as ONNX (opset of torch.onnx's exporter), input 'images' of any batch size,
     output 'logits'. example: a batch of inputs; without it, the input shape the model records
     (its input normalisation's, its kept pixels' image, or its first nn.Linear's inputs)."""

@@ -1,6 +1,7 @@
 """Training, distillation and evaluation, on tensors held in memory: a model and (x, y) are all they take."""
 
 import math
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -18,7 +19,43 @@ class Diverged(ArithmeticError):
     """Training left the weights non-finite."""
 
 
-def distillation_loss(logits, labels, teacher_logits=None, temperature=4.0, weight=0.5):
+@dataclass(frozen=True)
+class Recipe:
+    """How a network is trained: fused Adam with a cosine-decayed learning rate on cross-entropy,
+    mixed with distillation where a teacher is given. train, finetuner and
+    sparse_variational_dropout take one, and any of its fields as keywords beside it.
+
+    Example:
+        >>> recipe = pruning.Recipe(epochs=2, batch_size=64)
+        >>> pruning.train(model, (x, y), recipe)
+        >>> finetune = pruning.finetuner((x, y), recipe, epochs=1, teacher=model)
+    """
+    epochs: int = 1
+    lr: float = 1e-3  # Adam's, decayed to 0 along a cosine over all the steps
+    batch_size: int = 128
+    seed: int = 0  # of the shuffling, the shifts and the dropped pixels
+    temperature: float = 4.0  # softens both networks' logits in the distillation
+    distill_weight: float = 0.5  # the distillation's share of the loss, where a teacher is given
+    bf16: bool = False  # every product but the logits' in bf16 (bf16_forward)
+    shift: int = 0  # every batch's images moved at random by up to this many pixels (data.shifted)
+    input_dropout: float = 0.0  # every batch's pixels dropped with this probability (data.dropped)
+
+
+def recipe_of(recipe, options, call):
+    """recipe (a Recipe, or None for the defaults) with `options` (keywords naming its fields) in
+    place of its own values."""
+    if recipe is None:
+        recipe = Recipe()
+    if not isinstance(recipe, Recipe):
+        raise ValueError(f"{call}: recipe must be a pruning.Recipe, not {recipe!r} (give epochs=... by name)")
+    unknown = sorted(options.keys() - {f.name for f in fields(Recipe)})
+    if unknown:
+        raise TypeError(f"{call}() got unexpected keyword arguments {', '.join(unknown)}; a Recipe's fields are "
+                        f"{', '.join(f.name for f in fields(Recipe))}")
+    return replace(recipe, **options)
+
+
+def distillation_loss(logits, labels, teacher_logits=None, *, temperature=4.0, weight=0.5):
     """Cross-entropy with the labels, mixed with weight of the KL divergence from the teacher's
     outputs softened by the temperature (Hinton et al. 2015); scaled by T^2 so that its gradients
     keep their size whatever the temperature. With no teacher or weight 0: plain cross-entropy."""
@@ -84,18 +121,29 @@ def teacher_targets(teacher, x, shift):
     return logits(teacher, x) if isinstance(teacher, nn.Module) and not shift else teacher
 
 
-def train(model, data, epochs, lr=1e-3, batch_size=128, seed=0, teacher=None, temperature=4.0, weight=0.5,
-          progress=None, penalty=None, bf16=False, shift=0, input_dropout=0.0):
-    """Adam (fused on CPU) with a cosine-decayed learning rate, reshuffling every epoch from a seeded
-    generator; returns model, left in training mode. teacher: None, a model to distil from, or its
-    logits for every example of data. shift: every batch's images moved at random by up to that
-    many pixels (data.shifted), the teacher, which must then be a model, judging the same moved
-    images. input_dropout: every batch's pixels dropped with that probability (data.dropped), the
-    teacher judging them whole. progress: wraps the range of epochs (a progress bar).
-    penalty: None, or a function of no arguments whose value is added to every batch's loss (a
-    regulariser such as methods.group_lasso). bf16: the products of all but the last weighted
-    layer in bf16 (bf16_forward; faster where the CPU multiplies bf16 natively). The zeros of
-    pruning masks (surgery.hold_below) stay zero, re-applied once a step."""
+def train(model, data, recipe=None, *, teacher=None, penalty=None, progress=None, **options):
+    """Train model on data as the recipe says: Adam (fused on CPU) with a cosine-decayed learning
+    rate, reshuffling every epoch from a seeded generator; returns model, left in training mode.
+    The zeros of pruning masks (surgery.hold_below) stay zero, re-applied once a step. Training
+    that diverges gives the model back as it was (Diverged).
+
+    Args:
+        model: the network, trained in place.
+        data: (x, y), the images and their labels.
+        recipe: a Recipe (the defaults where None); options: any of its fields by name, in its place.
+        teacher: None, a model to distil from, or its logits for every example of data. With the
+            recipe's shift, the teacher (then a model) judges the same moved images; with its
+            input_dropout, the whole images.
+        penalty: None, or a function of no arguments whose value is added to every batch's loss
+            (a regulariser such as methods.group_lasso).
+        progress: wraps the range of epochs (a progress bar).
+
+    Example:
+        >>> pruning.train(model, (x, y), epochs=2)
+    """
+    recipe = recipe_of(recipe, options, "train")
+    epochs, lr, batch_size, seed = recipe.epochs, recipe.lr, recipe.batch_size, recipe.seed
+    shift, input_dropout, bf16 = recipe.shift, recipe.input_dropout, recipe.bf16
     x, y = data
     if len(x) != len(y):
         raise ValueError(f"{len(x):,} images and {len(y):,} labels: give one label an image")
@@ -119,7 +167,8 @@ def train(model, data, epochs, lr=1e-3, batch_size=128, seed=0, teacher=None, te
                     logits(teacher, images) if shift else teacher.index_select(0, idx)
                 if input_dropout:
                     images = dropped(images, input_dropout, gen)
-                loss = distillation_loss(forward(images), y.index_select(0, idx), soft_targets, temperature, weight)
+                loss = distillation_loss(forward(images), y.index_select(0, idx), soft_targets,
+                                         temperature=recipe.temperature, weight=recipe.distill_weight)
                 if penalty is not None:
                     loss = loss + penalty()
                 for p in params:
@@ -137,16 +186,19 @@ def train(model, data, epochs, lr=1e-3, batch_size=128, seed=0, teacher=None, te
     raise Diverged("the weights are no longer finite numbers; lower the learning rate (the model is as it was)")
 
 
-def finetuner(data, epochs, lr=1e-3, batch_size=128, seed=0, teacher=None, temperature=4.0, weight=0.5, bf16=False,
-              shift=0, input_dropout=0.0):
-    """finetune(model) for the pruning functions: `epochs` of train() on data, distilling from
-    teacher (a model, or its logits on data) when given, the images shifted with shift and their
-    pixels dropped with input_dropout."""
-    teacher = teacher_targets(teacher, data[0], shift)
+def finetuner(data, recipe=None, *, teacher=None, **options):
+    """finetune(model) for the pruning functions: train() on data as the recipe (and options, any of
+    its fields by name) says, distilling from teacher (a model, or its logits on data) when given.
+
+    Example:
+        >>> finetune = pruning.finetuner((x, y), epochs=1, teacher=dense)
+        >>> pruning.zero_prune(model, 0.9, steps=3, finetune=finetune)
+    """
+    recipe = recipe_of(recipe, options, "finetuner")
+    teacher = teacher_targets(teacher, data[0], recipe.shift)
 
     def finetune(model):
-        train(model, data, epochs, lr, batch_size, seed, teacher, temperature, weight, bf16=bf16, shift=shift,
-              input_dropout=input_dropout)
+        train(model, data, recipe, teacher=teacher)
     return finetune
 
 

@@ -49,33 +49,37 @@ def noisy_forward(generator):
     return hook
 
 
-def sparse_variational_dropout(model, data, epochs, strength=10.0, lr=1e-3, batch_size=128, seed=0, teacher=None,
-                               temperature=4.0, weight=0.5, bf16=False, progress=None, shift=0, input_dropout=0.0):
-    """Train model `epochs` epochs on data, (x, y), with sparse variational dropout on the weights of
+def sparse_variational_dropout(model, data, recipe=None, *, strength=10.0, teacher=None, progress=None, **options):
+    """Train model on data, (x, y), as the recipe (and options, any of its fields by name) says, with
+    sparse variational dropout on the weights of
     every nn.Linear and nn.Conv2d, then zero each weight with log alpha >= 3. The loss is
     training.train()'s (distilling from teacher when given) plus strength times the prior's term,
     the KL divergence divided by the number of training examples (1 is the variational bound; more
     drives more weights to zero), its weight growing linearly from 0 over the first half of the
-    steps; shift and input_dropout as train() takes them. Changes model in place and returns it,
-    ordinary layers again."""
+    steps; teacher and progress as train() takes them. Changes model in place and returns it,
+    ordinary layers again.
+
+    Example:
+        >>> pruning.sparse_variational_dropout(model, (x, y), epochs=10, strength=10.0)
+    """
+    recipe = training.recipe_of(recipe, options, "sparse_variational_dropout")
     layers = weighted(model)
     if any(prune.is_pruned(layer) for layer in layers):
         raise ValueError("sparse variational dropout takes a model without pruning masks")
     device = layers[0].weight.device
-    generator = torch.Generator(device).manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(recipe.seed)
     handles = []
     for layer in layers:
         layer.log_variance = nn.Parameter(torch.full_like(layer.weight, INITIAL_LOG_VARIANCE))
         handles.append(layer.register_forward_hook(noisy_forward(generator)))
-    ramp_steps = max(1, epochs * math.ceil(len(data[0]) / batch_size) / 2)
+    ramp_steps = max(1, recipe.epochs * math.ceil(len(data[0]) / recipe.batch_size) / 2)
     step = itertools.count(1)
 
     def prior():
         ramp = min(1.0, next(step) / ramp_steps)
         return strength * ramp * sum(kl_divergence(layer.weight, layer.log_variance) for layer in layers) / len(data[0])
     try:
-        training.train(model, data, epochs, lr, batch_size, seed, teacher, temperature, weight, progress, prior, bf16,
-                       shift, input_dropout)
+        training.train(model, data, recipe, teacher=teacher, penalty=prior, progress=progress)
         with torch.no_grad():
             for layer in layers:
                 layer.weight.masked_fill_(log_alpha(layer.weight, layer.log_variance) >= LOG_ALPHA_CUT, 0.0)

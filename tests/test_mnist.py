@@ -446,7 +446,7 @@ def test_training_that_diverges_stops_in_one_line():
     x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
     with pytest.raises(common.UserError, match="^training diverged: the weights are no longer finite numbers; "
                                                "lower the learning rate \\(the model is as it was\\)$"):
-        common.train(model, (x, y), epochs=2, lr=1e30, batch_size=8, seed=0)
+        common.train(model, (x, y), pruning.Recipe(epochs=2, lr=1e30, batch_size=8))
 
 
 def test_a_first_run_in_a_fresh_copy_makes_its_checkpoints_and_runs_folders(tmp_path, mnist_dir):

@@ -121,10 +121,10 @@ def test_pruning_by_saliency_in_steps_keeps_every_earlier_zero_and_reaches_the_s
     seen = []
 
     def finetune(m):
-        training.train(m, (x, y), 1, batch_size=8)
+        training.train(m, (x, y), epochs=1, batch_size=8)
         seen.append([layer.weight.detach().eq(0) for layer in linears(m)])
     saliency = methods.obd_saliency((x, y), batch_size=8, teacher=copy.deepcopy(model))
-    methods.zero_prune(model, 0.75, 3, finetune, saliency)
+    methods.zero_prune(model, 0.75, steps=3, finetune=finetune, saliency=saliency)
     for before, after in zip(seen, seen[1:]):
         assert all((a | ~b).all() for b, a in zip(before, after))  # a zero stays zero
     assert count_zeros(model) == math.ceil(0.75 * count_weights(model))
@@ -217,7 +217,7 @@ def test_pruning_in_steps_holds_every_pruned_weight_at_zero_after_every_optimise
 
         training.train(pruned, (x, y), epochs=1, lr=0.1, batch_size=8, seed=step, penalty=check)
 
-    pruned = methods.zero_prune(copy.deepcopy(model), 0.5, 3, finetune)
+    pruned = methods.zero_prune(copy.deepcopy(model), 0.5, steps=3, finetune=finetune)
     weights = count_weights(model)  # 6*5 + 5*4 + 4*3 = 62
     assert zeros_per_step == [round(s * weights) for s in schedules.cubic_schedule(0.5, 3)] == [22, 30, 31]
     assert len(held) == 3 * 5 and all(held)
@@ -229,13 +229,14 @@ def test_distillation_loss_is_cross_entropy_at_weight_zero_and_kl_at_weight_one(
     torch.manual_seed(0)
     logits, teacher, labels = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
     ce = F.cross_entropy(logits, labels)
-    assert torch.equal(training.distillation_loss(logits, labels, teacher, 4.0, 0.0), ce)
-    assert torch.equal(training.distillation_loss(logits, labels, None, 4.0, 0.5), ce)
+    assert torch.equal(training.distillation_loss(logits, labels, teacher, temperature=4.0, weight=0.0), ce)
+    assert torch.equal(training.distillation_loss(logits, labels, None, temperature=4.0, weight=0.5), ce)
     # at weight 1 only the teacher counts: T^2 KL(softmax(t/T) || softmax(s/T)), zero for the teacher itself
     p, log_q = F.softmax(teacher / 2, 1), F.log_softmax(logits / 2, 1)
     kl = (p * (p.log() - log_q)).sum(1).mean()
-    assert training.distillation_loss(logits, labels, teacher, 2.0, 1.0).item() == pytest.approx(4 * kl.item())
-    assert training.distillation_loss(teacher, labels, teacher, 2.0, 1.0).item() == pytest.approx(0, abs=1e-6)
+    soft = {"temperature": 2.0, "weight": 1.0}
+    assert training.distillation_loss(logits, labels, teacher, **soft).item() == pytest.approx(4 * kl.item())
+    assert training.distillation_loss(teacher, labels, teacher, **soft).item() == pytest.approx(0, abs=1e-6)
 
 
 def test_the_mlp_takes_the_hidden_widths_asked_for():

@@ -530,9 +530,9 @@ def test_the_library_checks_its_arguments_and_leaves_the_model_as_it_was():
     same = pruning.activation_prune(model, torch.rand(8, 784), 0.0)
     assert pruning.model.widths(same) == (784, 512, 256, 128, 10)  # reduction 0 removes nothing
     with pytest.raises(ValueError, match="100 images and 99 labels"):
-        pruning.train(model, (torch.rand(100, 784), torch.zeros(99, dtype=torch.long)), 1)
+        pruning.train(model, (torch.rand(100, 784), torch.zeros(99, dtype=torch.long)), epochs=1)
     with pytest.raises(ValueError, match="input_dropout must be from 0 to below 1"):
-        pruning.train(model, (torch.rand(8, 784), torch.zeros(8, dtype=torch.long)), 1, input_dropout=1.0)
+        pruning.train(model, (torch.rand(8, 784), torch.zeros(8, dtype=torch.long)), epochs=1, input_dropout=1.0)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
@@ -654,7 +654,7 @@ def test_training_that_diverges_gives_the_model_back_as_it_was():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = torch.rand(64, 784) * 1e30, torch.zeros(64, dtype=torch.long)
     with pytest.raises(pruning.training.Diverged, match="as it was"):
-        pruning.train(model, (x, y), 1, lr=1e30)
+        pruning.train(model, (x, y), epochs=1, lr=1e30)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 

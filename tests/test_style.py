@@ -23,3 +23,28 @@ def test_importing_the_library_imports_no_compiler_plotting_or_onnx():
             "print(sorted(m for m in ('llvmlite', 'matplotlib', 'onnx', 'onnxruntime') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_no_public_function_takes_more_than_five_positional_parameters():
+    import inspect
+
+    import pruning
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    counts = {name: sum(p.kind in positional for p in inspect.signature(getattr(pruning, name)).parameters.values())
+              for name in pruning.__all__ if inspect.isfunction(getattr(pruning, name))}
+    assert {name: n for name, n in counts.items() if n > 5} == {}
+    assert len(counts) > 30  # every function of the API was looked at
+
+
+def test_a_recipe_takes_its_fields_by_name_and_nothing_else():
+    import pytest
+    import torch
+
+    import pruning
+    model, data = torch.nn.Sequential(torch.nn.Linear(4, 2)), (torch.rand(8, 4), torch.zeros(8, dtype=torch.long))
+    with pytest.raises(TypeError, match="unexpected keyword arguments epoch; a Recipe's fields are epochs, lr"):
+        pruning.train(model, data, epoch=1)
+    with pytest.raises(ValueError, match="recipe must be a pruning.Recipe, not 1"):
+        pruning.train(model, data, 1)
+    recipe = pruning.Recipe(epochs=3, lr=0.5)
+    assert pruning.training.recipe_of(recipe, {"lr": 0.1}, "train") == pruning.Recipe(epochs=3, lr=0.1)
