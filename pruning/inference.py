@@ -61,6 +61,11 @@ class Prepared(nn.Module):
         self.shape, self.loose, self.inputs, self.ways = tuple(shape), loose, math.prod(shape), ways
         self.given = [given]  # in a list: not a submodule
         self.summary = summary(ways, before, runs_before=len(before) > 0)
+        self.hooks_planned = self.hooks()
+
+    def hooks(self):
+        """How many forward hooks the run's layers hold (a pruning mask's among them)."""
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in self.layers)
 
     def planned_for(self, x):
         """Whether x is a batch this plan computes: fp32 on the CPU with no gradient, not traced or
@@ -68,6 +73,8 @@ class Prepared(nn.Module):
         if x.dtype != torch.float32 or not x.is_cpu or x.requires_grad or x.dim() < 2:
             return False
         if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+            return False
+        if self.hooks() != self.hooks_planned:  # a hook registered since (measure.flops'): the model runs it
             return False
         return math.prod(x.shape[1:]) == self.inputs if self.loose else tuple(x.shape[1:]) == self.shape
 

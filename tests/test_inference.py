@@ -249,6 +249,7 @@ def test_a_prepared_model_copies_and_pickles_as_a_model_does():
     for other in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast)), torch.load(buffer, weights_only=False)):
         assert torch.equal(other(x), fast(x))
     assert pruning.count_params(fast) == pruning.count_params(model)
+    assert pruning.flops(fast, x[:1]) == pruning.flops(model, x[:1]) > 0  # its hooks run on the model as given
     assert set(fast.state_dict()) == {f"layers.{k}.{p}" for k in range(3) for p in ("weight", "bias")}
 
 
