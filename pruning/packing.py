@@ -30,10 +30,13 @@ def threads_of(threads, process):
     return ThreadPoolExecutor(threads, thread_name_prefix="pruning-kernel")
 
 
+CPU = torch.device("cpu")
+
+
 def empty(*shape):
     """An uninitialised fp32 tensor on the CPU, whatever the process's default dtype and device: the
     kernel writes fp32 to CPU memory."""
-    return torch.empty(*shape, dtype=torch.float32, device="cpu")
+    return torch.empty(*shape, dtype=torch.float32, device=CPU)
 
 
 def rebuilt(arguments, tile, threads):
@@ -100,11 +103,15 @@ class KernelLayers:
         return rebuilt, (self.arguments, self.tile, self.threads)
 
     def __call__(self, x):
-        """x: fp32 on the CPU, contiguous, (batch, inputs). Returns (batch, outputs)."""
-        if not (x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
-                and x.dim() == 2 and x.shape[1] == self.inputs):
-            raise ValueError(f"the kernel reads contiguous fp32 CPU inputs of shape (batch, {self.inputs}), "
+        """x: fp32 on the CPU, contiguous, each of its len(x) inputs `inputs` values. Returns (batch, outputs)."""
+        if (x.dtype is not torch.float32 or not x.is_cpu or not x.is_contiguous() or x.dim() == 0
+                or x.numel() != len(x) * self.inputs):
+            raise ValueError(f"the kernel reads contiguous fp32 CPU inputs of {self.inputs} values each, "
                              f"not {x.dtype} {tuple(x.shape)} on {x.device}")
+        return self.run(x)
+
+    def run(self, x):
+        """__call__ without its checks, for a caller that has made them (inference.Prepared)."""
         batch = len(x)
         out = empty(batch, self.outputs)
         if batch == 0:

@@ -232,7 +232,7 @@ def test_the_process_defaults_do_not_reach_the_kernels_buffers(default):
 def test_the_kernel_refuses_inputs_of_another_shape():
     kernel = kernel_of(sparse_mlp(), False, 16, 1)
     for x in (torch.rand(3, 41), torch.rand(3, 40).double(), torch.rand(40, 3).T):
-        with pytest.raises(ValueError, match=r"reads contiguous fp32 CPU inputs of shape \(batch, 40\)"):
+        with pytest.raises(ValueError, match="reads contiguous fp32 CPU inputs of 40 values each"):
             kernel(x)
 
 
