@@ -10,9 +10,11 @@ import cli.startup  # noqa: F401, I001 -- first: settles what must be settled be
 
 import copy
 
+import torch
+
 import common
 import pruning
-from cli import options, outputs, plots, results
+from cli import checkpoints, options, outputs, plots, results
 from pruning import UserError
 
 THRESHOLDS = [0.0, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.10]
@@ -234,6 +236,15 @@ def main():
         raise UserError("--pattern takes --one-shot")
     if args.calibration != pruning.CALIBRATION and not args.one_shot:
         raise UserError("--calibration takes --one-shot")
+    if args.one_shot == "reconstruct":
+        if args.model in ("mlp", "lenet5"):
+            with torch.device("meta"):  # its shapes alone, whatever its size
+                need = pruning.calibration_needed(checkpoints.new_model(args), torch.zeros(1, 784))
+        else:
+            need = pruning.calibration_needed(checkpoints.given_model(args.model), torch.zeros(1, 784))
+        if args.calibration < need:
+            raise UserError(f"--calibration {args.calibration:,}: reconstructing this network needs at least {need:,} "
+                            "images (a row of calibration inputs for every 4 inputs of a layer)")
     if args.calibration > 60_000 - args.validation:
         raise UserError(f"--calibration {args.calibration:,}: the training set holds {60_000 - args.validation:,} "
                         f"images once --validation {args.validation:,} are held out")

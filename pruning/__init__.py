@@ -50,7 +50,7 @@ from pruning.model import (
     weighted,
     widths,
 )
-from pruning.oneshot import CALIBRATION, check_pattern, one_shot
+from pruning.oneshot import CALIBRATION, calibration_needed, check_pattern, one_shot
 from pruning.oneshot import METHODS as ONE_SHOT_METHODS
 from pruning.storage import csr_bytes_needed, export_onnx, load, save
 from pruning.surgery import hold_below, hold_masked, make_permanent
@@ -60,7 +60,8 @@ from pruning.variational import sparse_variational_dropout
 __all__ = ["zero_prune", "activation_prune", "one_shot", "obd_saliency", "unit_saliency", "group_lasso",
            "sparse_variational_dropout", "mean_activations", "remove_below", "hold_below", "hold_masked",
            "make_permanent", "threshold_for_sparsity", "keep_largest", "magnitudes", "check_pattern",
-           "ONE_SHOT_METHODS", "CALIBRATION", "save", "load", "export_onnx", "csr_bytes_needed", "for_inference",
+           "calibration_needed", "ONE_SHOT_METHODS", "CALIBRATION", "save", "load", "export_onnx", "csr_bytes_needed",
+           "for_inference",
            "flops", "Recipe", "train", "finetuner", "distillation_loss", "logits", "predict", "accuracy",
            "count_params", "count_weights", "count_zeros", "weighted", "widths", "kept_inputs", "mnist", "mnist_mlp",
            "lenet5",

@@ -120,6 +120,8 @@ def test_cuda_without_a_gpu_is_rejected(script, tmp_path, capsys, monkeypatch):
     (["--one-shot", "magnitude", "--sparsity", "0.9", "--steps", "3"], "--one-shot prunes in one step"),
     (["--one-shot", "magnitude", "--sparsity", "0.9", "--calibration", "0"], "must be > 0, not 0"),
     (["--sparsity", "0.9", "--calibration", "100"], "--calibration takes --one-shot"),
+    (["--one-shot", "reconstruct", "--sparsity", "0.9", "--calibration", "16"],
+     "--calibration 16: reconstructing this network needs at least 196 images"),
     (["--one-shot", "magnitude", "--sparsity", "0.9", "--calibration", "60000", "--validation", "50000"],
      "the training set holds 10,000 images once --validation 50,000 are held out"),
 ])
