@@ -18,7 +18,7 @@ import torch.nn.utils.prune as prune
 from pruning import chain, kernels, surgery
 from pruning.kernels import NONE, RELU, TILES
 from pruning.measure import in_turn
-from pruning.model import KeepInputs, Normalize
+from pruning.model import KeepInputs, Normalize, check_runs
 from pruning.packing import KernelLayers
 
 SKIPPED = (nn.Dropout, nn.Identity)  # nothing in eval mode
@@ -208,15 +208,8 @@ def as_given(given, why):
 def check_example(given, example):
     """The model run on one input of example, its own errors as one ValueError: a wrong example
     would have the kernel read inputs of a size the model does not take."""
-    if example is None:
-        return
-    if not torch.is_tensor(example) or example.dim() < 1 or len(example) == 0:
-        raise ValueError("example must be a batch of at least one of the model's inputs, as a tensor")
-    try:
-        given(example[:1])
-    except Exception as e:
-        raise ValueError(f"example is not an input the model takes ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if example is not None:
+        check_runs(given, example, "example is not an input the model takes")
 
 
 @torch.no_grad()

@@ -87,6 +87,17 @@ def evaluating(modules):
             m.training = mode
 
 
+def check_runs(model, x, refusal):
+    """model run on x[:1] (a tensor of at least one input); its own error, if any, as one ValueError:
+    `refusal`, then the error's kind and first line."""
+    if not torch.is_tensor(x) or x.dim() < 1 or len(x) == 0:
+        raise ValueError(f"{refusal}: give a tensor of at least one of the model's inputs")
+    try:
+        model(x[:1])
+    except Exception as e:
+        raise ValueError(f"{refusal} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
 def weighted(model):
     """The layers whose weights are pruned: every nn.Linear and convolution (1d, 2d, 3d, transposed
     too), in order."""

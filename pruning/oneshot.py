@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pruning import criteria, surgery
-from pruning.model import evaluating, weighted
+from pruning.model import check_runs, evaluating, weighted
 
 METHODS = ("magnitude", "wanda", "reconstruct")
 ONE_SHOT = (nn.Linear, nn.Conv2d)  # the layers it reconstructs
@@ -228,11 +228,7 @@ def check_inputs(model, inputs):
         raise ValueError("inputs must be a tensor of at least one calibration input")
     if not inputs.is_floating_point() or not torch.isfinite(inputs).all():
         raise ValueError("the calibration inputs must be floating-point numbers, all of them finite")
-    try:
-        model(inputs[:1])
-    except Exception as e:
-        raise ValueError(f"the model cannot run on these calibration inputs ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    check_runs(model, inputs, "the model cannot run on these calibration inputs")
 
 
 ROWS_PER_COLUMN = 0.25  # the fewest rows of calibration inputs a reconstructed layer needs per column
