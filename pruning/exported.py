@@ -104,7 +104,8 @@ def layer_of(node, tensor):
 
 def from_program(program):
     """program (an ExportedProgram) as a graph.Graph of modules, or an nn.Sequential where it is a
-    chain; ValueError says what it holds that no layer computes."""
+    chain, with the shape of one input as exported (`exported_input_shape`); ValueError says what
+    it holds that no layer computes."""
     signature = program.graph_signature
     named = {**program.state_dict, **program.constants}
     params = {**signature.inputs_to_parameters, **signature.inputs_to_buffers,
@@ -126,6 +127,7 @@ def from_program(program):
             if -1 in nodes.values():
                 raise ValueError("its forward takes more than one input")
             nodes[node] = -1
+            shape = tuple(int(size) for size in node.meta["val"].shape[1:])  # as exported, its batch left out
         elif node.op == "call_function" and node.target.__name__ == "getitem":
             if node.args[1] != 0 or node.args[0] not in nodes:
                 raise ValueError("it uses more than the first result of a call")
@@ -148,17 +150,9 @@ def from_program(program):
                 raise ValueError("its output is not its last layer's, one tensor")
     if not layers:
         raise ValueError("it computes no layer")
-    if all(r == [k - 1] for k, r in enumerate(reads)):
-        return nn.Sequential(*layers).eval()
-    return graph.Graph(layers, reads).eval()
-
-
-def input_shape(program):
-    """The shape of one input of the program, as it was exported (its batch dimension left out)."""
-    user = next(n for n in program.graph_module.graph.nodes if n.op == "placeholder"
-                and n.name not in {**program.graph_signature.inputs_to_parameters,
-                                   **program.graph_signature.inputs_to_buffers})
-    return tuple(int(s) for s in user.meta["val"].shape[1:])
+    model = nn.Sequential(*layers) if all(r == [k - 1] for k, r in enumerate(reads)) else graph.Graph(layers, reads)
+    model.exported_input_shape = shape
+    return model.eval()
 
 
 def is_exported(path):
@@ -180,5 +174,4 @@ def load_exported(path):
         model = from_program(program)
     except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
         raise UserError(f"{shown(path)}: the program cannot be rebuilt as layers: {e}") from None
-    model.exported_input_shape = input_shape(program)
     return model

