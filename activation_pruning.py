@@ -13,15 +13,16 @@ import copy
 import torch
 import torch.nn as nn
 
-import common
 import pruning
-from cli import checkpoints, options, outputs, plots, results
+from cli import checkpoints, measured, options, outputs, plots, recipe, results, run, tables
+from cli.progress import progress
 from pruning import UserError
 
 THRESHOLDS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0]
 STEP_EPOCHS = 6  # fine-tuning a step in --steps without --finetune-epochs (30 after the last); chosen on validation
 STEP_GROUP_LASSO, STEP_CRITERION = 0.01, "saliency"  # and the cut there; chosen on validation (README)
 STEP_INPUT_DROPOUT = 0.1  # there with --prune-inputs; chosen so too
+BASELINES = "the same widths, the units chosen at random, and each layer's by the norm of their weights."
 FIGURES = ["activation_pruning_accuracy.png", "activation_pixels_kept.png", "activation_widths.png"]
 PUBLISHED_LENET = [  # structured pruning of LeNet-300-100 on MNIST: (method, parameters kept %, test error %)
     ("VIB 2018", 3.6, 1.6), ("L0 2018", 10.0, 1.6), ("SBP 2017", 18.0, 1.6)]
@@ -39,8 +40,9 @@ def model_files(args):
     return names
 
 
-def sweep(model, train_data, validation, test_data, args, folder):
-    teacher = common.teacher(model, train_data, args)
+def sweep(model, train_data, validation, test_data, args, run):
+    folder = outputs.seed_folder(args, args.seed)
+    teacher = recipe.teacher(model, train_data, args)
     dense_bytes = outputs.save_model(model, folder / "dense.pt")
     original = pruning.count_params(model)
     source = lasso_trained(model, train_data, teacher, args) if args.group_lasso else model  # what is cut
@@ -50,40 +52,40 @@ def sweep(model, train_data, validation, test_data, args, folder):
     x = train_data[0]
     means = None if args.reduction else pruning.mean_activations(model, x)
     rows = []
-    for name, kind, target in common.progress(targets(args), "sweep", kind_of(args)):
+    for name, kind, target in progress(targets(args), "sweep", kind_of(args)):
         if args.reduction:
             pruned = pruning.activation_prune(source, x, target, prune_inputs=args.prune_inputs, criterion=criterion)
-            row = {"reduction": target, **common.scores(pruned, validation, test_data)}
+            row = {"reduction": target, **results.scores(pruned, validation, test_data)}
         else:
             pruned, rescued = pruning.remove_below(model, means, target, multiple_of=args.multiple_of, example=x[:1])
-            row = {"threshold": target, **common.scores(pruned, validation, test_data), "kept_strongest_only": rescued}
+            row = {"threshold": target, **results.scores(pruned, validation, test_data), "kept_strongest_only": rescued}
             if args.bias_compensation:
                 pruned, _ = pruning.remove_below(model, means, target, multiple_of=args.multiple_of, compensate=True,
                                                  example=x[:1])
-                row.update(common.scores(pruned, validation, test_data, "compensated_accuracy"))
+                row.update(results.scores(pruned, validation, test_data, "compensated_accuracy"))
         if args.finetune_epochs:
-            finetune = common.step_finetuner(train_data, args, teacher, f"{kind} {results.label(target)}")
+            finetune = recipe.step_finetuner(train_data, args, teacher, f"{kind} {results.label(target)}")
             if args.steps > 1:
                 pruned = pruning.activation_prune(source, x, target, steps=args.steps, finetune=finetune,
                                                   prune_inputs=args.prune_inputs, criterion=criterion)
             else:
                 finetune(pruned)
-            row.update(common.scores(pruned, validation, test_data, "finetuned_accuracy"))
+            row.update(results.scores(pruned, validation, test_data, "finetuned_accuracy"))
         pruned.eval()
         outputs.save_model(pruned, folder / f"activation-{name}.pt")
         outputs.export_onnx(args, pruned, folder / f"activation-{name}.onnx")
         new = pruning.count_params(pruned)
         if args.bits:
-            row.update(common.compress(pruned, train_data, validation, test_data, args, teacher,
-                                       folder / f"compressed-{name}.bin", f"{kind} {results.label(target)}",
-                                       dense_bytes))
+            row.update(measured.compress(pruned, (train_data, validation, test_data), args, teacher,
+                                         folder / f"compressed-{name}.bin", name=f"{kind} {results.label(target)}",
+                                         dense_bytes=dense_bytes))
         if args.baselines:
-            row.update(common.unit_baselines(model, pruned, x, args, validation, test_data))
+            row.update(measured.unit_baselines(model, pruned, x, args, (validation, test_data)))
         if args.prune_inputs:
             row["kept_pixels"] = pruning.kept_inputs(pruned).tolist()
         row.update(original_params=original, new_params=new, input_width=pruning.widths(pruned)[0],
                    hidden_widths=list(pruning.widths(pruned)[1:-1]), flops=pruning.flops(pruned, test_data[0]),
-                   **common.timed(args, model, pruned, test_data[0]), size_reduction=100 * (1 - new / original))
+                   **measured.timed(args, run, model, pruned, test_data[0]), size_reduction=100 * (1 - new / original))
         rows.append(row)
     return rows
 
@@ -97,7 +99,8 @@ def lasso_trained(model, train_data, teacher, args):
     --group-lasso (and the --finetune-* settings, distilling with --distill): what the cut starts from."""
     trained = copy.deepcopy(model)
     penalty = pruning.group_lasso(trained, args.group_lasso, train_data[0][:1], prune_inputs=args.prune_inputs)
-    return common.finetune(trained, train_data, args, args.group_lasso_epochs, teacher, "group lasso", penalty)
+    return recipe.finetune(trained, train_data, args, args.group_lasso_epochs, teacher=teacher, desc="group lasso",
+                           penalty=penalty)
 
 
 def columns(reduction, compensated, finetuned, bits, pixels=False, speed=(), baselines=()):
@@ -111,7 +114,7 @@ def columns(reduction, compensated, finetuned, bits, pixels=False, speed=(), bas
             ("Hidden Widths", "hidden_widths", lambda widths: "-".join(f"{w:.0f}" for w in widths)),
             ("Inference Time (s)", "inference_time_s", "{:.4f}".format),
             ("Size Reduction", "size_reduction", percent), *speed, *baselines,
-            *(common.compressed_columns(finetuned) if bits else [])]
+            *(tables.compressed_columns(finetuned) if bits else [])]
 
 
 def plot(model, rows, baseline, args):
@@ -122,7 +125,7 @@ def plot(model, rows, baseline, args):
               ("quantized_accuracy", "quantized"), ("quantized_finetuned_accuracy", "quantized, fine-tuned")]
     published = PUBLISHED_LENET if pruning.widths(model) == (784, 300, 100, 10) else []
     fig = plots.accuracy_figure(rows, baseline, "size_reduction", "parameters", curves, published)
-    fig.suptitle(f"Activation pruning of the trained {common.name_of(model)}"
+    fig.suptitle(f"Activation pruning of the trained {tables.name_of(model)}"
                  + (": published structured LeNet-300-100 results as stars" if published else ""))
     outputs.figure(fig, args, FIGURES[0])
 
@@ -191,7 +194,7 @@ def main():
         raise UserError(f"{'--prune-inputs' if args.prune_inputs else '--criterion'} takes --reduction")
     if args.model not in ("mlp", "lenet5") and not args.reduction and not isinstance(
             checkpoints.given_model(args.model), nn.Sequential):
-        raise UserError(f"--model {common.shown(args.model)}: its network joins tensors (a residual sum or a "
+        raise UserError(f"--model {run.shown(args.model)}: its network joins tensors (a residual sum or a "
                         "concatenation), and the --thresholds sweep removes units of a chain: give --reduction")
     if args.model != "mlp" and (args.prune_inputs or args.bias_compensation):
         raise UserError(f"{'--prune-inputs' if args.prune_inputs else '--bias-compensation'} takes --model mlp")
@@ -205,31 +208,23 @@ def main():
     options.check_steps(args, "--reduction", STEP_EPOCHS)
     trained = []
 
-    def run_one():
-        model, train_data, validation, test_data = common.setup(args)
-        rows = sweep(model, train_data, validation, test_data, args, outputs.seed_folder(args, args.seed))
+    def run_one(args):
+        model, train_data, validation, test_data = run.setup(args, state)
+        rows = sweep(model, train_data, validation, test_data, args, state)
         trained.append(model)
-        return rows, common.dense_results(args, model, train_data, validation, test_data)
+        return rows, run.dense_results(args, model, train_data, validation, test_data)
 
-    common.prepare(args, model_files(args), FIGURES)
-    rows, dense = common.results_over_seeds(args, run_one,
-                                            lambda rows, baseline: plot(trained[-1], rows, baseline, args))
-    print(results.markdown_table(rows, columns(bool(args.reduction), args.bias_compensation and not args.reduction,
-                                               bool(args.finetune_epochs), args.bits, args.prune_inputs,
-                                               common.speed_columns(args), common.baseline_columns(rows))))
-    print("\n" + common.dense_line(dense, args.seeds))
-    print(common.speed_note(args, rows))
-    if args.baselines:
-        print(common.baseline_note(args))
-    if args.bits:
-        print(common.compressed_note(args.bits))
-    for r in rows:
-        if isinstance(r.get("kept_strongest_only"), list) and r["kept_strongest_only"]:
-            layers = ", ".join(str(i + 1) for i in r["kept_strongest_only"])
-            print(f"At threshold {r['threshold']:g} no unit of hidden layer {layers} reached it; "
-                  "the strongest one was kept.")
-    print(f"Models: {common.shown(args.save_dir)}")
-
+    state = run.prepare(args, model_files(args), FIGURES)
+    rows, dense = run.results_over_seeds(args, state, run_one,
+                                         lambda rows, baseline: plot(trained[-1], rows, baseline, args))
+    rescued = [f"At threshold {r['threshold']:g} no unit of hidden layer "
+               f"{', '.join(str(i + 1) for i in r['kept_strongest_only'])} reached it; the strongest one was kept."
+               for r in rows if isinstance(r.get("kept_strongest_only"), list) and r["kept_strongest_only"]]
+    run.report(args, state, rows, dense,
+               columns=columns(bool(args.reduction), args.bias_compensation and not args.reduction,
+                               bool(args.finetune_epochs), args.bits, args.prune_inputs,
+                               tables.speed_columns(args), tables.baseline_columns(rows)),
+               baselines=BASELINES, closing=rescued)
 
 if __name__ == "__main__":
-    common.run(main)
+    run.main(main)

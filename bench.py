@@ -22,10 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
 import pruning
-import zero_pruning
-from cli import options
+from cli import options, run
 from cli.results import markdown_table
 from pruning import criteria, measure, surgery, training
 from pruning import data as mnist
@@ -154,7 +152,7 @@ def tutorial_job(data_dir, save_dir, epochs=5):
             loss.backward()
             opt.step()
             schedule.step()
-    for t in zero_pruning.THRESHOLDS:
+    for t in options.ZERO_THRESHOLDS:
         pruned = surgery.hold_below(copy.deepcopy(model[1]), t)
         correct = 0
         with torch.no_grad():
@@ -257,7 +255,7 @@ def report_load(label):
     return busy
 
 
-def inference_rows(args, model, train_data, x):
+def inference_rows(args, machine, model, train_data, x):
     """Print the inference tables: the README's models (trained from scratch unless
     --skip-state-of-the-art, each command timed), the dense model itself, and one-shot zero and
     activation pruning of it at several sizes."""
@@ -270,7 +268,7 @@ def inference_rows(args, model, train_data, x):
                 rows += latency_rows(name, model, saved_model(tmp, name), x)
         print()
     print(f"Inference: pruning.for_inference(model, batch) against the dense model in PyTorch, timed in turn, "
-          f"each the median of {measure.ROUNDS} rounds; {args.threads} threads, {args.machine['cpu']}. Realized: "
+          f"each the median of {measure.ROUNDS} rounds; {args.threads} threads, {machine['cpu']}. Realized: "
           "the speed-up over how many times fewer multiply-adds the model does.\n")
     for s in SPARSITIES:
         threshold = criteria.threshold_for_sparsity(model, s) if s else -1.0
@@ -308,11 +306,11 @@ def main():
         print(f"A third of a training epoch, {args.threads} threads:\n")
         print(markdown_table(wait_policy_rows(args), WAIT_COLUMNS))
         return
-    common.prepare(args, [], [])
-    model, train_data, _, test_data = common.setup(args)
+    state = run.prepare(args, [], [])
+    model, train_data, _, test_data = run.setup(args, state)
     print()
     if args.inference_only:
-        inference_rows(args, model, train_data, test_data[0])
+        inference_rows(args, state.machine, model, train_data, test_data[0])
         if report_load("after") or busy:
             print("Warning: the machine was busy while these figures were taken; rerun them on an idle machine.")
         return
@@ -358,10 +356,10 @@ def main():
           f"Per step: {1e3 * dense / steps:.2f} ms, of which the matrix products alone take {1e3 * products:.2f} ms: "
           f"{1e3 * (dense / steps - products):.2f} ms is other work.\n")
 
-    inference_rows(args, model, train_data, test_data[0])
+    inference_rows(args, state.machine, model, train_data, test_data[0])
     if report_load("after") or busy:
         print("Warning: the machine was busy while these figures were taken; rerun them on an idle machine.")
 
 
 if __name__ == "__main__":
-    common.run(main)
+    run.main(main)

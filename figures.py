@@ -10,8 +10,8 @@ import json
 import math
 from pathlib import Path
 
-import common
-from cli import plots
+from cli import run
+from cli import destinations, plots
 from pruning import architecture, files
 
 
@@ -20,10 +20,10 @@ def read(path):
         files.check_readable(path, files.MAX_RESULTS_BYTES, "results file")
         return json.loads(Path(path).read_bytes())
     except (OSError, ValueError) as e:
-        raise common.UserError(f"cannot read results from {files.shown(path)}: "
+        raise files.UserError(f"cannot read results from {files.shown(path)}: "
                                f"{getattr(e, 'strerror', None) or architecture.brief(str(e))}") from None
     except RecursionError:
-        raise common.UserError(f"cannot read results from {files.shown(path)}: nested too deeply") from None
+        raise files.UserError(f"cannot read results from {files.shown(path)}: nested too deeply") from None
 
 
 ROW_KEYS = {"accuracy", "zero_percentage", "dense_bytes", "csr_bytes", "quantized_accuracy", "compressed_bytes"}
@@ -73,7 +73,7 @@ def sizes(results, path):
     ax.set(xscale="log", xlabel="file size (bytes, log scale)", ylabel="test accuracy (%)",
            title=f"Compressed files, MLP 784-{widths}-10 at {zeros} zeros")
     ax.legend(fontsize=8)
-    plots.save_figure(fig, Path(path), "output")
+    plots.save_figure(fig, Path(path))
 
 
 def main():
@@ -83,14 +83,14 @@ def main():
     p.add_argument("output", help="the PNG file to write")
     p.add_argument("results", nargs="+", help="JSON files written by zero_pruning.py --bits B --json")
     args = p.parse_args()
-    files.check_file_destination("output", args.output)
-    files.check_distinct([("output", args.output)] + [("results", path) for path in args.results])
+    destinations.check_file_destination("output", args.output)
+    destinations.check_distinct([("output", args.output)] + [("results", path) for path in args.results])
     results = [read(path) for path in args.results]
     for path, result in zip(args.results, results):
         if not from_zero_pruning_with_bits(result):
-            raise common.UserError(f"{files.shown(path)}: not the results of zero_pruning.py --bits B --json")
+            raise files.UserError(f"{files.shown(path)}: not the results of zero_pruning.py --bits B --json")
     sizes(results, args.output)
 
 
 if __name__ == "__main__":
-    common.run(main)
+    run.main(main)

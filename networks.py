@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
+from cli import run
 import pruning
 from pruning import measure
 
@@ -139,4 +139,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run(main)
+    run.main(main)

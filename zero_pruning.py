@@ -12,17 +12,18 @@ import copy
 
 import torch
 
-import common
 import pruning
-from cli import checkpoints, options, outputs, plots, results
+from cli import checkpoints, measured, options, outputs, plots, recipe, results, run, tables
+from cli.progress import progress
 from pruning import UserError
 
-THRESHOLDS = [0.0, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.10]
+THRESHOLDS = options.ZERO_THRESHOLDS
 PUBLISHED_LENET = [  # LeNet-300-100 on MNIST: (method, weights kept %, test error %)
     ("Han 2015", 8.0, 1.59), ("DNS 2016", 1.8, 1.99), ("Sparse VD 2017", 1.5, 1.92)]
 FIGURES = ["weight_magnitudes.png", "zero_pruning_accuracy.png"]
 STEP_EPOCHS, FINAL_EPOCHS = 4, 30  # fine-tuning in --steps without --finetune-epochs, chosen on validation (README)
 STEP_VARIATIONAL_DROPOUT = 10.0  # its strength, first, in --steps without --finetune-epochs; chosen so too
+BASELINES = "the same share of zeros, chosen at random, and by magnitude in each layer alike."
 
 
 def n_of_m(text):
@@ -71,19 +72,20 @@ def thresholds(model, args):
     return chosen
 
 
-def sweep(model, train_data, validation, test_data, args, folder):
+def sweep(model, train_data, validation, test_data, args, run):
+    folder = outputs.seed_folder(args, args.seed)
     weights = pruning.count_weights(model)
     dense_bytes = outputs.save_model(model, folder / "dense.pt")
-    teacher = common.teacher(model, train_data, args)
+    teacher = recipe.teacher(model, train_data, args)
     source = dropout_trained(model, train_data, teacher, args) if args.variational_dropout else model  # what is cut
     saliency = pruning.obd_saliency(train_data, batch_size=args.batch_size, seed=args.seed, teacher=teacher,
                                     temperature=args.temperature, weight=args.distill_weight) \
         if args.criterion == "saliency" else None
     dense_saliencies = saliency(model) if saliency else None  # one pass, shared by every row
-    calibration = common.calibration_images(train_data, args) if args.one_shot else None
+    calibration = measured.calibration_images(train_data, args) if args.one_shot else None
     rows = []
     chosen = thresholds(model, args)
-    for (name, kind, value), t in zip(common.progress(targets(args), "sweep", kind_of(args)), chosen):
+    for (name, kind, value), t in zip(progress(targets(args), "sweep", kind_of(args)), chosen):
         if args.one_shot:
             pruned = pruning.one_shot(copy.deepcopy(model), calibration, value, method=args.one_shot,
                                       pattern=args.pattern)
@@ -93,15 +95,15 @@ def sweep(model, train_data, validation, test_data, args, folder):
         else:
             pruned = pruning.hold_masked(copy.deepcopy(model), pruning.keep_largest(dense_saliencies, value))
         row = {kind: value, **({"threshold": t} if kind != "threshold" and t is not None else {}),
-               **common.scores(pruned, validation, test_data)}
+               **results.scores(pruned, validation, test_data)}
         if args.finetune_epochs:
-            finetune = common.step_finetuner(train_data, args, teacher, f"{kind} {results.label(value)}")
+            finetune = recipe.step_finetuner(train_data, args, teacher, f"{kind} {results.label(value)}")
             if args.steps > 1:
                 pruned = pruning.zero_prune(copy.deepcopy(source), value, steps=args.steps, finetune=finetune,
                                             saliency=saliency)
             else:
                 finetune(pruned)
-            row.update(common.scores(pruned, validation, test_data, "finetuned_accuracy"))
+            row.update(results.scores(pruned, validation, test_data, "finetuned_accuracy"))
         pruning.make_permanent(pruned)
         zeroed = pruning.count_zeros(pruned)
         row.update(original_params=weights, zeroed_params=zeroed, zero_percentage=100 * zeroed / weights,
@@ -109,14 +111,14 @@ def sweep(model, train_data, validation, test_data, args, folder):
                    csr_bytes_needed=pruning.csr_bytes_needed(pruned),
                    flops=pruning.flops(pruned, test_data[0]))
         if args.baselines:
-            row.update(common.zero_baselines(model, zeroed / weights, validation, test_data, args.seed))
+            row.update(measured.zero_baselines(model, zeroed / weights, validation, test_data, args.seed))
         if args.speed:
-            row.update(common.timed(args, model, pruned, test_data[0]))
+            row.update(measured.timed(args, run, model, pruned, test_data[0]))
         outputs.export_onnx(args, pruned, folder / f"zero-{name}.onnx")
         if args.bits:
-            row.update(common.compress(pruned, train_data, validation, test_data, args, teacher,
-                                       folder / f"compressed-{name}.bin", f"{kind} {results.label(value)}",
-                                       dense_bytes))
+            row.update(measured.compress(pruned, (train_data, validation, test_data), args, teacher,
+                                         folder / f"compressed-{name}.bin", name=f"{kind} {results.label(value)}",
+                                         dense_bytes=dense_bytes))
             row["bits_per_nonzero"] = 8 * row["compressed_bytes"] / max(1, weights - zeroed)
         rows.append(row)
     return rows
@@ -126,10 +128,10 @@ def dropout_trained(model, train_data, teacher, args):
     """A copy of model trained --variational-dropout-epochs more with sparse variational dropout of
     strength --variational-dropout (and the --finetune-* settings, distilling with --distill), the
     weights it finds it can spare zeroed: what pruning in steps starts from."""
-    with common.divergence_said("variational dropout"):
+    with recipe.divergence_said("variational dropout"):
         return pruning.sparse_variational_dropout(
-            copy.deepcopy(model), train_data, common.finetune_recipe(args, args.variational_dropout_epochs),
-            strength=args.variational_dropout, teacher=teacher, progress=common.epoch_progress("variational dropout"))
+            copy.deepcopy(model), train_data, recipe.finetune_recipe(args, args.variational_dropout_epochs),
+            strength=args.variational_dropout, teacher=teacher, progress=recipe.epoch_progress("variational dropout"))
 
 
 def columns(rows, finetuned, bits, speed=()):
@@ -141,9 +143,9 @@ def columns(rows, finetuned, bits, speed=()):
             *([("Fine-tuned", "finetuned_accuracy", percent)] if finetuned else []),
             ("Original Params", "original_params", count), ("Zeroed Params", "zeroed_params", count),
             ("Zero Percentage", "zero_percentage", percent),
-            *common.baseline_columns(rows),
+            *tables.baseline_columns(rows),
             ("Dense File (B)", "dense_bytes", count), ("CSR File (B)", "csr_bytes", count), *speed,
-            *(common.compressed_columns(finetuned) if bits else [])]
+            *(tables.compressed_columns(finetuned) if bits else [])]
 
 
 def final_accuracy(row):
@@ -186,7 +188,7 @@ def plot(model, rows, baseline, args):
     hidden = (magnitudes > right).sum().item()
     ax.set(xlim=(0, right), ylim=(0, 1.2 * counts.max()), ylabel="number of weights",
            xlabel=f"|w|  ({hidden:,} weights above {right:.3g} not shown)",
-           title=f"Weight magnitudes, trained {common.name_of(model)}: {len(magnitudes):,} weights\n"
+           title=f"Weight magnitudes, trained {tables.name_of(model)}: {len(magnitudes):,} weights\n"
                  "red: pruning thresholds, each with the share of weights below it")
     outputs.figure(fig, args, FIGURES[0])
 
@@ -194,7 +196,7 @@ def plot(model, rows, baseline, args):
               ("quantized_finetuned_accuracy", "quantized, fine-tuned")]
     published = PUBLISHED_LENET if pruning.widths(model) == (784, 300, 100, 10) else []
     fig = plots.accuracy_figure(rows, baseline, "zero_percentage", "weights", curves, published)
-    fig.suptitle(f"Zero pruning, {common.name_of(model)}"
+    fig.suptitle(f"Zero pruning, {tables.name_of(model)}"
                  + (": published LeNet-300-100 results as stars" if published else ""))
     outputs.figure(fig, args, FIGURES[1])
 
@@ -268,32 +270,23 @@ def main():
         options.check_labels("--sparsity", args.sparsity)
     trained = []
 
-    def run_one():
-        model, train_data, validation, test_data = common.setup(args)
-        rows = sweep(model, train_data, validation, test_data, args, outputs.seed_folder(args, args.seed))
+    def run_one(args):
+        model, train_data, validation, test_data = run.setup(args, state)
+        rows = sweep(model, train_data, validation, test_data, args, state)
         trained.append(model)
-        return rows, common.dense_results(args, model, train_data, validation, test_data)
+        return rows, run.dense_results(args, model, train_data, validation, test_data)
 
-    common.prepare(args, model_files(args), FIGURES)
-    rows, dense = common.results_over_seeds(args, run_one,
-                                            lambda rows, baseline: plot(trained[-1], rows, baseline, args))
-    print(results.markdown_table(rows, columns(rows, bool(args.finetune_epochs), args.bits,
-                                               common.speed_columns(args))))
-    print("\n" + common.dense_line(dense, args.seeds))
-    if args.speed:
-        print(common.speed_note(args, rows))
-    if args.one_shot:
-        print(f"One-shot: {args.one_shot}" + (f", {args.pattern[0]}:{args.pattern[1]} pattern" if args.pattern else "")
-              + f", from {args.calibration:,} training images, with no training"
-              + (f"; Fine-tuned: then {args.finetune_epochs} epochs, the zeros held." if args.finetune_epochs else "."))
-    if args.baselines:
-        print(common.baseline_note(args))
-    print("Sizes are the files torch.save writes: dense fp32, and CSR with fp32 values and int32 indices.")
-    if args.bits:
-        print(common.compressed_note(args.bits))
-    print(memory_impact(rows, dense["accuracy"]))
-    print(f"Models: {common.shown(args.save_dir)}")
-
+    state = run.prepare(args, model_files(args), FIGURES)
+    rows, dense = run.results_over_seeds(args, state, run_one,
+                                         lambda rows, baseline: plot(trained[-1], rows, baseline, args))
+    notes = [f"One-shot: {args.one_shot}" + (f", {args.pattern[0]}:{args.pattern[1]} pattern" if args.pattern else "")
+             + f", from {args.calibration:,} training images, with no training"
+             + (f"; Fine-tuned: then {args.finetune_epochs} epochs, the zeros held." if args.finetune_epochs else ".")
+             ] if args.one_shot else []
+    notes.append("Sizes are the files torch.save writes: dense fp32, and CSR with fp32 values and int32 indices.")
+    run.report(args, state, rows, dense,
+               columns=columns(rows, bool(args.finetune_epochs), args.bits, tables.speed_columns(args)),
+               notes=notes, baselines=BASELINES, closing=[memory_impact(rows, dense["accuracy"])])
 
 if __name__ == "__main__":
-    common.run(main)
+    run.main(main)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from pruning import chain, files, graph, storage, training
+from pruning import chain, files, formats, graph, training
 from pruning import model as models
 from pruning.files import UserError, shown
 
@@ -38,7 +38,7 @@ def given_model(path):
     """The network of --model FILE, read once: a torch.export file or a model file of this project,
     as pruning.load reads it, taking raw images (a Normalize(0, 1) first that shapes them as the
     network's input) where it does not start with the project's input normalisation."""
-    model = storage.load(path)
+    model = formats.load(path)
     if isinstance(model, graph.Graph) and isinstance(model.layers[0], (models.Normalize, models.KeepInputs)) or \
             isinstance(model, nn.Sequential) and isinstance(model[0], (models.Normalize, models.KeepInputs)):
         return model
@@ -109,7 +109,7 @@ def needs_writing(path, config, retrain):
     if files.kind_of(Path(path)) != "file":
         return True
     try:
-        _, about = storage.load(path, with_about=True)
+        _, about = formats.load(path, with_about=True)
     except UserError:
         return True  # not ours, or damaged: the destination's own check decides
     if "config" not in about:
@@ -138,7 +138,7 @@ def trained_model(args, train_data, test_data, train, control=False):
         return model
     if path.exists() and not args.retrain:
         try:
-            model, about = storage.load(path, with_about=True)
+            model, about = formats.load(path, with_about=True)
             problem = None if about.get("config") == config else "made with other settings"
         except UserError as e:
             model, problem = None, str(e).removeprefix(f"{shown(path)} ")
@@ -153,7 +153,7 @@ def trained_model(args, train_data, test_data, train, control=False):
     recipe = training.Recipe(epochs=config["epochs"], lr=args.lr, batch_size=args.batch_size, seed=config["seed"],
                              bf16=args.bf16, shift=args.shift)
     train(model, train_data, recipe, desc="training the control" if control else "training")
-    storage.save(model, path, about={"config": config}, option="--checkpoint")
+    formats.save(model, path, about={"config": config})
     say_with_accuracy(f"model: trained {config['epochs']} epochs in {time.perf_counter() - start:.1f} s, "
                       f"saved to {path}", model, test_data)
     return model

@@ -59,6 +59,9 @@ def positive(kind, limit):
     return number_in(kind, 0, limit, open_low=True)
 
 
+ZERO_THRESHOLDS = [0.0, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.10]  # zero_pruning.py's default sweep (bench.py's too)
+
+
 GROUPS = {  # --help shows the options in these groups, in this order; each script adds its own to them
     "prune": "what to prune, and how much",
     "train": "training, steps and fine-tuning",
@@ -68,9 +71,34 @@ GROUPS = {  # --help shows the options in these groups, in this order; each scri
 }
 
 
+class Options(argparse.Namespace):
+    """The options as parsed: completed by the script's checks, then read-only once the run starts
+    (freeze); what the run learns goes in a run.Run."""
+
+    def __setattr__(self, name, value):
+        if self.__dict__.get("_frozen"):
+            raise AttributeError(f"the options are read-only once the run starts (setting {name})")
+        super().__setattr__(name, value)
+
+
+class Parser(argparse.ArgumentParser):
+    def parse_args(self, args=None, namespace=None):
+        return super().parse_args(args, Options() if namespace is None else namespace)
+
+
+def freeze(args):
+    object.__setattr__(args, "_frozen", True)
+    return args
+
+
+def with_seed(args, seed):
+    """A read-only copy of args for one seed of a run over several."""
+    return freeze(Options(**{**settings(args, everything=True), "seed": seed}))
+
+
 def parser(description, thresholds):
     """The options both scripts share, in GROUPS (p.groups[name] to add to one)."""
-    p = argparse.ArgumentParser(description=description)
+    p = Parser(description=description)
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n")
     p.groups = {name: p.add_argument_group(title) for name, title in GROUPS.items()}
     prune, train, _, outputs, runs = p.groups.values()
@@ -263,5 +291,7 @@ def available_memory():
     return None
 
 
-def settings(args):
-    return {k: v for k, v in vars(args).items() if k not in ("json", "plot", "quiet")}
+def settings(args, everything=False):
+    """The options as the JSON gives them (everything: those that say where output goes too)."""
+    hidden = ("_frozen",) if everything else ("_frozen", "json", "plot", "quiet")
+    return {k: v for k, v in vars(args).items() if k not in hidden}

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from cli import plots, startup
-from pruning import data, files, storage, torchfile
+from cli import destinations, plots, startup
+from pruning import data, files, formats
 from pruning.files import UserError, shown
 
 ROOT = Path(__file__).resolve().parent.parent  # the project
@@ -73,11 +73,11 @@ def check_outputs(args, checkpoints, model_files, figures, only_read=()):
         args.plot = True
         args.plot_dir = str(made("--plot-dir", args.plot_dir or ROOT / "figures"))
         planned += [("--plot-dir", Path(args.plot_dir) / name) for name in figures]
-    files.check_distinct(planned)
+    destinations.check_distinct(planned)
     for option, path in planned:
         seed_folder_to_come = option == "--save-dir" and files.kind_of(Path(path).parent) == "absent"
         if path is not None and not seed_folder_to_come and path not in only_read:
-            files.check_file_destination(option, path)
+            destinations.check_file_destination(option, path)
     refuse_the_data_folder(args.data_dir, [("--json", args.json)])
 
 
@@ -91,9 +91,9 @@ def refuse_the_data_folder(data_dir, destinations):
 
 
 def made(option, folder):
-    """files.make_folder, remembering a folder it made so that it goes again if nothing is written in it."""
+    """destinations.make_folder, remembering a folder it made so that it goes again if nothing is written in it."""
     absent = files.kind_of(Path(folder)) == "absent"
-    folder = files.make_folder(option, folder)
+    folder = destinations.make_folder(option, folder)
     if absent:
         made_folders.append(folder)
     return folder
@@ -107,14 +107,14 @@ def save_model(model, path, kind="dense"):
     """Save model under --save-dir; the tables set the CSR file's size beside the dense one's, so the
     library's warning that one is larger is not repeated."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torchfile.LargerThanDense)
-        return storage.save(model, path, kind, option="--save-dir")
+        warnings.simplefilter("ignore", formats.torchfile.LargerThanDense)
+        return formats.save(model, path, kind)
 
 
 def export_onnx(args, model, path):
     if args.onnx:
         with startup.signals_deferred():  # input: raw images, (N, 1, 28, 28) or (N, 784)
-            storage.export_onnx(model.cpu(), path, torch.rand(2, 1, 28, 28), option="--save-dir")
+            formats.export_onnx(model.cpu(), path, torch.rand(2, 1, 28, 28))
 
 
 def figure(fig, args, name):

@@ -48,10 +48,9 @@ def accuracy_figure(rows, baseline, removed_key, what, curves, published=()):
     return fig
 
 
-def save_figure(fig, path, option="--plot-dir"):
+def save_figure(fig, path):
     """Write fig as a PNG that says it is ours (its Software text), atomically."""
     fig.tight_layout()
-    files.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, metadata={"Software": files.WRITER}),
-                       option)
+    files.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, metadata={"Software": files.WRITER}))
     pyplot().close(fig)
     log.info(f"figure: {path}")

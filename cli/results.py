@@ -1,12 +1,20 @@
-"""Results: rows of measured numbers, their means over seeds, the JSON they are written to, and
-the Markdown tables they are printed as."""
+"""Results: rows of measured numbers (a model's scores), their means over seeds, the JSON they are
+written to, and the Markdown tables they are printed as."""
 
 import json
 import statistics
 
-from pruning import files
+from pruning import files, training
 
 VARIES = "varies"
+
+
+def scores(model, validation, test_data, key="accuracy"):
+    """{key: test accuracy}, with validation_<key> beside it when images are held out."""
+    row = {key: training.accuracy(model, test_data)}
+    if validation is not None:
+        row[f"validation_{key}"] = training.accuracy(model, validation)
+    return row
 
 
 def label(value):
@@ -50,7 +58,7 @@ def write_json(path, settings, rows, dense_accuracies, per_seed, extra=None):
         results["per_seed"] = per_seed
         results["per_seed_dense_accuracy"] = dense_accuracies
     text = json.dumps(results, indent=2, allow_nan=False, ensure_ascii=True) + "\n"
-    files.atomic_write(path, lambda f: f.write(text.encode()), "--json")
+    files.atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def markdown_table(rows, columns):

@@ -28,6 +28,7 @@ from pruning.chain import NotAChain
 from pruning.criteria import keep_largest, magnitudes, threshold_for_sparsity
 from pruning.data import mnist
 from pruning.files import UserError
+from pruning.formats import csr_bytes_needed, export_onnx, load, save
 from pruning.inference import for_inference
 from pruning.measure import flops
 from pruning.methods import (
@@ -52,7 +53,6 @@ from pruning.model import (
 )
 from pruning.oneshot import CALIBRATION, calibration_needed, check_pattern, one_shot
 from pruning.oneshot import METHODS as ONE_SHOT_METHODS
-from pruning.storage import csr_bytes_needed, export_onnx, load, save
 from pruning.surgery import hold_below, hold_masked, make_permanent
 from pruning.training import Recipe, accuracy, distillation_loss, finetuner, logits, predict, train
 from pruning.variational import sparse_variational_dropout

@@ -259,3 +259,27 @@ def check_shapes(meta_model):
     finally:
         for h in hooks:
             h.remove()
+
+
+# What any file's model must be -------------------------------------------------------------
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def file_limit(max_params=MAX_PARAMS):
+    """The largest model file of at most max_params parameters: fp64 values with int32 indices."""
+    return 12 * max_params + (1 << 20)
+
+
+def check_model(model):
+    """Refuse a model whose numbers cannot be right: non-finite weights or buffers (BatchNorm's
+    statistics), a normalisation by zero, pixel indices out of range."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise ValueError("it holds weights that are not finite numbers")
+    if not all(torch.isfinite(b).all() for b in model.buffers() if b.is_floating_point()):
+        raise ValueError("it holds statistics that are not finite numbers")
+    for m in model.modules():
+        if isinstance(m, Normalize) and not (math.isfinite(m.mean) and math.isfinite(m.std) and m.std > 0):
+            raise ValueError(f"its input normalisation (mean {m.mean}, std {m.std}) is not a finite one")
+        if isinstance(m, KeepInputs) and len(m.indices) and (m.indices.min() < 0 or m.indices.max() >= m.size):
+            raise ValueError("its input pixels lie outside the image")

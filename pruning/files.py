@@ -28,11 +28,10 @@ class UserError(Exception):
     """A problem the user can fix; reported as one line, exit code 2."""
 
 
-def atomic_write(path, write, option=None):
+def atomic_write(path, write):
     """Call write(file) on a temporary file beside `path`, then move it into place, if what stands
-    at path then is nothing or a file of ours (option names where the path came from, for the
-    error). A new file gets the mode the umask gives; a replaced one keeps its own. A failed write
-    leaves the old file as it was and says why in one line."""
+    at path then is nothing or a file of ours. A new file gets the mode the umask gives; a replaced
+    one keeps its own. A failed write leaves the old file as it was and says why in one line."""
     path = Path(path)
     remove_abandoned_temporaries(path)
     tmp = None
@@ -46,7 +45,7 @@ def atomic_write(path, write, option=None):
         try:
             os.link(tmp, path)  # succeeds only where nothing stands
         except FileExistsError:
-            refuse_unless_ours(option, path)
+            refuse_unless_ours(path)
             os.chmod(tmp, path.stat().st_mode & 0o777)
             os.replace(tmp, path)
     except BaseException as e:
@@ -227,13 +226,13 @@ def onnx_file_of_ours(path):
     return WRITER.encode() in data and data[:1] == b"\x08"  # an ONNX ModelProto starts with its ir_version
 
 
-def refuse_unless_ours(option, path):
+def refuse_unless_ours(path, option=None):
+    """A UserError unless path holds a file this project wrote (option: the command-line option
+    that named it, for the message)."""
     if not is_ours(path):
         raise UserError(f"{option + ' ' if option else ''}{shown(path)} is not a file this project wrote; "
                         "refusing to replace it (give another path)")
 
-
-# Checking destinations before the work ------------------------------------------------
 
 def kind_of(path):
     """'absent', 'file', 'folder', 'link' (to nothing) or what else stands at path (a device, a pipe, ...)."""
@@ -248,72 +247,6 @@ def kind_of(path):
     if stat.S_ISDIR(mode):
         return "folder"
     return "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "pipe" if stat.S_ISFIFO(mode) else "socket"
-
-
-def check_file_destination(option, path):
-    """Fail now, before any long work, unless `path` can later be written: nothing there or a file
-    of ours, in a folder that exists and takes new files, with a name that fits."""
-    path = Path(path)
-    kind = kind_of(path)
-    if kind not in ("absent", "file"):
-        raise UserError(f"{option} {shown(path)} is a {kind}, not a file")
-    if kind == "file":
-        refuse_unless_ours(option, path)
-    folder = path.parent
-    if kind_of(folder) == "absent":
-        raise UserError(f"cannot write {shown(path)}: folder {shown(folder)} does not exist")
-    if kind_of(folder) != "folder":
-        raise UserError(f"cannot write {shown(path)}: {shown(folder)} is a {kind_of(folder)}, not a folder")
-    probe_writable(path)
-
-
-def probe_writable(path):
-    """Whether a temporary file for path can be made beside it (and its name is not too long)."""
-    try:
-        remove_abandoned_temporaries(path)
-        if len(os.fsencode(path.name)) > os.pathconf(path.parent, "PC_NAME_MAX"):
-            raise UserError(f"cannot write {shown(path)}: the name is too long for the file system")
-        f, probe = new_temporary(path)
-        f.close()
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write {shown(path)}: {e.strerror}") from None
-
-
-def check_folder_destination(option, folder):
-    folder = Path(folder)
-    kind = kind_of(folder)
-    if kind == "absent":
-        raise UserError(f"cannot write in {shown(folder)}: folder {shown(folder)} does not exist")
-    if kind != "folder":
-        raise UserError(f"{option} {shown(folder)} is a {kind}, not a folder")
-    probe_writable(folder / "model.pt")
-
-
-def make_folder(option, folder):
-    """Make folder when its parent exists (and it does not); a folder that is there is used."""
-    folder = Path(folder)
-    if folder.is_symlink():
-        raise UserError(f"{option} {shown(folder)} is a link; give a folder")
-    if kind_of(folder) == "absent" and kind_of(folder.parent) == "folder":
-        try:
-            folder.mkdir()
-        except OSError as e:
-            raise UserError(f"cannot make the folder {shown(folder)}: {e.strerror}") from None
-    check_folder_destination(option, folder)
-    return folder
-
-
-def check_distinct(paths):
-    """Two outputs of one run must not be the same file. paths: (option, path) pairs, path None when not given."""
-    seen = {}
-    for option, path in paths:
-        if path is None:
-            continue
-        resolved = Path(path).resolve()
-        if resolved in seen:
-            raise UserError(f"{seen[resolved]} and {option} name the same file, {shown(resolved)}; give each its own")
-        seen[resolved] = option
 
 
 # Reading --------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ import torchvision
 
 import activation_pruning
 import bench
-import common
 import zero_pruning
+from cli import run as cli_run
 from cli.results import markdown_table
 from pruning.model import mlp
 
@@ -38,7 +38,7 @@ def test_the_state_of_the_art_commands_pass_every_check_before_the_data(tmp_path
     for name, command in bench.state_of_the_art_commands(tmp_path, tmp_path / "no-data").items():
         monkeypatch.setattr(sys, "argv", command[1:])
         with pytest.raises(SystemExit) as exit:
-            common.run(mains[command[1]])
+            cli_run.main(mains[command[1]])
         err = capsys.readouterr().err
         assert exit.value.code == 2 and "the download failed" in err, (name, err)
 

@@ -11,10 +11,10 @@ import torchvision
 from conftest import run_script
 
 import activation_pruning
-import common
 import zero_pruning
+from cli import run as cli_run
 from pruning import files as files_module
-from pruning import storage
+from pruning import formats
 from pruning.model import mnist_mlp
 
 SCRIPTS = ["zero_pruning.py", "activation_pruning.py"]
@@ -37,12 +37,12 @@ def assert_rejected(script, args, message, tmp_path, capsys, monkeypatch, data_d
     """Run script's main as its command line does, with a precious checkpoint beside it:
     it must fail with one error line and exit code 2, and touch no file."""
     precious = tmp_path / "precious.pt"  # a checkpoint of this project, made with other settings
-    storage.save(mnist_mlp([784, 10]), precious, about={"config": {"sizes": [784, 10]}})
+    formats.save(mnist_mlp([784, 10]), precious, about={"config": {"sizes": [784, 10]}})
     before = files(tmp_path)
     monkeypatch.setattr(sys, "argv", [script, *args, *(["--checkpoint", str(precious)] if checkpoint else [])])
     monkeypatch.setenv("MNIST_DATA_DIR", str(data_dir or tmp_path / "data"))
     with pytest.raises(SystemExit) as exit:
-        common.run(MAINS[script])
+        cli_run.main(MAINS[script])
     out, err = capsys.readouterr()
     assert exit.value.code == 2, err
     last = err.strip().splitlines()[-1]
@@ -323,9 +323,9 @@ def test_a_json_with_our_keys_but_not_our_mark_is_not_ours(tmp_path):
     notes = tmp_path / "notes.json"
     notes.write_text('{"settings": {}, "rows": [], "dense_accuracy": 98}')
     with pytest.raises(files_module.UserError, match="is not a file this project wrote"):
-        files_module.atomic_write(notes, lambda f: f.write(b"{}"), "--json")
+        files_module.atomic_write(notes, lambda f: f.write(b"{}"))
     with pytest.raises(files_module.UserError, match="is not a file this project wrote"):
-        storage.save(mnist_mlp(), notes)
+        formats.save(mnist_mlp(), notes)
     assert notes.read_text() == '{"settings": {}, "rows": [], "dense_accuracy": 98}'
 
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from pruning import compressed as cz
 from pruning import criteria, surgery, training
 from pruning.files import UserError
+from pruning.formats import compressed as cz
 from pruning.model import kept_inputs, linears, mlp
 
 

@@ -5,8 +5,8 @@ import json
 import pytest
 from conftest import run_script
 
-import common
 import figures
+import pruning
 
 
 def result(bits, compressed_bytes):
@@ -42,5 +42,5 @@ def test_results_it_cannot_draw_get_one_line_and_no_file(tmp_path):
     assert completed.stderr.strip().endswith("not the results of zero_pruning.py --bits B --json"), completed.stderr
     assert len(completed.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.png").exists()
     (tmp_path / "broken.json").write_text("{")  # refused the same way, here in process
-    with pytest.raises(common.UserError, match="cannot read results from"):
+    with pytest.raises(pruning.UserError, match="cannot read results from"):
         figures.read(tmp_path / "broken.json")

@@ -12,8 +12,9 @@ from test_pruning import tiny
 from torch.nn.utils import prune
 
 import pruning
-from pruning import compressed, inference, surgery
+from pruning import inference, surgery
 from pruning import model as models
+from pruning.formats import compressed
 
 
 def sparse_mlp(sizes=(40, 23, 13, 6), density=0.3, seed=0):

@@ -180,7 +180,7 @@ def test_a_network_never_seen_is_pruned_both_ways_saved_loaded_and_run_in_onnxru
 
 def test_importing_the_library_changes_nothing_outside_it():
     code = ("import os, signal; handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM); "
-            "import pruning, pruning.storage, pruning.compressed, pruning.measure, pruning.inference; "
+            "import pruning, pruning.formats, pruning.formats.compressed, pruning.measure, pruning.inference; "
             "assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers; "
             "assert 'GOMP_SPINCOUNT' not in os.environ")
     env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}

@@ -16,11 +16,13 @@ import torch
 from conftest import ROOT, run_script, script_command
 
 import activation_pruning as ap
-import common
 import pruning
 import zero_pruning as zp
+from cli import recipe
+from cli import run as cli_run
 from pruning import data as mnist
-from pruning import files, storage, surgery, torchfile, training
+from pruning import files, formats, surgery, training
+from pruning.formats import torchfile
 from pruning.model import count_params, kept_inputs, mlp
 
 pytestmark = [pytest.mark.usefixtures("mnist_dir"), pytest.mark.slow]
@@ -29,7 +31,7 @@ TIMINGS = {"inference_time_s", "dense_inference_time_s"}
 
 def load(checkpoint):
     """The model in checkpoint, which must be complete and hold its training settings."""
-    model, about = storage.load(checkpoint, with_about=True)
+    model, about = formats.load(checkpoint, with_about=True)
     assert about["config"]["recipe"] == training.RECIPE
     return model
 
@@ -277,20 +279,20 @@ def test_same_seed_same_results(tmp_path):
     assert runs[0] == runs[1]
     strip = [[{k: v for k, v in r.items() if k not in TIMINGS} for r in rows] for rows in runs[2:]]
     assert strip[0] == strip[1]
-    first, second = (storage.read_torch_file(tmp_path / f"m{i}.pt")["tensors"] for i in range(2))
+    first, second = (formats.torchfile.read_torch_file(tmp_path / f"m{i}.pt")["tensors"] for i in range(2))
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 @pytest.mark.parametrize("bad", ["other settings", "not finite"])
 def test_an_unusable_checkpoint_of_ours_is_reported_and_replaced(bad, checkpoint, tmp_path):
     path = tmp_path / "mlp.pt"
-    saved = storage.read_torch_file(checkpoint)
+    saved = formats.torchfile.read_torch_file(checkpoint)
     model, config = torchfile.from_tensors(saved), {**saved["about"]["config"], "epochs": 1}
     if bad == "not finite":
         saved["tensors"]["1.weight"][0, 0] = float("nan")
         torch.save({**saved, "about": {"config": config}}, path)
     else:
-        storage.save(model, path, about={"config": {**config, "epochs": 3}})
+        formats.save(model, path, about={"config": {**config, "epochs": 3}})
     result = run_script("zero_pruning.py", "--checkpoint", path, "--epochs", "1", "--thresholds", "0")
     assert result.returncode == 0, result.stderr
     assert f"model: checkpoint {path}: " in result.stderr and "; retraining" in result.stderr
@@ -432,7 +434,7 @@ def test_a_full_disk_ends_in_one_line_and_keeps_the_earlier_file(script, checkpo
     monkeypatch.setattr(sys, "argv", [script, "--checkpoint", str(checkpoint), "--thresholds", "0", "--json", str(out),
                                       "--quiet"])
     with pytest.raises(SystemExit) as exit:
-        common.run({"zero_pruning.py": zero_pruning.main, "activation_pruning.py": activation_pruning.main}[script])
+        cli_run.main({"zero_pruning.py": zero_pruning.main, "activation_pruning.py": activation_pruning.main}[script])
     err = capsys.readouterr().err
     assert exit.value.code == 2
     (line,) = err.strip().splitlines()  # the first file the full disk stops, whichever it is
@@ -444,9 +446,9 @@ def test_a_full_disk_ends_in_one_line_and_keeps_the_earlier_file(script, checkpo
 def test_training_that_diverges_stops_in_one_line():
     model = mlp([6, 5, 3])
     x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
-    with pytest.raises(common.UserError, match="^training diverged: the weights are no longer finite numbers; "
+    with pytest.raises(pruning.UserError, match="^training diverged: the weights are no longer finite numbers; "
                                                "lower the learning rate \\(the model is as it was\\)$"):
-        common.train(model, (x, y), pruning.Recipe(epochs=2, lr=1e30, batch_size=8))
+        recipe.train(model, (x, y), pruning.Recipe(epochs=2, lr=1e30, batch_size=8))
 
 
 def test_a_first_run_in_a_fresh_copy_makes_its_checkpoints_and_runs_folders(tmp_path, mnist_dir):

@@ -165,7 +165,7 @@ def test_save_writes_the_compressed_file_from_any_model_and_load_reads_it_back_e
     model = pruning.zero_prune(pruning.mnist_mlp([784, 64, 10]), 0.9)
     size = pruning.save(model, tmp_path / "m.bin", storage="compressed", bits=5)
     loaded, x = pruning.load(tmp_path / "m.bin"), torch.rand(32, 784)
-    quantized = pruning.compressed.quantize(model, 5).eval()
+    quantized = pruning.formats.compressed.quantize(model, 5).eval()
     assert torch.equal(loaded(x), quantized(x)) and size < pruning.save(model, tmp_path / "m.pt", "csr") / 3
     with pytest.raises(ValueError, match="bits must be a whole number from 1 to 8"):
         pruning.save(model, tmp_path / "m.bin", storage="compressed", bits=9)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import pruning
 from cli import checkpoints, options, results
-from pruning import chain, criteria, measure, methods, schedules, storage, surgery, training
+from pruning import chain, criteria, formats, measure, methods, schedules, surgery, training
 from pruning import model as models
 from pruning.model import count_params, count_weights, count_zeros, kept_inputs, linears, mlp, widths
 
@@ -250,8 +250,8 @@ def test_sparse_file_round_trips_to_identical_predictions(tmp_path):
     torch.manual_seed(0)
     model = models.mnist_mlp()
     pruned = surgery.make_permanent(prune_below(model, criteria.threshold_for_sparsity(model, 0.95)))
-    storage.save(pruned, tmp_path / "m.pt", "csr")
-    loaded = storage.load(tmp_path / "m.pt")
+    formats.save(pruned, tmp_path / "m.pt", "csr")
+    loaded = formats.load(tmp_path / "m.pt")
     x = torch.rand(64, 784)
     with torch.no_grad():
         assert torch.equal(loaded(x), pruned(x))
@@ -263,15 +263,15 @@ def test_sparse_file_is_within_ten_percent_of_what_csr_needs(tmp_path):
     model = mlp()
     for sparsity in (0.5, 0.9, 0.95, 0.98, 0.99):
         pruned = surgery.make_permanent(prune_below(model, criteria.threshold_for_sparsity(model, sparsity)))
-        size = storage.save(pruned, tmp_path / "m.pt", "csr")
+        size = formats.save(pruned, tmp_path / "m.pt", "csr")
         assert size == (tmp_path / "m.pt").stat().st_size
-        assert storage.csr_bytes_needed(pruned) <= size <= 1.10 * storage.csr_bytes_needed(pruned)
+        assert formats.csr_bytes_needed(pruned) <= size <= 1.10 * formats.csr_bytes_needed(pruned)
 
 
 def test_csr_bytes_needed_by_hand():
     pruned = surgery.make_permanent(prune_below(zero_model(), 0.125))
     # layer 1: 3 values and column indices, 3 row pointers, 2 biases; layer 2: 1, 2, 1
-    assert storage.csr_bytes_needed(pruned) == (8 * 3 + 4 * 3 + 4 * 2) + (8 * 1 + 4 * 2 + 4 * 1)
+    assert formats.csr_bytes_needed(pruned) == (8 * 3 + 4 * 3 + 4 * 2) + (8 * 1 + 4 * 2 + 4 * 1)
 
 
 # Activation pruning -------------------------------------------------------------------

@@ -22,12 +22,12 @@ import torch
 from conftest import ROOT, run_script
 
 import activation_pruning
-import common
 import figures
 import pruning
 import zero_pruning
-from cli import checkpoints, options
-from pruning import architecture, files, storage
+from cli import checkpoints, destinations, options
+from cli import run as cli_run
+from pruning import architecture, files, formats
 from pruning.model import mnist_mlp
 
 SCRIPTS = ["zero_pruning.py", "activation_pruning.py"]
@@ -76,7 +76,7 @@ def refused_in_process(script, tiny_data, tmp_path, *args, message, capsys, monk
     monkeypatch.setattr(sys, "argv", [script, "--data-dir", str(tiny_data), "--epochs", "1", "--checkpoint",
                                       str(tmp_path / "ckpt" / "m.pt"), *map(str, args)])
     with pytest.raises(SystemExit) as exit:
-        common.run({"zero_pruning.py": zero_pruning.main, "activation_pruning.py": activation_pruning.main}[script])
+        cli_run.main({"zero_pruning.py": zero_pruning.main, "activation_pruning.py": activation_pruning.main}[script])
     err = capsys.readouterr().err
     assert exit.value.code == 2, err
     assert err.strip().splitlines()[-1].startswith(f"{script}: error:") and message in err.strip().splitlines()[-1]
@@ -227,7 +227,7 @@ def test_ownership_is_checked_again_when_the_file_is_moved_into_place(tmp_path):
         f.write(b"{}")
 
     with pytest.raises(files.UserError, match="is not a file this project wrote"):
-        files.atomic_write(path, write, "--json")
+        files.atomic_write(path, write)
     assert path.read_text() == "someone else's, written meanwhile"
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
 
@@ -284,26 +284,26 @@ def hostile_files(folder):
                                             body_rest=bytes(60 << 20)))
     write("no layers.bin", compressed_file([]))
     model = pruning.model.mlp([3, 4, 10], inputs=[1, 2, 900])
-    storage.save(model, folder / "pixels.pt")
+    formats.save(model, folder / "pixels.pt")
     made["pixel past the image.pt"] = folder / "pixels.pt"
-    saved = storage.read_torch_file(folder / "pixels.pt")
+    saved = formats.torchfile.read_torch_file(folder / "pixels.pt")
     saved["architecture"] = [{"type": "Linear", "in": 30_000, "out": 30_000, "bias": True}]
     torch.save(saved, folder / "claims.pt")
     made["csr claiming 30000x30000.pt"] = folder / "claims.pt"
-    saved = storage.read_torch_file(folder / "pixels.pt")
+    saved = formats.torchfile.read_torch_file(folder / "pixels.pt")
     saved["storage"], saved["tensors"] = "csr", {"indices": torch.tensor([0, 5, 2], dtype=torch.int32),
                                                  "values": torch.ones(3)}
     torch.save(saved, folder / "inconsistent.pt")
     made["inconsistent csr.pt"] = folder / "inconsistent.pt"
-    saved = storage.read_torch_file(folder / "pixels.pt")
+    saved = formats.torchfile.read_torch_file(folder / "pixels.pt")
     del saved["architecture"]
     torch.save(saved, folder / "missing.pt")
     made["missing key.pt"] = folder / "missing.pt"
     small = pruning.model.mlp([4, 3, 2])
 
     def variant(name, **changes):
-        storage.save(small, folder / "small.pt")
-        saved = storage.read_torch_file(folder / "small.pt")
+        formats.save(small, folder / "small.pt")
+        saved = formats.torchfile.read_torch_file(folder / "small.pt")
         for key, change in changes.items():
             saved[key] = change(saved[key])
         torch.save(saved, folder / name)
@@ -348,7 +348,7 @@ def test_every_hostile_model_file_is_refused_in_one_line_within_500_mb(tmp_path)
 def test_an_abandoned_probe_file_is_removed_by_the_next_check(tmp_path):
     probe = tmp_path / ".out.json.4194303.1.tmp"
     probe.write_bytes(b"")
-    files.check_file_destination("--json", tmp_path / "out.json")
+    destinations.check_file_destination("--json", tmp_path / "out.json")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -459,7 +459,7 @@ def test_bf16_trains_a_model_of_its_own_and_leaves_the_fp32_checkpoints_name_alo
                             "--json", tmp_path / "r.json")
         assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "r.json").read_text())["settings"]["bf16"] is True
-    assert storage.load(tmp_path / "m.pt", with_about=True)[1]["config"]["bf16"] is True  # retrained, not reused
+    assert formats.load(tmp_path / "m.pt", with_about=True)[1]["config"]["bf16"] is True  # retrained, not reused
     fp32 = argparse.Namespace(model="mlp", hidden=[512, 256, 128], epochs=5, lr=1e-3, batch_size=128, seed=0,
                               validation=0, bf16=False, shift=0, checkpoint=None)
     name = checkpoints.checkpoint_path(fp32, checkpoints.training_config(fp32)).name
@@ -474,7 +474,7 @@ def test_shift_trains_a_model_of_its_own_and_distils_from_it(tiny_data, tmp_path
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "r.json").read_text())["settings"]["shift"] == 2
     for name in ("m.pt", "m-control.pt"):
-        assert storage.load(tmp_path / name, with_about=True)[1]["config"]["shift"] == 2
+        assert formats.load(tmp_path / name, with_about=True)[1]["config"]["shift"] == 2
 
 
 # Arguments and files that once got through -------------------------------------------------------
@@ -512,9 +512,9 @@ def test_normalisations_and_statistics_must_be_finite_numbers(layer):
 def test_a_model_with_non_finite_statistics_is_refused(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
     model[1].running_var.fill_(float("nan"))
-    storage.save(model, tmp_path / "m.pt")
+    formats.save(model, tmp_path / "m.pt")
     with pytest.raises(files.UserError, match="statistics that are not finite"):
-        storage.load(tmp_path / "m.pt")
+        formats.load(tmp_path / "m.pt")
 
 
 def test_the_library_checks_its_arguments_and_leaves_the_model_as_it_was():
@@ -594,7 +594,7 @@ def test_a_cleanup_that_fails_is_not_a_second_error(tmp_path, monkeypatch):
     monkeypatch.setattr(files.os, "link", refuse)  # a folder that turned read-only mid-write
     monkeypatch.setattr(files.Path, "unlink", refuse)
     with pytest.raises(files.UserError, match="cannot write .*m.pt: Permission denied"):
-        storage.save(mnist_mlp([784, 10]), tmp_path / "m.pt")
+        formats.save(mnist_mlp([784, 10]), tmp_path / "m.pt")
 
 
 def test_a_long_legal_name_saves_and_a_folder_named_like_a_temporary_is_passed_by(tmp_path):
@@ -602,8 +602,8 @@ def test_a_long_legal_name_saves_and_a_folder_named_like_a_temporary_is_passed_b
     for name in ("m" * 252 + ".pt", "r.pt"):
         for n in range(files._written + 1, files._written + 4):  # folders where the next temporaries would go
             (tmp_path / files.TEMPORARY.format(name=name[:files.NAME_KEPT], pid=os.getpid(), n=n)).mkdir()
-        storage.save(model, tmp_path / name)
-        assert torch.equal(storage.load(tmp_path / name)[1].weight, model[1].weight)
+        formats.save(model, tmp_path / name)
+        assert torch.equal(formats.load(tmp_path / name)[1].weight, model[1].weight)
     assert sum(p.is_dir() for p in tmp_path.iterdir()) == 6  # not ours: left where they were
 
 
@@ -641,8 +641,8 @@ def test_zero_prune_that_fails_leaves_the_model_as_it_was_without_masks():
 def test_a_model_still_carrying_masks_saves_as_its_masked_weights(kind, tmp_path):
     torch.manual_seed(0)
     model = pruning.hold_below(mnist_mlp([784, 16, 10]), 0.02)
-    storage.save(model, tmp_path / "m.pt", kind)
-    loaded = storage.load(tmp_path / "m.pt")
+    formats.save(model, tmp_path / "m.pt", kind)
+    loaded = formats.load(tmp_path / "m.pt")
     x = torch.rand(5, 784)
     assert torch.equal(loaded(x), model(x).detach())
     assert (loaded[1].weight == 0).sum() == (model[1].weight == 0).sum() > 0
@@ -680,7 +680,7 @@ def test_a_run_that_would_not_fit_in_memory_is_refused_by_the_script(tiny_data, 
 def test_a_checkpoint_option_at_a_result_of_ours_is_refused_not_replaced(tiny_data, tmp_path):
     (tmp_path / "ckpt").mkdir()
     model = pruning.hold_below(mnist_mlp(), 0.05)
-    storage.save(model, tmp_path / "ckpt" / "m.pt", "csr")
+    formats.save(model, tmp_path / "ckpt" / "m.pt", "csr")
     refused("zero_pruning.py", tiny_data, tmp_path, message="saved as a result, not a trained checkpoint")
 
 
@@ -691,11 +691,11 @@ def test_a_read_only_cache_that_holds_the_model_is_used(tiny_data, tmp_path, mon
             "--save-dir", str(tmp_path / "out")]
     assert run_script("zero_pruning.py", *args).returncode == 0
     code = ("import sys, runpy\n"
-            "from pruning import files\n"
+            "from cli import destinations\n"
             "def read_only(path):\n"
             "    if path.name == 'm.pt':\n"
-            "        raise files.UserError(f'cannot write {path}: Read-only file system')\n"
-            "files.probe_writable = read_only\n"
+            "        raise destinations.UserError(f'cannot write {path}: Read-only file system')\n"
+            "destinations.probe_writable = read_only\n"
             "sys.argv = ['zero_pruning.py', *sys.argv[1:]]\n"
             "runpy.run_path('zero_pruning.py', run_name='__main__')\n")
     result = in_subprocess(code, *args)

@@ -14,8 +14,40 @@ def test_ruff_finds_nothing():
 
 
 def test_no_source_file_is_over_400_lines():
-    sources = [*ROOT.glob("*.py"), *(ROOT / "pruning").glob("*.py"), *(ROOT / "cli").glob("*.py")]
+    sources = [*ROOT.glob("*.py"), *(ROOT / "pruning").rglob("*.py"), *(ROOT / "cli").glob("*.py")]
     assert {p.relative_to(ROOT).as_posix(): n for p in sources if (n := len(p.read_text().splitlines())) > 400} == {}
+
+
+def test_the_root_holds_only_entry_points():
+    entry_points = {"zero_pruning.py", "activation_pruning.py", "bench.py", "figures.py", "networks.py"}
+    assert {p.name for p in ROOT.glob("*.py")} == entry_points
+    for name in entry_points:
+        text = (ROOT / name).read_text()
+        assert 'if __name__ == "__main__":' in text, name
+        assert not any(f"import {other[:-3]}" in text for other in entry_points - {name}), name  # none imports another
+
+
+def test_the_options_are_read_only_once_the_run_starts():
+    import pytest
+
+    from cli import options
+    args = options.parser("test", [0.0]).parse_args(["--seed", "3"])
+    args.seed = 4  # completed by the script's checks before the run
+    options.freeze(args)
+    with pytest.raises(AttributeError, match="read-only once the run starts"):
+        args.seed = 5
+    other = options.with_seed(args, 7)
+    assert (args.seed, other.seed, other.threads) == (4, 7, args.threads)
+    with pytest.raises(AttributeError, match="read-only"):
+        other.busy = True
+
+
+def test_saving_takes_no_command_line_option_name():
+    import inspect
+
+    import pruning
+    for function in (pruning.save, pruning.export_onnx, pruning.files.atomic_write):
+        assert "option" not in inspect.signature(function).parameters, function.__name__
 
 
 def test_importing_the_library_imports_no_compiler_plotting_or_onnx():

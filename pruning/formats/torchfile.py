@@ -12,21 +12,15 @@ import torch
 
 from pruning import architecture, chain, graph
 from pruning.files import WRITER, UserError, atomic_write, read_torch_dict, shown
-from pruning.model import KeepInputs, Normalize, weighted
+from pruning.model import weighted
 
 FORMAT, VERSION = "pruning-model", 1
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def file_limit(max_params=architecture.MAX_PARAMS):
-    """The largest model file of at most max_params parameters: fp64 values with int32 indices."""
-    return 12 * max_params + (1 << 20)
+MAX_FILE_BYTES = architecture.file_limit()
 
 
-MAX_FILE_BYTES = file_limit()
-
-
-def write(model, path, storage="dense", about=None, option=None):
+def write(model, path, storage="dense", about=None):
     """Write model (any chain of layers this project handles) as a PyTorch file, storage 'dense' or
     'csr'; returns the file's size."""
     sequential = graph.network(model)
@@ -45,7 +39,7 @@ def write(model, path, storage="dense", about=None, option=None):
              "architecture": description, "dtype": dtype_of(sequential), "tensors": state, "about": about or {}}
     buffer = io.BytesIO()  # written whole first: a full disk is then an OSError of ours, said in one line
     torch.save(saved, buffer)
-    atomic_write(path, lambda f: f.write(buffer.getbuffer()), option)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
     return Path(path).stat().st_size
 
 
@@ -60,10 +54,10 @@ def tensor_bytes(state):
 def dtype_of(model):
     """The name of the floating-point type of model's weights (one for all)."""
     kinds = {p.dtype for p in model.parameters()}
-    name = next((n for n, t in DTYPES.items() if kinds == {t}), None)
+    name = next((n for n, t in architecture.DTYPES.items() if kinds == {t}), None)
     if name is None:
         raise ValueError(f"the model's weights are of {', '.join(sorted(map(str, kinds)))}: one floating-point "
-                         f"type of {', '.join(DTYPES)} is stored")
+                         f"type of {', '.join(architecture.DTYPES)} is stored")
     return name
 
 
@@ -115,7 +109,7 @@ def csr_bytes_needed(model):
 
 def read_torch_file(path, max_params=architecture.MAX_PARAMS):
     """The dict a model file of ours holds, checked before anything of its claimed size is allocated."""
-    saved = read_torch_dict(path, file_limit(max_params), "model file")
+    saved = read_torch_dict(path, architecture.file_limit(max_params), "model file")
     if saved.get("format") != FORMAT:
         raise UserError(f"{shown(path)} is not a model file of this project")
     if saved.get("version") != VERSION:
@@ -139,8 +133,8 @@ def read(path, max_params=architecture.MAX_PARAMS):
 def from_tensors(saved, max_params=architecture.MAX_PARAMS):
     description, tensors = saved["architecture"], saved["tensors"]
     dtype = saved.get("dtype", "float32")  # files written before the dtype was recorded: fp32
-    if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise ValueError(f"its dtype {architecture.brief(dtype)} is not one of {', '.join(DTYPES)}")
+    if not isinstance(dtype, str) or dtype not in architecture.DTYPES:
+        raise ValueError(f"its dtype {architecture.brief(dtype)} is not one of {', '.join(architecture.DTYPES)}")
     shapes = {k: v.shape for k, v in architecture.build(description, "meta", max_params).state_dict().items()}
     check_tensors(tensors, saved["storage"])
     if saved["storage"] == "csr":
@@ -149,9 +143,9 @@ def from_tensors(saved, max_params=architecture.MAX_PARAMS):
         raise ValueError(f"unknown storage {saved['storage']!r}")
     if tensors.keys() != shapes.keys() or any(tensors[k].shape != s for k, s in shapes.items()):
         raise ValueError("its tensors do not fit its architecture")
-    model = architecture.build(description, max_params=max_params).to(DTYPES[dtype])
+    model = architecture.build(description, max_params=max_params).to(architecture.DTYPES[dtype])
     model.load_state_dict(tensors)
-    check_model(model)
+    architecture.check_model(model)
     return model
 
 
@@ -195,17 +189,3 @@ def dense_from_csr(description, tensors, shapes):
     if len(indices) or len(values):
         raise ValueError("numbers are left after the last layer")
     return out
-
-
-def check_model(model):
-    """Refuse a model whose numbers cannot be right: non-finite weights or buffers (BatchNorm's
-    statistics), a normalisation by zero, pixel indices out of range."""
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise ValueError("it holds weights that are not finite numbers")
-    if not all(torch.isfinite(b).all() for b in model.buffers() if b.is_floating_point()):
-        raise ValueError("it holds statistics that are not finite numbers")
-    for m in model.modules():
-        if isinstance(m, Normalize) and not (math.isfinite(m.mean) and math.isfinite(m.std) and m.std > 0):
-            raise ValueError(f"its input normalisation (mean {m.mean}, std {m.std}) is not a finite one")
-        if isinstance(m, KeepInputs) and len(m.indices) and (m.indices.min() < 0 or m.indices.max() >= m.size):
-            raise ValueError("its input pixels lie outside the image")

@@ -4,7 +4,7 @@ the positions of the non-zero weights as gaps or a bitmask, all entropy-coded by
 
 File: magic b"MLPZ", format version (1 byte), body length and CRC-32 of the body (4 bytes each,
 little-endian), then the body, an LZMA2 raw stream of: the dtype the model loads in (1 byte, an
-index into torchfile.DTYPES; version 3 on, version 2 loads in fp32), the architecture as JSON (its length in 4
+index into architecture.DTYPES; version 3 on, version 2 loads in fp32), the architecture as JSON (its length in 4
 bytes first; architecture.py), then per layer with weights its position encoding, its shared values
 (fp16), its positions and one code (a byte) per stored weight, then every other number of the
 model (biases and the like as fp16, the kept pixels' indices as int32) in the order of its state.
@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.nn.utils.parametrize as parametrize
 
-from pruning import architecture, chain, graph, surgery, torchfile
+from pruning import architecture, chain, graph, surgery
 from pruning.files import UserError, atomic_write, check_readable, shown
 from pruning.model import weighted
 
@@ -154,10 +154,10 @@ def compressed_size(data):
 # The file -----------------------------------------------------------------------------
 
 def encode(model, dtype="float32"):
-    """The file's bytes for a model made by quantize(), to load in dtype (a name of torchfile.DTYPES)."""
+    """The file's bytes for a model made by quantize(), to load in dtype (a name of architecture.DTYPES)."""
     model = graph.network(model)
     description = json.dumps(architecture.describe(model), separators=(",", ":")).encode()
-    body = [bytes([list(torchfile.DTYPES).index(dtype)]), struct.pack("<I", len(description)), description]
+    body = [bytes([list(architecture.DTYPES).index(dtype)]), struct.pack("<I", len(description)), description]
     shared = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, chain.WEIGHTED)}
     for layer in weighted(model):
         codebook, codes = shared_values(layer)
@@ -229,9 +229,9 @@ def decode(data, max_params=architecture.MAX_PARAMS):
     dtype = "float32"
     if version >= 3:
         (code,) = body.read(1, 1 + 4 + MAX_DESCRIPTION)
-        if code >= len(torchfile.DTYPES):
-            raise ValueError(f"corrupted: dtype {code} is not one of {len(torchfile.DTYPES)}")
-        dtype = list(torchfile.DTYPES)[code]
+        if code >= len(architecture.DTYPES):
+            raise ValueError(f"corrupted: dtype {code} is not one of {len(architecture.DTYPES)}")
+        dtype = list(architecture.DTYPES)[code]
     first = 1 if version >= 3 else 0
     (n,) = struct.unpack("<I", body.read(4, first + 4 + MAX_DESCRIPTION))
     try:
@@ -265,15 +265,15 @@ def decode(data, max_params=architecture.MAX_PARAMS):
                 tensor.copy_(torch.from_numpy(values).view_as(tensor))
     if not body.finished():
         raise ValueError("corrupted: bytes left after the last layer")
-    torchfile.check_model(model)
-    return model.to(torchfile.DTYPES[dtype])
+    architecture.check_model(model)
+    return model.to(architecture.DTYPES[dtype])
 
 
-def save_compressed(model, path, option=None, dtype="float32"):
+def save_compressed(model, path, dtype="float32"):
     """Write a model made by quantize() to path, atomically, to load in dtype; returns the file's size
     in bytes."""
     data = encode(model, dtype)
-    atomic_write(path, lambda f: f.write(data), option)
+    atomic_write(path, lambda f: f.write(data))
     return len(data)
 
 
@@ -281,7 +281,7 @@ def load_compressed(path, max_params=architecture.MAX_PARAMS):
     """The model stored at path, predicting exactly as the quantized model saved there; a file
     that is not one, or is damaged, is refused with a one-line UserError."""
     try:
-        check_readable(path, torchfile.file_limit(max_params), "compressed model file")
+        check_readable(path, architecture.file_limit(max_params), "compressed model file")
         with open(path, "rb") as f:
             return decode(f.read(), max_params)
     except OSError as e:

@@ -1,20 +1,27 @@
-"""Model files that describe themselves, whatever their format: which format a file is and which
-module reads it. The PyTorch file (torchfile.py: 'dense', 'csr') and the compressed file
-(compressed.py) each record the architecture beside the numbers, so pruning.load rebuilds the
-model from any of them; ONNX for other runtimes."""
+"""Model files, one module per format, and the three calls that choose among them:
+
+    save(model, path, storage)   'dense' or 'csr': torchfile.py, PyTorch's zip file
+                                 'compressed': compressed.py, shared values and LZMA-coded positions
+    load(path)                   any of those, or a torch.export file (.pt2: exported.py), by its content
+    export_onnx(model, path)     ONNX for other runtimes: onnxfile.py
+
+Every file records the architecture as data beside the numbers (pruning/architecture.py), no
+pickled code, so load rebuilds the model; what any file's model must be (its size, finite numbers,
+its dtype) is checked there too."""
 
 import os
-import warnings
 
-import torch
-
-from pruning import chain, compressed, exported, graph, torchfile
-from pruning.files import WRITER, UserError, atomic_write, check_readable, shown
+from pruning import architecture, graph
+from pruning.files import UserError, check_readable, shown
+from pruning.formats import compressed, exported, torchfile
+from pruning.formats.onnxfile import export_onnx
+from pruning.formats.torchfile import csr_bytes_needed
 from pruning.model import MAX_PARAMS
-from pruning.torchfile import MAX_FILE_BYTES, csr_bytes_needed, read_torch_file, to_csr  # noqa: F401
+
+__all__ = ["save", "load", "export_onnx", "csr_bytes_needed"]
 
 
-def save(model, path, storage="dense", *, about=None, option=None, bits=None):
+def save(model, path, storage="dense", *, about=None, bits=None):
     """Write model (any chain of layers this project handles) to path; returns the file's size.
     storage: 'dense' (every weight, in the model's dtype), 'csr' (the non-zeros), or 'compressed'
     (each layer's weights shared among 2^bits values, bits 5 unless given: lossy, and what loads
@@ -26,10 +33,10 @@ def save(model, path, storage="dense", *, about=None, option=None, bits=None):
         dtype = torchfile.dtype_of(model)
         if not compressed.is_quantized(model) or bits is not None:
             model = compressed.quantize(graph.network(model), bits or DEFAULT_BITS)
-        return compressed.save_compressed(model, path, option, dtype)
+        return compressed.save_compressed(model, path, dtype)
     if bits is not None:
         raise ValueError("bits is for storage='compressed'")
-    return torchfile.write(model, path, storage, about, option)
+    return torchfile.write(model, path, storage, about)
 
 
 DEFAULT_BITS = 5
@@ -55,7 +62,7 @@ def load(path, *, with_about=False, max_params=None):
         max_params = params_justified(path)
     if type(max_params) is not int or max_params < 1:
         raise ValueError(f"max_params must be a positive whole number, not {max_params!r}")
-    check_readable(path, torchfile.file_limit(max_params), "model file")
+    check_readable(path, architecture.file_limit(max_params), "model file")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"MLPZ":
@@ -81,33 +88,3 @@ def params_justified(path):
     except OSError:
         return MAX_PARAMS  # check_readable says why in one line
     return min(MOST_PARAMS, max(MAX_PARAMS, PARAMS_PER_BYTE * size))
-
-
-# Other runtimes -----------------------------------------------------------------------------
-
-def export_onnx(model, path, example=None, *, option=None):
-    """Write model as ONNX (opset of torch.onnx's exporter), input 'images' of any batch size,
-    output 'logits'. example: a batch of inputs; without it, the input shape the model records
-    (its input normalisation's, its kept pixels' image, or its first nn.Linear's inputs)."""
-    import onnx  # noqa: F401 -- the exporter needs it; its absence is said in one line
-    model = graph.network(model).eval()
-    if example is None:
-        shape = chain.input_shape(graph.layers_of(model))
-        if shape is None:
-            raise ValueError("export_onnx needs example=, a batch of the model's inputs: the model does not "
-                             "record its input shape (it starts with neither nn.Linear nor Normalize)")
-        example = torch.rand(2, *shape, dtype=next(model.parameters()).dtype)
-    if any(p.dtype == torch.bfloat16 for p in model.parameters()):
-        warnings.warn("a bf16 model exports to ONNX, but onnxruntime's CPU provider does not run bf16 Gemm or Conv: "
-                      "export model.float() to run it there", stacklevel=2)
-    example = example[:2] if len(example) > 1 else torch.cat([example, example])
-    batch = torch.export.Dim("batch")
-    with torch.no_grad():
-        program = torch.onnx.export(model, (example.cpu(),), dynamo=True, input_names=["images"],
-                                    output_names=["logits"], dynamic_shapes=({0: batch},), verbose=False)
-    proto = program.model_proto
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = "written_by", WRITER
-    data = proto.SerializeToString()
-    atomic_write(path, lambda f: f.write(data), option)
-    return len(data)
