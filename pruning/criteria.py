@@ -4,6 +4,7 @@ over all layers together; neurons and channels by their mean activation, by what
 much they vary."""
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -13,7 +14,7 @@ from pruning.model import weighted
 from pruning.training import EVAL_BATCH
 
 
-def magnitudes(model):
+def magnitudes(model: nn.Module) -> torch.Tensor:
     return torch.cat([layer.weight.detach().abs().flatten() for layer in weighted(model)])
 
 
@@ -24,13 +25,13 @@ def cut_for_sparsity(values, sparsity):
     return None if k == 0 else values.kthvalue(k).values
 
 
-def threshold_for_sparsity(model, sparsity):
+def threshold_for_sparsity(model: nn.Module, sparsity: float) -> float:
     """The smallest threshold that zeroes at least that fraction of all weights."""
     cut = cut_for_sparsity(magnitudes(model), sparsity)
     return 0.0 if cut is None else torch.nextafter(cut, torch.tensor(1.0)).item()
 
 
-def keep_largest(scores, sparsity):
+def keep_largest(scores: Sequence[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
     """Masks, one per tensor of scores, that keep the largest scores over all tensors together and
     drop at least the fraction `sparsity` of all, every tie at the cut dropped with it."""
     cut = cut_for_sparsity(torch.cat([s.flatten() for s in scores]), sparsity)

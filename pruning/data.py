@@ -76,7 +76,7 @@ def download(root):
                         "holding MNIST/raw/") from None
 
 
-def mnist(data_dir=None, validation=0):
+def mnist(data_dir: str | os.PathLike | None = None, validation: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """MNIST from data_dir (default: $MNIST_DATA_DIR, else ./data), as load() gives it."""
     return load(data_root(data_dir), validation)
 

@@ -206,7 +206,7 @@ def as_given(given, why):
 
 
 @torch.no_grad()
-def for_inference(model, batch_size=32, *, example=None):
+def for_inference(model: nn.Module, batch_size: int = 32, *, example: torch.Tensor | None = None) -> nn.Module:
     """A copy of model for predicting on the CPU, about batch_size inputs a call: in eval mode,
     without gradients, its last run of fully connected layers computed on their non-zeros where
     that is faster here, and the model as given kept where that is faster still. It predicts as

@@ -58,7 +58,7 @@ def cpu_used_by_others(seconds=0.5):
 
 
 @torch.no_grad()
-def flops(model, example):
+def flops(model: nn.Module, example: torch.Tensor) -> int:
     """Multiply-adds per image of model on one input like example, counting only non-zero weights:
     a linear layer's non-zero weights, a convolution's times the positions of its output."""
     total = 0

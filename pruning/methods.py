@@ -4,6 +4,7 @@ removal (the structure shrinks); the saliencies that rank weights and units by w
 costs; and the group-lasso penalty that trains a network to spare units before they are removed."""
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -11,6 +12,7 @@ import torch.nn as nn
 from pruning import chain, criteria, graph, oneshot, surgery, training
 from pruning.model import count_params, evaluating, weighted
 from pruning.schedules import cubic_schedule
+from pruning.training import Data, Finetune, Teacher
 
 MAX_STEPS = 1000
 
@@ -20,7 +22,8 @@ def check_steps(steps):
         raise ValueError(f"steps must be a whole number from 1 to {MAX_STEPS}, not {steps!r}")
 
 
-def zero_prune(model, sparsity, *, steps=1, finetune=None, saliency=None, pattern=None):
+def zero_prune(model: nn.Module, sparsity: float, *, steps: int = 1, finetune: Finetune | None = None,
+               saliency: Callable | None = None, pattern: tuple[int, int] | None = None) -> nn.Module:
     """Zero the weights of every nn.Linear and nn.Conv1d, 2d and 3d of model (any nn.Module, whatever
     its graph), smallest in magnitude first over all layers together, until the fraction
     `sparsity` of them is zero: in `steps` steps on the
@@ -54,8 +57,9 @@ def zero_prune(model, sparsity, *, steps=1, finetune=None, saliency=None, patter
     return model
 
 
-def activation_prune(model, inputs, reduction, *, steps=1, finetune=None, prune_inputs=False,
-                     criterion="contribution"):
+def activation_prune(model: nn.Module, inputs: torch.Tensor, reduction: float, *, steps: int = 1,
+                     finetune: Finetune | None = None, prune_inputs: bool = False,
+                     criterion: str | Callable = "contribution") -> nn.Module:
     """Remove hidden neurons and conv channels of model (and its input pixels with prune_inputs),
     measured on the tensor `inputs`, until the fraction `reduction` of its parameters is gone:
     in `steps` steps on the cubic schedule, every layer cut by one factor, the units that pass on
@@ -117,7 +121,7 @@ def graph_prune(joined, inputs, reduction, steps, finetune, prune_inputs, criter
     return pruned.train(mode)
 
 
-def mean_activations(model, x):
+def mean_activations(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """Per hidden layer of model (a chain), each neuron's or channel's mean activation over the
     images x, measured in eval mode after the ReLU that follows it (after a signed activation,
     its standard deviation): what remove_below cuts by."""
@@ -127,7 +131,8 @@ def mean_activations(model, x):
     return means
 
 
-def remove_below(model, means, threshold, *, multiple_of=1, compensate=False, example=None):
+def remove_below(model: nn.Module, means: list[torch.Tensor], threshold: float, *, multiple_of: int = 1,
+                 compensate: bool = False, example: torch.Tensor | None = None) -> tuple[nn.Sequential, list[int]]:
     """A new, smaller nn.Sequential of model without the hidden neurons and channels whose mean
     activation (means, as mean_activations gives them) is below threshold; a layer that would be
     emptied keeps its strongest unit. multiple_of: each width rounded up to a multiple of it
@@ -143,7 +148,8 @@ def remove_below(model, means, threshold, *, multiple_of=1, compensate=False, ex
     return surgery.remove_units(layers, keep, spatial, means=folds if compensate else None), rescued
 
 
-def obd_saliency(data, *, batch_size=128, seed=0, teacher=None, temperature=4.0, weight=0.5):
+def obd_saliency(data: Data, *, batch_size: int = 128, seed: int = 0, teacher: Teacher = None, temperature: float = 4.0,
+                 weight: float = 0.5) -> Callable[[nn.Module], list[torch.Tensor]]:
     """saliency(model) for zero_prune: criteria.saliencies over one pass of data, (x, y), in seeded
     random batches, of the loss fine-tuning minimises (training.distillation_loss, distilling from
     teacher: None, a model, or its logits for every example of data), with model in eval mode.
@@ -160,7 +166,8 @@ def obd_saliency(data, *, batch_size=128, seed=0, teacher=None, temperature=4.0,
     return saliency
 
 
-def unit_saliency(data, *, batch_size=128, seed=0, teacher=None, temperature=4.0, weight=0.5):
+def unit_saliency(data: Data, *, batch_size: int = 128, seed: int = 0, teacher: Teacher = None,
+                  temperature: float = 4.0, weight: float = 0.5) -> Callable:
     """A criterion for activation_prune: criterion(layers, pixel_mean) gives each unit's saliency
     (criteria.unit_saliencies) over one pass of data as obd_saliency measures it, the chain in the
     mode activation_prune measures in (eval)."""
@@ -185,7 +192,8 @@ def batch_losses(data, batch_size, seed, teacher, temperature, weight):
     return losses
 
 
-def group_lasso(model, strength, example, *, prune_inputs=False):
+def group_lasso(model: nn.Module, strength: float, example: torch.Tensor, *,
+                prune_inputs: bool = False) -> Callable[[], torch.Tensor]:
     """A penalty for training.train(): strength times the sum of every unit's weight norm, in and
     out together (every input pixel's too with prune_inputs), which drives the weights of the
     units the network can best spare toward zero as groups (group lasso: Yuan and Lin 2006; for

@@ -3,6 +3,7 @@ and the counts every table reports."""
 
 import contextlib
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -57,12 +58,12 @@ def mlp(sizes=MLP_SIZES, inputs=None, size=784):
     return nn.Sequential(*layers[:-1])
 
 
-def mnist_mlp(sizes=MLP_SIZES):
+def mnist_mlp(sizes: Sequence[int] = MLP_SIZES) -> nn.Sequential:
     """The MLP that takes raw MNIST images."""
     return nn.Sequential(Normalize(), *mlp(sizes))
 
 
-def lenet5():
+def lenet5() -> nn.Sequential:
     """LeNet-5 as in Caffe: conv 20 5x5, max-pool, conv 50 5x5, max-pool, 800-500-10; 431,080 parameters."""
     return nn.Sequential(Normalize(shape=(1, 28, 28)),
                          nn.Conv2d(1, 20, 5), nn.ReLU(), nn.MaxPool2d(2),
@@ -98,7 +99,7 @@ def check_runs(model, x, refusal):
         raise ValueError(f"{refusal} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def weighted(model):
+def weighted(model: nn.Module) -> list[nn.Module]:
     """The layers whose weights are pruned: every nn.Linear and convolution (1d, 2d, 3d, transposed
     too), in order."""
     return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
@@ -108,7 +109,7 @@ def linears(model):
     return [m for m in model.modules() if isinstance(m, nn.Linear)]
 
 
-def kept_inputs(model):
+def kept_inputs(model: nn.Module) -> torch.Tensor:
     """The indices of the input pixels the model reads: all of them unless it holds KeepInputs."""
     keep = next((m for m in model.modules() if isinstance(m, KeepInputs)), None)
     if keep is not None:
@@ -118,7 +119,7 @@ def kept_inputs(model):
                         device=first.weight.device)
 
 
-def widths(model):
+def widths(model: nn.Module) -> tuple[int, ...]:
     """Input size followed by every weighted layer's output size, e.g. (784, 512, 256, 128, 10)."""
     layers = weighted(model)
     first = layers[0]
@@ -126,15 +127,15 @@ def widths(model):
             *(m.out_features if isinstance(m, nn.Linear) else m.out_channels for m in layers))
 
 
-def count_weights(model):
+def count_weights(model: nn.Module) -> int:
     return sum(layer.weight.numel() for layer in weighted(model))
 
 
-def count_params(model):
+def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_zeros(model):
+def count_zeros(model: nn.Module) -> int:
     return sum((layer.weight == 0).sum().item() for layer in weighted(model))
 
 

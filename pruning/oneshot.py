@@ -37,7 +37,7 @@ CHUNK = 256  # calibration images a forward at a time
 CALIBRATION = 2048  # training images to measure on: 1,024 to 4,096 tied on validation (docs/one-shot.md)
 
 
-def check_pattern(pattern, sparsity):
+def check_pattern(pattern: tuple[int, int], sparsity: float | None) -> tuple[int, int]:
     """pattern as (n, m) with 0 < n < m, and sparsity its 1 - n/m (or None)."""
     if pattern is None:
         return None
@@ -241,7 +241,7 @@ def needed(layer, rows):
 
 
 @torch.no_grad()
-def calibration_needed(model, example):
+def calibration_needed(model: nn.Module, example: torch.Tensor) -> int:
     """The fewest calibration inputs one_shot(method='reconstruct') takes for model, whose inputs
     are like example (a batch of one or more): ROWS_PER_COLUMN rows of inputs for every column of
     each layer it reconstructs.
@@ -294,7 +294,8 @@ def restore(layers, state):
 
 
 @torch.no_grad()
-def one_shot(model, inputs, sparsity=None, *, method="reconstruct", pattern=None):
+def one_shot(model: nn.Module, inputs: torch.Tensor, sparsity: float | None = None, *, method: str = "reconstruct",
+             pattern: tuple[int, int] | None = None) -> nn.Module:
     """Zero the weights of every nn.Linear and nn.Conv2d that model's forward calls to the fraction
     `sparsity` of them, with no training: each layer at the sparsity global magnitude ranking gives
     it, its weights chosen by `method` (METHODS) from the calibration tensor `inputs` (a few thousand

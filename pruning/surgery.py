@@ -6,6 +6,7 @@ a block of columns per channel after a Flatten), and a BatchNorm in between the 
 import contextlib
 import copy
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -16,13 +17,13 @@ from pruning.model import KeepInputs, Normalize, evaluating, kept_inputs, weight
 
 # Zeros ---------------------------------------------------------------------------------
 
-def hold_below(model, threshold):
+def hold_below(model: nn.Module, threshold: float) -> nn.Module:
     """Hold the weights with |w| < threshold of every weighted layer of model at zero, in place,
     with pruning masks that keep them zero through training; returns model."""
     return hold_masked(model, [layer.weight.detach().abs() >= threshold for layer in weighted(model)])
 
 
-def hold_masked(model, keep):
+def hold_masked(model: nn.Module, keep: Sequence[torch.Tensor]) -> nn.Module:
     """Hold at zero, in place, the weights of every weighted layer of model that its boolean mask in
     `keep` (one per layer, in order) marks False; returns model."""
     for layer, mask in zip(weighted(model), keep, strict=True):
@@ -30,7 +31,7 @@ def hold_masked(model, keep):
     return model
 
 
-def make_permanent(model):
+def make_permanent(model: nn.Module) -> nn.Module:
     """Fold the pruning masks into the weights, leaving ordinary layers; returns model."""
     for layer in weighted(model):
         if prune.is_pruned(layer):

@@ -1,7 +1,9 @@
 """Training, distillation and evaluation, on tensors held in memory: a model and (x, y) are all they take."""
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -10,6 +12,10 @@ from torch.optim.adam import adam as functional_adam
 
 from pruning import chain, surgery
 from pruning.data import dropped, shifted
+
+Data = tuple[torch.Tensor, torch.Tensor]  # (inputs, labels)
+Teacher = torch.Tensor | nn.Module | None  # what distillation learns from: logits, or a model
+Finetune = Callable[[nn.Module], object]  # trains a model in place
 
 RECIPE = "fused adam, cosine learning rate, cross-entropy"
 EVAL_BATCH = 500  # images a forward pass when nothing is learned: each layer's activations stay in the CPU's caches
@@ -55,7 +61,8 @@ def recipe_of(recipe, options, call):
     return replace(recipe, **options)
 
 
-def distillation_loss(logits, labels, teacher_logits=None, *, temperature=4.0, weight=0.5):
+def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None, *,
+                      temperature: float = 4.0, weight: float = 0.5) -> torch.Tensor:
     """Cross-entropy with the labels, mixed with weight of the KL divergence from the teacher's
     outputs softened by the temperature (Hinton et al. 2015); scaled by T^2 so that its gradients
     keep their size whatever the temperature. With no teacher or weight 0: plain cross-entropy."""
@@ -121,7 +128,9 @@ def teacher_targets(teacher, x, shift):
     return logits(teacher, x) if isinstance(teacher, nn.Module) and not shift else teacher
 
 
-def train(model, data, recipe=None, *, teacher=None, penalty=None, progress=None, **options):
+def train(model: nn.Module, data: Data, recipe: Recipe | None = None, *, teacher: Teacher = None,
+          penalty: Callable[[], torch.Tensor] | None = None, progress: Callable | None = None,
+          **options: Any) -> nn.Module:
     """Train model on data as the recipe says: Adam (fused on CPU) with a cosine-decayed learning
     rate, reshuffling every epoch from a seeded generator; returns model, left in training mode.
     The zeros of pruning masks (surgery.hold_below) stay zero, re-applied once a step. Training
@@ -186,7 +195,8 @@ def train(model, data, recipe=None, *, teacher=None, penalty=None, progress=None
     raise Diverged("the weights are no longer finite numbers; lower the learning rate (the model is as it was)")
 
 
-def finetuner(data, recipe=None, *, teacher=None, **options):
+def finetuner(data: Data, recipe: Recipe | None = None, *, teacher: Teacher = None,
+              **options: Any) -> Callable[[nn.Module], None]:
     """finetune(model) for the pruning functions: train() on data as the recipe (and options, any of
     its fields by name) says, distilling from teacher (a model, or its logits on data) when given.
 
@@ -203,7 +213,7 @@ def finetuner(data, recipe=None, *, teacher=None, **options):
 
 
 @torch.no_grad()
-def logits(model, x, batch_size=EVAL_BATCH):
+def logits(model: nn.Module, x: torch.Tensor, batch_size: int = EVAL_BATCH) -> torch.Tensor:
     """model's outputs on x, in eval mode, batch_size images at a time."""
     was_training = model.training
     model.eval()
@@ -212,11 +222,11 @@ def logits(model, x, batch_size=EVAL_BATCH):
     return out
 
 
-def predict(model, x):
+def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return logits(model, x).argmax(1)
 
 
-def accuracy(model, data):
+def accuracy(model: nn.Module, data: Data) -> float:
     """Percentage of correctly classified examples."""
     x, y = data
     return 100 * (predict(model, x) == y).double().mean().item()

@@ -6,6 +6,8 @@ of them after 10 epochs at strength 10 (README, the frontier)."""
 
 import itertools
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -14,6 +16,7 @@ import torch.nn.utils.prune as prune
 
 from pruning import training
 from pruning.model import weighted
+from pruning.training import Data, Recipe, Teacher
 
 LOG_ALPHA_CUT = 3.0  # the paper's: noise over 20 times the weight's size
 LOG_ALPHA_RANGE = 10.0
@@ -49,7 +52,9 @@ def noisy_forward(generator):
     return hook
 
 
-def sparse_variational_dropout(model, data, recipe=None, *, strength=10.0, teacher=None, progress=None, **options):
+def sparse_variational_dropout(model: nn.Module, data: Data, recipe: Recipe | None = None, *, strength: float = 10.0,
+                               teacher: Teacher = None, progress: Callable | None = None,
+                               **options: Any) -> nn.Module:
     """Train model on data, (x, y), as the recipe (and options, any of its fields by name) says, with
     sparse variational dropout on the weights of
     every nn.Linear and nn.Conv2d, then zero each weight with log alpha >= 3. The loss is

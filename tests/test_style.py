@@ -68,6 +68,19 @@ def test_no_public_function_takes_more_than_five_positional_parameters():
     assert len(counts) > 30  # every function of the API was looked at
 
 
+def test_every_public_function_has_type_hints():
+    import inspect
+    import typing
+
+    import pruning
+    functions = {name: getattr(pruning, name) for name in pruning.__all__ if inspect.isfunction(getattr(pruning, name))}
+    unannotated = {name for name, f in functions.items()
+                   if inspect.signature(f).return_annotation is inspect.Signature.empty
+                   or any(p.annotation is inspect.Parameter.empty for p in inspect.signature(f).parameters.values())}
+    assert unannotated == set()
+    assert all(typing.get_type_hints(f) for f in functions.values())  # each hint names something real
+
+
 def test_a_recipe_takes_its_fields_by_name_and_nothing_else():
     import pytest
     import torch

@@ -11,6 +11,8 @@ its dtype) is checked there too."""
 
 import os
 
+import torch.nn as nn
+
 from pruning import architecture, graph
 from pruning.files import UserError, check_readable, shown
 from pruning.formats import compressed, exported, torchfile
@@ -21,7 +23,8 @@ from pruning.model import MAX_PARAMS
 __all__ = ["save", "load", "export_onnx", "csr_bytes_needed"]
 
 
-def save(model, path, storage="dense", *, about=None, bits=None):
+def save(model: nn.Module, path: str | os.PathLike, storage: str = "dense", *, about: dict | None = None,
+         bits: int | None = None) -> int:
     """Write model (any chain of layers this project handles) to path; returns the file's size.
     storage: 'dense' (every weight, in the model's dtype), 'csr' (the non-zeros), or 'compressed'
     (each layer's weights shared among 2^bits values, bits 5 unless given: lossy, and what loads
@@ -42,7 +45,8 @@ def save(model, path, storage="dense", *, about=None, bits=None):
 DEFAULT_BITS = 5
 
 
-def load(path, *, with_about=False, max_params=None):
+def load(path: str | os.PathLike, *, with_about: bool = False,
+         max_params: int | None = None) -> nn.Module | tuple[nn.Module, dict]:
     """The model stored at path, in eval mode and the dtype it was saved in: a file of any of the
     project's formats, or a torch.export file (.pt2, an ExportedProgram), rebuilt as layers. A file
     that is not one of ours, is damaged or claims an impossible

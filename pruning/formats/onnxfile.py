@@ -1,15 +1,17 @@
 """The ONNX file, for other runtimes: the model exported by torch.onnx's exporter (dynamo), its
 batch size free, marked as this project's by a metadata entry."""
 
+import os
 import warnings
 
 import torch
+import torch.nn as nn
 
 from pruning import chain, graph
 from pruning.files import WRITER, atomic_write
 
 
-def export_onnx(model, path, example=None):
+def export_onnx(model: nn.Module, path: str | os.PathLike, example: torch.Tensor | None = None) -> int:
     """Write model as ONNX (opset of torch.onnx's exporter), input 'images' of any batch size,
     output 'logits'. example: a batch of inputs; without it, the input shape the model records
     (its input normalisation's, its kept pixels' image, or its first nn.Linear's inputs)."""

@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from pruning import architecture, chain, graph
 from pruning.files import WRITER, UserError, atomic_write, read_torch_dict, shown
@@ -99,7 +100,7 @@ def csr_tensors(model, state):
             **{k: v for k, v in state.items() if k not in names}}
 
 
-def csr_bytes_needed(model):
+def csr_bytes_needed(model: nn.Module) -> int:
     """The least any CSR file of model holds: fp32 values, int32 indices and row pointers, fp32 biases."""
     return sum(8 * layer.weight.count_nonzero().item() + 4 * (layer.weight.shape[0] + 1) + 4 * layer.weight.shape[0]
                for layer in weighted(model))
