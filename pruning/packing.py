@@ -2,7 +2,9 @@
 stored weights as rows in one set of arrays, the layer table and the pointers the kernel's driver
 reads (kernels.PLAN), the buffers it writes, and the threads that share a large batch."""
 
+import ctypes
 import functools
+import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -19,9 +21,49 @@ def aligned(buffer):
     return buffer.data_ptr() + (-buffer.data_ptr()) % 64
 
 
+def in_parallel(work, threads):
+    """work(k) for k in range(threads), on as many threads, the caller's among them. On PyTorch's
+    own OpenMP threads where PyTorch runs GNU OpenMP (Linux) in this process: threads of another
+    pool would wait for cores that PyTorch's threads still spin on after each of its calls, which
+    halved the kernel's speed at batch 10,000 when torch was imported before pruning (docs/speed.md).
+    Elsewhere, and in a forked child, a pool of this process's own."""
+    parallel = openmp() if os.getpid() == LOADED_IN else None
+    if parallel is None:
+        others = [pool(threads - 1).submit(work, k) for k in range(1, threads)]
+        work(0)
+        for other in others:
+            other.result()
+        return
+    shares, failed = itertools.count(), []
+
+    def team_member(_):
+        try:
+            while (k := next(shares)) < threads:  # whatever the team's size, each share once
+                work(k)
+        except BaseException as e:  # an OpenMP thread cannot raise: said after the team is done
+            failed.append(e)
+
+    parallel(OPENMP_WORK(team_member), None, threads, 0)
+    if failed:
+        raise failed[0]
+
+
+LOADED_IN = os.getpid()  # a forked child inherits OpenMP's threads dead, so it uses a pool of its own
+OPENMP_WORK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+
+@functools.cache
+def openmp():
+    """GOMP_parallel of the GNU OpenMP runtime PyTorch has loaded, or None where it has none."""
+    try:
+        return ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY).GOMP_parallel
+    except (OSError, AttributeError):
+        return None
+
+
 def pool(threads):
-    """The threads that share a large batch's tiles with the caller's: started once a process, when
-    first needed (a forked child, which inherits no running thread, starts its own)."""
+    """The threads that share a large batch's tiles with the caller's where OpenMP's cannot: started
+    once a process, when first needed (a forked child, which inherits no running thread, starts its own)."""
     return threads_of(threads, os.getpid())
 
 
@@ -136,10 +178,7 @@ class KernelLayers:
             return out
         buffers = empty(threads * 2 * size + 16)  # kept until the shares are done
         at = aligned(buffers)
-        others = [pool(threads - 1).submit(part, k, at + 8 * size * k) for k in range(1, threads)]
-        part(0, at)  # this thread takes the first share
-        for other in others:
-            other.result()
+        in_parallel(lambda k: part(k, at + 8 * size * k), threads)
         return out
 
     def __repr__(self):

@@ -1,3 +1,4 @@
+import fcntl
 import os
 import subprocess
 import sys
@@ -26,10 +27,18 @@ def mnist_dir():
 
 @pytest.fixture(scope="session")
 def checkpoint(mnist_dir, tmp_path_factory):
-    """The model trained with the default settings, once for all the end-to-end tests."""
-    path = tmp_path_factory.mktemp("checkpoints") / "mlp.pt"
-    result = run_script("zero_pruning.py", "--checkpoint", path, "--thresholds", "0", "--quiet")
-    assert result.returncode == 0, result.stderr
+    """The model trained with the default settings, once for all the end-to-end tests: once for
+    every worker too when pytest-xdist runs them in several processes (the first trains it, under
+    a lock in the folder they share, and the others read it)."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # every worker's base folder is in it
+    path = shared / "default-mlp.pt"
+    with open(shared / "default-mlp.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            result = run_script("zero_pruning.py", "--checkpoint", path, "--thresholds", "0", "--quiet")
+            assert result.returncode == 0, result.stderr
     return path
 
 

@@ -307,3 +307,25 @@ def test_without_llvmlite_the_model_stays_pytorchs_with_a_warning(monkeypatch):
     with pytest.warns(UserWarning, match="llvmlite"):
         fast = pruning.for_inference(sparse_mlp(), 8)
     assert not isinstance(fast, inference.Prepared)
+
+
+def test_shares_run_on_pytorchs_openmp_threads_each_once_and_a_failure_is_raised():
+    import threading
+
+    from pruning import packing
+    assert packing.openmp() is not None  # Linux's PyTorch runs GNU OpenMP, loaded with torch
+    seen, lock = [], threading.Lock()
+
+    def work(k):
+        with lock:
+            seen.append((k, threading.get_ident()))
+
+    packing.in_parallel(work, 2)
+    assert sorted(k for k, _ in seen) == [0, 1]
+
+    def failing(k):
+        if k == 1:
+            raise ValueError("share 1 failed")
+
+    with pytest.raises(ValueError, match="share 1 failed"):
+        packing.in_parallel(failing, 2)
