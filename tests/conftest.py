@@ -42,6 +42,21 @@ def checkpoint(mnist_dir, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def small_mnist(mnist_dir, tmp_path_factory):
+    """A folder of real MNIST's first 3,000 training and 1,000 test images, for the tests that
+    check how a run works rather than how accurate its model is."""
+    root = tmp_path_factory.mktemp("small")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name, magic in mnist.FILES.items():
+        full = mnist.read_idx(mnist_dir / "MNIST" / "raw" / name, magic)
+        part = full[:3000] if name.startswith("train") else full[:1000]
+        header = magic.to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in part.shape)
+        (raw / name).write_bytes(header + part.numpy().tobytes())
+    return root
+
+
 SCRIPTS = ("zero_pruning.py", "activation_pruning.py")
 RUNS = tempfile.TemporaryDirectory(prefix="pruning-test-runs-")  # removed when the tests end
 

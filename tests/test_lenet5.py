@@ -16,19 +16,6 @@ from pruning import training
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def small_mnist(mnist_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("small")
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for name, magic in mnist.FILES.items():
-        full = mnist.read_idx(mnist_dir / "MNIST" / "raw" / name, magic)
-        part = full[:3000] if name.startswith("train") else full[:1000]
-        header = magic.to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in part.shape)
-        (raw / name).write_bytes(header + part.numpy().tobytes())
-    return root
-
-
 def run(script, small_mnist, tmp_path, *args):
     out = tmp_path / "out.json"
     result = run_script(script, "--model", "lenet5", "--data-dir", small_mnist, "--epochs", "2",

@@ -140,8 +140,8 @@ def test_fine_tuned_zero_pruning_keeps_accuracy_at_95_percent_zeros(checkpoint, 
     assert "Speed-up (batch 1 / 32 / 10,000)" in header(stdout) and "pruning.for_inference(model, batch)" in stdout
 
 
-def test_one_step_is_the_one_shot_path(checkpoint, tmp_path):
-    args = ("--checkpoint", checkpoint, "--sparsity", "0.9", "--finetune-epochs", "1")
+def test_one_step_is_the_one_shot_path(checkpoint, small_mnist, tmp_path):
+    args = ("--checkpoint", checkpoint, "--data-dir", small_mnist, "--sparsity", "0.9", "--finetune-epochs", "1")
     one_shot = run_json("zero_pruning.py", tmp_path, *args)[0]
     one_step = run_json("zero_pruning.py", tmp_path, *args, "--steps", "1")[0]
     assert one_step["rows"] == one_shot["rows"]
@@ -265,17 +265,17 @@ def test_activation_pruning_in_steps_removes_95_percent_of_parameters_within_hal
     assert training.accuracy(model, (x.view(-1, 28, 28), y)) == row["finetuned_accuracy"]
 
 
-def test_same_seed_same_results(tmp_path):
+def test_same_seed_same_results(small_mnist, tmp_path):
     """Two trainings from scratch with the same settings give the same accuracies and counts."""
     runs = []
     for i in range(2):
         results = run_json("zero_pruning.py", tmp_path, "--checkpoint", tmp_path / f"m{i}.pt", "--epochs", "1",
-                           "--thresholds", "0", "0.05", "--finetune-epochs", "1")[0]
+                           "--thresholds", "0", "0.05", "--finetune-epochs", "1", "--data-dir", small_mnist)[0]
         runs.append(results["rows"])
     runs.append(run_json("activation_pruning.py", tmp_path, "--checkpoint", tmp_path / "m0.pt", "--epochs", "1",
-                         "--thresholds", "0", "0.5")[0]["rows"])
+                         "--thresholds", "0", "0.5", "--data-dir", small_mnist)[0]["rows"])
     runs.append(run_json("activation_pruning.py", tmp_path, "--checkpoint", tmp_path / "m1.pt", "--epochs", "1",
-                         "--thresholds", "0", "0.5")[0]["rows"])
+                         "--thresholds", "0", "0.5", "--data-dir", small_mnist)[0]["rows"])
     assert runs[0] == runs[1]
     strip = [[{k: v for k, v in r.items() if k not in TIMINGS} for r in rows] for rows in runs[2:]]
     assert strip[0] == strip[1]
@@ -334,9 +334,9 @@ def test_ctrl_c_and_sigterm_exit_cleanly_and_keep_the_checkpoint_whole(script, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.pt"]
 
 
-def test_concurrent_runs_share_a_checkpoint_safely(tmp_path):
+def test_concurrent_runs_share_a_checkpoint_safely(small_mnist, tmp_path):
     path = tmp_path / "mlp.pt"
-    args = ("--checkpoint", path, "--epochs", "1", "--thresholds", "0", "--quiet")
+    args = ("--checkpoint", path, "--epochs", "1", "--thresholds", "0", "--quiet", "--data-dir", small_mnist)
     processes = [start("zero_pruning.py", *args), start("activation_pruning.py", *args)]
     results = [p.communicate(timeout=300) for p in processes]
     assert [p.returncode for p in processes] == [0, 0], results
@@ -356,23 +356,23 @@ def test_figures_go_to_the_plot_dir_and_leave_the_readmes_alone(checkpoint, tmp_
     assert {p: p.read_bytes() for p in (ROOT / "images").rglob("*.png")} == committed
 
 
-def test_a_run_in_a_pipe_logs_a_line_per_finished_step_and_names_its_inputs(tmp_path):
+def test_a_run_in_a_pipe_logs_a_line_per_finished_step_and_names_its_inputs(small_mnist, tmp_path):
     results, _, stderr = run_json("zero_pruning.py", tmp_path, "--checkpoint", tmp_path / "m.pt", "--epochs", "2",
-                                  "--thresholds", "0", "0.05", "--finetune-epochs", "1")
+                                  "--thresholds", "0", "0.05", "--finetune-epochs", "1", "--data-dir", small_mnist)
     lines = stderr.splitlines()
     assert [line.split(" (")[0] for line in lines if " done (" in line] == [
         "training: epoch 1/2 done", "training: epoch 2/2 done",
         "fine-tuning at threshold 0: epoch 1/1 done", "sweep: threshold 1/2 done",
         "fine-tuning at threshold 0.05: epoch 1/1 done", "sweep: threshold 2/2 done"]
-    assert results["settings"]["data_folder"] == str(mnist.data_root().resolve())
+    assert results["settings"]["data_folder"] == str(small_mnist.resolve())
     assert results["settings"]["checkpoint_file"] == str((tmp_path / "m.pt").resolve())
     quiet = run_script("zero_pruning.py", "--checkpoint", tmp_path / "m.pt", "--epochs", "2", "--thresholds", "0",
-                       "--quiet")
+                       "--quiet", "--data-dir", small_mnist)
     assert quiet.returncode == 0 and quiet.stderr == ""
 
 
-def test_several_seeds_give_the_mean_and_spread_of_the_single_seed_runs(tmp_path):
-    args = ("--epochs", "1", "--thresholds", "0", "0.04")
+def test_several_seeds_give_the_mean_and_spread_of_the_single_seed_runs(small_mnist, tmp_path):
+    args = ("--epochs", "1", "--thresholds", "0", "0.04", "--data-dir", small_mnist)
     both, stdout, stderr = run_json("zero_pruning.py", tmp_path, *args, "--checkpoint", tmp_path / "m.pt",
                                     "--seeds", "2", "--seed", "3")
     runs = [run_json("zero_pruning.py", tmp_path, *args, "--checkpoint", tmp_path / f"m-seed{seed}.pt",
