@@ -48,6 +48,7 @@ from pruning.model import (
     kept_inputs,
     lenet5,
     mnist_mlp,
+    weight_tensors,
     weighted,
     widths,
 )
@@ -63,6 +64,6 @@ __all__ = ["zero_prune", "activation_prune", "one_shot", "obd_saliency", "unit_s
            "calibration_needed", "ONE_SHOT_METHODS", "CALIBRATION", "save", "load", "export_onnx", "csr_bytes_needed",
            "for_inference",
            "flops", "Recipe", "train", "finetuner", "distillation_loss", "logits", "predict", "accuracy",
-           "count_params", "count_weights", "count_zeros", "weighted", "widths", "kept_inputs", "mnist", "mnist_mlp",
-           "lenet5",
+           "count_params", "count_weights", "count_zeros", "weighted", "weight_tensors", "widths", "kept_inputs",
+           "mnist", "mnist_mlp", "lenet5",
            "Normalize", "NotAChain", "UserError"]

@@ -10,12 +10,13 @@ import torch
 import torch.nn as nn
 
 from pruning import chain as chains
-from pruning.model import weighted
+from pruning.model import weight_tensors, weighted
 from pruning.training import EVAL_BATCH
 
 
 def magnitudes(model: nn.Module) -> torch.Tensor:
-    return torch.cat([layer.weight.detach().abs().flatten() for layer in weighted(model)])
+    """|w| of every weight of weight_tensors(model), flattened into one tensor."""
+    return torch.cat([getattr(m, name).detach().abs().flatten() for m, name in weight_tensors(model)])
 
 
 def cut_for_sparsity(values, sparsity):

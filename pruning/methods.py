@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from pruning import chain, criteria, graph, oneshot, surgery, training
-from pruning.model import count_params, evaluating, weighted
+from pruning.model import count_params, evaluating, weight_tensors, weighted
 from pruning.schedules import cubic_schedule
 from pruning.training import Data, Finetune, Teacher
 
@@ -25,7 +25,8 @@ def check_steps(steps):
 def zero_prune(model: nn.Module, sparsity: float, *, steps: int = 1, finetune: Finetune | None = None,
                saliency: Callable | None = None, pattern: tuple[int, int] | None = None) -> nn.Module:
     """Zero the weights of every nn.Linear and nn.Conv1d, 2d and 3d of model (any nn.Module, whatever
-    its graph), smallest in magnitude first over all layers together, until the fraction
+    its graph) and of nn.MultiheadAttention's input projections (pruning.weight_tensors), smallest
+    in magnitude first over all of them together, until the fraction
     `sparsity` of them is zero: in `steps` steps on the
     cubic schedule, calling finetune(model) after each with the zeros held. saliency: None, or a
     function of the model giving every weighted layer's scores (as obd_saliency's does) to rank
@@ -36,12 +37,16 @@ def zero_prune(model: nn.Module, sparsity: float, *, steps: int = 1, finetune: F
     if not 0 <= sparsity < 1:
         raise ValueError(f"sparsity must be from 0 to below 1, not {sparsity}")
     check_steps(steps)
-    if not weighted(model):
+    tensors = weight_tensors(model)
+    if not tensors:
         raise ValueError(f"{type(model).__name__} has no nn.Linear or nn.Conv layer whose weights can be zeroed")
+    if saliency and len(tensors) != len(weighted(model)):
+        raise ValueError("saliency scores nn.Linear and convolution weights, and this model also holds "
+                         "nn.MultiheadAttention's input projections: rank by magnitude (no saliency)")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     try:
         for target in cubic_schedule(sparsity, steps):
-            scores = saliency(model) if saliency else [layer.weight.detach().abs() for layer in weighted(model)]
+            scores = saliency(model) if saliency else [getattr(m, name).detach().abs() for m, name in tensors]
             keep = [oneshot.keep_in_pattern(s, pattern) for s in scores] if pattern else \
                 criteria.keep_largest(scores, target)
             surgery.hold_masked(model, keep)

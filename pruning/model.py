@@ -105,6 +105,22 @@ def weighted(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
 
 
+def weight_tensors(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Every weight matrix zero pruning ranks and zeroes, as (module, name) in the order of
+    model.modules(): each weighted layer's weight, and nn.MultiheadAttention's input projections
+    (in_proj_weight, packed, or q_proj_weight, k_proj_weight and v_proj_weight; its output
+    projection is an nn.Linear of its own)."""
+    out = []
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            out.append((m, "weight"))
+        elif isinstance(m, nn.MultiheadAttention):
+            packed = m._qkv_same_embed_dim
+            out += [(m, name) for name in (["in_proj_weight"] if packed else ["q_proj_weight", "k_proj_weight",
+                                                                              "v_proj_weight"])]
+    return out
+
+
 def linears(model):
     return [m for m in model.modules() if isinstance(m, nn.Linear)]
 
@@ -128,7 +144,8 @@ def widths(model: nn.Module) -> tuple[int, ...]:
 
 
 def count_weights(model: nn.Module) -> int:
-    return sum(layer.weight.numel() for layer in weighted(model))
+    """The weights zero pruning may zero: those of weight_tensors(model)."""
+    return sum(getattr(m, name).numel() for m, name in weight_tensors(model))
 
 
 def count_params(model: nn.Module) -> int:
@@ -136,7 +153,8 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_zeros(model: nn.Module) -> int:
-    return sum((layer.weight == 0).sum().item() for layer in weighted(model))
+    """How many of count_weights(model) are zero."""
+    return sum((getattr(m, name) == 0).sum().item() for m, name in weight_tensors(model))
 
 
 def mlp_params(sizes):

@@ -13,29 +13,30 @@ import torch.nn as nn
 import torch.nn.utils.prune as prune
 
 from pruning import chain as chains
-from pruning.model import KeepInputs, Normalize, evaluating, kept_inputs, weighted
+from pruning.model import KeepInputs, Normalize, evaluating, kept_inputs, weight_tensors
 
 # Zeros ---------------------------------------------------------------------------------
 
 def hold_below(model: nn.Module, threshold: float) -> nn.Module:
-    """Hold the weights with |w| < threshold of every weighted layer of model at zero, in place,
-    with pruning masks that keep them zero through training; returns model."""
-    return hold_masked(model, [layer.weight.detach().abs() >= threshold for layer in weighted(model)])
+    """Hold the weights with |w| < threshold of every weight matrix of model (model.weight_tensors)
+    at zero, in place, with pruning masks that keep them zero through training; returns model."""
+    return hold_masked(model, [getattr(m, name).detach().abs() >= threshold for m, name in weight_tensors(model)])
 
 
 def hold_masked(model: nn.Module, keep: Sequence[torch.Tensor]) -> nn.Module:
-    """Hold at zero, in place, the weights of every weighted layer of model that its boolean mask in
-    `keep` (one per layer, in order) marks False; returns model."""
-    for layer, mask in zip(weighted(model), keep, strict=True):
-        prune.custom_from_mask(layer, "weight", mask)
+    """Hold at zero, in place, the weights of every weight matrix of model (model.weight_tensors:
+    each nn.Linear's and convolution's, and nn.MultiheadAttention's input projections) that its
+    boolean mask in `keep` (one per matrix, in order) marks False; returns model."""
+    for (module, name), mask in zip(weight_tensors(model), keep, strict=True):
+        prune.custom_from_mask(module, name, mask)
     return model
 
 
 def make_permanent(model: nn.Module) -> nn.Module:
-    """Fold the pruning masks into the weights, leaving ordinary layers; returns model."""
-    for layer in weighted(model):
-        if prune.is_pruned(layer):
-            prune.remove(layer, "weight")
+    """Fold every pruning mask of model into its tensor, leaving ordinary layers; returns model."""
+    for module in model.modules():
+        for hook in [h for h in module._forward_pre_hooks.values() if isinstance(h, prune.BasePruningMethod)]:
+            prune.remove(module, hook._tensor_name)
     return model
 
 
@@ -58,16 +59,16 @@ def masks_folded(model):
     step, where a mask costs one in every forward and one in every backward. The weights it holds
     see the same numbers either way. After: the masks back, over the weights as trained."""
     held = []
-    for layer in weighted(model):
-        if hasattr(layer, "weight_mask"):
-            mask = layer.weight_mask
-            prune.remove(layer, "weight")
-            held.append((layer, mask))
+    for module, name in weight_tensors(model):
+        if hasattr(module, f"{name}_mask"):
+            mask = getattr(module, f"{name}_mask")
+            prune.remove(module, name)
+            held.append((module, name, mask))
     try:
-        yield [(layer.weight, mask) for layer, mask in held]
+        yield [(getattr(module, name), mask) for module, name, mask in held]
     finally:
-        for layer, mask in held:
-            prune.custom_from_mask(layer, "weight", mask)
+        for module, name, mask in held:
+            prune.custom_from_mask(module, name, mask)
 
 
 @torch.no_grad()

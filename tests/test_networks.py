@@ -317,3 +317,34 @@ def test_activation_prune_measures_batchnorm_afresh_after_each_cut():
     assert torch.allclose(norm.running_mean, before_norm.mean((0, 2, 3)), atol=1e-5)
     assert torch.allclose(norm.running_var, before_norm.var((0, 2, 3)), rtol=1e-3)
     assert norm.momentum == 0.1 and not small.training
+
+
+@pytest.mark.parametrize("kdim", [None, 6])  # packed in_proj_weight, or q/k/v_proj_weight apart
+def test_zero_prune_ranks_attentions_input_projections_with_every_other_weight(kdim):
+    torch.manual_seed(0)
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = nn.MultiheadAttention(8, 2, kdim=kdim, vdim=kdim, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            context = x if kdim is None else x.repeat(1, 1, 2)[..., :kdim]
+            return self.head(self.attention(x, context, context, need_weights=False)[0].mean(1))
+
+    model = Attention()
+    names = [name for _, name in pruning.weight_tensors(model)]
+    assert names == (["in_proj_weight"] if kdim is None else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]) \
+        + ["weight", "weight"]  # the output projection, then the head
+    weights = 3 * 8 * 8 if kdim is None else 8 * 8 + 2 * 8 * kdim
+    assert pruning.count_weights(model) == weights + 8 * 8 + 3 * 8
+    before = pruning.magnitudes(model)
+    pruning.zero_prune(model, 0.5)
+    after = pruning.magnitudes(model)
+    assert pruning.count_zeros(model) == pruning.count_weights(model) // 2
+    assert before[after == 0].max() <= before[after != 0].min()  # the smallest half, over all matrices at once
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())  # no masks left
+    assert model(torch.rand(4, 5, 8)).shape == (4, 3)
+    with pytest.raises(ValueError, match="nn.MultiheadAttention's input projections: rank by magnitude"):
+        pruning.zero_prune(model, 0.6, saliency=lambda m: [])
