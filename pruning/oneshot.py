@@ -88,9 +88,14 @@ def inputs_of(layer, h):
 def forward_order(model, example):
     """model's nn.Linear and nn.Conv2d layers in the order its forward first calls them, each with the
     rows of inputs it reads per input of the model and how often it is called, from one run on
-    example's first input (check_runs: the model's own error as one line); layers it does not call as
-    modules (nn.MultiheadAttention's projections) are left out. Other weighted layers it calls are
-    refused: one_shot reconstructs Linear and Conv2d only."""
+    example's first input (check_runs: the model's own error as one line). Refused: attention, whose
+    projections nn.MultiheadAttention multiplies without calling them as modules (they would be left
+    dense, short of the sparsity asked), and weighted layers other than Linear and Conv2d."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            raise ValueError(f"layer {name} (MultiheadAttention) multiplies its projections without calling them as "
+                             "layers, and one_shot reconstructs only the layers a forward calls: use zero_prune, which "
+                             "ranks them with every other weight")
     seen = {}
 
     def record(layer, args):

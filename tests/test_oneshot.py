@@ -213,3 +213,14 @@ def test_a_model_with_pruning_masks_keeps_them_and_reaches_the_sparsity():
 def test_a_model_with_nothing_to_prune_is_refused():
     with pytest.raises(ValueError, match="calls no nn.Linear or nn.Conv2d"):
         oneshot.one_shot(nn.Sequential(nn.ReLU()), torch.rand(4, 3), 0.5)
+
+
+def test_attention_is_refused_in_one_line_and_the_model_left_as_it_was():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True, dropout=0.0)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 1, enable_nested_tensor=False), nn.Flatten(), nn.Linear(40, 3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^layer 0.layers.0.self_attn \(MultiheadAttention\) multiplies its "
+                                         r"projections .* use zero_prune"):
+        pruning.one_shot(model, torch.rand(64, 5, 8), 0.5)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
