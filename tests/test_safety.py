@@ -265,7 +265,7 @@ def test_two_signals_close_together_end_in_one_line(first, second, tiny_data, tm
 def compressed_file(description, body_rest=b"", prefix=None):
     text = json.dumps(description).encode()
     body = (prefix if prefix is not None else struct.pack("<I", len(text)) + text) + body_rest
-    packed = lzma.compress(body, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 6}])
+    packed = lzma.compress(body, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 0}])
     return struct.pack("<4sBII", b"MLPZ", 2, len(packed), zlib.crc32(packed)) + packed
 
 
