@@ -10,13 +10,13 @@ import torch
 import torch.nn as nn
 
 from pruning import chain as chains
-from pruning.model import weight_tensors, weighted
+from pruning.model import weight_matrices, weighted
 from pruning.training import EVAL_BATCH
 
 
 def magnitudes(model: nn.Module) -> torch.Tensor:
     """|w| of every weight of weight_tensors(model), flattened into one tensor."""
-    return torch.cat([getattr(m, name).detach().abs().flatten() for m, name in weight_tensors(model)])
+    return torch.cat([w.detach().abs().flatten() for w in weight_matrices(model)])
 
 
 def cut_for_sparsity(values, sparsity):

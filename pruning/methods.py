@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from pruning import chain, criteria, graph, oneshot, surgery, training
-from pruning.model import count_params, evaluating, weight_tensors, weighted
+from pruning.model import count_params, evaluating, weight_matrices, weight_tensors, weighted
 from pruning.schedules import cubic_schedule
 from pruning.training import Data, Finetune, Teacher
 
@@ -46,7 +46,7 @@ def zero_prune(model: nn.Module, sparsity: float, *, steps: int = 1, finetune: F
     before = {k: v.clone() for k, v in model.state_dict().items()}
     try:
         for target in cubic_schedule(sparsity, steps):
-            scores = saliency(model) if saliency else [getattr(m, name).detach().abs() for m, name in tensors]
+            scores = saliency(model) if saliency else [w.detach().abs() for w in weight_matrices(model)]
             keep = [oneshot.keep_in_pattern(s, pattern) for s in scores] if pattern else \
                 criteria.keep_largest(scores, target)
             surgery.hold_masked(model, keep)

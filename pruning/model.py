@@ -99,10 +99,14 @@ def check_runs(model, x, refusal):
         raise ValueError(f"{refusal} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
+WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)  # the layers whose weight every method prunes
+
+
 def weighted(model: nn.Module) -> list[nn.Module]:
     """The layers whose weights are pruned: every nn.Linear and convolution (1d, 2d, 3d, transposed
     too), in order."""
-    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    return [m for m in model.modules() if isinstance(m, WEIGHTED)]
+
 
 
 def weight_tensors(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -112,13 +116,18 @@ def weight_tensors(model: nn.Module) -> list[tuple[nn.Module, str]]:
     projection is an nn.Linear of its own)."""
     out = []
     for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+        if isinstance(m, WEIGHTED):
             out.append((m, "weight"))
         elif isinstance(m, nn.MultiheadAttention):
             packed = m._qkv_same_embed_dim
             out += [(m, name) for name in (["in_proj_weight"] if packed else ["q_proj_weight", "k_proj_weight",
                                                                               "v_proj_weight"])]
     return out
+
+
+def weight_matrices(model):
+    """The tensors of weight_tensors(model), in its order."""
+    return [getattr(m, name) for m, name in weight_tensors(model)]
 
 
 def linears(model):
@@ -145,7 +154,7 @@ def widths(model: nn.Module) -> tuple[int, ...]:
 
 def count_weights(model: nn.Module) -> int:
     """The weights zero pruning may zero: those of weight_tensors(model)."""
-    return sum(getattr(m, name).numel() for m, name in weight_tensors(model))
+    return sum(w.numel() for w in weight_matrices(model))
 
 
 def count_params(model: nn.Module) -> int:
@@ -154,7 +163,7 @@ def count_params(model: nn.Module) -> int:
 
 def count_zeros(model: nn.Module) -> int:
     """How many of count_weights(model) are zero."""
-    return sum((getattr(m, name) == 0).sum().item() for m, name in weight_tensors(model))
+    return sum((w == 0).sum().item() for w in weight_matrices(model))
 
 
 def mlp_params(sizes):

@@ -13,14 +13,14 @@ import torch.nn as nn
 import torch.nn.utils.prune as prune
 
 from pruning import chain as chains
-from pruning.model import KeepInputs, Normalize, evaluating, kept_inputs, weight_tensors
+from pruning.model import KeepInputs, Normalize, evaluating, kept_inputs, weight_matrices, weight_tensors
 
 # Zeros ---------------------------------------------------------------------------------
 
 def hold_below(model: nn.Module, threshold: float) -> nn.Module:
     """Hold the weights with |w| < threshold of every weight matrix of model (model.weight_tensors)
     at zero, in place, with pruning masks that keep them zero through training; returns model."""
-    return hold_masked(model, [getattr(m, name).detach().abs() >= threshold for m, name in weight_tensors(model)])
+    return hold_masked(model, [w.detach().abs() >= threshold for w in weight_matrices(model)])
 
 
 def hold_masked(model: nn.Module, keep: Sequence[torch.Tensor]) -> nn.Module:
