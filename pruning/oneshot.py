@@ -208,12 +208,25 @@ def refitted(pruned, damped, targets):
     """Each row of pruned (its zeros kept) refitted by least squares: its kept weights w_K =
     damped_KK^-1 targets_K, where damped is the inputs' damped Gram matrix and targets' row is
     what the row's outputs should correlate with (cross @ dense row): the best weights the
-    row's mask allows, where the column-by-column surgery is greedy."""
+    row's mask allows, where the column-by-column surgery is greedy. A row that keeps more weights
+    than it zeroes is solved on its zeroed ones instead, through damped's inverse (w = H^-1 t - the
+    part that the zeros' constraint removes): a system of the smaller size each row."""
     out = torch.zeros_like(pruned)
+    inverse = solved = None
     for r in range(len(pruned)):
-        kept = pruned[r].ne(0).nonzero().squeeze(1)
-        if len(kept):
-            out[r, kept] = torch.linalg.solve(damped[kept][:, kept], targets[r, kept])
+        keep = pruned[r].ne(0)
+        kept, dropped = keep.nonzero().squeeze(1), (~keep).nonzero().squeeze(1)
+        if len(kept) == 0:
+            continue
+        if len(kept) <= len(dropped):
+            out[r, kept] = torch.linalg.solve(damped[kept[:, None], kept], targets[r, kept])
+            continue
+        if inverse is None:
+            inverse = torch.cholesky_inverse(torch.linalg.cholesky(damped))
+            solved = targets @ inverse  # each row's unconstrained least squares (inverse is symmetric)
+        across = inverse[dropped]  # rows of H^-1 at the zeros
+        held = torch.linalg.solve(across[:, dropped], solved[r, dropped])  # what holds them at zero
+        out[r, kept] = (solved[r] - held @ across)[kept]
     return out
 
 

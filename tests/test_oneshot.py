@@ -50,6 +50,20 @@ def test_the_reconstruction_moves_a_pruned_weight_onto_the_input_that_repeats_it
     assert torch.allclose(model(x), before, rtol=0.02, atol=0.02)
 
 
+def test_the_refit_solves_each_row_on_its_kept_weights_whichever_side_is_smaller():
+    torch.manual_seed(0)
+    x = torch.randn(64, 6, dtype=torch.float64)
+    damped, targets = x.T @ x + torch.eye(6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+    pruned = torch.tensor([[1.0, 0, 0, 0, 0, 2.0],  # keeps 2 of 6: solved on them
+                           [1.0, 1, 1, 1, 0, 1],    # keeps 5 of 6: solved on its one zero
+                           [0.0, 0, 0, 0, 0, 0]], dtype=torch.float64)
+    out = oneshot.refitted(pruned, damped, targets)
+    for r, kept in enumerate(([0, 5], [0, 1, 2, 3, 5])):
+        expected = torch.linalg.solve(damped[kept][:, kept], targets[r, kept])
+        assert torch.allclose(out[r, kept], expected, atol=1e-12)
+    assert out[1, 4] == 0 and out[2].eq(0).all() and out[0, 1:5].eq(0).all()
+
+
 def test_magnitude_drops_the_smaller_weight_and_wanda_the_one_that_reads_less():
     x = torch.tensor([[1.0, 10.0], [-1.0, -10.0]])  # input norms sqrt(2) and 10 sqrt(2)
     by_magnitude = oneshot.one_shot(linear([1.0, 0.5]), x, 0.5, method="magnitude")
