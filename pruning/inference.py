@@ -141,7 +141,9 @@ def hooked(module):
 def gather(before, first):
     """How the kernel reads the model's input when all that comes before the first nn.Linear is the
     kept pixels and the input normalisation (and a flatten), each element-wise: (the columns of the
-    flattened input that some weight reads, shift, scale). None where PyTorch must run them."""
+    flattened input that some weight reads, shift, scale, those columns' positions in the first
+    layer's input, the columns the first layer reads at all: None for all). None where PyTorch must
+    run them."""
     if any(not as_written(m, (Normalize, KeepInputs, nn.Flatten) + SKIPPED) for m in before):
         return None
     normalize = [m for m in before if isinstance(m, Normalize)]
@@ -151,7 +153,8 @@ def gather(before, first):
     read = first.weight.detach().ne(0).any(0).cpu().nonzero().squeeze(1)
     columns = keep[0].indices.cpu()[read] if keep else read
     shift, scale = (normalize[0].mean, normalize[0].std) if normalize else (0.0, 1.0)
-    return columns.numpy(), shift, scale, read.numpy()
+    checked = keep[0].indices.cpu().numpy() if keep else None  # what the model's first layer reads
+    return columns.numpy(), shift, scale, read.numpy(), checked
 
 
 def input_shape(layers, example):
@@ -165,8 +168,9 @@ def input_shape(layers, example):
                      "start with nn.Linear or this project's Normalize or KeepInputs")
 
 
-def plan(before, run, ways, folded, shape, loose, given):
-    """A Prepared model whose fully connected layers run as `ways` says (one of WAYS each)."""
+def plan(before, run, ways, folded, shape, loose, given, packed=None):
+    """A Prepared model whose fully connected layers run as `ways` says (one of WAYS each); packed:
+    the layers stored for the kernel so far (KernelLayers)."""
     steps, i = [], 0
     while i < len(run):
         if ways[i] == "dense":
@@ -176,7 +180,7 @@ def plan(before, run, ways, folded, shape, loose, given):
         j = next((k for k in range(i, len(run)) if ways[k] == "dense"), len(run))
         reads_input = i == 0 and folded is not None
         inputs, gathered = (math.prod(shape), folded) if reads_input else (run[i][0].in_features, ())
-        steps.append(KernelLayers(run[i:j], [w == "rows" for w in ways[i:j]], inputs, *gathered))
+        steps.append(KernelLayers(run[i:j], [w == "rows" for w in ways[i:j]], inputs, *gathered, packed=packed))
         i = j
     reads_input = ways[0] != "dense" and folded is not None
     return Prepared(nn.Sequential() if reads_input else nn.Sequential(*before), steps, shape, loose, given,
@@ -251,17 +255,17 @@ def for_inference(model: nn.Module, batch_size: int = 32, *, example: torch.Tens
     ways = [w for i, w in enumerate([dense, kernel, mixed]) if w not in [dense, kernel, mixed][:i]]
     x = torch.rand(min(batch_size, CALIBRATION), *shape, generator=torch.Generator().manual_seed(0),
                    dtype=torch.float32, device="cpu")
-    threads = torch.get_num_threads()
+    threads, packed = torch.get_num_threads(), {}
     if folded is None:  # what comes before the run is PyTorch's in every plan: time the run alone, on its inputs
         h = nn.Sequential(*before)(x).flatten(1).contiguous()
-        tails = [plan([], run, w, None, h.shape[1:], False, given) for w in ways]
+        tails = [plan([], run, w, None, h.shape[1:], False, given, packed) for w in ways]
         for tail in tails[1:]:
             tune(tail, h, batch_size, threads)
         best = fastest(tails, h)
         if best is tails[0]:
             return chosen(given)
         return Prepared(nn.Sequential(*before), best.steps, shape, loose, given, best.ways).eval()
-    candidates = [given] + [plan(before, run, w, folded, shape, loose, given) for w in ways[1:]]
+    candidates = [given] + [plan(before, run, w, folded, shape, loose, given, packed) for w in ways[1:]]
     for candidate in candidates[1:]:
         tune(candidate, x, batch_size, threads)
     best = fastest(candidates, x)

@@ -26,7 +26,8 @@ TILES = (1, 16, 32, 64)  # the images a tile may hold
 FIELDS = 5  # a layer's entry in the layer table: rows, where its row pointers start, where its biases
 # start, activation, storage
 PLAN = ("layers", "count", "indptr", "indices", "data", "bias", "blocks", "block_count", "inputs", "outputs",
-        "columns", "column_count", "first_indices")  # the model, as the kernel is given it (int64 each)
+        "columns", "column_count", "first_indices", "checked", "checked_count")  # the model, as the kernel is
+# given it (int64 each)
 LAYER = ("i64 %rows, ptr noalias %pointers, ptr noalias %indices, ptr noalias %data, ptr noalias %bias, i1 %relu, "
          "i64 %storage, ptr noalias %a, ptr noalias %b")
 ARGUMENTS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
@@ -184,6 +185,45 @@ def pick():
                     "float %shift, float %inverse)", loop("j", 0, "%count", column), counters=("j",))
 
 
+def summed():
+    """IR of @summed: the sum of an image's `inputs` (a row of x) added into the float at %into, in
+    four vectors of sums (no fast-math: a NaN or an infinity among them stays in the sum)."""
+    sums = range(4)
+    four = "".join(f"  %q{j}.i = add i64 %c, {j * LANES}\n" + load(f"q{j}", VECTOR, "%row", f"%q{j}.i")
+                   + f"  %q{j}.s = load {VECTOR}, ptr %sum{j}.p\n  %q{j}.t = fadd {VECTOR} %q{j}.s, %q{j}\n"
+                   f"  store {VECTOR} %q{j}.t, ptr %sum{j}.p\n" for j in sums)
+    one = (load("v", VECTOR, "%row", "%b") + f"  %v.s = load {VECTOR}, ptr %sum0.p\n"
+           f"  %v.t = fadd {VECTOR} %v.s, %v\n  store {VECTOR} %v.t, ptr %sum0.p\n")
+    tail = (load("e.v", "float", "%row", "%e") + "  %e.s = load float, ptr %into\n"
+            "  %e.t = fadd float %e.s, %e.v\n  store float %e.t, ptr %into\n")
+    body = ("".join(f"  store {VECTOR} zeroinitializer, ptr %sum{j}.p\n" for j in sums)
+            + f"  %odd = urem i64 %inputs, {LANES}\n  %blocked = sub i64 %inputs, %odd\n"
+            f"  %odd4 = urem i64 %inputs, {4 * LANES}\n  %blocked4 = sub i64 %inputs, %odd4\n"
+            + loop("c", 0, "%blocked4", four, 4 * LANES) + loop("b", "%blocked4", "%blocked", one, LANES)
+            + loop("e", "%blocked", "%inputs", tail)
+            + "".join(f"  %all{j} = load {VECTOR}, ptr %sum{j}.p\n" for j in sums)
+            + f"  %all01 = fadd {VECTOR} %all0, %all1\n  %all23 = fadd {VECTOR} %all2, %all3\n"
+            f"  %all = fadd {VECTOR} %all01, %all23\n  %rest = load float, ptr %into\n"
+            f"  %total = call float @llvm.vector.reduce.fadd.v16f32(float %rest, {VECTOR} %all)\n"
+            "  store float %total, ptr %into\n")
+    return function("internal void @summed(ptr noalias %row, i64 %inputs, ptr noalias %into)", body,
+                    counters=("c", "b", "e"), slots=[(f"sum{j}", VECTOR) for j in sums])
+
+
+def poison():
+    """IR of @poison: one image's outputs all NaN where one of its inputs `checked` is not finite
+    (x - x is NaN only for NaN and infinity), as a dense layer gives them (0 times NaN or infinity
+    is NaN), though the kernel skips the zero weights that would have read it."""
+    exact = (load("k.c", "i64", "%checked", "%k") + load("k.v", "float", "%row", "%k.c")
+             + "  %k.d = fsub float %k.v, %k.v\n  %k.bad = fcmp uno float %k.d, 0.0\n  %k.was = load i1, ptr %seen.p\n"
+             "  %k.now = or i1 %k.was, %k.bad\n  store i1 %k.now, ptr %seen.p\n")
+    nan = store("nan", "float", "0x7FF8000000000000", "%out", "%u")
+    body = ("  store i1 false, ptr %seen.p\n" + loop("k", 0, "%count", exact)
+            + "  %read = load i1, ptr %seen.p\n" + when("read", "%read", loop("u", 0, "%outputs", nan)))
+    return function("internal void @poison(ptr noalias %row, ptr noalias %checked, i64 %count, ptr noalias %out, "
+                    "i64 %outputs)", body, counters=("k", "u"), slots=[("seen", "i1")])
+
+
 def driver(width):
     """IR of @run_<width>(plan, scales, x, stride, first, last, out, one, two): images first..last
     of x (rows `stride` floats apart) through every layer in tiles of `width`, into out. `plan`
@@ -194,7 +234,7 @@ def driver(width):
     buffers, each `width` times the widest layer's (or the input's) floats."""
     body = "".join(load(f"{name}.n", "i64", "%plan", k) for k, name in enumerate(PLAN))
     body += "".join(f"  %{name} = inttoptr i64 %{name}.n to ptr\n" for name in
-                    ("layers", "indptr", "indices", "data", "bias", "blocks", "columns", "first_indices"))
+                    ("layers", "indptr", "indices", "data", "bias", "blocks", "columns", "first_indices", "checked"))
     body += load("shift", "float", "%scales", 0) + load("inverse", "float", "%scales", 1)
     arguments = f"i64 {width}, float %shift, float %inverse"
     if width == 1:
@@ -232,8 +272,11 @@ def driver(width):
     layers = "  store ptr %one, ptr %from.p\n  store ptr %two, ptr %to.p\n" + loop("l", 0, "%count.n", step)
     unit = (f"  %r.row = mul i64 %u, {width}\n  %r.i = add i64 %r.row, %m\n" + load("r", "float", "%result", "%r.i")
             + "  %out.i = add i64 %target.at, %u\n" + store("r", "float", "%r", "%out", "%out.i"))
+    poisoned = ("  %in.at = mul i64 %target, %stride\n  %in.row = getelementptr inbounds float, ptr %x, i64 %in.at\n"
+                "  %out.row = getelementptr inbounds float, ptr %out, i64 %target.at\n"
+                "  call void @poison(ptr %in.row, ptr %checked, i64 %checked_count.n, ptr %out.row, i64 %outputs.n)\n")
     image = ("  %target = add i64 %t, %m\n  %target.at = mul i64 %target, %outputs.n\n"
-             + loop("u", "%written", "%outputs.n", unit))
+             + loop("u", "%written", "%outputs.n", unit) + when("suspect", "%suspect", poisoned))
     if width == 1:
         outputs = "  %written = add i64 0, 0\n"
     else:
@@ -242,20 +285,30 @@ def driver(width):
                    + when("whole", "%full", "  %tile.at = mul i64 %t, %outputs.n\n"
                           "  %tile.out = getelementptr inbounds float, ptr %out, i64 %tile.at\n"
                           f"  call void @scatter(ptr %result, i64 {width}, ptr %tile.out, i64 %outputs.n)\n"))
+    row = ("  %s.image = add i64 %t, %s\n  %s.at = mul i64 %s.image, %stride\n"
+           "  %s.row = getelementptr inbounds float, ptr %x, i64 %s.at\n"
+           "  call void @summed(ptr %s.row, i64 %inputs.n, ptr %total.p)\n")
+    checked = ("  store float 0.0, ptr %total.p\n" + loop("s", 0, "%images", row)
+               + "  %total = load float, ptr %total.p\n  %total.d = fsub float %total, %total\n"
+               "  %suspect = fcmp uno float %total.d, 0.0\n")  # a NaN or infinity, or an overflow
     tile = (f"  %rest = sub i64 %last, %t\n  %short = icmp ult i64 %rest, {width}\n"
             f"  %images = select i1 %short, i64 %rest, i64 {width}\n  %full = icmp eq i64 %images, {width}\n"
-            + inputs + layers + "  %result = load ptr, ptr %from.p\n" + outputs + loop("m", 0, "%images", image))
+            + checked + inputs + layers + "  %result = load ptr, ptr %from.p\n" + outputs
+            + loop("m", 0, "%images", image))
     body += loop("t", "%first", "%last", tile, width)
     return function(f"void @run_{width}(ptr noalias %plan, ptr noalias %scales, ptr noalias %x, i64 %stride, "
                     "i64 %first, i64 %last, ptr noalias %out, ptr noalias %one, ptr noalias %two)", body,
-                    counters=("t", "g", "b", "l", "m", "u"), slots=[("from", "ptr"), ("to", "ptr")])
+                    counters=("t", "s", "g", "b", "l", "m", "u"),
+                    slots=[("from", "ptr"), ("to", "ptr"), ("total", "float")])
 
 
 def source():
     """The kernel's whole LLVM module."""
     return ("declare <16 x float> @llvm.fmuladd.v16f32(<16 x float>, <16 x float>, <16 x float>)\n"
             "declare float @llvm.fmuladd.f32(float, float, float)\n"
+            "declare float @llvm.vector.reduce.fadd.v16f32(float, <16 x float>)\n"
             + layer_of_one() + "".join(layer(w) for w in TILES[1:]) + transpose() + gather() + scatter() + pick()
+            + summed() + poison()
             + "".join(driver(w) for w in TILES))
 
 

@@ -81,6 +81,22 @@ def empty(*shape):
     return torch.empty(*shape, dtype=torch.float32, device=CPU)
 
 
+def stored_rows(weight, whole, read):
+    """A layer's weight (rows x columns; only the columns `read`, where given) as the kernel stores
+    it: (each row's length, the column of each stored weight as uint32, the stored weights as fp32),
+    every weight where whole, else its non-zeros in row order."""
+    weight = weight.cpu().float()
+    if read is not None and not np.array_equal(read, np.arange(weight.shape[1])):
+        weight = weight[:, torch.as_tensor(read, dtype=torch.long)]
+    rows, cols = weight.shape
+    if whole:
+        return (np.full(rows, cols, np.int64), np.tile(np.arange(cols, dtype=np.uint32), rows),
+                weight.contiguous().numpy().ravel())
+    row, index = weight.nonzero().unbind(1)  # in row order, as the kernel reads them
+    lengths = torch.bincount(row, minlength=rows)
+    return lengths.numpy(), index.to(torch.int32).numpy().view(np.uint32), weight[row, index].numpy()
+
+
 def rebuilt(arguments, tile, threads):
     """A KernelLayers from the arguments it was made with, tuned as given (for copies and pickles:
     a KernelLayers holds the raw addresses of its own arrays)."""
@@ -93,10 +109,16 @@ class KernelLayers:
     """A run of fully connected layers, each with its activation, packed for the kernel: every
     layer's stored weights as rows in one set of arrays. It reads inputs of `inputs` values, as
     (x - shift) / scale; the first layer's inputs `read` are the input's `columns`: the input
-    normalisation, the kept pixels and the inputs no weight reads folded into how it gathers."""
+    normalisation, the kept pixels and the inputs no weight reads folded into how it gathers.
+    checked: the inputs the model's first layer reads, zero weights or not (all where None): an image
+    with one of them not finite gets NaN outputs, as a dense layer gives.
+    packed: a dict in which each layer's stored rows are kept for the next KernelLayers of the same
+    model (storing a large layer's non-zeros takes seconds)."""
 
-    def __init__(self, layers, dense, inputs, columns=None, shift=0.0, scale=1.0, read=None):
-        self.arguments = (layers, dense, inputs, columns, shift, scale, read)
+    def __init__(self, layers, dense, inputs, columns=None, shift=0.0, scale=1.0, read=None, checked=None, *,
+                 packed=None):
+        packed = {} if packed is None else packed  # layers already stored, shared by plans of one model
+        self.arguments = (layers, dense, inputs, columns, shift, scale, read, checked)
         columns = np.arange(inputs) if columns is None else np.asarray(columns)
         first = layers[0][0].in_features if read is None else len(read)
         if len(columns) != first or (len(columns) and not 0 <= columns.min() <= columns.max() < inputs):
@@ -104,21 +126,19 @@ class KernelLayers:
                              f"{columns.min() if len(columns) else ''}..{columns.max() if len(columns) else ''}")
         pointers, indices, data, biases, table, stored, rows_before = [np.zeros(1, np.int64)], [], [], [], [], 0, 0
         for k, ((linear, activation), whole) in enumerate(zip(layers, dense)):
-            weight = linear.weight.detach().cpu().numpy()
-            weight = weight[:, read] if k == 0 and read is not None else weight
-            rows, cols = weight.shape
-            if whole:
-                lengths, index, values = np.full(rows, cols), np.tile(np.arange(cols), rows), weight.ravel()
-            else:
-                row, index = np.nonzero(weight)
-                lengths, values = np.count_nonzero(weight, axis=1), weight[row, index]
+            read_here = read if k == 0 else None
+            key = (id(linear), whole, None if read_here is None else tuple(read_here))
+            if key not in packed:
+                packed[key] = stored_rows(linear.weight.detach(), whole, read_here)
+            lengths, index, values = packed[key]
+            rows = len(lengths)
             if k == 0:  # a tile reads the input's columns; one image, those columns picked in order
-                first_indices, index = index.astype(np.uint32), columns[index]
+                first_indices, index = index, columns[index]
             storage = kernels.WHOLE if whole else kernels.SPARSE
             table.append([rows, rows_before, rows_before, activation, storage])  # where its pointers, biases start
             pointers.append(stored + np.cumsum(lengths, dtype=np.int64))
             indices.append(index.astype(np.uint32))
-            data.append(values.astype(np.float32))
+            data.append(values)
             biases.append(np.zeros(rows, np.float32) if linear.bias is None else linear.bias.detach().cpu().numpy())
             stored, rows_before = stored + int(lengths.sum()), rows_before + rows
         self.layers, self.first_indices = np.array(table, np.int64), first_indices
@@ -127,6 +147,7 @@ class KernelLayers:
         self.data, self.bias = np.concatenate(data), np.concatenate(biases).astype(np.float32)
         read_blocks = np.unique(columns[columns < inputs - inputs % kernels.LANES] // kernels.LANES)
         self.blocks = (read_blocks * kernels.LANES).astype(np.int64)
+        self.checked = np.arange(inputs, dtype=np.int64) if checked is None else np.asarray(checked, np.int64)
         self.scales = np.array([shift, 1 / scale], np.float32)
         self.inputs, self.outputs = inputs, int(self.layers[-1, 0])
         self.width = max(inputs, *self.layers[:, 0].tolist())
@@ -134,7 +155,7 @@ class KernelLayers:
         fields = dict(layers=self.layers, count=len(self.layers), indptr=self.indptr, indices=self.indices,
                       data=self.data, bias=self.bias, blocks=self.blocks, block_count=len(self.blocks),
                       inputs=inputs, outputs=self.outputs, columns=self.columns, column_count=len(self.columns),
-                      first_indices=self.first_indices)
+                      first_indices=self.first_indices, checked=self.checked, checked_count=len(self.checked))
         self.plan = np.array([v.ctypes.data if isinstance(v, np.ndarray) else v for v in map(fields.get, kernels.PLAN)],
                              np.int64)
         self.plan_at, self.scales_at = self.plan.ctypes.data, self.scales.ctypes.data

@@ -12,7 +12,7 @@ from test_pruning import tiny
 from torch.nn.utils import prune
 
 import pruning
-from pruning import inference, surgery
+from pruning import inference, packing, surgery
 from pruning import model as models
 from pruning.formats import compressed
 
@@ -33,6 +33,22 @@ def kernel_of(model, dense, tile, threads, columns=None):
     kernel = inference.KernelLayers(run, [dense] * len(run), run[0][0].in_features, columns)
     kernel.tile, kernel.threads = tile, threads
     return kernel
+
+
+def test_a_layer_is_stored_as_the_kernel_reads_it():
+    weight = torch.tensor([[0.0, 2.0, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 3.0]])
+    lengths, index, values = packing.stored_rows(weight, False, None)
+    assert lengths.tolist() == [1, 0, 2] and index.tolist() == [1, 0, 2] and values.tolist() == [2.0, 1.0, 3.0]
+    lengths, index, values = packing.stored_rows(weight, True, np.array([0, 2]))  # every weight of columns 0, 2
+    assert lengths.tolist() == [2, 2, 2] and index.tolist() == [0, 1] * 3 and values.tolist() == [0, 0, 0, 0, 1, 3]
+
+
+def test_plans_of_one_model_store_each_layer_once():
+    model, packed = sparse_mlp(), {}
+    _, run = inference.split(pruning.chain.layers(model))
+    first = inference.KernelLayers(run, [False] * 3, 40, packed=packed)
+    second = inference.KernelLayers(run[:2], [False] * 2, 40, packed=packed)
+    assert len(packed) == 3 and np.array_equal(first.data[:len(second.data)], second.data)
 
 
 def test_the_kernel_by_hand():
@@ -117,6 +133,28 @@ def test_every_plan_predicts_as_the_model_with_kept_pixels_and_normalisation():
         expected = model(x)
     for got in every_way(model, x):
         assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tile", [16, 32])
+def test_an_input_that_is_not_finite_gives_nan_where_the_model_gives_nan(tile):
+    torch.manual_seed(0)
+    kept = torch.randperm(784)[:30]
+    model = models.mlp((30, 17, 10), inputs=kept).eval()
+    with torch.no_grad():
+        model[1].weight[:, 3] = 0  # kept pixel 3 is read by no weight
+    dropped = next(c for c in range(784) if c not in kept)
+    x = torch.rand(40, 784)
+    x[0, kept[3]] = float("nan")  # read by the model's layer, by no weight of it: NaN all the same
+    x[1, kept[5]] = float("inf")
+    x[2, dropped] = float("nan")  # a pixel the model does not read: no NaN
+    x[39, kept[29]] = -float("inf")  # in a part tile, past the last multiple of 16
+    with torch.no_grad():
+        expected = model(x)
+    assert expected[[0, 1, 39]].isnan().all() and expected[2:39].isfinite().all()
+    for got in [*every_way(model, x, tile), pruning.for_inference(model, 1)(x[:3])]:
+        expected_here = expected[:len(got)]
+        assert torch.equal(got.isnan(), expected_here.isnan())
+        assert torch.allclose(got.nan_to_num(), expected_here.nan_to_num(), rtol=1e-5, atol=1e-5)
 
 
 def test_lenet5s_convolutions_stay_in_pytorch_and_its_head_may_not():
