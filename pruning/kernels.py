@@ -11,7 +11,8 @@ weight times the vectors of the input it reads, and stored once; a layer stored 
 four rows at a time, so that each input vector is loaded once for the four. A tile of one image
 (batch 1) sums each output in a register, a whole row as a contiguous dot product. Every pointer
 the kernel is given is marked as overlapping no other, so nothing is reloaded or checked inside
-its loops."""
+its loops. An image with a NaN or an infinity among the inputs its model's first layer reads gets
+NaN outputs, as from dense layers (summed, then tested one by one where the sum is not finite)."""
 
 import ctypes
 import functools
