@@ -28,9 +28,9 @@ import torch.nn.functional as F
 
 from pruning import criteria, surgery
 from pruning.model import check_runs, evaluating, weighted
+from pruning.units import LAYERS, Unit, attention_as_written, units_of
 
 METHODS = ("magnitude", "wanda", "reconstruct")
-ONE_SHOT = (nn.Linear, nn.Conv2d)  # the layers it reconstructs
 BLOCK = 128  # columns chosen together in the reconstruction (SparseGPT's)
 DAMPING = 0.01  # of the mean diagonal, added to each layer's input Gram matrix
 CHUNK = 256  # calibration images a forward at a time
@@ -65,78 +65,66 @@ class Stop(Exception):
     """Raised in a hook once a forward has given what was recorded: the rest of it is not needed."""
 
 
-def layer_sparsities(layers, sparsity):
-    """The fraction of each layer's weights that global magnitude ranking over `layers` zeroes."""
-    masks = criteria.keep_largest([layer.weight.detach().abs() for layer in layers], sparsity)
+def layer_sparsities(units, sparsity):
+    """The fraction of each unit's weights that global magnitude ranking over `units` zeroes."""
+    masks = criteria.keep_largest([unit.matrix().abs() for unit in units], sparsity)
     return [1 - mask.float().mean().item() for mask in masks]
 
 
-def inputs_of(layer, h):
-    """A weighted layer's input h as rows its weight (flattened to 2-d) multiplies: a Linear's as
-    it is (every leading dimension a row: tokens too), a convolution's unfolded into one row per
-    output position, padded as the convolution pads ("same", "valid", reflect, circular)."""
-    if isinstance(layer, nn.Linear):
-        return h.flatten(0, -2)
-    if h.dim() == 3:  # one unbatched image
-        h = h[None]
-    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
-    padded = F.pad(h, layer._reversed_padding_repeated_twice, mode=mode)
-    cols = F.unfold(padded, layer.kernel_size, layer.dilation, 0, layer.stride)  # (N, C*k*k, L)
-    return cols.transpose(1, 2).flatten(0, 1)
-
-
 def forward_order(model, example):
-    """model's nn.Linear and nn.Conv2d layers in the order its forward first calls them, each with the
-    rows of inputs it reads per input of the model and how often it is called, from one run on
-    example's first input (check_runs: the model's own error as one line). Refused: attention, whose
-    projections nn.MultiheadAttention multiplies without calling them as modules (they would be left
-    dense, short of the sparsity asked), and weighted layers other than Linear and Conv2d."""
-    for name, m in model.named_modules():
-        if isinstance(m, nn.MultiheadAttention):
-            raise ValueError(f"layer {name} (MultiheadAttention) multiplies its projections without calling them as "
-                             "layers, and one_shot reconstructs only the layers a forward calls: use zero_prune, which "
-                             "ranks them with every other weight")
+    """The units model's forward multiplies (units.py: each nn.Linear and nn.Conv2d, each
+    nn.MultiheadAttention's four projections) in the order it first runs them, each with the rows
+    of inputs it reads per input of the model and how often it is called, from one run on
+    example's first input (check_runs: the model's own error as one line); and {module: name}.
+    Refused: weighted layers other than these, and attention that carries pruning masks."""
+    names = {m: name for name, m in model.named_modules()}
     seen = {}
 
-    def record(layer, args):
-        rows = inputs_of(layer, args[0]).shape[0] if isinstance(layer, ONE_SHOT) else 0
-        count, total = seen.get(layer, (0, 0))
-        seen[layer] = (count + 1, total + rows)
+    def record(module, args, kwargs):
+        for unit in units_of(module) if isinstance(module, LAYERS + (nn.MultiheadAttention,)) else [None]:
+            key = (module, None if unit is None else unit.part)
+            rows = 0 if unit is None else unit.inputs(args, kwargs).shape[0]
+            count, total, _ = seen.get(key, (0, 0, unit))
+            seen[key] = (count + 1, total + rows, unit)
 
-    hooks = [m.register_forward_pre_hook(record) for m in weighted(model)]
+    attention = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    for m in attention:
+        if hasattr(m, "in_proj_weight_mask") or hasattr(m.out_proj, "weight_mask"):
+            raise ValueError(f"layer {names[m]} (MultiheadAttention) carries pruning masks, which it does not "
+                             "apply to its projections: make them permanent first (torch.nn.utils.prune.remove)")
+    hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in weighted(model) + attention]
     try:
         check_runs(model, example, "the model cannot run on these calibration inputs")
     finally:
         for h in hooks:
             h.remove()
-    names = {m: name for name, m in model.named_modules()}
-    for layer in seen:
-        if not isinstance(layer, ONE_SHOT) or getattr(layer, "groups", 1) != 1:
-            grouped = ", grouped" if isinstance(layer, ONE_SHOT) else ""
-            raise ValueError(f"layer {names[layer]} ({type(layer).__name__}{grouped}) is not one one_shot "
-                             "reconstructs (Linear and ungrouped Conv2d): "
+    for (module, _), (_, _, unit) in seen.items():
+        if unit is None or getattr(module, "groups", 1) != 1:
+            grouped = ", grouped" if isinstance(module, LAYERS) else ""
+            raise ValueError(f"layer {names[module]} ({type(module).__name__}{grouped}) is not one one_shot "
+                             "reconstructs (Linear, ungrouped Conv2d, MultiheadAttention): "
                              "use zero_prune, which takes every weighted layer")
-    return [(layer, rows, count) for layer, (count, rows) in seen.items()], names  # check_runs ran one input
+    return [(unit, rows, count) for count, rows, unit in seen.values()], names  # check_runs ran one input
 
 
-def recorded(model, dense, layer, twin, inputs, calls, dense_too):
-    """(X^T X, X^T D) of layer's inputs over the calibration inputs, float64: X its inputs in model
+def recorded(model, dense, unit, twin, inputs, calls, dense_too):
+    """(X^T X, X^T D) of unit's inputs over the calibration inputs, float64: X its inputs in model
     (pruned so far), D its twin's in dense (as it was); D is None unless dense_too. A forward stops
-    at the layer where the layer runs once."""
+    at the unit where its module runs once."""
     gram = cross = 0
     for x in inputs.split(CHUNK):
         got = {}
 
-        def keep(key):
-            def hook(module, args):
-                got.setdefault(key, []).append(inputs_of(module, args[0]).double())
+        def keep(key, at):
+            def hook(module, args, kwargs):
+                got.setdefault(key, []).append(at.inputs(args, kwargs).double())
                 if calls == 1:
                     raise Stop
             return hook
 
-        pairs = [(model, layer, "x")] + ([(dense, twin, "d")] if dense_too else [])
+        pairs = [(model, unit, "x")] + ([(dense, twin, "d")] if dense_too else [])
         for net, at, key in pairs:
-            handle = at.register_forward_pre_hook(keep(key))
+            handle = at.module.register_forward_pre_hook(keep(key, at), with_kwargs=True)
             try:
                 net(x)
             except Stop:
@@ -253,9 +241,9 @@ def check_inputs(inputs):
 ROWS_PER_COLUMN = 0.25  # the fewest rows of calibration inputs a reconstructed layer needs per column
 
 
-def needed(layer, rows):
-    """The calibration inputs layer needs for its reconstruction, reading `rows` rows an input."""
-    return math.ceil(ROWS_PER_COLUMN * layer.weight[0].numel() / max(rows, 1))
+def needed(unit, rows):
+    """The calibration inputs a unit needs for its reconstruction, reading `rows` rows an input."""
+    return math.ceil(ROWS_PER_COLUMN * unit.matrix().shape[1] / max(rows, 1))
 
 
 @torch.no_grad()
@@ -267,9 +255,9 @@ def calibration_needed(model: nn.Module, example: torch.Tensor) -> int:
     Example:
         >>> pruning.calibration_needed(pruning.mnist_mlp(), torch.zeros(1, 784))  # 196
     """
-    with evaluating(model):
+    with evaluating(model), attention_as_written():
         order, _ = forward_order(model, example[:1])
-    return max((needed(layer, rows) for layer, rows, _ in order), default=1)
+    return max((needed(unit, rows) for unit, rows, _ in order), default=1)
 
 
 def check_enough(order, names, images):
@@ -277,51 +265,45 @@ def check_enough(order, names, images):
     fewer fit the calibration images, not the data. At 90% zeros on the default MLP (validation
     images, 2 epochs of training): 16 images 44%, 64 88%, 128 94% (magnitude's 93%), 256 96%,
     784 97%, 2,048 97% (docs/one-shot.md)."""
-    for layer, rows, _ in order:
-        columns, need = layer.weight[0].numel(), needed(layer, rows)
+    for unit, rows, _ in order:
+        columns, need = unit.matrix().shape[1], needed(unit, rows)
         if images < need:
-            raise ValueError(f"layer {names[layer]} ({type(layer).__name__}) reads {columns} inputs, and the "
+            raise ValueError(f"{unit.describe(names[unit.module])} reads {columns} inputs, and the "
                              f"reconstruction needs a row of calibration inputs for every {1 / ROWS_PER_COLUMN:g} of "
                              f"them: give at least {need} calibration inputs, not {images} (or method='wanda')")
 
 
-def write(layer, new):
-    """Set layer's weight to new; for a layer that carries a pruning mask, its unmasked weight, and
-    its mask to keep new's zeros (and its own)."""
-    if hasattr(layer, "weight_orig") and hasattr(layer, "weight_mask"):
-        layer.weight_orig.copy_(new)
-        layer.weight_mask.mul_(new.ne(0).to(layer.weight_mask.dtype))
-        setattr(layer, "weight", layer.weight_orig * layer.weight_mask)
-    else:
-        layer.weight.copy_(new)
+def saved(units):
+    """What Unit.write changes in each unit's module, to restore."""
+    names = ("weight", "weight_orig", "weight_mask", "in_proj_weight", "q_proj_weight", "k_proj_weight",
+             "v_proj_weight")
+    modules = list(dict.fromkeys(m for unit in units
+                                 for m in ([unit.module] + ([unit.module.out_proj] if unit.part else []))))
+    return [(m, {name: getattr(m, name).detach().clone() for name in names
+                 if isinstance(getattr(m, name, None), torch.Tensor)}) for m in modules]
 
 
-def saved(layers):
-    """What write() changes in each layer, to restore."""
-    return [{name: getattr(layer, name).detach().clone() for name in ("weight", "weight_orig", "weight_mask")
-             if isinstance(getattr(layer, name, None), torch.Tensor)} for layer in layers]
-
-
-def restore(layers, state):
-    for layer, tensors in zip(layers, state):
+def restore(state):
+    for module, tensors in state:
         for name, value in tensors.items():
             if name == "weight" and "weight_orig" in tensors:
-                setattr(layer, "weight", value)
+                setattr(module, "weight", value)
             else:
-                getattr(layer, name).copy_(value)
+                getattr(module, name).copy_(value)
 
 
 @torch.no_grad()
 def one_shot(model: nn.Module, inputs: torch.Tensor, sparsity: float | None = None, *, method: str = "reconstruct",
              pattern: tuple[int, int] | None = None) -> nn.Module:
-    """Zero the weights of every nn.Linear and nn.Conv2d that model's forward calls to the fraction
-    `sparsity` of them, with no training: each layer at the sparsity global magnitude ranking gives
-    it, its weights chosen by `method` (METHODS) from the calibration tensor `inputs` (a few thousand
-    training inputs), layer after layer in the order the forward runs them, on the inputs the
-    already pruned network gives it (SparseGPT's sequential scheme: any graph, residual sums and
-    concatenations included). Layers the forward does not call as modules (nn.MultiheadAttention's
-    packed projections) keep their weights. A layer that carries a pruning mask
-    (torch.nn.utils.prune) keeps its masked weights at zero, and its mask holds the new zeros.
+    """Zero the weights of every nn.Linear, nn.Conv2d and nn.MultiheadAttention projection that
+    model's forward runs to the fraction `sparsity` of them, with no training: each at the sparsity
+    global magnitude ranking gives it, its weights chosen by `method` (METHODS) from the calibration
+    tensor `inputs` (a few thousand training inputs), one after another in the order the forward
+    runs them, on the inputs the already pruned network gives it (SparseGPT's sequential scheme:
+    any graph, residual sums, concatenations and transformers included; an attention's query, key
+    and value projections read its query, key and value, its output projection the heads'
+    outputs). A layer that carries a pruning mask (torch.nn.utils.prune) keeps its masked weights
+    at zero, and its mask holds the new zeros.
 
     Args:
         model: the trained network; changed in place (in eval mode while it measures, then in the
@@ -339,21 +321,21 @@ def one_shot(model: nn.Module, inputs: torch.Tensor, sparsity: float | None = No
         >>> pruning.one_shot(model, x[:2048], pattern=(2, 4), method="wanda")
     """
     pattern = check_arguments(sparsity, method, pattern)
-    with evaluating(model):
+    with evaluating(model), attention_as_written():
         check_inputs(inputs)
         order, names = forward_order(model, inputs[:1])
         if not order:
-            raise ValueError(f"{type(model).__name__}'s forward calls no nn.Linear or nn.Conv2d: nothing to prune")
+            raise ValueError(f"{type(model).__name__}'s forward runs no nn.Linear, nn.Conv2d or "
+                             "nn.MultiheadAttention: nothing to prune")
         if pattern is None and sparsity == 0:
             return model
         if method == "reconstruct":
             check_enough(order, names, len(inputs))
-        layers = [layer for layer, _, _ in order]
-        state = saved(layers)
+        state = saved([unit for unit, _, _ in order])
         try:
             prune_in_order(model, inputs, order, names, sparsity, method, pattern)
         except BaseException:
-            restore(layers, state)
+            restore(state)
             raise
     return model
 
@@ -362,17 +344,15 @@ def prune_in_order(model, inputs, order, names, sparsity, method, pattern):
     """one_shot's work, in place, after its checks."""
     dense = surgery.copy_of(model) if method != "magnitude" else None  # as it was, masks and all
     twins = dict(dense.named_modules()) if dense is not None else {}
-    layers = [layer for layer, _, _ in order]
-    targets = layer_sparsities(layers, sparsity) if pattern is None else [None] * len(layers)
-    for (layer, _, calls), target in zip(order, targets):
-        weight = layer.weight.flatten(1).double()
-        mask = getattr(layer, "weight_mask", None)
-        forced = None if mask is None else mask.flatten(1).eq(0)
+    units = [unit for unit, _, _ in order]
+    targets = layer_sparsities(units, sparsity) if pattern is None else [None] * len(units)
+    for (unit, _, calls), target in zip(order, targets):
+        weight, forced = unit.matrix().double(), unit.forced()
         if method == "magnitude":
             scores = weight.abs()
         else:
-            H, cross = recorded(model, dense, layer, twins.get(names[layer]), inputs, calls,
-                                dense_too=method == "reconstruct")
+            twin = Unit(twins[names[unit.module]], unit.part) if dense is not None else None
+            H, cross = recorded(model, dense, unit, twin, inputs, calls, dense_too=method == "reconstruct")
             if method == "wanda":
                 scores = weight.abs() * H.diagonal().sqrt()[None, :]
         if method == "reconstruct":
@@ -384,4 +364,4 @@ def prune_in_order(model, inputs, order, names, sparsity, method, pattern):
             scores = scored(scores, forced)
             drop = ~keep_in_pattern(scores, pattern) if pattern else weakest(scores, target)
             new = weight.masked_fill(drop | zeros_of(forced), 0)
-        write(layer, new.view_as(layer.weight).to(layer.weight.dtype))
+        unit.write(new)

@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch.nn.utils import prune
 
 import pruning
-from pruning import baselines, methods, oneshot
+from pruning import baselines, methods, oneshot, units
 from pruning import model as models
 
 
@@ -77,7 +77,7 @@ def test_one_shot_reaches_its_sparsity_layer_by_layer_as_global_magnitude_alloca
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding="same"), nn.ReLU(), nn.MaxPool2d(4), nn.Flatten(),
                           nn.Linear(196, 32), nn.ReLU(), nn.Linear(32, 10))  # LeNet-5's kinds of layer, smaller
-    expected = oneshot.layer_sparsities(models.weighted(model), 0.9)
+    expected = oneshot.layer_sparsities([units.Unit(m) for m in models.weighted(model)], 0.9)
     x = torch.rand(200, 1, 28, 28)
     pruned = oneshot.one_shot(copy.deepcopy(model), x, 0.9, method=method)
     got = [(layer.weight == 0).float().mean().item() for layer in models.weighted(pruned)]
@@ -189,7 +189,7 @@ def test_the_unfolded_inputs_are_what_the_convolution_multiplies(padding, mode):
     torch.manual_seed(0)
     conv = nn.Conv2d(2, 3, (3, 4), padding=padding, padding_mode=mode, dilation=(1, 2))
     x = torch.randn(5, 2, 9, 10)
-    rows = oneshot.inputs_of(conv, x)
+    rows = units.inputs_of(conv, x)
     by_rows = (rows @ conv.weight.flatten(1).T + conv.bias).view(5, -1, 3)
     assert torch.allclose(by_rows, conv(x).flatten(2).transpose(1, 2), atol=1e-5)
 
@@ -225,16 +225,53 @@ def test_a_model_with_pruning_masks_keeps_them_and_reaches_the_sparsity():
 
 
 def test_a_model_with_nothing_to_prune_is_refused():
-    with pytest.raises(ValueError, match="calls no nn.Linear or nn.Conv2d"):
+    with pytest.raises(ValueError, match="runs no nn.Linear, nn.Conv2d or nn.MultiheadAttention"):
         oneshot.one_shot(nn.Sequential(nn.ReLU()), torch.rand(4, 3), 0.5)
 
 
-def test_attention_is_refused_in_one_line_and_the_model_left_as_it_was():
+def tiny_encoder(seed=0, heads=2):
+    """A transformer encoder layer over 5 tokens of 8 features and a linear head: 3 classes."""
+    torch.manual_seed(seed)
+    layer = nn.TransformerEncoderLayer(d_model=8, nhead=heads, dim_feedforward=16, batch_first=True, dropout=0.0)
+    return nn.Sequential(nn.TransformerEncoder(layer, 1, enable_nested_tensor=False), nn.Flatten(), nn.Linear(40, 3))
+
+
+def test_an_attentions_output_projection_reads_its_heads_outputs():
     torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True, dropout=0.0)
-    model = nn.Sequential(nn.TransformerEncoder(layer, 1, enable_nested_tensor=False), nn.Flatten(), nn.Linear(40, 3))
+    attention = nn.MultiheadAttention(4, 2, batch_first=True).eval()
+    x = torch.rand(3, 5, 4)
+    q, k, v = (x @ w.T + b for w, b in zip(attention.in_proj_weight.split(4), attention.in_proj_bias.split(4)))
+    by_hand = torch.cat([torch.softmax(q[..., h] @ k[..., h].transpose(1, 2) / 2 ** 0.5, -1) @ v[..., h]
+                         for h in (slice(0, 2), slice(2, 4))], -1)  # two heads of two features
+    output = units.Unit(attention, "output")
+    assert torch.allclose(output.inputs((x, x, x), {}), by_hand.flatten(0, 1), atol=1e-6)
+    assert torch.allclose(attention(x, x, x)[0], by_hand @ attention.out_proj.weight.T + attention.out_proj.bias,
+                          atol=1e-6)
+    key = units.Unit(attention, "key")
+    assert torch.equal(key.inputs((x,), {"key": 2 * x, "value": x}), 2 * x.flatten(0, 1))
+    assert torch.equal(key.matrix(), attention.in_proj_weight[4:8])
+
+
+@pytest.mark.parametrize("method", oneshot.METHODS)
+def test_one_shot_prunes_every_projection_of_a_transformer(method):
+    model, x = tiny_encoder().eval(), torch.rand(400, 5, 8)
+    with torch.no_grad():
+        dense = model(x)
+    pruned = oneshot.one_shot(copy.deepcopy(model), x, 0.5, method=method)
+    attention = pruned[0].layers[0].self_attn
+    for weight in (attention.in_proj_weight, attention.out_proj.weight):
+        assert 0.2 < (weight == 0).float().mean() < 0.8  # each its share of a global ranking
+    assert pruning.count_zeros(pruned) / pruning.count_weights(pruned) == pytest.approx(0.5, abs=1e-3)
+    if method == "reconstruct":  # the reconstruction comes closer to the dense outputs than magnitude
+        magnitude = oneshot.one_shot(copy.deepcopy(model), x, 0.5, method="magnitude")
+        with torch.no_grad():
+            assert (pruned(x) - dense).square().mean() < 0.9 * (magnitude(x) - dense).square().mean()
+
+
+def test_attention_with_pruning_masks_is_refused_in_one_line_and_the_model_left_as_it_was():
+    model = tiny_encoder()
+    prune.l1_unstructured(model[0].layers[0].self_attn, "in_proj_weight", amount=0.3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"^layer 0.layers.0.self_attn \(MultiheadAttention\) multiplies its "
-                                         r"projections .* use zero_prune"):
+    with pytest.raises(ValueError, match=r"^layer 0.layers.0.self_attn \(MultiheadAttention\) carries pruning masks"):
         pruning.one_shot(model, torch.rand(64, 5, 8), 0.5)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
