@@ -2,9 +2,12 @@
 ResNet-style network with residual sums and a concatenation, each trained one epoch, then pruned
 both ways (90% zeros; half its parameters), each fine-tuned one epoch with distillation; test
 accuracy beside the dense model's, and each pruned model saved, loaded (identical logits),
-exported to ONNX and run in onnxruntime against the loaded model.
+exported to ONNX and run in onnxruntime against the loaded model. A transformer encoder over
+MNIST's rows, trained two epochs, pruned without retraining (one_shot) at 50% and 70% zeros and
+2:4, from 2,048 training images.
 
     python networks.py --seeds 3
+    python networks.py --network transformer --seeds 3
 """
 
 import cli.startup  # noqa: F401, I001 -- first: settles what must be settled before torch is imported
@@ -83,6 +86,55 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
+class RowTransformer(nn.Module):
+    """MNIST's 28 rows as 28 tokens: each row embedded in 64 features plus a learned position, two
+    nn.TransformerEncoderLayer (4 heads, 128 hidden units), the tokens averaged, a linear head."""
+
+    def __init__(self, width=64, heads=4, hidden=128, layers=2):
+        super().__init__()
+        self.embed = nn.Sequential(pruning.Normalize(shape=(28, 28)), nn.Linear(28, width))
+        self.position = nn.Parameter(torch.zeros(28, width))
+        layer = nn.TransformerEncoderLayer(width, heads, hidden, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.fc = nn.Linear(width, 10)
+
+    def forward(self, x):  # (N, 28, 28) or (N, 1, 28, 28) images -> (N, 10) logits
+        return self.fc(self.encoder(self.embed(x) + self.position).mean(1))
+
+
+ONE_SHOTS = {"reconstruct 50%": (0.5, "reconstruct", None), "magnitude 50%": (0.5, "magnitude", None),
+             "reconstruct 70%": (0.7, "reconstruct", None), "magnitude 70%": (0.7, "magnitude", None),
+             "wanda 70%": (0.7, "wanda", None), "reconstruct 2:4": (None, "reconstruct", (2, 4))}
+
+
+def transformer_seed(seed, train_data, test_data):
+    """One seed of the transformer: trained two epochs, then each of ONE_SHOTS from the same 2,048
+    training images; its row of the table, printed, and {column: test accuracy}."""
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    model = pruning.train(RowTransformer(), train_data, epochs=2, seed=seed)
+    images = train_data[0][torch.randperm(len(train_data[0]), generator=torch.Generator().manual_seed(seed))]
+    row = {"dense": pruning.accuracy(model, test_data)}
+    for name, (sparsity, method, pattern) in ONE_SHOTS.items():
+        pruned = pruning.one_shot(copy.deepcopy(model), images[:pruning.CALIBRATION], sparsity, method=method,
+                                  pattern=pattern)
+        row[name] = pruning.accuracy(pruned, test_data)
+    print(f"| {seed} | " + " | ".join(f"{v:.2f}%" for v in row.values())
+          + f" | {time.perf_counter() - start:.0f} |", flush=True)
+    return row
+
+
+def transformers(args, train_data, test_data):
+    print("| seed | dense | " + " | ".join(ONE_SHOTS) + " | seconds |\n" + "| --- " * (len(ONE_SHOTS) + 3) + "|")
+    rows = [transformer_seed(seed, train_data, test_data) for seed in range(args.seeds)]
+    for name in ["dense", *ONE_SHOTS]:
+        values = [r[name] for r in rows]
+        spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+        print(f"\n{name}: {statistics.mean(values):.2f}%{spread} (each seed: {', '.join(f'{v:.2f}' for v in values)})",
+              end="")
+    print()
+
+
 NETWORKS = {"pytorch/examples Net": (ExamplesNet, {"zeros": 0.5, "half": 0.5}),  # and the bars: points below dense
             "ResNet-style": (ResNet, {"half": 1.0})}
 
@@ -119,11 +171,17 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", help="the folder holding MNIST/raw (default: $MNIST_DATA_DIR, else ./data)")
     p.add_argument("--seeds", type=int, default=1, choices=range(1, 11), metavar="N", help="seeds 0..N-1 (1 to 10)")
-    p.add_argument("--network", choices=list(NETWORKS), action="append", help="only this network (default: both)")
+    p.add_argument("--network", choices=[*NETWORKS, "transformer"], action="append",
+                   help="only this network (default: the two CNNs; 'transformer': the transformer's one-shot table)")
     args = p.parse_args()
     (x, y), (x_test, y_test) = pruning.mnist(args.data_dir)
     train_data, test_data = (x.view(-1, 1, 28, 28), y), (x_test.view(-1, 1, 28, 28), y_test)
     print(f"machine: {measure.machine()['cpu']}, {torch.get_num_threads()} threads\n")
+    if "transformer" in (args.network or []):
+        transformers(args, train_data, test_data)
+        args.network.remove("transformer")
+        if not args.network:
+            return
     print("| network | seed | dense | 90% zeros | half the parameters | parameters | onnxruntime vs loaded "
           "| seconds |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:
