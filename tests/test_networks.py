@@ -348,3 +348,60 @@ def test_zero_prune_ranks_attentions_input_projections_with_every_other_weight(k
     assert model(torch.rand(4, 5, 8)).shape == (4, 3)
     with pytest.raises(ValueError, match="nn.MultiheadAttention's input projections: rank by magnitude"):
         pruning.zero_prune(model, 0.6, saliency=lambda m: [])
+
+
+@pytest.mark.parametrize("kdim", [None, 6])
+def test_one_shot_prunes_cross_attention_each_projection_from_what_it_reads(kdim):
+    torch.manual_seed(0)
+
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = nn.MultiheadAttention(8, 2, kdim=kdim, vdim=kdim, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            context = x.flip(1) if kdim is None else x.repeat(1, 1, 2)[..., :kdim]
+            return self.head(self.attention(x, context, context, need_weights=False)[0].mean(1))
+
+    model, x = Cross(), torch.rand(300, 5, 8)
+    pruning.one_shot(model, x, 0.5)
+    assert pruning.count_zeros(model) == pytest.approx(pruning.count_weights(model) / 2, abs=1)
+    matrices = pruning.weight_tensors(model)
+    assert all(0 < (getattr(m, name) == 0).float().mean() < 1 for m, name in matrices)
+
+
+def test_attention_written_by_hand_is_pruned_layer_by_layer():
+    torch.manual_seed(0)
+
+    class SelfAttention(nn.Module):  # as people write it: its projections called as layers
+        def __init__(self, width=8, heads=2):
+            super().__init__()
+            self.heads, self.qkv, self.out = heads, nn.Linear(width, 3 * width), nn.Linear(width, width)
+            self.head = nn.Linear(width, 3)
+
+        def forward(self, x):
+            n, t, width = x.shape
+            q, k, v = (z.view(n, t, self.heads, -1).transpose(1, 2) for z in self.qkv(x).split(width, -1))
+            y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, width)
+            return self.head(self.out(y).mean(1))
+
+    model, x = SelfAttention(), torch.rand(300, 5, 8)
+    with torch.no_grad():
+        dense = model(x)
+    pruning.one_shot(model, x, 0.5)
+    assert pruning.count_zeros(model) == pytest.approx(pruning.count_weights(model) / 2, abs=1)
+    with torch.no_grad():
+        assert (model(x) - dense).abs().max() < dense.abs().max()
+
+
+def test_the_example_transformer_reads_rows_as_tokens_and_one_shot_takes_every_matrix():
+    from networks import RowTransformer
+    torch.manual_seed(0)
+    model, x = RowTransformer(width=16, heads=2, hidden=32).eval(), torch.rand(64, 1, 28, 28)
+    assert model(x).shape == (64, 10)
+    pruning.one_shot(model, x, 0.6, pattern=None)
+    zeros = [(getattr(m, name) == 0).float().mean().item() for m, name in pruning.weight_tensors(model)]
+    assert len(zeros) == 2 + 2 * 4  # the embedding and the head; each layer's in_proj, out_proj, linear1, linear2
+    assert pruning.count_zeros(model) == pytest.approx(0.6 * pruning.count_weights(model), abs=2)
+    assert all(z > 0 for z in zeros)
