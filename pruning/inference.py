@@ -15,8 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.prune as prune
 
-from pruning import chain, kernels, surgery
+from pruning import chain, kernels, lowering, surgery
 from pruning.kernels import NONE, RELU, TILES
+from pruning.lowering import Lowered, lowerable
 from pruning.measure import in_turn
 from pruning.model import KeepInputs, Normalize, check_runs
 from pruning.packing import KernelLayers
@@ -53,15 +54,16 @@ class Prepared(nn.Module):
     model as given, which also raises the model's own errors. `summary` says which layers run
     where."""
 
-    def __init__(self, before, steps, shape, loose, given, ways):
+    def __init__(self, before, steps, shape, loose, given, ways, what="fully connected layers"):
         super().__init__()
         self.before, self.runs_before = before, len(before) > 0
         self.steps = list(steps)  # a plain list: the kernel's steps are not modules
         self.layers = nn.ModuleList(linear for step in steps for linear in step_linears(step))
         self.shape, self.loose, self.inputs, self.ways = tuple(shape), loose, math.prod(shape), ways
         self.given = [given]  # in a list: not a submodule
-        self.summary = summary(ways, self.runs_before)
-        self.hook_tables = [table for m in self.layers for table in (m._forward_hooks, m._forward_pre_hooks)]
+        self.summary = summary(ways, self.runs_before, what)
+        self.hook_tables = [table for layer in self.layers for m in layer.modules()
+                            for table in (m._forward_hooks, m._forward_pre_hooks)]
         self.hooks_planned = self.hooks()
 
     def hooks(self):
@@ -95,12 +97,13 @@ def step_linears(step):
     return [step.linear] if isinstance(step, Dense) else [linear for linear, _ in step.arguments[0]]
 
 
-def summary(ways, runs_before):
-    """Which of the model's last fully connected layers run where, in words."""
+def summary(ways, runs_before, what="fully connected layers"):
+    """Which of the model's last layers (`what`: its last fully connected ones, or all from its first
+    convolution) run where, in words."""
     where = ", ".join(f"{k}: {w}" for k, w in enumerate(ways))
     head = "PyTorch runs the layers before them; " if runs_before else ""
-    return (f"{head}fully connected layers ({where}; dense = PyTorch, sparse = the kernel on the non-zeros, "
-            "rows = the kernel on every weight)")
+    return (f"{head}{what} ({where}; dense = PyTorch, sparse = the kernel on the non-zeros, "
+            "rows = the kernel on every weight, max = the kernel's max-pooling)")
 
 
 def split(layers):
@@ -150,7 +153,8 @@ def gather(before, first):
     keep = [m for m in before if isinstance(m, KeepInputs)]
     if len(normalize) > 1 or len(keep) > 1:
         return None
-    read = first.weight.detach().ne(0).any(0).cpu().nonzero().squeeze(1)
+    read = (torch.arange(first.in_features) if isinstance(first, Lowered)
+            else first.weight.detach().ne(0).any(0).cpu().nonzero().squeeze(1))
     columns = keep[0].indices.cpu()[read] if keep else read
     shift, scale = (normalize[0].mean, normalize[0].std) if normalize else (0.0, 1.0)
     checked = keep[0].indices.cpu().numpy() if keep else None  # what the model's first layer reads
@@ -168,9 +172,43 @@ def input_shape(layers, example):
                      "start with nn.Linear or this project's Normalize or KeepInputs")
 
 
-def plan(before, run, ways, folded, shape, loose, given, packed=None):
-    """A Prepared model whose fully connected layers run as `ways` says (one of WAYS each); packed:
-    the layers stored for the kernel so far (KernelLayers)."""
+def lowered(layers, shape):
+    """The chain `layers` as (what comes before its first convolution, everything from there
+    as [(layer, activation code)], convolutions and poolings as lowering.Lowered), where the kernel
+    can run all of it: convolutions and max-poolings it lowers, each maybe followed by a ReLU, an
+    nn.Flatten, then fully connected layers to the end. None where it cannot."""
+    start = next((k for k, m in enumerate(layers) if type(m) is nn.Conv2d), None)
+    if start is None:
+        return None
+    flatten = [k for k, m in enumerate(layers[start:], start) if as_written(m, nn.Flatten)]
+    if len(flatten) != 1 or layers[flatten[0]].start_dim != 1 or layers[flatten[0]].end_dim != -1:
+        return None
+    tail = split(layers[flatten[0] + 1:])
+    if tail is None or tail[0]:  # the flatten must lead straight into the fully connected run
+        return None
+    middle = layers[start:flatten[0]]
+    if not all(lowerable(m) or as_written(m, (nn.ReLU,) + SKIPPED) for m in middle):
+        return None
+    before = layers[:start]
+    with torch.no_grad():
+        h = nn.Sequential(*before)(torch.zeros(1, *shape, dtype=torch.float32, device="cpu"))
+    run = []
+    for m in middle:
+        if lowerable(m):
+            if h.dim() != 4 or lowering.stored_estimate(m, h.shape[1:]) > lowering.MAX_STORED:
+                return None
+            run.append((Lowered(m, h.shape[1:]), NONE))
+            h = m(h)
+        elif isinstance(m, nn.ReLU):
+            if not run:
+                return None
+            run[-1] = (run[-1][0], RELU)
+    return before, run + tail[1]
+
+
+def plan(before, run, ways, folded, shape, loose, given, packed=None, what="fully connected layers"):
+    """A Prepared model whose layers of `run` run as `ways` says (one of WAYS each, or 'max' for a
+    pooling); packed: the layers stored for the kernel so far (KernelLayers)."""
     steps, i = [], 0
     while i < len(run):
         if ways[i] == "dense":
@@ -184,7 +222,7 @@ def plan(before, run, ways, folded, shape, loose, given, packed=None):
         i = j
     reads_input = ways[0] != "dense" and folded is not None
     return Prepared(nn.Sequential() if reads_input else nn.Sequential(*before), steps, shape, loose, given,
-                    ways).eval()
+                    ways, what).eval()
 
 
 def fastest(candidates, x):
@@ -262,14 +300,31 @@ def for_inference(model: nn.Module, batch_size: int = 32, *, example: torch.Tens
         for tail in tails[1:]:
             tune(tail, h, batch_size, threads)
         best = fastest(tails, h)
-        if best is tails[0]:
-            return chosen(given)
-        return Prepared(nn.Sequential(*before), best.steps, shape, loose, given, best.ways).eval()
-    candidates = [given] + [plan(before, run, w, folded, shape, loose, given, packed) for w in ways[1:]]
-    for candidate in candidates[1:]:
-        tune(candidate, x, batch_size, threads)
-    best = fastest(candidates, x)
+        best = given if best is tails[0] else Prepared(nn.Sequential(*before), best.steps, shape, loose, given,
+                                                       best.ways).eval()
+    else:
+        candidates = [given] + [plan(before, run, w, folded, shape, loose, given, packed) for w in ways[1:]]
+        for candidate in candidates[1:]:
+            tune(candidate, x, batch_size, threads)
+        best = fastest(candidates, x)
+    convolutions = convolution_plan(layers, shape, loose, given, batch_size, packed)
+    if convolutions is not None:  # everything from the first convolution in the kernel, against the best so far
+        tune(convolutions, x, batch_size, threads)
+        best = fastest([best, convolutions], x)
     return chosen(given) if best is given else best
+
+
+def convolution_plan(layers, shape, loose, given, batch, packed):
+    """A Prepared model running every layer from the chain's first convolution in the kernel (the
+    convolutions and poolings as rows, lowering.py), or None where the kernel cannot run them all."""
+    parts = lowered(layers, shape)
+    if parts is None:
+        return None
+    before, run = parts
+    ways = [("max" if isinstance(layer.module, nn.MaxPool2d) else "sparse") if isinstance(layer, Lowered)
+            else way(layer, batch) for layer, _ in run]
+    return plan(before, run, ways, gather(before, run[0][0]), shape, loose, given, packed,
+                what="layers from the first convolution")
 
 
 def chosen(given):

@@ -20,7 +20,9 @@ import functools
 from pruning.jit import VECTOR, function, load, loop, splat, store, when
 
 NONE, RELU = 0, 1  # activation after a layer
-SPARSE, WHOLE = 0, 1  # how a layer's rows are stored: each its non-zeros; every row every column it reads
+SPARSE, WHOLE, MAX = 0, 1, 2  # how a layer's rows are stored: each its non-zeros; every row every column it
+# reads; each the inputs it takes the largest of (max-pooling: no weights)
+LOWEST = "0xFFF0000000000000"  # minus infinity, where a maximum starts
 BLOCK = 4  # rows of a layer stored whole computed together, each input vector loaded once for them
 LANES = 16  # floats in a vector
 TILES = (1, 16, 32, 64)  # the images a tile may hold
@@ -103,10 +105,21 @@ def layer(width):
         row += (f"  %s{v}.a = load {VECTOR}, ptr %sum0{v}.p\n  %s{v}.b = load {VECTOR}, ptr %sum1{v}.p\n"
                 f"  %s{v}.c = fadd fast {VECTOR} %s{v}.a, %s{v}.b\n  store {VECTOR} %s{v}.c, ptr %sum0{v}.p\n"
                 f"  %y{v}.i = add i64 %j.out, {v * LANES}\n" + output(f"y{v}", f"sum0{v}", f"%y{v}.i"))
+    largest = "".join(f"  %mo{v} = load {VECTOR}, ptr %sum0{v}.p\n  %mg{v} = fcmp ogt {VECTOR} %mx{v}, %mo{v}\n"
+                      f"  %mn{v} = select <16 x i1> %mg{v}, {VECTOR} %mx{v}, {VECTOR} %mo{v}\n"
+                      f"  store {VECTOR} %mn{v}, ptr %sum0{v}.p\n" for v in vectors)
+    pooled = (load("mfirst", "i64", "%pointers", "%q") + "  %q.second = add i64 %q, 1\n"
+              + load("mlast", "i64", "%pointers", "%q.second")
+              + "".join(f"  store {VECTOR} %lowest, ptr %sum0{v}.p\n" for v in vectors)
+              + loop("n", "%mfirst", "%mlast", input_row("m", "%n") + largest) + f"  %q.out = mul i64 %q, {width}\n"
+              + "".join(f"  %z{v}.i = add i64 %q.out, {v * LANES}\n" + output(f"z{v}", f"sum0{v}", f"%z{v}.i")
+                        for v in vectors))
     body = (f"  %sparse = icmp eq i64 %storage, {SPARSE}\n  %ragged = urem i64 %rows, {BLOCK}\n"
             "  %whole = sub i64 %rows, %ragged\n  %blocked = select i1 %sparse, i64 0, i64 %whole\n"
-            + loop("i", 0, "%blocked", block, step=BLOCK) + loop("j", "%blocked", "%rows", row))
-    return function(f"internal void @layer_{width}({LAYER})", body, counters=("i", "k", "j", "p"),
+            + splat("lowest", LOWEST) + f"  %pool = icmp eq i64 %storage, {MAX}\n"
+            + when("pool", "%pool", loop("q", 0, "%rows", pooled),
+                   loop("i", 0, "%blocked", block, step=BLOCK) + loop("j", "%blocked", "%rows", row)))
+    return function(f"internal void @layer_{width}({LAYER})", body, counters=("i", "k", "j", "p", "q", "n"),
                     slots=[(f"sum{r}{v}", VECTOR) for r in rows for v in vectors])
 
 
@@ -117,13 +130,19 @@ def layer_of_one():
     gathered = (load("sv", "float", "%data", "%s") + load("sc", "i32", "%indices", "%s")
                 + "  %sc.wide = zext i32 %sc to i64\n" + load("sx", "float", "%a", "%sc.wide")
                 + accumulate("sm", "sum", "%sv", "%sx", "float"))
+    largest = (load("mc", "i32", "%indices", "%t") + "  %mc.wide = zext i32 %mc to i64\n"
+               + load("mx", "float", "%a", "%mc.wide") + "  %mo = load float, ptr %sum.p\n"
+               "  %mg = fcmp ogt float %mx, %mo\n  %mn = select i1 %mg, float %mx, float %mo\n"
+               "  store float %mn, ptr %sum.p\n")
     row = (load("first", "i64", "%pointers", "%j") + "  %j.second = add i64 %j, 1\n"
            + load("last", "i64", "%pointers", "%j.second") + load("bias.j", "float", "%bias", "%j")
-           + "  store float %bias.j, ptr %sum.p\n"
-           + when("whole", "%whole", loop("d", "%first", "%last", dot), loop("s", "%first", "%last", gathered))
+           + when("pool", "%pool", f"  store float {LOWEST}, ptr %sum.p\n" + loop("t", "%first", "%last", largest),
+                  "  store float %bias.j, ptr %sum.p\n"
+                  + when("whole", "%whole", loop("d", "%first", "%last", dot), loop("s", "%first", "%last", gathered)))
            + output("y", "sum", "%j", "float"))
-    body = f"  %whole = icmp ne i64 %storage, {SPARSE}\n" + loop("j", 0, "%rows", row)
-    return function(f"internal void @layer_1({LAYER})", body, counters=("j", "d", "s"), slots=[("sum", "float")])
+    body = (f"  %whole = icmp eq i64 %storage, {WHOLE}\n  %pool = icmp eq i64 %storage, {MAX}\n"
+            + loop("j", 0, "%rows", row))
+    return function(f"internal void @layer_1({LAYER})", body, counters=("j", "d", "s", "t"), slots=[("sum", "float")])
 
 
 def transpose():

@@ -14,6 +14,7 @@ import torch
 
 from pruning import kernels
 from pruning.kernels import TILES
+from pruning.lowering import Lowered
 
 
 def aligned(buffer):
@@ -97,6 +98,17 @@ def stored_rows(weight, whole, read):
     return lengths.numpy(), index.to(torch.int32).numpy().view(np.uint32), weight[row, index].numpy()
 
 
+def layer_rows(layer, whole, read):
+    """A layer as the kernel stores it: (each row's length, the input of each stored entry as
+    uint32, the entries as fp32, each row's bias, the storage code). An nn.Linear as stored_rows
+    says; a convolution or a pooling (lowering.Lowered) as its rows."""
+    if isinstance(layer, Lowered):
+        return layer.rows()
+    lengths, index, values = stored_rows(layer.weight.detach(), whole, read)
+    bias = np.zeros(len(lengths), np.float32) if layer.bias is None else layer.bias.detach().cpu().float().numpy()
+    return lengths, index, values, bias, kernels.WHOLE if whole else kernels.SPARSE
+
+
 def rebuilt(arguments, tile, threads):
     """A KernelLayers from the arguments it was made with, tuned as given (for copies and pickles:
     a KernelLayers holds the raw addresses of its own arrays)."""
@@ -106,10 +118,11 @@ def rebuilt(arguments, tile, threads):
 
 
 class KernelLayers:
-    """A run of fully connected layers, each with its activation, packed for the kernel: every
-    layer's stored weights as rows in one set of arrays. It reads inputs of `inputs` values, as
-    (x - shift) / scale; the first layer's inputs `read` are the input's `columns`: the input
-    normalisation, the kept pixels and the inputs no weight reads folded into how it gathers.
+    """A run of layers (nn.Linear, and convolutions and poolings as lowering.Lowered), each with
+    its activation, packed for the kernel: every layer's stored weights as rows in one set of
+    arrays. It reads inputs of `inputs` values, as (x - shift) / scale; the first layer's inputs
+    `read` are the input's `columns`: the input normalisation, the kept pixels and the inputs no
+    weight reads folded into how it gathers.
     checked: the inputs the model's first layer reads, zero weights or not (all where None): an image
     with one of them not finite gets NaN outputs, as a dense layer gives.
     packed: a dict in which each layer's stored rows are kept for the next KernelLayers of the same
@@ -125,21 +138,20 @@ class KernelLayers:
             raise ValueError(f"the kernel's first layer reads {first} of {inputs} inputs, not columns "
                              f"{columns.min() if len(columns) else ''}..{columns.max() if len(columns) else ''}")
         pointers, indices, data, biases, table, stored, rows_before = [np.zeros(1, np.int64)], [], [], [], [], 0, 0
-        for k, ((linear, activation), whole) in enumerate(zip(layers, dense)):
+        for k, ((layer, activation), whole) in enumerate(zip(layers, dense)):
             read_here = read if k == 0 else None
-            key = (id(linear), whole, None if read_here is None else tuple(read_here))
+            key = (id(layer), whole, None if read_here is None else tuple(read_here))
             if key not in packed:
-                packed[key] = stored_rows(linear.weight.detach(), whole, read_here)
-            lengths, index, values = packed[key]
+                packed[key] = layer_rows(layer, whole, read_here)
+            lengths, index, values, bias, storage = packed[key]
             rows = len(lengths)
             if k == 0:  # a tile reads the input's columns; one image, those columns picked in order
                 first_indices, index = index, columns[index]
-            storage = kernels.WHOLE if whole else kernels.SPARSE
             table.append([rows, rows_before, rows_before, activation, storage])  # where its pointers, biases start
             pointers.append(stored + np.cumsum(lengths, dtype=np.int64))
             indices.append(index.astype(np.uint32))
             data.append(values)
-            biases.append(np.zeros(rows, np.float32) if linear.bias is None else linear.bias.detach().cpu().numpy())
+            biases.append(bias)
             stored, rows_before = stored + int(lengths.sum()), rows_before + rows
         self.layers, self.first_indices = np.array(table, np.int64), first_indices
         self.columns = columns.astype(np.int64)

@@ -12,7 +12,7 @@ from test_pruning import tiny
 from torch.nn.utils import prune
 
 import pruning
-from pruning import inference, packing, surgery
+from pruning import inference, kernels, lowering, packing, surgery
 from pruning import model as models
 from pruning.formats import compressed
 
@@ -157,15 +157,76 @@ def test_an_input_that_is_not_finite_gives_nan_where_the_model_gives_nan(tile):
         assert torch.allclose(got.nan_to_num(), expected_here.nan_to_num(), rtol=1e-5, atol=1e-5)
 
 
-def test_lenet5s_convolutions_stay_in_pytorch_and_its_head_may_not():
+def test_lenet5_runs_in_the_kernel_from_its_first_convolution_as_the_model():
     torch.manual_seed(0)
     model = pruning.zero_prune(models.lenet5(), 0.9)
-    fast = pruning.for_inference(model, 16)
-    x = torch.rand(16, 1, 28, 28)
+    x = torch.rand(40, 1, 28, 28)
+    x[3, 0, 0, 0] = float("nan")  # read by the first convolution alone: NaN in every logit of that image
     with torch.no_grad():
-        assert torch.allclose(fast(x), model.eval()(x), rtol=1e-4, atol=1e-5)
-    for got in every_way(model, x):
-        assert torch.allclose(got, model(x), rtol=1e-4, atol=1e-5)
+        expected = model.eval()(x)
+    plan = inference.convolution_plan(pruning.chain.layers(model), (1, 28, 28), True, model, 16, {})
+    assert plan.summary.startswith("layers from the first convolution (0: sparse, 1: max, 2: sparse, 3: max")
+    for tile in (1, 16, 32):
+        for step in plan.steps:
+            step.tile = tile
+        got = plan(x)
+        assert torch.equal(got.isnan(), expected.isnan()) and got[3].isnan().all()
+        assert torch.allclose(got.nan_to_num(), expected.nan_to_num(), rtol=1e-4, atol=1e-5)
+    fast = pruning.for_inference(model, 16)
+    assert torch.allclose(fast(x).nan_to_num(), expected.nan_to_num(), rtol=1e-4, atol=1e-5)
+    for got in every_way(model, x):  # the plans that keep the convolutions in PyTorch
+        assert torch.allclose(got.nan_to_num(), expected.nan_to_num(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_convolution_as_rows_by_hand():
+    conv = nn.Conv2d(1, 1, 2, padding="same", bias=False)  # pads one row and column after
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[[[1.0, 0.0], [0.0, 2.0]]]]))
+    lengths, index, values, bias, storage = lowering.Lowered(conv, (1, 2, 2)).rows()
+    # outputs (0,0) (0,1) (1,0) (1,1) of a 2x2 input: x00 + 2 x11, x01, x10, x11
+    assert lengths.tolist() == [2, 1, 1, 1] and index.tolist() == [0, 3, 1, 2, 3]
+    assert values.tolist() == [1.0, 2.0, 1.0, 1.0, 1.0] and bias.tolist() == [0] * 4 and storage == kernels.SPARSE
+    lengths, index, _, _, storage = lowering.Lowered(nn.MaxPool2d(2), (2, 2, 4)).rows()
+    assert lengths.tolist() == [4] * 4 and storage == kernels.MAX
+    assert index.tolist() == [0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15]  # channel, then y, then x
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_convolution_chains_through_the_kernel_give_the_models_logits(seed):
+    torch.manual_seed(seed)
+    generator = np.random.default_rng(seed)
+    channels, size, layers = int(generator.integers(1, 4)), int(generator.integers(9, 20)), []
+    for _ in range(int(generator.integers(1, 3))):
+        out, kernel, stride, dilation = (int(generator.integers(1, top)) for top in (7, 4, 3, 3))
+        padding = ["same", "valid", 0, 1][int(generator.integers(0, 4))] if stride == 1 else int(generator.integers(2))
+        conv = nn.Conv2d(channels, out, kernel, stride, padding, dilation, bias=bool(generator.integers(0, 2)))
+        with torch.no_grad():
+            conv.weight.mul_(torch.rand_like(conv.weight) < generator.uniform(0.05, 1))
+        layers += [conv, nn.ReLU()] + ([nn.MaxPool2d(2)] if generator.integers(0, 2) else [])
+        channels = out
+    body = nn.Sequential(*layers)
+    flat = body(torch.zeros(1, layers[0].in_channels, size, size)).numel()
+    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(flat, 5)).eval()
+    shape = (layers[0].in_channels, size, size)
+    x = torch.randn(37, *shape)
+    with torch.no_grad():
+        expected = model(x)
+    plan = inference.convolution_plan(pruning.chain.layers(model), shape, False, model, 16, {})
+    for tile, threads in ((1, 1), (16, 1), (32, 2), (64, 2)):
+        for step in plan.steps:
+            step.tile, step.threads = tile, threads
+        assert torch.allclose(plan(x), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer, lowered", [(nn.MaxPool2d(2), True), (nn.Conv2d(1, 2, 3, padding=1), True),
+                                            (nn.Conv2d(1, 2, 3, padding_mode="reflect", padding=1), False),
+                                            (nn.Conv2d(1, 2, 3, groups=1, bias=False, dilation=2), True),
+                                            (nn.AvgPool2d(2), False), (nn.MaxPool2d(2, padding=1), False)])
+def test_what_the_kernel_cannot_lower_keeps_the_convolutions_in_pytorch(layer, lowered):
+    model = nn.Sequential(nn.Conv2d(1, 1, 3), layer, nn.Flatten(), nn.LazyLinear(3))
+    model(torch.zeros(1, 1, 12, 12))
+    plan = inference.convolution_plan(pruning.chain.layers(model.eval()), (1, 12, 12), False, model, 16, {})
+    assert (plan is not None) == lowered
 
 
 def test_masks_and_shared_weights_are_read_as_the_weights_they_make(tmp_path):
