@@ -4,6 +4,7 @@ machine's matrix-multiply speed, and the inference latency of pruned models thro
 pruning.for_inference against the dense model, beside how much less arithmetic they do.
 
     python bench.py
+    python bench.py --inference-only --skip-state-of-the-art --lenet5
 """
 
 import cli.startup  # noqa: F401, I001 -- first: settles what must be settled before torch is imported
@@ -48,8 +49,16 @@ FAST_MODELS = {  # the README's models whose inference is timed: (command of STA
     "98% zeros (CSR file, loaded)": ("zero pruning to 98% zeros", "csr-sparsity0.98.pt"),
     "95% fewer params (loaded)": ("activation pruning to 95% fewer params", "activation-reduction0.95.pt"),
 }
+LENET5 = {  # name: the README's LeNet-5 command (sharing one trained model), the file it saves
+    "LeNet-5, 99% zeros (CSR file, loaded)": (["zero_pruning.py", "--model", "lenet5", "--sparsity", "0.99", "--steps",
+                                               "10", "--finetune-epochs", "2", "--distill"], "csr-sparsity0.99.pt"),
+    "LeNet-5, 90% fewer params (loaded)": (["activation_pruning.py", "--model", "lenet5", "--reduction", "0.9",
+                                            "--steps", "6", "--distill"], "activation-reduction0.9.pt")}
 BARS = {"98% zeros (CSR file, loaded)": {1: 5, 32: 8, 10000: 8}, "95% fewer params (loaded)": {1: 6, 10000: 10},
-        "50% zeros": {b: 0.95 for b in BATCHES}, "dense": {b: 0.95 for b in BATCHES}}
+        "50% zeros": {b: 0.95 for b in BATCHES}, "dense": {b: 0.95 for b in BATCHES},
+        "LeNet-5, 99% zeros (CSR file, loaded)": {1: 2, 32: 3, 10000: 3},
+        "LeNet-5, 90% fewer params, against itself in PyTorch": {32: 1.5, 10000: 1.5},
+        "LeNet-5, 50% zeros": {b: 0.95 for b in BATCHES}, "LeNet-5, dense": {b: 0.95 for b in BATCHES}}
 
 
 BF16_SUPPORT = {True: "multiplies bf16 natively", False: "does not multiply bf16 natively",
@@ -255,6 +264,26 @@ def report_load(label):
     return busy
 
 
+def lenet5_rows(args, x):
+    """LeNet-5's inference rows: the README's two LeNet-5 commands run from scratch (about 20
+    minutes), their files loaded, each against the dense LeNet-5 they started from (the smaller
+    one also against itself in PyTorch), and the dense model and 50% of its weights zeroed."""
+    x, rows = x.view(-1, 1, 28, 28), []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (command, file) in LENET5.items():
+            folder = Path(tmp) / str(len(rows))
+            took = time_command([sys.executable, *command, "--quiet", "--checkpoint", str(Path(tmp) / "lenet5.pt"),
+                                 "--data-dir", str(mnist.data_root(args.data_dir)), "--save-dir", str(folder)])
+            print(f"{name}, from scratch: {took:.0f} s")
+            rows.append((name, pruning.load(folder / file)))
+        dense = pruning.load(Path(tmp) / "lenet5.pt")
+    (zeros, pruned), (smaller, fewer) = rows
+    halved = pruning.zero_prune(copy.deepcopy(dense), 0.5)
+    return (latency_rows(zeros, dense, pruned, x) + latency_rows(smaller, dense, fewer, x)
+            + latency_rows(f"{smaller.split(' (')[0]}, against itself in PyTorch", fewer, fewer, x)
+            + latency_rows("LeNet-5, 50% zeros", dense, halved, x) + latency_rows("LeNet-5, dense", dense, dense, x))
+
+
 def inference_rows(args, machine, model, train_data, x):
     """Print the inference tables: the README's models (trained from scratch unless
     --skip-state-of-the-art, each command timed), the dense model itself, and one-shot zero and
@@ -275,6 +304,8 @@ def inference_rows(args, machine, model, train_data, x):
         pruned = surgery.make_permanent(surgery.hold_below(copy.deepcopy(model), threshold))
         rows += latency_rows("dense" if s == 0 else f"{100 * s:.0f}% zeros", model, pruned, x)
     print(markdown_table(rows, COLUMNS) + "\n")
+    if args.lenet5:
+        print(markdown_table(lenet5_rows(args, x), COLUMNS) + "\n")
     rows = []
     means = pruning.mean_activations(model, train_data[0])
     for t in ACTIVATION_THRESHOLDS:
@@ -294,6 +325,8 @@ def main():
     p.add_argument("--skip-state-of-the-art", action="store_true",
                    help="skip timing the state-of-the-art pruning commands and the smallest model (about 2 minutes)")
     p.add_argument("--inference-only", action="store_true", help="only time inference (about 5 minutes)")
+    p.add_argument("--lenet5", action="store_true",
+                   help="also time LeNet-5's inference: the README's LeNet-5 commands from scratch (about 20 minutes)")
     p.add_argument("--wait-policy", action="store_true",
                    help="only time training with each way OpenMP threads can wait, idle and beside other "
                         "trainings (about 3 minutes)")

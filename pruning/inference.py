@@ -4,7 +4,9 @@ kernel of kernels.py, stored as its non-zeros (sparse) or whole (rows, by its de
 kernel's measured crossovers), consecutive kernel layers as one compiled call. Plans (all in the
 kernel, the densest layers in PyTorch, all in PyTorch) are timed on this machine at that batch
 size beside the model as given, and the fastest is kept, so what it returns is never slower than
-what it was given. Layers before that run (the convolutions of LeNet-5) stay PyTorch's.
+what it was given. Where a chain's convolutions and max-poolings can all be lowered to the
+kernel's rows (lowering.py: LeNet-5's), a plan running everything from its first convolution in
+the kernel is timed against the best of those too; otherwise they stay PyTorch's.
 """
 
 import copy

@@ -14,7 +14,8 @@ import torch.nn as nn
 
 from pruning import kernels
 
-MAX_STORED = 1 << 26  # the most stored entries a lowered layer may have (512 MB of indices and values)
+MAX_STORED = 1 << 24  # the most entries a lowered layer may store (128 MB of indices and values; a few times
+# that while they are built)
 
 
 class Lowered(nn.Module):
