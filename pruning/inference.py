@@ -193,14 +193,17 @@ def lowered(layers, shape):
         return None
     before = layers[:start]
     with torch.no_grad():
-        h = nn.Sequential(*before)(torch.zeros(1, *shape, dtype=torch.float32, device="cpu"))
+        shape = nn.Sequential(*before)(torch.zeros(1, *shape, dtype=torch.float32, device="cpu")).shape[1:]
     run = []
     for m in middle:
         if lowerable(m):
-            if h.dim() != 4 or lowering.stored_estimate(m, h.shape[1:]) > lowering.MAX_STORED:
+            if len(shape) != 3:
                 return None
-            run.append((Lowered(m, h.shape[1:]), NONE))
-            h = m(h)
+            layer = Lowered(m, shape)
+            if layer.entries() > lowering.MAX_STORED:
+                return None
+            run.append((layer, NONE))
+            shape = layer.out_shape
         elif isinstance(m, nn.ReLU):
             if not run:
                 return None

@@ -11,6 +11,7 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.nn.modules.utils import _pair
 
 from pruning import kernels
 
@@ -32,9 +33,19 @@ class Lowered(nn.Module):
     def rows(self):
         """(each row's length, the input each stored entry reads as uint32, the entries' weights as
         fp32 (zeros for a pooling), each row's bias, the kernel's storage code)."""
+        if self.entries() > MAX_STORED:
+            raise ValueError(f"{self.module} over {self.shape} would store {self.entries():,} entries")
         if isinstance(self.module, nn.Conv2d):
             return convolution_rows(self.module, self.shape, self.out_shape)
         return pooling_rows(self.module, self.shape, self.out_shape)
+
+    def entries(self):
+        """How many entries rows() stores, at most (a convolution's non-zeros at every position,
+        padding included), before it builds them."""
+        places = self.out_shape[1] * self.out_shape[2]
+        if isinstance(self.module, nn.Conv2d):
+            return int(self.module.weight.count_nonzero()) * places
+        return self.out_features * math.prod(_pair(self.module.kernel_size))
 
     def extra_repr(self):
         return f"{self.shape} -> {self.out_shape}"
@@ -49,17 +60,6 @@ def lowerable(module):
         return (module.padding in (0, (0, 0)) and module.dilation in (1, (1, 1)) and not module.ceil_mode
                 and not module.return_indices)
     return False
-
-
-def stored_estimate(module, shape):
-    """About how many entries lowering `module` over inputs shaped `shape` stores (at most that)."""
-    with torch.no_grad():
-        out = module(torch.zeros(1, *shape, dtype=torch.float32, device="cpu"))
-    places = out.shape[2] * out.shape[3]
-    if isinstance(module, nn.Conv2d):
-        return int(module.weight.count_nonzero()) * places
-    size = module.kernel_size if isinstance(module.kernel_size, tuple) else (module.kernel_size,) * 2
-    return out.numel() * size[0] * size[1]
 
 
 def positions(out_shape):
@@ -86,8 +86,6 @@ def convolution_rows(conv, shape, out_shape):
     y, x = positions(out_shape)
     iy = y[None, :] * conv.stride[0] - top + ky[:, None] * conv.dilation[0]  # (K, P)
     ix = x[None, :] * conv.stride[1] - left + kx[:, None] * conv.dilation[1]
-    if iy.numel() > MAX_STORED:
-        raise ValueError(f"a {tuple(weight.shape)} convolution over {shape} would store {iy.numel():,} entries")
     inside = (iy >= 0) & (iy < height) & (ix >= 0) & (ix < width)
     places = len(y)
     rows = (out[:, None] * places + torch.arange(places)[None, :])[inside]
@@ -100,8 +98,7 @@ def convolution_rows(conv, shape, out_shape):
 
 def pooling_rows(pool, shape, out_shape):
     channels, height, width = shape
-    size = pool.kernel_size if isinstance(pool.kernel_size, tuple) else (pool.kernel_size,) * 2
-    stride = pool.stride if isinstance(pool.stride, tuple) else (pool.stride,) * 2
+    size, stride = _pair(pool.kernel_size), _pair(pool.stride)
     y, x = positions(out_shape)
     ky, kx = (t.flatten() for t in torch.meshgrid(torch.arange(size[0]), torch.arange(size[1]), indexing="ij"))
     iy, ix = y[:, None] * stride[0] + ky[None, :], x[:, None] * stride[1] + kx[None, :]  # (P, window)

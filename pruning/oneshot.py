@@ -274,13 +274,16 @@ def check_enough(order, names, images):
 
 
 def saved(units):
-    """What Unit.write changes in each unit's module, to restore."""
-    names = ("weight", "weight_orig", "weight_mask", "in_proj_weight", "q_proj_weight", "k_proj_weight",
-             "v_proj_weight")
-    modules = list(dict.fromkeys(m for unit in units
-                                 for m in ([unit.module] + ([unit.module.out_proj] if unit.part else []))))
-    return [(m, {name: getattr(m, name).detach().clone() for name in names
-                 if isinstance(getattr(m, name, None), torch.Tensor)}) for m in modules]
+    """What Unit.write changes in each unit's module, to restore: the parameter it writes, and a
+    pruning mask's unmasked weight and mask."""
+    state = {}
+    for unit in units:
+        module, name, _ = unit.owner()
+        names = [name] + (["weight_orig", "weight_mask"] if unit.part is None else [])
+        tensors = state.setdefault(module, {})
+        tensors.update({n: getattr(module, n).detach().clone() for n in names
+                        if isinstance(getattr(module, n, None), torch.Tensor)})
+    return list(state.items())
 
 
 def restore(state):

@@ -25,17 +25,23 @@ class Unit:
     def __init__(self, module, part=None):
         self.module, self.part = module, part
 
-    def tensor(self):
-        """(the parameter holding the unit's weights, the rows of it that are the unit's: None for all)."""
+    def owner(self):
+        """(the module holding the unit's weights, the parameter's name, the rows of it that are the
+        unit's: None for all)."""
         m, part = self.module, self.part
         if part is None:
-            return m.weight, None
+            return m, "weight", None
         if part == "output":
-            return m.out_proj.weight, None
+            return m.out_proj, "weight", None
         if m._qkv_same_embed_dim:
             k, width = PARTS.index(part), m.embed_dim
-            return m.in_proj_weight, slice(k * width, (k + 1) * width)
-        return getattr(m, f"{part[0]}_proj_weight"), None
+            return m, "in_proj_weight", slice(k * width, (k + 1) * width)
+        return m, f"{part[0]}_proj_weight", None
+
+    def tensor(self):
+        """(the parameter holding the unit's weights, the rows of it that are the unit's: None for all)."""
+        module, name, rows = self.owner()
+        return getattr(module, name), rows
 
     def matrix(self):
         """The weights as the forward multiplies them, rows x columns (a convolution's flattened)."""
@@ -58,7 +64,8 @@ class Unit:
             layer.weight_mask.mul_(new.ne(0).view_as(layer.weight_mask).to(layer.weight_mask.dtype))
             setattr(layer, "weight", layer.weight_orig * layer.weight_mask)
         else:
-            (weight if rows is None else weight[rows]).copy_(new.view_as(weight if rows is None else weight[rows]))
+            target = weight if rows is None else weight[rows]
+            target.copy_(new.view_as(target))
 
     def describe(self, name):
         """The unit in words, for a message: the module's name and kind, and the part."""

@@ -319,21 +319,26 @@ def test_activation_prune_measures_batchnorm_afresh_after_each_cut():
     assert norm.momentum == 0.1 and not small.training
 
 
+class Attention(nn.Module):
+    """Attention over 5 tokens of 8 features and a linear head: self-attention (or the tokens in
+    reverse order as keys and values, `cross`), or keys and values of kdim features apart."""
+
+    def __init__(self, kdim=None, cross=False):
+        super().__init__()
+        self.kdim, self.cross = kdim, cross
+        self.attention = nn.MultiheadAttention(8, 2, kdim=kdim, vdim=kdim, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        context = x.flip(1) if self.cross else x
+        context = context if self.kdim is None else context.repeat(1, 1, 2)[..., :self.kdim]
+        return self.head(self.attention(x, context, context, need_weights=False)[0].mean(1))
+
+
 @pytest.mark.parametrize("kdim", [None, 6])  # packed in_proj_weight, or q/k/v_proj_weight apart
 def test_zero_prune_ranks_attentions_input_projections_with_every_other_weight(kdim):
     torch.manual_seed(0)
-
-    class Attention(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attention = nn.MultiheadAttention(8, 2, kdim=kdim, vdim=kdim, batch_first=True)
-            self.head = nn.Linear(8, 3)
-
-        def forward(self, x):
-            context = x if kdim is None else x.repeat(1, 1, 2)[..., :kdim]
-            return self.head(self.attention(x, context, context, need_weights=False)[0].mean(1))
-
-    model = Attention()
+    model = Attention(kdim)
     names = [name for _, name in pruning.weight_tensors(model)]
     assert names == (["in_proj_weight"] if kdim is None else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]) \
         + ["weight", "weight"]  # the output projection, then the head
@@ -353,18 +358,7 @@ def test_zero_prune_ranks_attentions_input_projections_with_every_other_weight(k
 @pytest.mark.parametrize("kdim", [None, 6])
 def test_one_shot_prunes_cross_attention_each_projection_from_what_it_reads(kdim):
     torch.manual_seed(0)
-
-    class Cross(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attention = nn.MultiheadAttention(8, 2, kdim=kdim, vdim=kdim, batch_first=True)
-            self.head = nn.Linear(8, 3)
-
-        def forward(self, x):
-            context = x.flip(1) if kdim is None else x.repeat(1, 1, 2)[..., :kdim]
-            return self.head(self.attention(x, context, context, need_weights=False)[0].mean(1))
-
-    model, x = Cross(), torch.rand(300, 5, 8)
+    model, x = Attention(kdim, cross=kdim is None), torch.rand(300, 5, 8)
     pruning.one_shot(model, x, 0.5)
     assert pruning.count_zeros(model) == pytest.approx(pruning.count_weights(model) / 2, abs=1)
     matrices = pruning.weight_tensors(model)
