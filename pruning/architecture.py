@@ -6,8 +6,10 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from pruning import chain, graph
+from pruning.attention import Attention
 from pruning.model import MAX_PARAMS, KeepInputs, Normalize
 
 MAX_LAYERS, MAX_DIM = 256, 1 << 24
@@ -50,6 +52,21 @@ def layer_description(m):
                 "affine": m.affine, "track": m.track_running_stats}
     if isinstance(m, chain.DROPOUTS):
         return {"type": kind, "p": m.p}
+    if isinstance(m, nn.TransformerEncoderLayer):
+        return encoder_layer(m)
+    if isinstance(m, nn.LayerNorm):
+        return {"type": kind, "shape": list(m.normalized_shape), "eps": m.eps, "affine": m.elementwise_affine,
+                "bias": m.bias is not None}
+    if isinstance(m, graph.Tensor):
+        return {"type": kind, "shape": list(m.value.shape)}
+    if isinstance(m, graph.Mean):
+        return {"type": kind, "over": m.dim, "keepdim": m.keepdim}
+    if isinstance(m, graph.Reshape):
+        return {"type": kind, "shape": list(m.shape)}
+    if isinstance(m, graph.Permute):
+        return {"type": kind, "order": list(m.order)}
+    if isinstance(m, graph.Token):
+        return {"type": kind, "index": m.index}
     if kind in ARGUMENTS:
         return {"type": kind, **{field: getattr(m, attribute) for field, attribute in ARGUMENTS[kind].items()}}
     if isinstance(m, nn.Flatten):
@@ -59,6 +76,40 @@ def layer_description(m):
     if isinstance(m, chain.ELEMENTWISE + graph.JOINS + (nn.Identity,)):
         return {"type": kind}
     raise BadArchitecture(f"{kind} layers are not stored")
+
+
+def encoder_layer(m):
+    """An nn.TransformerEncoderLayer as data: its attention (PyTorch's, or an Attention with fewer
+    heads), feed-forward width, activation, norms' place and dropout."""
+    attention = m.self_attn
+    activation = {F.relu: "relu", F.gelu: "gelu"}.get(m.activation) or (
+        "relu" if type(m.activation) is nn.ReLU else "gelu" if type(m.activation) is nn.GELU
+        and m.activation.approximate == "none" else None)
+    packed = isinstance(attention, nn.MultiheadAttention)
+    if activation is None or not isinstance(attention, (nn.MultiheadAttention, Attention)) or packed and (
+            not attention._qkv_same_embed_dim or attention.bias_k is not None or attention.add_zero_attn):
+        raise BadArchitecture("an nn.TransformerEncoderLayer with another activation than ReLU or GELU, or "
+                              "attention of another kind, is not stored")
+    return {"type": "TransformerEncoderLayer", "width": m.linear1.in_features, "heads": attention.num_heads,
+            "head_dim": attention.head_dim, "hidden": m.linear1.out_features, "activation": activation,
+            "norm_first": m.norm_first, "eps": m.norm1.eps, "bias": m.linear1.bias is not None,
+            "batch_first": attention.batch_first, "p": m.dropout.p, "packed": packed}
+
+
+def build_encoder_layer(d):
+    """The nn.TransformerEncoderLayer of a description, its weights not set (what loads sets them):
+    made on the meta device, its attention replaced where it has fewer heads, then given memory."""
+    if d["packed"] and d["heads"] * d["head_dim"] != d["width"]:
+        raise ValueError("PyTorch's attention has heads x head_dim features, its width")
+    device = torch.get_default_device()
+    with torch.device("meta"):
+        layer = nn.TransformerEncoderLayer(d["width"], d["heads"] if d["packed"] else 1, d["hidden"], d["p"],
+                                           d["activation"], d["eps"], d["batch_first"], d["norm_first"],
+                                           bias=d["bias"])
+        if not d["packed"]:
+            layer.self_attn = Attention(d["width"], heads=d["heads"], head_dim=d["head_dim"], bias=d["bias"],
+                                        dropout=d["p"], batch_first=d["batch_first"])
+    return layer.to_empty(device=device)
 
 
 def count(description):
@@ -74,6 +125,14 @@ def count(description):
             total += 4 * d["features"]
         elif kind == "KeepInputs":
             total += d["inputs"]
+        elif kind == "TransformerEncoderLayer":
+            width, inner, hidden, bias = d["width"], d["heads"] * d["head_dim"], d["hidden"], d["bias"]
+            total += 4 * width * inner + 3 * inner * bias + width * bias + 2 * width * hidden + hidden * bias \
+                + width * bias + 2 * width * (1 + bias)
+        elif kind == "LayerNorm":
+            total += math.prod(d["shape"]) * d["affine"] * (1 + d["bias"])
+        elif kind == "Tensor":
+            total += math.prod(d["shape"])
     return total
 
 
@@ -85,6 +144,10 @@ FIELDS = {  # per layer type, the fields its description must hold (beside "type
     "BatchNorm1d": {"features", "eps", "momentum", "affine", "track"},
     "BatchNorm2d": {"features", "eps", "momentum", "affine", "track"},
     "Flatten": set(), "Identity": set(), "Add": set(), "Cat": set(),
+    "TransformerEncoderLayer": {"width", "heads", "head_dim", "hidden", "activation", "norm_first", "eps", "bias",
+                                "batch_first", "p", "packed"},
+    "LayerNorm": {"shape", "eps", "affine", "bias"}, "Tensor": {"shape"}, "Mean": {"over", "keepdim"},
+    "Reshape": {"shape"}, "Permute": {"order"}, "Token": {"index"},
     **{t.__name__: {"p"} for t in chain.DROPOUTS},
     **{t.__name__: set() for t in chain.ELEMENTWISE},
 }
@@ -95,7 +158,8 @@ ARGUMENTS = {  # per activation with settings, its fields and the module's attri
 }
 FIELDS.update({kind: set(fields) for kind, fields in ARGUMENTS.items()})
 OPTIONAL = {"Conv2d": {"padding_mode"}}  # fields added since the first files: a file without them is read as before
-SIZES = ("in", "out", "inputs", "size", "features", "kernel", "shape", "output")
+SIZES = ("in", "out", "inputs", "size", "features", "kernel", "shape", "output", "width", "heads", "head_dim",
+         "hidden")
 OFFSETS = ("stride", "padding", "dilation")
 
 
@@ -128,8 +192,17 @@ def field_ok(key, value):
         return type(value) is int and value in (1, -1)
     if key in ("slope", "alpha", "beta", "threshold", "low", "high"):
         return number(value)
-    if key in ("bias", "affine", "track"):
+    if key in ("bias", "affine", "track", "norm_first", "batch_first", "packed", "keepdim"):
         return type(value) is bool
+    if key == "order":
+        return isinstance(value, list) and 0 < len(value) <= 4 and sorted(value) == list(range(len(value))) and all(
+            type(v) is int for v in value)
+    if key == "index":
+        return type(value) is int and -MAX_DIM <= value < MAX_DIM
+    if key == "over":
+        return type(value) is int and value != 0 and -4 <= value <= 4
+    if key == "activation":
+        return value in ("relu", "gelu")
     if key == "mean":
         return number(value)
     if key in ("std", "eps"):
@@ -178,7 +251,8 @@ def check_inputs(description):
         raise BadArchitecture("some of its layers say which nodes they read and some do not")
     for k, d in enumerate(description):
         reads, joins = d["reads"], d["type"] in ("Add", "Cat")
-        if not (isinstance(reads, list) and (2 <= len(reads) <= 16 if joins else len(reads) == 1)
+        wanted = range(2, 17) if joins else (0,) if d["type"] == "Tensor" else (1,)
+        if not (isinstance(reads, list) and len(reads) in wanted
                 and all(type(i) is int and -1 <= i < k for i in reads)):
             raise BadArchitecture(f"layer {k} ({d['type']}) reads impossible nodes: {brief(reads)}")
 
@@ -199,6 +273,13 @@ BUILDERS = {
     "Identity": lambda d: nn.Identity(),
     "Add": lambda d: graph.Add(),
     "Cat": lambda d: graph.Cat(),
+    "TransformerEncoderLayer": build_encoder_layer,
+    "LayerNorm": lambda d: nn.LayerNorm(d["shape"], d["eps"], d["affine"], d["bias"]),
+    "Tensor": lambda d: graph.Tensor(torch.zeros(d["shape"])),
+    "Mean": lambda d: graph.Mean(d["over"], d["keepdim"]),
+    "Reshape": lambda d: graph.Reshape(d["shape"]),
+    "Permute": lambda d: graph.Permute(d["order"]),
+    "Token": lambda d: graph.Token(d["index"]),
     **{t.__name__: lambda d, t=t: t(d["p"]) for t in chain.DROPOUTS},
     **{t.__name__: lambda d, t=t: t() for t in chain.ELEMENTWISE},
     **{kind: lambda d, kind=kind, fields=fields: getattr(nn, kind)(**{a: d[f] for f, a in fields.items()})
@@ -207,7 +288,9 @@ BUILDERS = {
 
 
 TYPES = {name: getattr(nn, name, None) or {"Normalize": Normalize, "KeepInputs": KeepInputs, "Add": graph.Add,
-                                            "Cat": graph.Cat}[name] for name in BUILDERS}
+                                            "Cat": graph.Cat, "Tensor": graph.Tensor, "Mean": graph.Mean,
+                                            "Reshape": graph.Reshape, "Permute": graph.Permute,
+                                            "Token": graph.Token}[name] for name in BUILDERS}
 
 
 def build(description, device=None, max_params=MAX_PARAMS):

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from pruning import chain, criteria, graph, oneshot, surgery, training
+from pruning import blocks, chain, criteria, graph, oneshot, surgery, training
 from pruning.model import count_params, evaluating, weight_matrices, weight_tensors, weighted
 from pruning.schedules import cubic_schedule
 from pruning.training import Data, Finetune, Teacher
@@ -70,13 +70,20 @@ def activation_prune(model: nn.Module, inputs: torch.Tensor, reduction: float, *
     in `steps` steps on the cubic schedule, every layer cut by one factor, the units that pass on
     least going first (criterion 'contribution'; 'activation': the least active; or a function
     such as unit_saliency's, which scores them), re-measuring before and calling finetune(model)
-    after each step. Returns a new, smaller nn.Sequential in the mode model was in; model itself
-    is left as it was."""
+    after each step. Returns a new, smaller nn.Sequential (a pruning.graph.Graph for residual sums and
+    concatenations) in the mode model was in; model itself is left as it was. A model holding
+    attention or transformer blocks keeps its own class and forward, and loses whole attention
+    heads and feed-forward units instead (pruning.blocks)."""
     if not 0 <= reduction < 1:
         raise ValueError(f"reduction must be from 0 to below 1, not {reduction}")
     check_steps(steps)
     if criterion not in ("activation", "contribution") and not callable(criterion):
         raise ValueError(f"criterion must be 'activation', 'contribution' or a function, not {criterion!r}")
+    if blocks.has_blocks(model):
+        if prune_inputs:
+            raise chain.NotAChain("prune_inputs is for a network whose first weighted layer reads the pixels, "
+                                  "not a transformer")
+        return blocks.prune_blocks(model, inputs, reduction, steps, finetune, criterion)
     try:
         layers = chain.layers(model)
     except chain.NotAChain as not_a_chain:

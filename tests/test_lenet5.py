@@ -42,7 +42,8 @@ def test_lenet5_zero_pruning_ranks_conv_and_linear_weights_together(small_mnist,
         assert_fast_predicts_as_loaded(tmp_path / "models" / name, test[0])
 
 
-@pytest.mark.parametrize("args", [["--reduction", "0.8", "--steps", "2", "--distill"], ["--thresholds", "0", "0.5"]])
+@pytest.mark.parametrize("args", [["--reduction", "0.8", "--steps", "2", "--finetune-epochs", "3", "--distill"],
+                                  ["--thresholds", "0", "0.5"]])
 def test_lenet5_activation_pruning_removes_channels(args, small_mnist, tmp_path):
     results, stdout = run("activation_pruning.py", small_mnist, tmp_path, *args)
     test = mnist.load(small_mnist)[1]

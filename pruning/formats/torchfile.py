@@ -136,10 +136,12 @@ def from_tensors(saved, max_params=architecture.MAX_PARAMS):
     dtype = saved.get("dtype", "float32")  # files written before the dtype was recorded: fp32
     if not isinstance(dtype, str) or dtype not in architecture.DTYPES:
         raise ValueError(f"its dtype {architecture.brief(dtype)} is not one of {', '.join(architecture.DTYPES)}")
-    shapes = {k: v.shape for k, v in architecture.build(description, "meta", max_params).state_dict().items()}
+    meta = architecture.build(description, "meta", max_params)
+    shapes = {k: v.shape for k, v in meta.state_dict().items()}
     check_tensors(tensors, saved["storage"])
     if saved["storage"] == "csr":
-        tensors = dense_from_csr(description, tensors, shapes)
+        weights = [f"{name}.weight" for name, m in meta.named_modules() if isinstance(m, chain.WEIGHTED)]
+        tensors = dense_from_csr(weights, tensors, shapes)
     elif saved["storage"] != "dense":
         raise ValueError(f"unknown storage {saved['storage']!r}")
     if tensors.keys() != shapes.keys() or any(tensors[k].shape != s for k, s in shapes.items()):
@@ -167,9 +169,9 @@ def check_tensors(tensors, storage):
             raise ValueError(f"its tensor {architecture.brief(name)} claims more numbers than it holds")
 
 
-def dense_from_csr(description, tensors, shapes):
-    weights = [k for k in shapes if k.endswith(".weight") and description[int(k.split(".")[-2])]["type"]
-               in ("Linear", "Conv2d")]
+def dense_from_csr(weights, tensors, shapes):
+    """The dense tensors of a CSR file: the weights named (in the writer's order) from the file's
+    shared indices and values, the others as they are."""
     indices, values = tensors.get("indices"), tensors.get("values")
     if indices is None or values is None or indices.dim() != 1 or values.dim() != 1:
         raise ValueError("its sparse weights are missing")
