@@ -186,7 +186,7 @@ class KernelLayers:
         return self.run(x)
 
     def run(self, x):
-        """__call__ without its checks, for a caller that has made them (inference.Prepared)."""
+        """__call__ without its checks, for a caller that has made them (plans.Prepared)."""
         batch = len(x)
         out = empty(batch, self.outputs)
         if batch == 0:

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from test_pruning import tiny
 from torch.nn.utils import prune
 
 import pruning
-from pruning import inference, kernels, lowering, packing, surgery
+from pruning import inference, kernels, lowering, packing, plans, surgery
 from pruning import model as models
 from pruning.formats import compressed
 
@@ -29,8 +30,8 @@ def sparse_mlp(sizes=(40, 23, 13, 6), density=0.3, seed=0):
 
 def kernel_of(model, dense, tile, threads, columns=None):
     """KernelLayers running every layer of an MLP, each stored as `dense` says."""
-    _, run = inference.split(pruning.chain.layers(model))
-    kernel = inference.KernelLayers(run, [dense] * len(run), run[0][0].in_features, columns)
+    _, run = plans.split(pruning.chain.layers(model))
+    kernel = packing.KernelLayers(run, [dense] * len(run), run[0][0].in_features, columns)
     kernel.tile, kernel.threads = tile, threads
     return kernel
 
@@ -45,9 +46,9 @@ def test_a_layer_is_stored_as_the_kernel_reads_it():
 
 def test_plans_of_one_model_store_each_layer_once():
     model, packed = sparse_mlp(), {}
-    _, run = inference.split(pruning.chain.layers(model))
-    first = inference.KernelLayers(run, [False] * 3, 40, packed=packed)
-    second = inference.KernelLayers(run[:2], [False] * 2, 40, packed=packed)
+    _, run = plans.split(pruning.chain.layers(model))
+    first = packing.KernelLayers(run, [False] * 3, 40, packed=packed)
+    second = packing.KernelLayers(run[:2], [False] * 2, 40, packed=packed)
     assert len(packed) == 3 and np.array_equal(first.data[:len(second.data)], second.data)
 
 
@@ -86,8 +87,8 @@ def test_calls_from_several_threads_at_once_each_get_their_own_answer():
 
 def test_the_kernel_reads_only_the_columns_it_is_given():
     model = tiny([2, 2, 1], [[[0.5, 0.0], [-1.0, 0.0]], [[1.0, 2.0]]], [[0.25, 1.0], [0.5]])  # input 2 unused
-    first, run = model[0], inference.split(pruning.chain.layers(model))[1]
-    kernel = inference.KernelLayers(run, [False, False], 2, np.array([0]), read=np.array([0]))
+    first, run = model[0], plans.split(pruning.chain.layers(model))[1]
+    kernel = packing.KernelLayers(run, [False, False], 2, np.array([0]), read=np.array([0]))
     x = torch.tensor([[1.0, 7.0], [-2.0, 3.0], [4.0, -1.0]])
     assert first.in_features == 2 and kernel(x).flatten().tolist() == [1.25, 6.5, 2.75]
 
@@ -112,14 +113,14 @@ def test_for_inference_predicts_as_the_model(batch, sparsity):
 def every_way(model, x, tile=16):
     """model's logits through every plan for_inference weighs: each layer dense, sparse or rows."""
     layers = pruning.chain.layers(surgery.copy_of(model).eval().requires_grad_(False))
-    before, run = inference.split(layers)
-    folded = inference.gather(before, run[0][0])
-    shape = inference.input_shape(layers, None)
-    for way in inference.WAYS:
-        for first in inference.WAYS:
-            prepared = inference.plan(before, run, [first] + [way] * (len(run) - 1), folded, shape, True, model)
+    before, run = plans.split(layers)
+    folded = plans.gather(before, run[0][0])
+    shape = plans.input_shape(layers, None)
+    for way in plans.WAYS:
+        for first in plans.WAYS:
+            prepared = plans.plan(before, run, [first] + [way] * (len(run) - 1), folded, shape, True, model)
             for kernel in prepared.steps:
-                if isinstance(kernel, inference.KernelLayers):
+                if isinstance(kernel, packing.KernelLayers):
                     kernel.tile = tile
             yield prepared(x)
 
@@ -299,8 +300,8 @@ def test_random_chains_through_the_kernel_give_the_models_logits(seed):
     batch = int(rng.choice([1, 2, 15, 17, 33, 64, 65, 200]))
     x = torch.rand(batch, sizes[0])
     fast = pruning.for_inference(model, batch)
-    for kernel in [s for s in getattr(fast, "steps", []) if isinstance(s, inference.KernelLayers)]:
-        kernel.tile = int(rng.choice(inference.TILES[1:]))
+    for kernel in [s for s in getattr(fast, "steps", []) if isinstance(s, packing.KernelLayers)]:
+        kernel.tile = int(rng.choice(kernels.TILES[1:]))
         kernel.threads = int(rng.integers(1, 3))
     with torch.no_grad():
         assert torch.allclose(fast(x), model(x), rtol=1e-4, atol=1e-5)
@@ -310,9 +311,9 @@ def test_a_wrong_example_is_refused_before_the_kernel_reads_it():
     model = sparse_mlp((1000, 10), density=0.05)
     with pytest.raises(ValueError, match="example is not an input the model takes"):
         pruning.for_inference(model, 64, example=torch.rand(2, 16))
-    _, run = inference.split(pruning.chain.layers(model))
+    _, run = plans.split(pruning.chain.layers(model))
     with pytest.raises(ValueError, match="reads 1000 of 16 inputs"):
-        inference.KernelLayers(run, [False], 16)
+        packing.KernelLayers(run, [False], 16)
 
 
 @pytest.mark.parametrize("default", [torch.float16, torch.bfloat16, torch.float64, "meta"])
@@ -405,7 +406,7 @@ def test_without_llvmlite_the_model_stays_pytorchs_with_a_warning(monkeypatch):
     monkeypatch.setattr(kernels, "available", lambda: False)
     with pytest.warns(UserWarning, match="llvmlite"):
         fast = pruning.for_inference(sparse_mlp(), 8)
-    assert not isinstance(fast, inference.Prepared)
+    assert not isinstance(fast, plans.Prepared)
 
 
 def test_shares_run_on_pytorchs_openmp_threads_each_once_and_a_failure_is_raised():
@@ -428,3 +429,82 @@ def test_shares_run_on_pytorchs_openmp_threads_each_once_and_a_failure_is_raised
 
     with pytest.raises(ValueError, match="share 1 failed"):
         packing.in_parallel(failing, 2)
+
+
+# Graphs: residual sums and concatenations (graphplan.py) -----------------------------------
+
+class Residual(nn.Module):
+    """A stem, a residual block with BatchNorm, a strided branch beside a projection, average and max
+    pooling concatenated, and a linear head: each run of kernel layers one node of the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.down, self.project = nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.Conv2d(4, 6, 1, stride=2)
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + x)
+        x = F.relu(self.down(x)) + self.project(x)
+        x = torch.cat([F.adaptive_avg_pool2d(x, 1), F.adaptive_max_pool2d(x, 1)], 1)
+        return self.fc(torch.flatten(x, 1))
+
+
+def residual(sparsity=0.6):
+    torch.manual_seed(0)
+    model = Residual()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    return pruning.zero_prune(model, sparsity).eval().requires_grad_(False)
+
+
+def test_a_batchnorm_is_folded_into_the_convolution_before_it_with_its_zeros():
+    from pruning import graphplan
+    model = residual()
+    conv, norm = model.stem[0], model.stem[1]
+    x = torch.randn(3, 1, 7, 7)
+    folded = graphplan.folded(conv, norm)
+    torch.testing.assert_close(folded(x), norm(conv(x)), atol=1e-5, rtol=1e-5)
+    assert torch.equal(folded.weight == 0, conv.weight == 0) and conv.weight is not folded.weight
+
+
+def test_the_runs_of_a_graph_are_the_layers_one_path_goes_through():
+    from pruning import graph, graphplan
+    joined = graph.of(residual())
+    layers = graphplan.norms_folded(joined.layers, joined.inputs)
+    shapes = graphplan.output_shapes(layers, joined.inputs, torch.zeros(1, 1, 8, 8))
+    kinds = [[type(layers[k]).__name__ for k in run] for run in graphplan.runs(layers, joined.inputs, shapes)]
+    assert kinds == [["Conv2d", "Identity", "ReLU"],  # the stem, its BatchNorm folded into the convolution
+                     ["Conv2d", "Identity", "ReLU", "Conv2d", "Identity"],  # the block, up to its sum
+                     ["Conv2d", "ReLU"], ["Conv2d"],  # the strided branch, the projection
+                     ["Linear"]]
+
+
+@pytest.mark.parametrize("batch", [1, 5, 37])
+def test_a_graph_with_every_run_in_the_kernel_computes_what_the_model_does(batch):
+    from pruning import graph, graphplan
+    model = residual()
+    x = torch.randn(batch, 1, 8, 8)
+    fast = graphplan.prepared(model, graph.of(model), (1, 8, 8), batch, x, 2, pick=lambda candidates, x: candidates[-1])
+    assert sum(isinstance(m, graphplan.Segment) for m in fast.graph.layers) == 5
+    torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
+    x[0, 0, 3, 3] = float("nan")
+    assert fast(x)[0].isnan().all() and not fast(x)[1:].isnan().any()
+    other = torch.randn(batch, 1, 10, 10)  # inputs it was not planned for: the model as given
+    assert torch.equal(fast(other), model(other))
+    assert "5 runs" in fast.summary
+
+
+def test_for_inference_takes_a_graph_and_predicts_as_it_does():
+    model = residual(0.9)
+    x = torch.randn(64, 1, 8, 8)
+    fast = pruning.for_inference(model, 32, example=x)
+    assert torch.equal(fast(x).argmax(1), model(x).argmax(1))
+    assert fast.summary.startswith(("a graph: ", "the model as given, in PyTorch: timed faster"))

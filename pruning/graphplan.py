@@ -1,0 +1,185 @@
+"""A graph (residual sums, concatenations: graph.Graph) made ready to predict fast. Every
+BatchNorm that only a convolution feeds is folded into it; each run of layers the kernel can run
+that one path goes through (convolutions and max-poolings as lowering.py lowers them, a flatten,
+fully connected layers, each maybe followed by a ReLU) becomes one kernel call, timed against
+PyTorch on the inputs it gets there at the batch size asked; the sums, concatenations and
+everything else stay PyTorch's. The whole is then timed against the model as given."""
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from pruning import graph, lowering
+from pruning.kernels import NONE, RELU
+from pruning.lowering import Lowered, lowerable
+from pruning.plans import SKIPPED, as_written, fastest, plan, tune, way
+
+
+@torch.no_grad()
+def folded(conv, norm):
+    """conv then norm (a BatchNorm2d in eval mode) as one nn.Conv2d: the same outputs up to rounding,
+    and the same zeros."""
+    scale = (norm.running_var + norm.eps).rsqrt()
+    shift = -norm.running_mean * scale
+    if norm.affine:
+        scale, shift = scale * norm.weight, shift * norm.weight + norm.bias
+    new = copy.deepcopy(conv)
+    new.weight.mul_(scale.view(-1, 1, 1, 1))
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
+    new.bias = nn.Parameter(bias * scale + shift, requires_grad=False)
+    return new
+
+
+def consumers(inputs):
+    """How many nodes read each node (the last, the model's output, counted once more)."""
+    count = [0] * len(inputs)
+    for reads in inputs:
+        for i in reads:
+            if i >= 0:
+                count[i] += 1
+    count[-1] += 1
+    return count
+
+
+def norms_folded(layers, inputs):
+    """layers with every BatchNorm2d whose only input is a convolution that feeds nothing else folded
+    into it (the convolution replaced, the BatchNorm by an nn.Identity)."""
+    layers, count = list(layers), consumers(inputs)
+    for k, (layer, reads) in enumerate(zip(layers, inputs)):
+        if type(layer) is nn.BatchNorm2d and layer.running_mean is not None and len(reads) == 1 and reads[0] >= 0 \
+                and type(layers[reads[0]]) is nn.Conv2d and count[reads[0]] == 1:
+            layers[reads[0]], layers[k] = folded(layers[reads[0]], layer), nn.Identity()
+    return layers
+
+
+def output_shapes(layers, inputs, x):
+    """Each node's output shape (one input's) on the batch x."""
+    shapes = {-1: tuple(x.shape[1:])}
+    hooks = [layer.register_forward_hook(lambda m, i, out, k=k: shapes.__setitem__(k, tuple(out.shape[1:])))
+             for k, layer in enumerate(layers)]
+    try:
+        graph.Graph(layers, inputs).eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+def kernel_layer(layer, shape):
+    """Whether the kernel runs layer on inputs of this shape: a lowerable convolution or pooling of
+    images, or an nn.Linear of vectors."""
+    return lowerable(layer) and len(shape) == 3 or as_written(layer, nn.Linear) and len(shape) == 1
+
+
+def runs(layers, inputs, shapes):
+    """The runs of nodes the kernel can take as one call: each starts at a kernel layer and goes on
+    while the next node reads only the one before, which nothing else reads, and is a kernel layer, a
+    ReLU, a flatten of the kernel's rows, or does nothing in eval mode."""
+    count, found, k = consumers(inputs), [], 0
+    while k < len(layers):
+        if not kernel_layer(layers[k], shapes[inputs[k][0]] if len(inputs[k]) == 1 else ()):
+            k += 1
+            continue
+        members = [k]
+        while k + 1 < len(layers) and inputs[k + 1] == [k] and count[k] == 1 and (
+                kernel_layer(layers[k + 1], shapes[k]) or as_written(layers[k + 1], (nn.ReLU,) + SKIPPED)
+                or flattens(layers[k + 1])):
+            k += 1
+            members.append(k)
+        found.append(members)
+        k += 1
+    return found
+
+
+def flattens(layer):
+    """Whether layer is a flatten that keeps the batch (the kernel's rows are flat already)."""
+    return as_written(layer, nn.Flatten) and layer.start_dim == 1 and layer.end_dim == -1
+
+
+class Segment(nn.Module):
+    """A run of nodes as one kernel call (a plans.Prepared, which runs the layers in PyTorch for
+    inputs it was not planned for), its output given the shape the run's last node gives."""
+
+    def __init__(self, prepared, out_shape):
+        super().__init__()
+        self.prepared, self.out_shape = prepared, tuple(out_shape)
+
+    def forward(self, x):
+        return self.prepared(x).view(len(x), *self.out_shape)
+
+
+def kernel_run(layers, members, shapes, in_shape, batch, packed):
+    """The Prepared model running these nodes in the kernel, or None where one would store too much."""
+    run, shape = [], in_shape
+    for k in members:
+        layer = layers[k]
+        if lowerable(layer) and len(shape) == 3:
+            lowered = Lowered(layer, shape)
+            if lowered.entries() > lowering.MAX_STORED:
+                return None
+            run.append((lowered, NONE))
+        elif isinstance(layer, nn.Linear):
+            run.append((layer, NONE))
+        elif isinstance(layer, nn.ReLU):
+            run[-1] = (run[-1][0], RELU)
+        shape = shapes[k]
+    ways = ["max" if isinstance(m, Lowered) and isinstance(m.module, nn.MaxPool2d) else "sparse"
+            if isinstance(m, Lowered) else way(m, batch) for m, _ in run]
+    pytorch = nn.Sequential(*(layers[k] for k in members))
+    return plan([], run, ways, None, in_shape, False, pytorch, packed, what="layers of a run")
+
+
+class FastGraph(nn.Module):
+    """A graph whose nodes are PyTorch's layers, joins and Segments; inputs it was not planned for
+    (not fp32 on the CPU, of another shape, needing gradients, traced) go to the model as given."""
+
+    def __init__(self, layers, inputs, shape, given, summary):
+        super().__init__()
+        self.graph, self.shape, self.given, self.summary = graph.Graph(layers, inputs), tuple(shape), [given], summary
+
+    def forward(self, x):
+        if not (type(x) is torch.Tensor and x.dtype is torch.float32 and x.is_cpu and not x.requires_grad
+                and tuple(x.shape[1:]) == self.shape and not (torch.jit.is_tracing() or torch.compiler.is_compiling())):
+            return self.given[0](x)
+        return self.graph(x)
+
+
+@torch.no_grad()
+def prepared(given, joined, shape, batch, x, threads, pick=fastest):
+    """given (a graph, joined: its graph.Graph) ready to predict: each run in the kernel where that
+    is faster at this batch size on x, the whole against given; None where no run is faster.
+    pick(candidates, x): the one to keep, the incumbent first (plans.fastest: by timing them)."""
+    layers = norms_folded(joined.layers, joined.inputs)
+    shapes = output_shapes(layers, joined.inputs, x[:1])
+    seen, packed, chosen = {}, {}, []
+    hooks = [layer.register_forward_hook(lambda m, i, out, k=k: seen.__setitem__(k, i[0]))
+             for k, layer in enumerate(layers)]
+    try:
+        graph.Graph(layers, joined.inputs).eval()(x)  # each node's input on x, to time the runs on
+    finally:
+        for h in hooks:
+            h.remove()
+    new_layers, new_inputs = list(layers), [list(r) for r in joined.inputs]
+    for members in runs(layers, joined.inputs, shapes):
+        first = members[0]
+        kernel = kernel_run(layers, members, shapes, shapes[joined.inputs[first][0]], batch, packed)
+        if kernel is None:
+            continue
+        h = seen[first].contiguous()
+        tune(kernel, h, batch, threads)
+        if pick([kernel.given[0], kernel], h) is kernel:
+            chosen.append(members)
+            new_layers[members[-1]] = Segment(kernel, shapes[members[-1]])
+            new_inputs[members[-1]] = list(joined.inputs[first])
+            for k in members[:-1]:
+                new_layers[k], new_inputs[k] = nn.Identity(), [-1]  # not read: runs on the input, unused
+    if not chosen:
+        return None
+    weighted = sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in layers)
+    inside = sum(isinstance(layers[k], (nn.Linear, nn.Conv2d)) for members in chosen for k in members)
+    summary = (f"a graph: {inside} of its {weighted} convolutions and fully connected layers in the kernel, in "
+               f"{len(chosen)} runs (BatchNorm folded into the convolution before it); its sums, concatenations "
+               "and other layers in PyTorch")
+    fast = FastGraph(new_layers, new_inputs, shape, given, summary).eval()
+    return fast if pick([given, fast], x) is fast else None
