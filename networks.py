@@ -8,6 +8,7 @@ MNIST's rows, trained two epochs, pruned without retraining (one_shot) at 50% an
 feed-forward units) in two steps, each fine-tuned one epoch.
 
     python networks.py --seeds 3
+    python networks.py --network ResNet-style --speed   # also each model through for_inference
     python networks.py --network transformer --seeds 3
 """
 
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 from cli import run
 import pruning
-from pruning import measure
+from pruning import inference, measure
 
 
 class ExamplesNet(nn.Module):  # pytorch/examples, mnist/main.py, as written there
@@ -180,7 +181,7 @@ def onnx_agrees(model, x, folder):
     return (torch.from_numpy(out) - pruning.logits(loaded, x)).abs().max().item()
 
 
-def one_seed(name, seed, train_data, test_data, folder):
+def one_seed(name, seed, train_data, test_data, folder, models=None):
     make, _ = NETWORKS[name]
     torch.manual_seed(seed)
     start = time.perf_counter()
@@ -193,6 +194,9 @@ def one_seed(name, seed, train_data, test_data, folder):
     row = {"dense": dense, "zeros": pruning.accuracy(sparse, test_data), "half": pruning.accuracy(smaller, test_data),
            "parameters": f"{pruning.count_params(model):,} to {pruning.count_params(smaller):,}",
            "onnx": max(onnx_agrees(sparse, x, folder), onnx_agrees(smaller, x, folder))}
+    if models is not None and seed == 0:  # kept for --speed
+        models[name] = {"dense": model, "50% zeros": pruning.zero_prune(copy.deepcopy(model), 0.5), "90% zeros": sparse,
+                        "half the parameters": smaller}
     print(f"| {name} | {seed} | {row['dense']:.2f}% | {row['zeros']:.2f}% | {row['half']:.2f}% | "
           f"{row['parameters']} | {row['onnx']:.1e} | {time.perf_counter() - start:.0f} |", flush=True)
     return row
@@ -204,6 +208,8 @@ def main():
     p.add_argument("--seeds", type=int, default=1, choices=range(1, 11), metavar="N", help="seeds 0..N-1 (1 to 10)")
     p.add_argument("--network", choices=[*NETWORKS, "transformer"], action="append",
                    help="only this network (default: the two CNNs; 'transformer': the transformer's one-shot table)")
+    p.add_argument("--speed", action="store_true", help="also time each CNN's models through pruning.for_inference "
+                   "against the dense model at batch 1, 32 and 10,000")
     args = p.parse_args()
     (x, y), (x_test, y_test) = pruning.mnist(args.data_dir)
     train_data, test_data = (x.view(-1, 1, 28, 28), y), (x_test.view(-1, 1, 28, 28), y_test)
@@ -215,8 +221,9 @@ def main():
             return
     print("| network | seed | dense | 90% zeros | half the parameters | parameters | onnxruntime vs loaded "
           "| seconds |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+    models = {} if args.speed else None
     with tempfile.TemporaryDirectory() as tmp:
-        rows = {name: [one_seed(name, seed, train_data, test_data, Path(tmp)) for seed in range(args.seeds)]
+        rows = {name: [one_seed(name, seed, train_data, test_data, Path(tmp), models) for seed in range(args.seeds)]
                 for name in args.network or NETWORKS}
     for name, seeds in rows.items():
         for key, what in (("zeros", "90% zeros"), ("half", "half the parameters")):
@@ -225,6 +232,23 @@ def main():
             print(f"\n{name}, {what}: {statistics.mean(drops):.2f} points below dense on average (each seed: "
                   f"{', '.join(f'{d:.2f}' for d in drops)})" + (f"; bar: within {bar}" if bar else ""), end="")
     print()
+    if models:
+        speeds(models, test_data[0])
+
+
+def speeds(models, x):
+    """Each seed-0 model through pruning.for_inference against its dense model in PyTorch, timed in turn
+    at batch 1, 32 and 10,000 (inference.speedups), beside how many fewer multiply-adds it does."""
+    print("\n| network | model | multiply-adds fewer | batch 1 | batch 32 | batch 10,000 | for_inference |\n"
+          "| --- | --- | --- | --- | --- | --- | --- |")
+    for name, kept in models.items():
+        dense = kept["dense"]
+        for what, model in kept.items():
+            fewer = pruning.flops(dense, x[:1]) / pruning.flops(model, x[:1])
+            times = inference.speedups(dense, model, x)
+            summary = pruning.for_inference(model, 32).summary.split(":")[0]
+            cells = " | ".join(f"{times[str(b)]:.2f}x" for b in inference.BATCHES)
+            print(f"| {name} | {what} | {fewer:.1f}x | {cells} | {summary} (batch 32) |", flush=True)
 
 
 if __name__ == "__main__":

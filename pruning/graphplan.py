@@ -15,6 +15,9 @@ from pruning.kernels import NONE, RELU
 from pruning.lowering import Lowered, lowerable
 from pruning.plans import SKIPPED, as_written, fastest, plan, tune, way
 
+CALIBRATION = 2048  # the most inputs a graph's plan is timed on: a convolution's activations are tens of MB by
+# then, past every cache, as at any larger batch; a ResNet's dense call on 10,000 takes seconds, timed many times
+
 
 @torch.no_grad()
 def folded(conv, norm):

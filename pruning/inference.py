@@ -117,7 +117,7 @@ def graph_prepared(given, batch_size, example):
     if not kernels.available():
         return as_given(given, "llvmlite, which compiles the kernel, is not installed (pip install llvmlite)")
     shape = input_shape(list(joined.layers), example)
-    x = torch.rand(min(batch_size, CALIBRATION), *shape, generator=torch.Generator().manual_seed(0),
+    x = torch.rand(min(batch_size, graphplan.CALIBRATION), *shape, generator=torch.Generator().manual_seed(0),
                    dtype=torch.float32, device="cpu")
     fast = graphplan.prepared(given, joined, shape, batch_size, x, torch.get_num_threads())
     return chosen(given) if fast is None else fast
