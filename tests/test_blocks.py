@@ -166,18 +166,28 @@ class SequenceFirst(nn.Module):
         return self.fc(self.encoder(x).transpose(0, 1)[:, 0])
 
 
-def test_a_transformer_written_another_way_round_trips_through_its_files_and_onnx(tmp_path):
-    import onnxruntime
+def written_another_way(tmp_path):
+    """SequenceFirst cut by activation_prune, saved and loaded: (its input, the pruned, the loaded)."""
     torch.manual_seed(0)
     model = SequenceFirst().eval()
     x = torch.randn(7, 1, 5, 6)
     pruned = pruning.activation_prune(model, x, 0.3)
+    pruning.save(pruned, tmp_path / "m.pt")
+    return x, pruned, pruning.load(tmp_path / "m.pt")
+
+
+def test_a_transformer_written_another_way_round_trips_through_its_files(tmp_path):
+    x, pruned, loaded = written_another_way(tmp_path)
     kinds = [type(m).__name__ for m in pruning.graph.of(pruned).layers]
     assert kinds == ["Reshape", "Linear", "Permute", "Tensor", "Add", "TransformerEncoderLayer",
                      "TransformerEncoderLayer", "LayerNorm", "Permute", "Token", "Linear"]
-    pruning.save(pruned, tmp_path / "m.pt")
-    loaded = pruning.load(tmp_path / "m.pt")
     assert torch.equal(loaded(x), pruned(x))
+
+
+@pytest.mark.slow  # seconds of torch.onnx's exporter
+def test_a_transformer_written_another_way_exports_to_onnx(tmp_path):
+    import onnxruntime
+    x, _, loaded = written_another_way(tmp_path)
     pruning.export_onnx(loaded, tmp_path / "m.onnx", example=x[:2])
     out = onnxruntime.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"images": x.numpy()})[0]
     assert abs(out - loaded(x).detach().numpy()).max() < 1e-5  # another batch size than the example's

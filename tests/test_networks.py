@@ -174,6 +174,7 @@ def test_save_writes_the_compressed_file_from_any_model_and_load_reads_it_back_e
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}  # the caller's model left in its dtype
 
 
+@pytest.mark.slow  # seconds of torch.onnx's exporter
 def test_export_onnx_takes_the_input_shape_the_model_records_or_refuses(tmp_path):
     torch.manual_seed(0)
     model = pruning.mnist_mlp([784, 16, 10])
