@@ -69,12 +69,9 @@ def for_inference(model: nn.Module, batch_size: int = 32, *, example: torch.Tens
     if parts is None:
         return as_given(given, "it does not end in nn.Linear layers with ReLU or no activation between them "
                                  "(as PyTorch writes them, with no hooks)")
-    if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in given.parameters()):
-        return as_given(given, "the kernel runs fp32 models on the CPU")
-    if any(hooked(m) for m in given.modules()):
-        return as_given(given, "it has hooks, which the kernel would not run")
-    if not kernels.available():
-        return as_given(given, "llvmlite, which compiles the kernel, is not installed (pip install llvmlite)")
+    why = unrunnable(given)
+    if why:
+        return as_given(given, why)
     before, run = parts
     folded = gather(before, run[0][0])
     kernel = [way(linear, batch_size) for linear, _ in run]
@@ -104,18 +101,27 @@ def for_inference(model: nn.Module, batch_size: int = 32, *, example: torch.Tens
     return chosen(given) if best is given else best
 
 
+def unrunnable(given):
+    """Why the kernel cannot run any of the model's layers, or None: not fp32 on the CPU, hooks (which
+    the kernel would not run), no llvmlite."""
+    if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in given.parameters()):
+        return "the kernel runs fp32 models on the CPU"
+    if any(hooked(m) for m in given.modules()):
+        return "it has hooks, which the kernel would not run"
+    if not kernels.available():
+        return "llvmlite, which compiles the kernel, is not installed (pip install llvmlite)"
+    return None
+
+
 def graph_prepared(given, batch_size, example):
     """for_inference of a model that is no chain: its graph (graph.py) through graphplan.py."""
     try:
         joined = graph.of(given)
     except chain.NotAChain as e:
         return as_given(given, f"it is neither a chain nor a graph of layers this library reads ({e})")
-    if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in given.parameters()):
-        return as_given(given, "the kernel runs fp32 models on the CPU")
-    if any(hooked(m) for m in given.modules()):
-        return as_given(given, "it has hooks, which the kernel would not run")
-    if not kernels.available():
-        return as_given(given, "llvmlite, which compiles the kernel, is not installed (pip install llvmlite)")
+    why = unrunnable(given)
+    if why:
+        return as_given(given, why)
     shape = input_shape(list(joined.layers), example)
     x = torch.rand(min(batch_size, graphplan.CALIBRATION), *shape, generator=torch.Generator().manual_seed(0),
                    dtype=torch.float32, device="cpu")
