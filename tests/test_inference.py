@@ -508,3 +508,19 @@ def test_for_inference_takes_a_graph_and_predicts_as_it_does():
     fast = pruning.for_inference(model, 32, example=x)
     assert torch.equal(fast(x).argmax(1), model(x).argmax(1))
     assert fast.summary.startswith(("a graph: ", "the model as given, in PyTorch: timed faster"))
+
+
+def test_a_graphs_plan_copies_pickles_and_takes_an_empty_batch():
+    import io
+    import pickle
+
+    from pruning import graph, graphplan
+    model = residual()
+    x = torch.randn(9, 1, 8, 8)
+    fast = graphplan.prepared(model, graph.of(model), (1, 8, 8), 9, x, 2, pick=lambda candidates, x: candidates[-1])
+    buffer = io.BytesIO()
+    torch.save(fast, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast)), torch.load(buffer, weights_only=False)):
+        torch.testing.assert_close(other(x), model(x), atol=1e-5, rtol=1e-5)
+    assert fast(torch.zeros(0, 1, 8, 8)).shape == (0, 3)
