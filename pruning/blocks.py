@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from pruning import surgery
 from pruning.attention import Attention, from_multihead
 from pruning.model import count_params, evaluating
 from pruning.schedules import cubic_schedule
@@ -108,22 +109,19 @@ def params_at(model, groups, fraction):
 
 @torch.no_grad()
 def remove(group, keep):
-    """The group's layers with only the units whose index is in keep (a sorted index tensor)."""
-    rows = (keep[:, None] * group.size + torch.arange(group.size)).flatten().to(group.last.weight.device)
+    """The group's layers with only the units whose index is in keep (a sorted index tensor): the
+    first layers' rows and the last layer's columns (surgery.rebuilt)."""
+    units = torch.zeros(group.count(), dtype=torch.bool)
+    units[keep] = True
+    device = group.last.weight.device
+    kept = units.repeat_interleave(group.size).to(device)
+
+    def every(n):
+        return torch.ones(n, dtype=torch.bool, device=device)
+
     for layer in group.first:
-        smaller = nn.Linear(layer.in_features, len(rows), bias=layer.bias is not None,
-                            device=layer.weight.device, dtype=layer.weight.dtype)
-        smaller.weight.copy_(layer.weight[rows])
-        if layer.bias is not None:
-            smaller.bias.copy_(layer.bias[rows])
-        replace(group.owner, layer, smaller.train(layer.training))
-    last = group.last
-    smaller = nn.Linear(len(rows), last.out_features, bias=last.bias is not None, device=last.weight.device,
-                        dtype=last.weight.dtype)
-    smaller.weight.copy_(last.weight[:, rows])
-    if last.bias is not None:
-        smaller.bias.copy_(last.bias)
-    replace(group.owner, last, smaller.train(last.training))
+        replace(group.owner, layer, surgery.rebuilt(layer, kept, every(layer.in_features), None))
+    replace(group.owner, group.last, surgery.rebuilt(group.last, every(group.last.out_features), kept, None))
     if isinstance(group.owner, Attention):
         group.owner.num_heads = len(keep)
 

@@ -177,12 +177,17 @@ def flatten(node, where):
         if start != 1 or argument(node, "end_dim", 2, -1) != -1:
             raise NotAChain(f"flatten from dimension {start} in {where}: only flatten(x, 1) keeps the batch")
         return nn.Flatten()
-    shape = tuple(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) \
-        else tuple(node.args[1:])
+    shape = shape_argument(node)
     if len(shape) != 2 or not (shape[0] == -1 or isinstance(shape[0], torch.fx.Node)):
         raise NotAChain(f"{node.target} to the shape {tuple(shape)} in {where}: only a flatten that keeps the "
                         "batch, (-1, n) or (batch, -1), is a layer")
     return nn.Flatten()
+
+
+def shape_argument(node):
+    """The shape a view or reshape node asks for: x.view(a, b) or x.view((a, b))."""
+    return tuple(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) \
+        else tuple(node.args[1:])
 
 
 def input_shape(layers):

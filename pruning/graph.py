@@ -156,8 +156,7 @@ def block(model, node):
                                   "after the batch")
         return Mean(dim, bool(chain.argument(node, "keepdim", 2, False)))
     if node.target in RESHAPES and node.op != "call_module":
-        shape = tuple(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) \
-            else tuple(node.args[1:])
+        shape = chain.shape_argument(node)
         if len(shape) > 2 and (shape[0] == -1 or isinstance(shape[0], torch.fx.Node)) and all(
                 type(n) is int and n > 0 for n in shape[1:]):
             return Reshape(shape[1:])

@@ -13,7 +13,7 @@ import torch.nn as nn
 from pruning import graph, lowering
 from pruning.kernels import NONE, RELU
 from pruning.lowering import Lowered, lowerable
-from pruning.plans import SKIPPED, as_written, fastest, plan, tune, way
+from pruning.plans import SKIPPED, as_written, fastest, plain, plan, tune, ways_of
 
 CALIBRATION = 2048  # the most inputs a graph's plan is timed on: a convolution's activations are tens of MB by
 # then, past every cache, as at any larger batch; a ResNet's dense call on 10,000 takes seconds, timed many times
@@ -56,17 +56,22 @@ def norms_folded(layers, inputs):
     return layers
 
 
-def output_shapes(layers, inputs, x):
-    """Each node's output shape (one input's) on the batch x."""
-    shapes = {-1: tuple(x.shape[1:])}
-    hooks = [layer.register_forward_hook(lambda m, i, out, k=k: shapes.__setitem__(k, tuple(out.shape[1:])))
-             for k, layer in enumerate(layers)]
+def seen_on(layers, inputs, x):
+    """The graph run on the batch x: (each node's output shape, one input's; each node's input)."""
+    shapes, seen = {-1: tuple(x.shape[1:])}, {}
+
+    def record(k):
+        def hook(module, args, out):
+            shapes[k], seen[k] = tuple(out.shape[1:]), args[0] if args else None  # a Tensor reads nothing
+        return hook
+
+    hooks = [layer.register_forward_hook(record(k)) for k, layer in enumerate(layers)]
     try:
         graph.Graph(layers, inputs).eval()(x)
     finally:
         for h in hooks:
             h.remove()
-    return shapes
+    return shapes, seen
 
 
 def kernel_layer(layer, shape):
@@ -127,10 +132,8 @@ def kernel_run(layers, members, shapes, in_shape, batch, packed):
         elif isinstance(layer, nn.ReLU):
             run[-1] = (run[-1][0], RELU)
         shape = shapes[k]
-    ways = ["max" if isinstance(m, Lowered) and isinstance(m.module, nn.MaxPool2d) else "sparse"
-            if isinstance(m, Lowered) else way(m, batch) for m, _ in run]
     pytorch = nn.Sequential(*(layers[k] for k in members))
-    return plan([], run, ways, None, in_shape, False, pytorch, packed, what="layers of a run")
+    return plan([], run, ways_of(run, batch), None, in_shape, False, pytorch, packed, what="layers of a run")
 
 
 class FastGraph(nn.Module):
@@ -142,8 +145,7 @@ class FastGraph(nn.Module):
         self.graph, self.shape, self.given, self.summary = graph.Graph(layers, inputs), tuple(shape), [given], summary
 
     def forward(self, x):
-        if not (type(x) is torch.Tensor and x.dtype is torch.float32 and x.is_cpu and not x.requires_grad
-                and tuple(x.shape[1:]) == self.shape and not (torch.jit.is_tracing() or torch.compiler.is_compiling())):
+        if not (plain(x) and tuple(x.shape[1:]) == self.shape):
             return self.given[0](x)
         return self.graph(x)
 
@@ -154,15 +156,8 @@ def prepared(given, joined, shape, batch, x, threads, pick=fastest):
     is faster at this batch size on x, the whole against given; None where no run is faster.
     pick(candidates, x): the one to keep, the incumbent first (plans.fastest: by timing them)."""
     layers = norms_folded(joined.layers, joined.inputs)
-    shapes = output_shapes(layers, joined.inputs, x[:1])
-    seen, packed, chosen = {}, {}, []
-    hooks = [layer.register_forward_hook(lambda m, i, out, k=k: seen.__setitem__(k, i[0]))
-             for k, layer in enumerate(layers)]
-    try:
-        graph.Graph(layers, joined.inputs).eval()(x)  # each node's input on x, to time the runs on
-    finally:
-        for h in hooks:
-            h.remove()
+    shapes, seen = seen_on(layers, joined.inputs, x)  # each run timed on the inputs it gets
+    packed, chosen = {}, []
     new_layers, new_inputs = list(layers), [list(r) for r in joined.inputs]
     for members in runs(layers, joined.inputs, shapes):
         first = members[0]

@@ -15,7 +15,6 @@ import torch
 import torch.nn as nn
 
 from pruning import chain, graph, graphplan, kernels, surgery
-from pruning.lowering import Lowered
 from pruning.measure import in_turn
 from pruning.model import KeepInputs, Normalize, check_runs
 from pruning.plans import (
@@ -24,6 +23,7 @@ from pruning.plans import (
     MAX_BATCH,
     Prepared,
     as_given,
+    calibration,
     chosen,
     density,
     fastest,
@@ -35,9 +35,12 @@ from pruning.plans import (
     split,
     tune,
     way,
+    ways_of,
 )
 
 BATCHES = (1, 32, 10000)  # the batch sizes every speed-up is measured at
+
+
 @torch.no_grad()
 def for_inference(model: nn.Module, batch_size: int = 32, *, example: torch.Tensor | None = None) -> nn.Module:
     """A copy of model for predicting on the CPU, about batch_size inputs a call: in eval mode,
@@ -78,8 +81,7 @@ def for_inference(model: nn.Module, batch_size: int = 32, *, example: torch.Tens
     mixed = [w if density(linear) <= DENSE_ABOVE else "dense" for w, (linear, _) in zip(kernel, run)]
     dense = ["dense"] * len(run)
     ways = [w for i, w in enumerate([dense, kernel, mixed]) if w not in [dense, kernel, mixed][:i]]
-    x = torch.rand(min(batch_size, CALIBRATION), *shape, generator=torch.Generator().manual_seed(0),
-                   dtype=torch.float32, device="cpu")
+    x = calibration(min(batch_size, CALIBRATION), shape)
     threads, packed = torch.get_num_threads(), {}
     if folded is None:  # what comes before the run is PyTorch's in every plan: time the run alone, on its inputs
         h = nn.Sequential(*before)(x).flatten(1).contiguous()
@@ -123,8 +125,7 @@ def graph_prepared(given, batch_size, example):
     if why:
         return as_given(given, why)
     shape = input_shape(list(joined.layers), example)
-    x = torch.rand(min(batch_size, graphplan.CALIBRATION), *shape, generator=torch.Generator().manual_seed(0),
-                   dtype=torch.float32, device="cpu")
+    x = calibration(min(batch_size, graphplan.CALIBRATION), shape)
     fast = graphplan.prepared(given, joined, shape, batch_size, x, torch.get_num_threads())
     return chosen(given) if fast is None else fast
 
@@ -136,9 +137,7 @@ def convolution_plan(layers, shape, loose, given, batch, packed):
     if parts is None:
         return None
     before, run = parts
-    ways = [("max" if isinstance(layer.module, nn.MaxPool2d) else "sparse") if isinstance(layer, Lowered)
-            else way(layer, batch) for layer, _ in run]
-    return plan(before, run, ways, gather(before, run[0][0]), shape, loose, given, packed,
+    return plan(before, run, ways_of(run, batch), gather(before, run[0][0]), shape, loose, given, packed,
                 what="layers from the first convolution")
 
 

@@ -70,10 +70,9 @@ class Prepared(nn.Module):
         each input of the planned shape (of its size, where the model reshapes its input), not traced
         or compiled, and no hook registered on the layers since planning (measure.flops', say: the
         model as given runs it). One expression: batch 1 takes microseconds."""
-        return (type(x) is torch.Tensor and x.dtype is torch.float32 and x.is_cpu and not x.requires_grad
-                and x.dim() > 1 and (math.prod(x.shape[1:]) == self.inputs if self.loose else x.shape[1:] == self.shape)
-                and self.hooks() == self.hooks_planned
-                and not (torch.jit.is_tracing() or torch.compiler.is_compiling()))
+        return (plain(x) and x.dim() > 1
+                and (math.prod(x.shape[1:]) == self.inputs if self.loose else x.shape[1:] == self.shape)
+                and self.hooks() == self.hooks_planned)
 
     def forward(self, x):
         """Its weights need no gradient and x none, so nothing here records one."""
@@ -86,6 +85,18 @@ class Prepared(nn.Module):
 
     def extra_repr(self):
         return "\n".join(repr(s) for s in self.steps if not isinstance(s, nn.Module))
+
+
+def plain(x):
+    """Whether x is what the kernel is planned for: a plain fp32 tensor on the CPU with no gradient,
+    not traced or compiled."""
+    return (type(x) is torch.Tensor and x.dtype is torch.float32 and x.is_cpu and not x.requires_grad
+            and not (torch.jit.is_tracing() or torch.compiler.is_compiling()))
+
+
+def calibration(count, shape):
+    """The random inputs plans are timed on: count of them, each of `shape`, the same every call."""
+    return torch.rand(count, *shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32, device="cpu")
 
 
 def step_linears(step):
@@ -202,6 +213,13 @@ def lowered(layers, shape):
                 return None
             run[-1] = (run[-1][0], RELU)
     return before, run + tail[1]
+
+
+def ways_of(run, batch):
+    """How the kernel stores each layer of a run: a pooling's windows ('max'), a convolution's
+    non-zeros ('sparse'), a fully connected layer by its density (way)."""
+    return [("max" if isinstance(layer.module, nn.MaxPool2d) else "sparse") if isinstance(layer, Lowered)
+            else way(layer, batch) for layer, _ in run]
 
 
 def plan(before, run, ways, folded, shape, loose, given, packed=None, what="fully connected layers"):

@@ -479,7 +479,7 @@ def test_the_runs_of_a_graph_are_the_layers_one_path_goes_through():
     from pruning import graph, graphplan
     joined = graph.of(residual())
     layers = graphplan.norms_folded(joined.layers, joined.inputs)
-    shapes = graphplan.output_shapes(layers, joined.inputs, torch.zeros(1, 1, 8, 8))
+    shapes, _ = graphplan.seen_on(layers, joined.inputs, torch.zeros(1, 1, 8, 8))
     kinds = [[type(layers[k]).__name__ for k in run] for run in graphplan.runs(layers, joined.inputs, shapes)]
     assert kinds == [["Conv2d", "Identity", "ReLU"],  # the stem, its BatchNorm folded into the convolution
                      ["Conv2d", "Identity", "ReLU", "Conv2d", "Identity"],  # the block, up to its sum
