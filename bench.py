@@ -5,6 +5,7 @@ pruning.for_inference against the dense model, beside how much less arithmetic t
 
     python bench.py
     python bench.py --inference-only --skip-state-of-the-art --lenet5
+    python bench.py --bars
 """
 
 import cli.startup  # noqa: F401, I001 -- first: settles what must be settled before torch is imported
@@ -24,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pruning
-from cli import options, run
+from cli import bars, options, run, waiting
 from cli.results import markdown_table
 from pruning import criteria, measure, surgery, training
 from pruning import data as mnist
@@ -63,54 +64,6 @@ BARS = {"98% zeros (CSR file, loaded)": {1: 5, 32: 8, 10000: 8}, "95% fewer para
 
 BF16_SUPPORT = {True: "multiplies bf16 natively", False: "does not multiply bf16 natively",
                 None: "may or may not multiply bf16 natively (no /proc/cpuinfo to tell)"}
-WAIT_SETTINGS = {  # how OpenMP's waiting threads wait (GNU OpenMP, which Linux builds of PyTorch use)
-    "spin 300,000 times, then sleep (OpenMP's default)": {"GOMP_SPINCOUNT": "300000"},
-    "spin 3,000 times (this project's default)": {"GOMP_SPINCOUNT": "3000"},
-    "never spin (OMP_WAIT_POLICY=PASSIVE)": {"OMP_WAIT_POLICY": "PASSIVE"},
-}
-COMPETITOR = """import torch
-torch.set_num_threads(2)
-model = torch.nn.Sequential(torch.nn.Linear(784, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10))
-opt, x, y = torch.optim.Adam(model.parameters()), torch.randn(128, 784), torch.randint(0, 10, (128,))
-while True:
-    opt.zero_grad(); torch.nn.functional.cross_entropy(model(x), y).backward(); opt.step()
-"""
-
-
-def time_training_part(data_dir, examples, threads):
-    """Print the seconds that one epoch over the first `examples` training images takes (run in a child)."""
-    torch.set_num_threads(threads)
-    (x, y), _ = mnist.load(mnist.data_root(data_dir))
-    start = time.perf_counter()
-    training.train(models.mnist_mlp(), (x[:examples], y[:examples]), epochs=1)
-    print(time.perf_counter() - start)
-
-
-def wait_policy_rows(args, competitors=(0, 1, 2), rounds=2, examples=20000):
-    """A third of a training epoch with each OpenMP wait setting, on an idle machine and beside other
-    PyTorch trainings (each on 2 threads, with OpenMP's default), `rounds` times each."""
-    plain = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
-    root = str(mnist.data_root(args.data_dir))
-    code = f"import bench; bench.time_training_part({root!r}, {examples}, {args.threads})"
-    rows = []
-    for n in competitors:
-        others = [subprocess.Popen([sys.executable, "-c", COMPETITOR], env=plain) for _ in range(n)]
-        try:
-            time.sleep(2 if n else 0)  # the others past their start-up
-            for name, setting in WAIT_SETTINGS.items():
-                seconds = [float(subprocess.run([sys.executable, "-c", code], env={**plain, **setting}, check=True,
-                                                capture_output=True, text=True, cwd=Path(__file__).parent).stdout)
-                           for _ in range(rounds)]
-                rows.append({"setting": name, "others": n, "seconds": ", ".join(f"{t:.2f}" for t in seconds)})
-        finally:
-            for other in others:
-                other.kill()
-                other.wait()
-    return rows
-
-
-WAIT_COLUMNS = [("OpenMP threads waiting", "setting", str), ("Other trainings", "others", str),
-                ("Seconds, each round", "seconds", str)]
 
 
 def time_job(args, checkpoint, retrain):
@@ -327,6 +280,8 @@ def main():
     p.add_argument("--inference-only", action="store_true", help="only time inference (about 5 minutes)")
     p.add_argument("--lenet5", action="store_true",
                    help="also time LeNet-5's inference: the README's LeNet-5 commands from scratch (about 20 minutes)")
+    p.add_argument("--bars", action="store_true",
+                   help="only run the README's headline commands from scratch, each figure beside its bar (10 minutes)")
     p.add_argument("--wait-policy", action="store_true",
                    help="only time training with each way OpenMP threads can wait, idle and beside other "
                         "trainings (about 3 minutes)")
@@ -337,7 +292,12 @@ def main():
     busy = report_load("before")
     if args.wait_policy:
         print(f"A third of a training epoch, {args.threads} threads:\n")
-        print(markdown_table(wait_policy_rows(args), WAIT_COLUMNS))
+        print(markdown_table(waiting.wait_policy_rows(args), waiting.WAIT_COLUMNS))
+        return
+    if args.bars:
+        rows, seconds = bars.run_all(mnist.data_root(args.data_dir), args.threads)
+        print(markdown_table(rows, bars.COLUMNS) + "\n\nFrom scratch: " + ", ".join(f"{name} {took:.0f} s"
+                                                                               for name, took in seconds.items()))
         return
     state = run.prepare(args, [], [])
     model, train_data, _, test_data = run.setup(args, state)

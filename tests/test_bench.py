@@ -10,6 +10,7 @@ import torchvision
 import activation_pruning
 import bench
 import zero_pruning
+from cli import bars, waiting
 from cli import run as cli_run
 from cli.results import markdown_table
 from pruning.model import mlp
@@ -46,8 +47,8 @@ def test_the_state_of_the_art_commands_pass_every_check_before_the_data(tmp_path
 @pytest.mark.slow
 def test_wait_policy_rows_time_each_setting_in_a_child(mnist_dir):
     args = argparse.Namespace(data_dir=str(mnist_dir), threads=1)
-    rows = bench.wait_policy_rows(args, competitors=(0,), rounds=1, examples=256)
-    assert [r["setting"] for r in rows] == list(bench.WAIT_SETTINGS)
+    rows = waiting.wait_policy_rows(args, competitors=(0,), rounds=1, examples=256)
+    assert [r["setting"] for r in rows] == list(waiting.WAIT_SETTINGS)
     assert all(r["others"] == 0 and float(r["seconds"]) > 0 for r in rows)
 
 
@@ -59,3 +60,20 @@ def test_step_seconds_times_the_three_kinds_of_step_on_copies():
     times = bench.step_seconds(args, model, (torch.rand(32, 784), torch.randint(0, 10, (32,))), rounds=2, steps=2)
     assert list(times) == ["plain", "masked", "masked, distilled"] and all(t > 0 for t in times.values())
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_the_readme_bars_compare_each_figure_with_its_bound():
+    results = {"dense_accuracy": 98.4, "settings": {"final_epochs": 10},
+               "rows": [{"zero_percentage": 98.5, "finetuned_accuracy": 97.8, "quantized_finetuned_accuracy": 97.95,
+                         "compressed_bytes": 22_728}]}
+    rows = bars.checked("zero pruning to 98.5% zeros, 5-bit file", results)
+    assert [(r["figure"], r["measured"], r["met"]) for r in rows] == [
+        ("zeros (%)", "98.5", "yes"), ("points below dense, fine-tuned", "0.6", "NO"),
+        ("points below dense, 5-bit file", "0.45", "yes"), ("compressed file (B)", "22,728", "NO"),
+        ("epochs of training in all", "28", "yes")]
+    seeds = {"dense_accuracy": 98.35, "settings": {"final_epochs": 20}, "per_seed_dense_accuracy": [98.4, 98.3],
+             "per_seed": [[{"new_params": 28_000, "finetuned_accuracy": 98.0}],
+                          [{"new_params": 28_372, "finetuned_accuracy": 97.7}]]}
+    rows = bars.checked("activation pruning to 95% fewer parameters, seeds 0 and 1", seeds)
+    assert [(r["measured"], r["bar"], r["met"]) for r in rows] == [
+        ("28,372", "<= 28,371", "NO"), ("0.5", "<= 0.5", "yes"), ("0.6", "<= 0.6", "yes"), ("40", "<= 40", "yes")]

@@ -26,7 +26,7 @@ def run(script, small_mnist, tmp_path, *args):
 
 def test_lenet5_zero_pruning_ranks_conv_and_linear_weights_together(small_mnist, tmp_path):
     results, stdout = run("zero_pruning.py", small_mnist, tmp_path, "--sparsity", "0.9", "--steps", "2",
-                          "--finetune-epochs", "2", "--distill", "--bits", "5")
+                          "--finetune-epochs", "2", "--final-epochs", "2", "--distill", "--bits", "5")
     (row,) = results["rows"]
     assert row["original_params"] == 20 * 25 + 50 * 20 * 25 + 800 * 500 + 500 * 10 == 430_500
     assert row["zero_percentage"] >= 90
@@ -42,7 +42,8 @@ def test_lenet5_zero_pruning_ranks_conv_and_linear_weights_together(small_mnist,
         assert_fast_predicts_as_loaded(tmp_path / "models" / name, test[0])
 
 
-@pytest.mark.parametrize("args", [["--reduction", "0.8", "--steps", "2", "--finetune-epochs", "3", "--distill"],
+@pytest.mark.parametrize("args", [["--reduction", "0.8", "--steps", "2", "--finetune-epochs", "3",
+                                   "--final-epochs", "3", "--distill"],
                                   ["--thresholds", "0", "0.5"]])
 def test_lenet5_activation_pruning_removes_channels(args, small_mnist, tmp_path):
     results, stdout = run("activation_pruning.py", small_mnist, tmp_path, *args)

@@ -18,7 +18,7 @@ from conftest import ROOT, run_script, script_command
 import activation_pruning as ap
 import pruning
 import zero_pruning as zp
-from cli import recipe
+from cli import bars, recipe
 from cli import run as cli_run
 from pruning import data as mnist
 from pruning import files, formats, surgery, training
@@ -114,6 +114,7 @@ def test_activation_pruning_default_sweep(checkpoint, tmp_path):
         smaller = pruning.load(tmp_path / f"activation-threshold{r['threshold']:.4g}.pt")
         assert count_params(smaller) == r["new_params"]
         assert training.accuracy(smaller, (test[0].view(-1, 1, 28, 28), test[1])) == r["accuracy"]
+    for r in rows[::len(rows) - 1]:  # the kernel's plan for the largest and the smallest model
         assert_fast_predicts_as_loaded(tmp_path / f"activation-threshold{r['threshold']:.4g}.pt", test[0])
     assert all(r["dense_inference_time_s"] > 0 for r in rows)
     assert "Times: the 10,000 test images in one batch, each row the median of 5 rounds taken in turn with the " \
@@ -126,12 +127,13 @@ def dense_accuracy(checkpoint):
     return training.accuracy(load(checkpoint), mnist.load(mnist.data_root())[1])
 
 
-def test_fine_tuned_zero_pruning_keeps_accuracy_at_95_percent_zeros(checkpoint, dense_accuracy, tmp_path):
-    results, stdout, _ = run_json("zero_pruning.py", tmp_path, "--checkpoint", checkpoint,
-                                  "--sparsity", "0.95", "--finetune-epochs", "4", "--speed")
+def test_fine_tuning_after_one_cut_to_95_percent_zeros_recovers_and_speed_is_timed(checkpoint, small_mnist,
+                                                                                    tmp_path):
+    """On a slice of MNIST (the bar on all of it, within half a point of dense: bench.py --bars)."""
+    results, stdout, _ = run_json("zero_pruning.py", tmp_path, "--checkpoint", checkpoint, "--data-dir", small_mnist,
+                                  "--sparsity", "0.95", "--finetune-epochs", "1", "--speed")
     (row,) = results["rows"]
     assert row["zero_percentage"] >= 95
-    assert row["finetuned_accuracy"] >= dense_accuracy - 0.5
     assert row["finetuned_accuracy"] > row["accuracy"]
     assert "Fine-tuned" in stdout
     # --speed: for_inference's speed-ups by batch size beside the arithmetic's, as timed (not asserted: bench.py)
@@ -147,22 +149,22 @@ def test_one_step_is_the_one_shot_path(checkpoint, small_mnist, tmp_path):
     assert one_step["rows"] == one_shot["rows"]
 
 
-def test_pruning_by_saliency_reaches_the_sparsity_within_half_a_point(checkpoint, dense_accuracy, tmp_path):
-    results, stdout, _ = run_json("zero_pruning.py", tmp_path, "--checkpoint", checkpoint, "--sparsity", "0.95",
-                                  "--steps", "2", "--finetune-epochs", "2", "--criterion", "saliency",
-                                  "--save-dir", tmp_path)
+def test_pruning_by_saliency_reaches_the_sparsity_and_saves_what_it_measured(checkpoint, small_mnist, tmp_path):
+    """On a slice of MNIST (the bar on all of it, within half a point of dense: bench.py --bars)."""
+    results, stdout, _ = run_json("zero_pruning.py", tmp_path, "--checkpoint", checkpoint, "--data-dir", small_mnist,
+                                  "--sparsity", "0.95", "--steps", "2", "--finetune-epochs", "1", "--final-epochs", "1",
+                                  "--criterion", "saliency", "--save-dir", tmp_path)
     (row,) = results["rows"]
     assert results["settings"]["criterion"] == "saliency"
     assert row["zero_percentage"] >= 95 and "threshold" not in row
-    assert row["finetuned_accuracy"] >= dense_accuracy - 0.5
     assert "Threshold" not in header(stdout)
     saved = pruning.load(tmp_path / "csr-sparsity0.95.pt")
     assert pruning.count_zeros(saved) == row["zeroed_params"]
-    assert training.accuracy(saved, mnist.load(mnist.data_root())[1]) == row["finetuned_accuracy"]
+    assert training.accuracy(saved, mnist.load(small_mnist)[1]) == row["finetuned_accuracy"] > 90
 
 
 def test_variational_dropout_zeroes_most_weights_by_itself_and_pruning_in_steps_starts_from_it(
-        checkpoint, dense_accuracy, tmp_path):
+        checkpoint, dense_accuracy, small_mnist, tmp_path):
     train_data, test = mnist.load(mnist.data_root())
     model = load(checkpoint)
     pruning.sparse_variational_dropout(model, train_data, epochs=1, strength=1.0)  # the variational bound
@@ -171,88 +173,76 @@ def test_variational_dropout_zeroes_most_weights_by_itself_and_pruning_in_steps_
     results, _, stderr = run_json("zero_pruning.py", tmp_path, "--checkpoint", checkpoint, "--sparsity", "0.985",
                                   "--steps", "2", "--finetune-epochs", "1", "--final-epochs", "2", "--distill",
                                   "--variational-dropout", "1", "--variational-dropout-epochs", "1",
-                                  "--save-dir", tmp_path)
+                                  "--data-dir", small_mnist, "--save-dir", tmp_path)
     (row,) = results["rows"]
     assert "variational dropout: epoch 1/1 done" in stderr
     assert row["zero_percentage"] >= 98.5
-    assert row["finetuned_accuracy"] >= 96  # 96.69% here, after 3 epochs of steps; the frontier's recipe takes 76
+    assert row["finetuned_accuracy"] > 70  # 3,000 training images; on all of MNIST (bench.py --bars) at least 96%
 
 
-def test_pruning_in_steps_with_distillation_keeps_accuracy_at_98_5_percent_zeros_in_a_file_100_times_smaller(
-        checkpoint, dense_accuracy, tmp_path):
-    results, stdout, stderr = run_json("zero_pruning.py", tmp_path, "--checkpoint", checkpoint, "--sparsity", "0.985",
-                                       "--steps", "10", "--finetune-epochs", "2", "--distill", "--bits", "5",
-                                       "--save-dir", tmp_path)
+def test_pruning_in_steps_writes_a_5_bit_file_100_times_smaller_that_loads_as_measured(small_mnist, tmp_path):
+    """The README's 98.5% command on a slice of MNIST, fewer steps: its accuracy bars are
+    bench.py --bars' (cli/bars.py), its files and figures are checked here."""
+    results, stdout, _ = run_json("zero_pruning.py", tmp_path, "--data-dir", small_mnist, "--checkpoint",
+                                  tmp_path / "m.pt", "--sparsity", "0.985", "--steps", "2", "--finetune-epochs", "1",
+                                  "--distill", "--bits", "5", "--save-dir", tmp_path)
     (row,) = results["rows"]
-    assert results["dense_accuracy"] == dense_accuracy
-    assert results["settings"]["final_epochs"] + 9 * 2 <= 30
     assert row["zero_percentage"] >= 98.5
-    assert row["finetuned_accuracy"] >= dense_accuracy - 0.5
-
     path = tmp_path / "compressed-sparsity0.985.bin"
-    assert row["compressed_bytes"] == path.stat().st_size <= 2_272_781 / 100
-    assert row["quantized_accuracy"] >= dense_accuracy - 0.5
-    assert row["quantized_finetuned_accuracy"] >= dense_accuracy - 0.5
+    assert row["compressed_bytes"] == path.stat().st_size <= bars.DENSE_FILE_BYTES / 100
     assert header(stdout)[-4:] == ["Quantized", "Q. Fine-tuned", "Compressed File (B)", "x Smaller"]
-    assert training.accuracy(pruning.load(path), mnist.load(mnist.data_root())[1]) == \
-        row["quantized_finetuned_accuracy"]
-    assert training.accuracy(pruning.load(tmp_path / "csr-sparsity0.985.pt"), mnist.load(mnist.data_root())[1]) == \
-        row["finetuned_accuracy"]
+    test = mnist.load(small_mnist)[1]
+    assert training.accuracy(pruning.load(path), test) == row["quantized_finetuned_accuracy"]
+    assert training.accuracy(pruning.load(tmp_path / "csr-sparsity0.985.pt"), test) == row["finetuned_accuracy"]
 
 
-def test_lenet_300_100_keeps_accuracy_at_98_percent_zeros(tmp_path):
-    results, _, stderr = run_json("zero_pruning.py", tmp_path, "--checkpoint", tmp_path / "lenet.pt", "--hidden", "300",
-                                  "100", "--sparsity", "0.98", "--steps", "10", "--finetune-epochs", "2", "--distill")
+def test_lenet_300_100_is_the_hidden_option_and_prunes_to_98_percent_zeros(small_mnist, tmp_path):
+    results, _, _ = run_json("zero_pruning.py", tmp_path, "--data-dir", small_mnist, "--checkpoint",
+                             tmp_path / "lenet.pt", "--hidden", "300", "100", "--sparsity", "0.98", "--steps", "2",
+                             "--finetune-epochs", "1", "--distill")
     (row,) = results["rows"]
     assert row["original_params"] == 784 * 300 + 300 * 100 + 100 * 10
     assert row["zero_percentage"] >= 98
-    assert row["finetuned_accuracy"] >= results["dense_accuracy"] - 0.5
-    assert results["dense_accuracy"] >= 97.5
+    assert row["finetuned_accuracy"] > 80  # 3,000 training images; the bar on all of MNIST is bench.py --bars'
 
 
-def test_fine_tuned_activation_pruning_keeps_accuracy_at_80_percent_fewer_params(checkpoint, dense_accuracy, tmp_path):
+def test_activation_pruning_at_80_percent_fewer_params_is_fine_tuned_compensated_and_set_beside_baselines(
+        checkpoint, small_mnist, tmp_path):
+    """On a slice of MNIST (the bar on all of it, within half a point of dense: bench.py --bars)."""
     results, stdout, _ = run_json("activation_pruning.py", tmp_path, "--checkpoint", checkpoint, "--thresholds",
-                                  "0.9", "--finetune-epochs", "10", "--bias-compensation", "--baselines")
+                                  "0.9", "--finetune-epochs", "1", "--bias-compensation", "--baselines",
+                                  "--data-dir", small_mnist)
     (row,) = results["rows"]
     assert row["size_reduction"] >= 80
-    assert row["finetuned_accuracy"] >= dense_accuracy - 0.5
-    assert row["compensated_accuracy"] > row["accuracy"]
+    assert row["compensated_accuracy"] > row["accuracy"] and row["finetuned_accuracy"] > 90
     assert "Bias-compensated" in stdout and "Fine-tuned" in stdout
     assert 0 < row["random_accuracy"] < 100 and 0 < row["layerwise_accuracy"] < 100  # the same widths, not tuned
     assert header(stdout)[-2:] == ["Random", "Layer-wise"] and "Random and Layer-wise (--baselines)" in stdout
 
 
-def test_activation_pruning_by_saliency_removes_80_percent_of_parameters_within_half_a_point(
-        checkpoint, dense_accuracy, tmp_path):
+def test_activation_pruning_by_saliency_removes_80_percent_of_parameters_and_saves_what_it_measured(
+        checkpoint, small_mnist, tmp_path):
+    """On a slice of MNIST (the bar on all of it, within half a point of dense: bench.py --bars)."""
     results, stdout, _ = run_json("activation_pruning.py", tmp_path, "--checkpoint", checkpoint, "--reduction", "0.8",
-                                  "--steps", "2", "--finetune-epochs", "2", "--distill", "--prune-inputs",
-                                  "--criterion", "saliency", "--save-dir", tmp_path)
+                                  "--steps", "2", "--finetune-epochs", "1", "--final-epochs", "1", "--distill",
+                                  "--prune-inputs", "--criterion", "saliency", "--data-dir", small_mnist,
+                                  "--save-dir", tmp_path)
     (row,) = results["rows"]
     assert results["settings"]["criterion"] == "saliency"
     assert row["size_reduction"] >= 80
-    assert row["finetuned_accuracy"] >= dense_accuracy - 0.5
     saved = pruning.load(tmp_path / "activation-reduction0.8.pt")
     assert count_params(saved) == row["new_params"]
-    assert training.accuracy(saved, mnist.load(mnist.data_root())[1]) == row["finetuned_accuracy"]
+    assert training.accuracy(saved, mnist.load(small_mnist)[1]) == row["finetuned_accuracy"] > 90
 
 
-def test_activation_pruning_in_steps_removes_95_percent_of_parameters_within_half_a_point(
-        checkpoint, dense_accuracy, tmp_path):
-    """Within half a point of dense on the mean of seeds 0 and 1: one seed's drop moves by about a
-    tenth of a point from CPU to CPU (seed 0: within 0.5 on an AMD EPYC, 0.51 on an Intel Xeon),
-    and the README's five seeds drop 0.30 to 0.52."""
-    command = ("activation_pruning.py", tmp_path, "--reduction", "0.95", "--steps", "6", "--finetune-epochs", "4",
-               "--distill", "--prune-inputs")
-    results, stdout, _ = run_json(*command, "--checkpoint", checkpoint, "--save-dir", tmp_path)
-    seed1, _, _ = run_json(*command, "--seed", "1", "--checkpoint", tmp_path / "seed1.pt",
-                           "--save-dir", tmp_path / "seed1")
+def test_activation_pruning_in_steps_removes_95_percent_of_parameters_and_pixels(small_mnist, tmp_path):
+    """The README's 95% command on a slice of MNIST, fewer steps: its accuracy bars (two seeds) are
+    bench.py --bars', its widths, pixels and file are checked here."""
+    results, stdout, _ = run_json("activation_pruning.py", tmp_path, "--data-dir", small_mnist, "--checkpoint",
+                                  tmp_path / "m.pt", "--reduction", "0.95", "--steps", "2", "--finetune-epochs", "1",
+                                  "--distill", "--prune-inputs", "--save-dir", tmp_path)
     (row,) = results["rows"]
-    assert results["dense_accuracy"] == dense_accuracy
-    assert results["settings"]["final_epochs"] + 5 * 4 <= 40
     assert row["new_params"] <= 28_371 and row["size_reduction"] >= 95
-    drops = [dense_accuracy - row["finetuned_accuracy"],
-             seed1["dense_accuracy"] - seed1["rows"][0]["finetuned_accuracy"]]
-    assert statistics.mean(drops) <= 0.5 and max(drops) <= 0.6, drops
     assert row["input_width"] == len(row["kept_pixels"]) < 784
     assert header(stdout)[:7] == ["Reduction", "Accuracy", "Fine-tuned", "Original Params", "New Params",
                                   "Input Pixels", "Hidden Widths"]
@@ -261,8 +251,8 @@ def test_activation_pruning_in_steps_removes_95_percent_of_parameters_within_hal
     model = pruning.load(tmp_path / "activation-reduction0.95.pt")
     assert count_params(model) == row["new_params"]
     assert kept_inputs(model).tolist() == row["kept_pixels"]
-    x, y = mnist.load(mnist.data_root())[1]
-    assert training.accuracy(model, (x.view(-1, 28, 28), y)) == row["finetuned_accuracy"]
+    x, y = mnist.load(small_mnist)[1]
+    assert training.accuracy(model, (x.view(-1, 28, 28), y)) == row["finetuned_accuracy"] > 70
 
 
 def test_same_seed_same_results(small_mnist, tmp_path):
