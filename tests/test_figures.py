@@ -1,12 +1,13 @@
 """figures.py: the file-size figure from runs' JSON results, and one line for anything else."""
 
 import json
+import sys
 
 import pytest
-from conftest import run_script
 
 import figures
 import pruning
+from cli import run
 
 
 def result(bits, compressed_bytes):
@@ -21,15 +22,15 @@ def write(path, data):
     return path
 
 
-def test_sizes_draws_a_png_from_several_runs(tmp_path):
+def test_sizes_draws_a_png_from_several_runs(tmp_path, monkeypatch):
     runs = [write(tmp_path / f"bits{b}.json", result(b, 1000 * b)) for b in (8, 5)]
     out = tmp_path / "sizes.png"
-    completed = run_script("figures.py", "sizes", out, *runs)
-    assert completed.returncode == 0, completed.stderr
+    monkeypatch.setattr(sys, "argv", ["figures.py", "sizes", str(out), *map(str, runs)])
+    run.main(figures.main)  # as its command line runs it, in this process
     assert out.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
-def test_results_it_cannot_draw_get_one_line_and_no_file(tmp_path):
+def test_results_it_cannot_draw_get_one_line_and_no_file(tmp_path, capsys, monkeypatch):
     activation = result(5, 1000)
     del activation["rows"][0]["csr_bytes"]  # activation_pruning.py --bits has no CSR file
     cases = {"activation.json": activation, "list.json": [1, 2],
@@ -37,10 +38,13 @@ def test_results_it_cannot_draw_get_one_line_and_no_file(tmp_path):
              "empty.json": {**result(5, 1), "rows": []}}
     for name, data in cases.items():
         assert not figures.from_zero_pruning_with_bits(data), name
-    completed = run_script("figures.py", "sizes", tmp_path / "out.png", write(tmp_path / "list.json", [1, 2]))
-    assert completed.returncode == 2, completed.stderr
-    assert completed.stderr.strip().endswith("not the results of zero_pruning.py --bits B --json"), completed.stderr
-    assert len(completed.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.png").exists()
+    monkeypatch.setattr(sys, "argv", ["figures.py", "sizes", str(tmp_path / "out.png"),
+                                      str(write(tmp_path / "list.json", [1, 2]))])
+    with pytest.raises(SystemExit) as exit:
+        run.main(figures.main)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.strip().endswith("not the results of zero_pruning.py --bits B --json"), err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out.png").exists()
     (tmp_path / "broken.json").write_text("{")  # refused the same way, here in process
     with pytest.raises(pruning.UserError, match="cannot read results from"):
         figures.read(tmp_path / "broken.json")

@@ -8,7 +8,6 @@ import json
 import lzma
 import os
 import re
-import shutil
 import signal
 import struct
 import subprocess
@@ -25,7 +24,7 @@ import activation_pruning
 import figures
 import pruning
 import zero_pruning
-from cli import checkpoints, destinations, options
+from cli import checkpoints, destinations, options, outputs
 from cli import run as cli_run
 from pruning import architecture, files, formats
 from pruning.model import mnist_mlp
@@ -365,16 +364,17 @@ def test_names_of_any_bytes_and_any_length_are_handled(tiny_data, tmp_path):
 
 
 @pytest.mark.parametrize("make", [lambda p: p.write_text("a file"), lambda p: p.symlink_to(p.parent / "nowhere")])
-def test_a_checkpoints_folder_that_is_a_file_or_a_dangling_link_is_one_line(make, tmp_path):
-    for source in ROOT.glob("*.py"):
-        shutil.copy(source, tmp_path)
-    for package in ("pruning", "cli"):
-        shutil.copytree(ROOT / package, tmp_path / package)
+def test_a_checkpoints_folder_that_is_a_file_or_a_dangling_link_is_one_line(make, tmp_path, capsys, monkeypatch):
+    """The script's main run in this process with the project's folder at tmp_path."""
+    monkeypatch.setattr(checkpoints, "ROOT", tmp_path)
+    monkeypatch.setattr(outputs, "ROOT", tmp_path)
     make(tmp_path / "checkpoints")
-    result = subprocess.run([sys.executable, tmp_path / "zero_pruning.py", "--data-dir", tmp_path / "none"],
-                            capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "checkpoints" in result.stderr.strip().splitlines()[-1]
+    monkeypatch.setattr(sys, "argv", ["zero_pruning.py", "--data-dir", str(tmp_path / "none")])
+    with pytest.raises(SystemExit) as exit:
+        cli_run.main(zero_pruning.main)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "Traceback" not in err
+    assert "checkpoints" in err.strip().splitlines()[-1]
 
 
 @pytest.mark.slow
@@ -677,11 +677,12 @@ def test_a_run_that_would_not_fit_in_memory_is_refused_by_the_script(tiny_data, 
             message="GiB of memory to train")
 
 
-def test_a_checkpoint_option_at_a_result_of_ours_is_refused_not_replaced(tiny_data, tmp_path):
+def test_a_checkpoint_option_at_a_result_of_ours_is_refused_not_replaced(tiny_data, tmp_path, capsys, monkeypatch):
     (tmp_path / "ckpt").mkdir()
     model = pruning.hold_below(mnist_mlp(), 0.05)
     formats.save(model, tmp_path / "ckpt" / "m.pt", "csr")
-    refused("zero_pruning.py", tiny_data, tmp_path, message="saved as a result, not a trained checkpoint")
+    refused_in_process("zero_pruning.py", tiny_data, tmp_path, message="saved as a result, not a trained checkpoint",
+                       capsys=capsys, monkeypatch=monkeypatch)
 
 
 @pytest.mark.slow

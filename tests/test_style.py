@@ -50,13 +50,6 @@ def test_saving_takes_no_command_line_option_name():
         assert "option" not in inspect.signature(function).parameters, function.__name__
 
 
-def test_importing_the_library_imports_no_compiler_plotting_or_onnx():
-    code = ("import sys, pruning; "
-            "print(sorted(m for m in ('llvmlite', 'matplotlib', 'onnx', 'onnxruntime') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
-
-
 def test_no_public_function_takes_more_than_five_positional_parameters():
     import inspect
 
