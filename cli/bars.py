@@ -44,34 +44,43 @@ def drops(results, column="finetuned_accuracy"):
     return [dense - rows[0][column] for dense, rows in zip(results["per_seed_dense_accuracy"], results["per_seed"])]
 
 
+def zeros(percent):
+    return Bar("zeros (%)", lambda r: row(r)["zero_percentage"], at_least=percent)
+
+
+def fewer_parameters(percent):
+    return Bar("fewer parameters (%)", lambda r: row(r)["size_reduction"], at_least=percent)
+
+
+WITHIN_HALF_A_POINT = Bar("points below dense, fine-tuned", lambda r: drops(r)[0], at_most=0.5)
 COMMANDS = {  # name: (the README's command, its bars)
     "zero pruning to 98.5% zeros, 5-bit file": (
         ["zero_pruning.py", "--sparsity", "0.985", "--steps", "10", "--finetune-epochs", "2", "--distill",
          "--bits", "5"],
-        [Bar("zeros (%)", lambda r: row(r)["zero_percentage"], at_least=98.5),
-         Bar("points below dense, fine-tuned", lambda r: drops(r)[0], at_most=0.5),
+        [zeros(98.5),
+         WITHIN_HALF_A_POINT,
          Bar("points below dense, 5-bit file", lambda r: drops(r, "quantized_finetuned_accuracy")[0], at_most=0.5),
          Bar("compressed file (B)", lambda r: row(r)["compressed_bytes"], at_most=DENSE_FILE_BYTES / 100),
          Bar("epochs of training in all", lambda r: r["settings"]["final_epochs"] + 9 * 2, at_most=30)]),
     "zero pruning to 95% zeros in one cut, 4 epochs of fine-tuning": (
         ["zero_pruning.py", "--sparsity", "0.95", "--finetune-epochs", "4"],
-        [Bar("zeros (%)", lambda r: row(r)["zero_percentage"], at_least=95),
-         Bar("points below dense, fine-tuned", lambda r: drops(r)[0], at_most=0.5)]),
+        [zeros(95),
+         WITHIN_HALF_A_POINT]),
     "zero pruning by saliency to 95% zeros": (
         ["zero_pruning.py", "--sparsity", "0.95", "--steps", "2", "--finetune-epochs", "2", "--criterion", "saliency"],
-        [Bar("zeros (%)", lambda r: row(r)["zero_percentage"], at_least=95),
-         Bar("points below dense, fine-tuned", lambda r: drops(r)[0], at_most=0.5)]),
+        [zeros(95),
+         WITHIN_HALF_A_POINT]),
     "variational dropout, then steps to 98.5% zeros": (
         ["zero_pruning.py", "--sparsity", "0.985", "--steps", "2", "--finetune-epochs", "1", "--final-epochs", "2",
          "--distill", "--variational-dropout", "1", "--variational-dropout-epochs", "1"],
-        [Bar("zeros (%)", lambda r: row(r)["zero_percentage"], at_least=98.5),
+        [zeros(98.5),
          Bar("accuracy, fine-tuned (%)", lambda r: row(r)["finetuned_accuracy"], at_least=96)]),
     "LeNet-300-100 to 98% zeros": (
         ["zero_pruning.py", "--hidden", "300", "100", "--sparsity", "0.98", "--steps", "10", "--finetune-epochs", "2",
          "--distill"],
         [Bar("dense accuracy (%)", lambda r: r["dense_accuracy"], at_least=97.5),
-         Bar("zeros (%)", lambda r: row(r)["zero_percentage"], at_least=98),
-         Bar("points below dense, fine-tuned", lambda r: drops(r)[0], at_most=0.5)]),
+         zeros(98),
+         WITHIN_HALF_A_POINT]),
     "activation pruning to 95% fewer parameters, seeds 0 and 1": (
         ["activation_pruning.py", "--reduction", "0.95", "--steps", "6", "--finetune-epochs", "4", "--distill",
          "--prune-inputs", "--seeds", "2"],
@@ -82,13 +91,13 @@ COMMANDS = {  # name: (the README's command, its bars)
          Bar("epochs of training in all", lambda r: r["settings"]["final_epochs"] + 5 * 4, at_most=40)]),
     "activation pruning at threshold 0.9, 10 epochs of fine-tuning": (
         ["activation_pruning.py", "--thresholds", "0.9", "--finetune-epochs", "10"],
-        [Bar("fewer parameters (%)", lambda r: row(r)["size_reduction"], at_least=80),
-         Bar("points below dense, fine-tuned", lambda r: drops(r)[0], at_most=0.5)]),
+        [fewer_parameters(80),
+         WITHIN_HALF_A_POINT]),
     "activation pruning by saliency to 80% fewer parameters": (
         ["activation_pruning.py", "--reduction", "0.8", "--steps", "2", "--finetune-epochs", "2", "--distill",
          "--prune-inputs", "--criterion", "saliency"],
-        [Bar("fewer parameters (%)", lambda r: row(r)["size_reduction"], at_least=80),
-         Bar("points below dense, fine-tuned", lambda r: drops(r)[0], at_most=0.5)]),
+        [fewer_parameters(80),
+         WITHIN_HALF_A_POINT]),
 }
 COLUMNS = [("Command", "command", str), ("Figure", "figure", str), ("Measured", "measured", str), ("Bar", "bar", str),
            ("Met", "met", str)]
