@@ -18,7 +18,10 @@ made_folders = []  # made by this run: left out when nothing was written in them
 
 
 def remove_empty_folders():
-    for folder in reversed(made_folders):  # a run's seed folders before the run's
+    """At the end of a run: remove the folders it made that stayed empty, and forget them all, so
+    that a later run in this process never removes a folder of the same name made since."""
+    while made_folders:
+        folder = made_folders.pop()  # a run's seed folders before the run's
         try:
             folder.rmdir()
         except OSError:

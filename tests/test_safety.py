@@ -363,6 +363,18 @@ def test_names_of_any_bytes_and_any_length_are_handled(tiny_data, tmp_path):
     assert json.loads(open(os.fsencode(odd + ".json"), "rb").read())["rows"][0]["threshold"] == 0
 
 
+def test_a_run_forgets_its_folders_when_it_ends(tmp_path, monkeypatch):
+    """A later run in the same process (as the tests run them) leaves alone a folder of the same
+    name that another process made since, in the same second."""
+    monkeypatch.setattr(outputs, "ROOT", tmp_path)
+    first = outputs.run_folder("zero_pruning.py")
+    outputs.remove_empty_folders()
+    assert not first.exists()
+    first.mkdir()  # another process's run
+    outputs.remove_empty_folders()  # the end of this process's next run, which made no folder
+    assert first.is_dir()
+
+
 @pytest.mark.parametrize("make", [lambda p: p.write_text("a file"), lambda p: p.symlink_to(p.parent / "nowhere")])
 def test_a_checkpoints_folder_that_is_a_file_or_a_dangling_link_is_one_line(make, tmp_path, capsys, monkeypatch):
     """The script's main run in this process with the project's folder at tmp_path."""
