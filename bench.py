@@ -281,7 +281,8 @@ def main():
     p.add_argument("--lenet5", action="store_true",
                    help="also time LeNet-5's inference: the README's LeNet-5 commands from scratch (about 20 minutes)")
     p.add_argument("--bars", action="store_true",
-                   help="only run the README's headline commands from scratch, each figure beside its bar (10 minutes)")
+                   help="only run the README's headline commands from scratch, each figure beside its bar "
+                        "(about 7 minutes)")
     p.add_argument("--wait-policy", action="store_true",
                    help="only time training with each way OpenMP threads can wait, idle and beside other "
                         "trainings (about 3 minutes)")
@@ -296,8 +297,8 @@ def main():
         return
     if args.bars:
         rows, seconds = bars.run_all(mnist.data_root(args.data_dir), args.threads)
-        print(markdown_table(rows, bars.COLUMNS) + "\n\nFrom scratch: " + ", ".join(f"{name} {took:.0f} s"
-                                                                               for name, took in seconds.items()))
+        print(markdown_table(rows, bars.COLUMNS) + "\n\nSeconds each (the first of each network trains it): "
+              + ", ".join(f"{name} {took:.0f} s" for name, took in seconds.items()))
         return
     state = run.prepare(args, [], [])
     model, train_data, _, test_data = run.setup(args, state)

@@ -1,8 +1,7 @@
 """The README's headline results held to their bars: each command run with --json on all of MNIST
 (the dense model trained by the first command that needs it), every figure printed beside the bar
-it must meet. Minutes a
-command, so `python bench.py --bars` runs them; the tests run the same commands' workings on a
-slice of MNIST."""
+it must meet. Minutes a command, so `python bench.py --bars` runs them; the tests run the same
+commands' workings on a slice of MNIST."""
 
 import dataclasses
 import json
@@ -105,8 +104,12 @@ COLUMNS = [("Command", "command", str), ("Figure", "figure", str), ("Measured", 
 
 def checked(name, results):
     """The table rows of one command's results against its bars."""
-    return [{"command": name, "figure": bar.figure, "measured": f"{bar.measure(results):,.6g}", "bar": bar.bound(),
-             "met": "yes" if bar.met(bar.measure(results)) else "NO"} for bar in COMMANDS[name][1]]
+    rows = []
+    for bar in COMMANDS[name][1]:
+        value = bar.measure(results)
+        rows.append({"command": name, "figure": bar.figure, "measured": f"{value:,.6g}", "bar": bar.bound(),
+                     "met": "yes" if bar.met(value) else "NO"})
+    return rows
 
 
 def run_all(data_dir, threads):

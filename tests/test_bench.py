@@ -1,17 +1,14 @@
 """bench.py's parts, on tiny inputs: its figures are printed, never asserted, but it must run."""
 
 import argparse
-import sys
 
 import pytest
 import torch
 import torchvision
+from conftest import main_in_process
 
-import activation_pruning
 import bench
-import zero_pruning
 from cli import bars, waiting
-from cli import run as cli_run
 from cli.results import markdown_table
 from pruning.model import mlp
 
@@ -35,13 +32,10 @@ def test_the_state_of_the_art_commands_pass_every_check_before_the_data(tmp_path
     """bench.py times these from scratch; each must get as far as loading the (here missing) data,
     its script's main run in this process as its command line runs it."""
     monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])  # a download fails at once
-    mains = {"zero_pruning.py": zero_pruning.main, "activation_pruning.py": activation_pruning.main}
     for name, command in bench.state_of_the_art_commands(tmp_path, tmp_path / "no-data").items():
-        monkeypatch.setattr(sys, "argv", command[1:])
-        with pytest.raises(SystemExit) as exit:
-            cli_run.main(mains[command[1]])
+        code = main_in_process(monkeypatch, *command[1:])
         err = capsys.readouterr().err
-        assert exit.value.code == 2 and "the download failed" in err, (name, err)
+        assert code == 2 and "the download failed" in err, (name, err)
 
 
 @pytest.mark.slow

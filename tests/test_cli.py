@@ -2,22 +2,18 @@
 
 import os
 import stat
-import sys
 import zipfile
 
 import pytest
 import torch
 import torchvision
+from conftest import main_in_process
 
-import activation_pruning
-import zero_pruning
-from cli import run as cli_run
 from pruning import files as files_module
 from pruning import formats
 from pruning.model import mnist_mlp
 
 SCRIPTS = ["zero_pruning.py", "activation_pruning.py"]
-MAINS = {"zero_pruning.py": zero_pruning.main, "activation_pruning.py": activation_pruning.main}
 
 
 @pytest.fixture(autouse=True)
@@ -38,12 +34,10 @@ def assert_rejected(script, args, message, tmp_path, capsys, monkeypatch, data_d
     precious = tmp_path / "precious.pt"  # a checkpoint of this project, made with other settings
     formats.save(mnist_mlp([784, 10]), precious, about={"config": {"sizes": [784, 10]}})
     before = files(tmp_path)
-    monkeypatch.setattr(sys, "argv", [script, *args, *(["--checkpoint", str(precious)] if checkpoint else [])])
     monkeypatch.setenv("MNIST_DATA_DIR", str(data_dir or tmp_path / "data"))
-    with pytest.raises(SystemExit) as exit:
-        cli_run.main(MAINS[script])
+    code = main_in_process(monkeypatch, script, *args, *(["--checkpoint", precious] if checkpoint else []))
     out, err = capsys.readouterr()
-    assert exit.value.code == 2, err
+    assert code == 2, err
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"{script}: error:") and message in last, err
     assert "usage:" not in err and "Traceback" not in err, err
@@ -299,14 +293,12 @@ def test_numbers_beyond_what_the_code_can_honour_are_rejected(script, args, mess
 
 def test_more_threads_than_cores_is_accepted_with_a_warning(tmp_path, capsys, caplog, monkeypatch):
     threads = torch.get_num_threads()
-    monkeypatch.setattr(sys, "argv", ["zero_pruning.py", "--threads", str(os.cpu_count() + 1), "--data-dir",
-                                      str(tmp_path / "none")])
     try:
-        with pytest.raises(SystemExit) as exit:
-            cli_run.main(zero_pruning.main)
+        code = main_in_process(monkeypatch, "zero_pruning.py", "--threads", os.cpu_count() + 1, "--data-dir",
+                               tmp_path / "none")
     finally:
         torch.set_num_threads(threads)
-    assert exit.value.code == 2 and "is not in" in capsys.readouterr().err  # the data is missing
+    assert code == 2 and "is not in" in capsys.readouterr().err  # the data is missing
     assert "more threads than cores make it slower" in caplog.text  # said before
 
 

@@ -1,13 +1,12 @@
 """figures.py: the file-size figure from runs' JSON results, and one line for anything else."""
 
 import json
-import sys
 
 import pytest
+from conftest import main_in_process
 
 import figures
 import pruning
-from cli import run
 
 
 def result(bits, compressed_bytes):
@@ -25,8 +24,7 @@ def write(path, data):
 def test_sizes_draws_a_png_from_several_runs(tmp_path, monkeypatch):
     runs = [write(tmp_path / f"bits{b}.json", result(b, 1000 * b)) for b in (8, 5)]
     out = tmp_path / "sizes.png"
-    monkeypatch.setattr(sys, "argv", ["figures.py", "sizes", str(out), *map(str, runs)])
-    run.main(figures.main)  # as its command line runs it, in this process
+    assert main_in_process(monkeypatch, "figures.py", "sizes", out, *runs) == 0
     assert out.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
@@ -38,12 +36,10 @@ def test_results_it_cannot_draw_get_one_line_and_no_file(tmp_path, capsys, monke
              "empty.json": {**result(5, 1), "rows": []}}
     for name, data in cases.items():
         assert not figures.from_zero_pruning_with_bits(data), name
-    monkeypatch.setattr(sys, "argv", ["figures.py", "sizes", str(tmp_path / "out.png"),
-                                      str(write(tmp_path / "list.json", [1, 2]))])
-    with pytest.raises(SystemExit) as exit:
-        run.main(figures.main)
+    code = main_in_process(monkeypatch, "figures.py", "sizes", tmp_path / "out.png",
+                           write(tmp_path / "list.json", [1, 2]))
     err = capsys.readouterr().err
-    assert exit.value.code == 2 and err.strip().endswith("not the results of zero_pruning.py --bits B --json"), err
+    assert code == 2 and err.strip().endswith("not the results of zero_pruning.py --bits B --json"), err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out.png").exists()
     (tmp_path / "broken.json").write_text("{")  # refused the same way, here in process
     with pytest.raises(pruning.UserError, match="cannot read results from"):

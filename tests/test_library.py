@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import ROOT
+from conftest import ROOT, main_in_process
 
 import pruning
 from pruning import chain, surgery
@@ -242,13 +242,7 @@ def test_no_module_of_the_library_imports_another_that_imports_it_back():
 
 @pytest.mark.parametrize("script", ["zero_pruning.py", "activation_pruning.py"])
 def test_help_shows_the_options_in_named_groups(script, capsys, monkeypatch):
-    import activation_pruning
-    import zero_pruning
-    from cli import run
-    monkeypatch.setattr(sys, "argv", [script, "--help"])
-    with pytest.raises(SystemExit) as exit:
-        run.main({"zero_pruning.py": zero_pruning.main, "activation_pruning.py": activation_pruning.main}[script])
-    assert exit.value.code == 0
+    assert main_in_process(monkeypatch, script, "--help") == 0
     groups = [line for line in capsys.readouterr().out.splitlines()
               if line and not line[0].isspace() and line.endswith(":")]
     assert groups[1:4] == ["what to prune, and how much:", "training, steps and fine-tuning:",

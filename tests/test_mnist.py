@@ -13,13 +13,12 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, run_script, script_command
+from conftest import ROOT, main_in_process, run_script, script_command
 
 import activation_pruning as ap
 import pruning
 import zero_pruning as zp
 from cli import bars, recipe
-from cli import run as cli_run
 from pruning import data as mnist
 from pruning import files, formats, surgery, training
 from pruning.formats import torchfile
@@ -114,7 +113,7 @@ def test_activation_pruning_default_sweep(checkpoint, tmp_path):
         smaller = pruning.load(tmp_path / f"activation-threshold{r['threshold']:.4g}.pt")
         assert count_params(smaller) == r["new_params"]
         assert training.accuracy(smaller, (test[0].view(-1, 1, 28, 28), test[1])) == r["accuracy"]
-    for r in rows[::len(rows) - 1]:  # the kernel's plan for the largest and the smallest model
+    for r in (rows[0], rows[-1]):  # the kernel's plan for the largest and the smallest model
         assert_fast_predicts_as_loaded(tmp_path / f"activation-threshold{r['threshold']:.4g}.pt", test[0])
     assert all(r["dense_inference_time_s"] > 0 for r in rows)
     assert "Times: the 10,000 test images in one batch, each row the median of 5 rounds taken in turn with the " \
@@ -410,9 +409,6 @@ def test_a_closed_stdout_still_writes_the_json_and_exits_quietly(script, checkpo
 
 @pytest.mark.parametrize("script", ["zero_pruning.py", "activation_pruning.py"])
 def test_a_full_disk_ends_in_one_line_and_keeps_the_earlier_file(script, checkpoint, tmp_path, monkeypatch, capsys):
-    import activation_pruning
-    import zero_pruning
-
     out = tmp_path / "out.json"
     earlier = json.dumps({"written_by": files.WRITER, "settings": {}, "dense_accuracy": 98.0, "rows": []})
     out.write_text(earlier)
@@ -421,12 +417,10 @@ def test_a_full_disk_ends_in_one_line_and_keeps_the_earlier_file(script, checkpo
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(files.os, "fsync", full)
-    monkeypatch.setattr(sys, "argv", [script, "--checkpoint", str(checkpoint), "--thresholds", "0", "--json", str(out),
-                                      "--quiet"])
-    with pytest.raises(SystemExit) as exit:
-        cli_run.main({"zero_pruning.py": zero_pruning.main, "activation_pruning.py": activation_pruning.main}[script])
+    code = main_in_process(monkeypatch, script, "--checkpoint", checkpoint, "--thresholds", "0", "--json", out,
+                           "--quiet")
     err = capsys.readouterr().err
-    assert exit.value.code == 2
+    assert code == 2
     (line,) = err.strip().splitlines()  # the first file the full disk stops, whichever it is
     assert line.startswith(f"{script}: error: cannot write ") and line.endswith(": No space left on device")
     assert out.read_text() == earlier

@@ -18,14 +18,11 @@ import zlib
 
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT, main_in_process, run_script
 
-import activation_pruning
 import figures
 import pruning
-import zero_pruning
 from cli import checkpoints, destinations, options, outputs
-from cli import run as cli_run
 from pruning import architecture, files, formats
 from pruning.model import mnist_mlp
 
@@ -72,12 +69,10 @@ def refused_in_process(script, tiny_data, tmp_path, *args, message, capsys, monk
     refusals made before any work, where a new process would only add PyTorch's import."""
     (tmp_path / "ckpt").mkdir(exist_ok=True)
     before = snapshot(tmp_path)
-    monkeypatch.setattr(sys, "argv", [script, "--data-dir", str(tiny_data), "--epochs", "1", "--checkpoint",
-                                      str(tmp_path / "ckpt" / "m.pt"), *map(str, args)])
-    with pytest.raises(SystemExit) as exit:
-        cli_run.main({"zero_pruning.py": zero_pruning.main, "activation_pruning.py": activation_pruning.main}[script])
+    code = main_in_process(monkeypatch, script, "--data-dir", tiny_data, "--epochs", "1", "--checkpoint",
+                           tmp_path / "ckpt" / "m.pt", *args)
     err = capsys.readouterr().err
-    assert exit.value.code == 2, err
+    assert code == 2, err
     assert err.strip().splitlines()[-1].startswith(f"{script}: error:") and message in err.strip().splitlines()[-1]
     assert "Traceback" not in err and "model: trained" not in err  # refused before the work
     after = snapshot(tmp_path)
@@ -381,11 +376,9 @@ def test_a_checkpoints_folder_that_is_a_file_or_a_dangling_link_is_one_line(make
     monkeypatch.setattr(checkpoints, "ROOT", tmp_path)
     monkeypatch.setattr(outputs, "ROOT", tmp_path)
     make(tmp_path / "checkpoints")
-    monkeypatch.setattr(sys, "argv", ["zero_pruning.py", "--data-dir", str(tmp_path / "none")])
-    with pytest.raises(SystemExit) as exit:
-        cli_run.main(zero_pruning.main)
+    code = main_in_process(monkeypatch, "zero_pruning.py", "--data-dir", tmp_path / "none")
     err = capsys.readouterr().err
-    assert exit.value.code == 2 and "Traceback" not in err
+    assert code == 2 and "Traceback" not in err
     assert "checkpoints" in err.strip().splitlines()[-1]
 
 
