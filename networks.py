@@ -5,11 +5,13 @@ accuracy beside the dense model's, and each pruned model saved, loaded (identica
 exported to ONNX and run in onnxruntime against the loaded model. A transformer encoder over
 MNIST's rows, trained two epochs, pruned without retraining (one_shot) at 50% and 70% zeros and
 2:4, from 2,048 training images; and cut to half its parameters (whole attention heads and
-feed-forward units) in two steps, each fine-tuned one epoch.
+feed-forward units) in two steps, each fine-tuned one epoch: written with nn.TransformerEncoderLayer
+(transformer), or by hand, as nanoGPT writes its blocks (transformer-by-hand).
 
     python networks.py --seeds 3
     python networks.py --network ResNet-style --speed   # also each model through for_inference
     python networks.py --network transformer --seeds 3
+    python networks.py --network transformer-by-hand --seeds 3
 """
 
 import cli.startup  # noqa: F401, I001 -- first: settles what must be settled before torch is imported
@@ -105,6 +107,44 @@ class RowTransformer(nn.Module):
         return self.fc(self.encoder(self.embed(x) + self.position).mean(1))
 
 
+class SelfAttention(nn.Module):
+    """nanoGPT's CausalSelfAttention without its mask: one projection makes the query, key and value."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads, self.c_attn, self.c_proj = heads, nn.Linear(width, 3 * width), nn.Linear(width, width)
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class TransformerBlock(nn.Module):
+    """nanoGPT's Block: LayerNorm first, attention, LayerNorm, a GELU feed-forward layer, each added back."""
+
+    def __init__(self, width, heads, hidden):
+        super().__init__()
+        self.ln_1, self.attn, self.ln_2 = nn.LayerNorm(width), SelfAttention(width, heads), nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class HandWrittenTransformer(RowTransformer):
+    """RowTransformer with its two layers written by hand (TransformerBlock), a LayerNorm after them."""
+
+    def __init__(self, width=64, heads=4, hidden=128, layers=2):
+        super().__init__(width, heads, hidden, layers)
+        blocks = [TransformerBlock(width, heads, hidden) for _ in range(layers)]
+        self.encoder = nn.Sequential(*blocks, nn.LayerNorm(width))
+
+
+TRANSFORMERS = {"transformer": RowTransformer, "transformer-by-hand": HandWrittenTransformer}
 ONE_SHOTS = {"reconstruct 50%": (0.5, "reconstruct", None), "magnitude 50%": (0.5, "magnitude", None),
              "reconstruct 70%": (0.7, "reconstruct", None), "magnitude 70%": (0.7, "magnitude", None),
              "wanda 70%": (0.7, "wanda", None), "reconstruct 2:4": (None, "reconstruct", (2, 4))}
@@ -122,14 +162,14 @@ def round_trip(model, x, folder):
             torch.equal(pruning.logits(fast, x).argmax(1), expected.argmax(1)))
 
 
-def transformer_seed(seed, train_data, test_data, folder):
+def transformer_seed(make, seed, train_data, test_data, folder):
     """One seed of the transformer: trained two epochs, then each of ONE_SHOTS from the same 2,048
     training images, and cut to half its parameters; its row of the table, printed, and {column:
     test accuracy}. The files of the 50% and 2:4 reconstructions and of the halved model are checked:
     identical logits once loaded, onnxruntime's largest difference, for_inference's predictions."""
     torch.manual_seed(seed)
     start = time.perf_counter()
-    model = pruning.train(RowTransformer(), train_data, epochs=2, seed=seed)
+    model = pruning.train(make(), train_data, epochs=2, seed=seed)
     images = train_data[0][torch.randperm(len(train_data[0]), generator=torch.Generator().manual_seed(seed))]
     row, checked = {"dense": pruning.accuracy(model, test_data)}, []
     for name, (sparsity, method, pattern) in ONE_SHOTS.items():
@@ -150,11 +190,12 @@ def transformer_seed(seed, train_data, test_data, folder):
     return row
 
 
-def transformers(args, train_data, test_data):
-    print("| seed | dense | " + " | ".join(ONE_SHOTS) + " | half (heads, units) | parameters left | loaded identical "
-          "| onnxruntime vs loaded | for_inference identical | seconds |\n" + "| --- " * (len(ONE_SHOTS) + 8) + "|")
+def transformers(make, train_data, test_data, seeds):
+    print(f"{make.__name__}, {pruning.count_params(make()):,} parameters\n\n| seed | dense | " + " | ".join(ONE_SHOTS)
+          + " | half (heads, units) | parameters left | loaded identical | onnxruntime vs loaded "
+          "| for_inference identical | seconds |\n" + "| --- " * (len(ONE_SHOTS) + 8) + "|")
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [transformer_seed(seed, train_data, test_data, Path(tmp)) for seed in range(args.seeds)]
+        rows = [transformer_seed(make, seed, train_data, test_data, Path(tmp)) for seed in range(seeds)]
     for name in ["dense", *ONE_SHOTS, "half"]:
         values = [r[name] for r in rows]
         spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
@@ -203,17 +244,18 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", help="the folder holding MNIST/raw (default: $MNIST_DATA_DIR, else ./data)")
     p.add_argument("--seeds", type=int, default=1, choices=range(1, 11), metavar="N", help="seeds 0..N-1 (1 to 10)")
-    p.add_argument("--network", choices=[*NETWORKS, "transformer"], action="append",
-                   help="only this network (default: the two CNNs; 'transformer': the transformer's one-shot table)")
+    p.add_argument("--network", choices=[*NETWORKS, *TRANSFORMERS], action="append",
+                   help="only this network (default: the two CNNs; 'transformer', 'transformer-by-hand': a "
+                   "transformer's table)")
     p.add_argument("--speed", action="store_true", help="also time each CNN's models through pruning.for_inference "
                    "against the dense model at batch 1, 32 and 10,000")
     args = p.parse_args()
     (x, y), (x_test, y_test) = pruning.mnist(args.data_dir)
     train_data, test_data = (x.view(-1, 1, 28, 28), y), (x_test.view(-1, 1, 28, 28), y_test)
     print(f"machine: {measure.machine()['cpu']}, {torch.get_num_threads()} threads\n")
-    if "transformer" in (args.network or []):
-        transformers(args, train_data, test_data)
-        args.network.remove("transformer")
+    for name in [n for n in args.network or [] if n in TRANSFORMERS]:
+        transformers(TRANSFORMERS[name], train_data, test_data, args.seeds)
+        args.network.remove(name)
         if not args.network:
             return
     print("| network | seed | dense | 90% zeros | half the parameters | parameters | onnxruntime vs loaded "

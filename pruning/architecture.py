@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pruning import chain, graph
-from pruning.attention import Attention
+from pruning.attention import Attention, SelfAttention
 from pruning.model import MAX_PARAMS, KeepInputs, Normalize
 
 MAX_LAYERS, MAX_DIM = 256, 1 << 24
@@ -54,6 +54,9 @@ def layer_description(m):
         return {"type": kind, "p": m.p}
     if isinstance(m, nn.TransformerEncoderLayer):
         return encoder_layer(m)
+    if isinstance(m, SelfAttention):
+        return {"type": kind, "width": m.embed_dim, "heads": m.num_heads, "head_dim": m.head_dim,
+                "bias": m.out_proj.bias is not None, "causal": m.causal, "packed": m.packed}
     if isinstance(m, nn.LayerNorm):
         return {"type": kind, "shape": list(m.normalized_shape), "eps": m.eps, "affine": m.elementwise_affine,
                 "bias": m.bias is not None}
@@ -129,6 +132,9 @@ def count(description):
             width, inner, hidden, bias = d["width"], d["heads"] * d["head_dim"], d["hidden"], d["bias"]
             total += 4 * width * inner + 3 * inner * bias + width * bias + 2 * width * hidden + hidden * bias \
                 + width * bias + 2 * width * (1 + bias)
+        elif kind == "SelfAttention":
+            inner = d["heads"] * d["head_dim"]
+            total += 4 * d["width"] * inner + (3 * inner + d["width"]) * d["bias"]
         elif kind == "LayerNorm":
             total += math.prod(d["shape"]) * d["affine"] * (1 + d["bias"])
         elif kind == "Tensor":
@@ -146,6 +152,7 @@ FIELDS = {  # per layer type, the fields its description must hold (beside "type
     "Flatten": set(), "Identity": set(), "Add": set(), "Cat": set(),
     "TransformerEncoderLayer": {"width", "heads", "head_dim", "hidden", "activation", "norm_first", "eps", "bias",
                                 "batch_first", "p", "packed"},
+    "SelfAttention": {"width", "heads", "head_dim", "bias", "causal", "packed"},
     "LayerNorm": {"shape", "eps", "affine", "bias"}, "Tensor": {"shape"}, "Mean": {"over", "keepdim"},
     "Reshape": {"shape"}, "Permute": {"order"}, "Token": {"index"},
     **{t.__name__: {"p"} for t in chain.DROPOUTS},
@@ -192,7 +199,7 @@ def field_ok(key, value):
         return type(value) is int and value in (1, -1)
     if key in ("slope", "alpha", "beta", "threshold", "low", "high"):
         return number(value)
-    if key in ("bias", "affine", "track", "norm_first", "batch_first", "packed", "keepdim"):
+    if key in ("bias", "affine", "track", "norm_first", "batch_first", "packed", "keepdim", "causal"):
         return type(value) is bool
     if key == "order":
         return isinstance(value, list) and 0 < len(value) <= 4 and sorted(value) == list(range(len(value))) and all(
@@ -274,6 +281,8 @@ BUILDERS = {
     "Add": lambda d: graph.Add(),
     "Cat": lambda d: graph.Cat(),
     "TransformerEncoderLayer": build_encoder_layer,
+    "SelfAttention": lambda d: SelfAttention(d["width"], heads=d["heads"], head_dim=d["head_dim"], bias=d["bias"],
+                                             causal=d["causal"], packed=d["packed"]),
     "LayerNorm": lambda d: nn.LayerNorm(d["shape"], d["eps"], d["affine"], d["bias"]),
     "Tensor": lambda d: graph.Tensor(torch.zeros(d["shape"])),
     "Mean": lambda d: graph.Mean(d["over"], d["keepdim"]),
@@ -290,7 +299,8 @@ BUILDERS = {
 TYPES = {name: getattr(nn, name, None) or {"Normalize": Normalize, "KeepInputs": KeepInputs, "Add": graph.Add,
                                             "Cat": graph.Cat, "Tensor": graph.Tensor, "Mean": graph.Mean,
                                             "Reshape": graph.Reshape, "Permute": graph.Permute,
-                                            "Token": graph.Token}[name] for name in BUILDERS}
+                                            "Token": graph.Token, "SelfAttention": SelfAttention}[name]
+         for name in BUILDERS}
 
 
 def build(description, device=None, max_params=MAX_PARAMS):

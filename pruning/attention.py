@@ -109,3 +109,39 @@ def from_multihead(mha: nn.MultiheadAttention) -> Attention:
     if mha.out_proj.bias is not None and bias:
         attention.out_proj.bias.copy_(mha.out_proj.bias)
     return attention.to(mha.out_proj.weight.device, mha.out_proj.weight.dtype).train(mha.training)
+
+
+
+class SelfAttention(nn.Module):
+    """Attention of a sequence over itself as attention written by hand around
+    F.scaled_dot_product_attention computes it: one tensor (batch, tokens, width) in, one out, each
+    token attending to every token (or, causal, to those up to its own), the query, key and value
+    made by one packed projection (packed) or three, then heads x head_dim features back to width.
+
+    Example:
+        >>> attention = SelfAttention(64, heads=4, head_dim=16, causal=True, packed=True)
+        >>> out = attention(torch.randn(2, 28, 64))
+    """
+
+    def __init__(self, width: int, *, heads: int, head_dim: int, bias: bool = True, causal: bool = False,
+                 packed: bool = False):
+        super().__init__()
+        inner = heads * head_dim
+        self.embed_dim, self.num_heads, self.head_dim, self.causal, self.packed = width, heads, head_dim, causal, packed
+        if packed:
+            self.qkv = nn.Linear(width, 3 * inner, bias=bias)
+        else:
+            self.q_proj, self.k_proj, self.v_proj = (nn.Linear(width, inner, bias=bias) for _ in range(3))
+        self.out_proj = nn.Linear(inner, width, bias=bias)
+
+    def projections(self) -> list[nn.Linear]:
+        """The layers that make the query, key and value: their rows, in that order, are the heads'."""
+        return [self.qkv] if self.packed else [self.q_proj, self.k_proj, self.v_proj]
+
+    def forward(self, x):
+        n, length, _ = x.shape
+        inner = self.num_heads * self.head_dim
+        q, k, v = self.qkv(x).split(inner, dim=-1) if self.packed else (p(x) for p in self.projections())
+        q, k, v = (t.view(n, length, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        heads = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        return self.out_proj(heads.transpose(1, 2).reshape(n, length, inner))

@@ -3,9 +3,11 @@ their feed-forward layers, removed without changing what any block takes or give
 width (its residual stream, its LayerNorms, its embedding) stays; so does every line of its
 forward, whatever it does around the blocks. A head is its rows of the query, key and value
 projections and its columns of the output projection (every nn.MultiheadAttention becomes an
-attention.Attention first, with the same outputs); a feed-forward unit of nn.TransformerEncoderLayer
-or nn.TransformerDecoderLayer is its row of linear1 and its column of linear2. Each is ranked by
-what it passes on, measured over every token of the inputs given."""
+attention.Attention first, with the same outputs, and attention written by hand a SelfAttention:
+handwritten.py); a feed-forward unit of nn.TransformerEncoderLayer or nn.TransformerDecoderLayer
+is its row of linear1 and its column of linear2, and so is one of a feed-forward layer written as
+a chain (nn.Linear, element-wise layers, nn.Linear: an nn.Sequential or an MLP module's forward).
+Each is ranked by what it passes on, measured over every token of the inputs given."""
 
 import copy
 from dataclasses import dataclass
@@ -13,17 +15,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from pruning import surgery
-from pruning.attention import Attention, from_multihead
+from pruning import chain, handwritten, surgery
+from pruning.attention import Attention, SelfAttention, from_multihead
 from pruning.model import count_params, evaluating
 from pruning.schedules import cubic_schedule
 
 BLOCKS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)  # those whose feed-forward units go
+ATTENTION = (nn.MultiheadAttention, Attention, SelfAttention)
 
 
 def has_blocks(model: nn.Module) -> bool:
     """Whether model holds attention or transformer blocks (what this module prunes)."""
-    return any(isinstance(m, (nn.MultiheadAttention, Attention) + BLOCKS) for m in model.modules())
+    return any(isinstance(m, ATTENTION + BLOCKS) or handwritten.calls_attention(m)
+               for m in model.modules())
 
 
 @dataclass
@@ -40,12 +44,14 @@ class Group:
         return self.last.in_features // self.size
 
     def params_per_unit(self):
-        return sum(layer.in_features + (layer.bias is not None) for layer in self.first) * self.size + \
-            self.last.out_features * self.size
+        rows = sum((layer.in_features + (layer.bias is not None)) * layer.out_features for layer in self.first)
+        return rows // self.last.in_features * self.size + self.last.out_features * self.size
 
 
 def with_attention(model):
-    """model with every nn.MultiheadAttention replaced by an Attention of the same outputs."""
+    """model with every nn.MultiheadAttention replaced by an Attention of the same outputs, and
+    every attention written by hand by a SelfAttention."""
+    handwritten.replaced(model)
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if isinstance(child, nn.MultiheadAttention):
@@ -56,14 +62,64 @@ def with_attention(model):
 
 
 def groups_of(model):
-    """The model's groups: per Attention its heads, per transformer block its feed-forward units."""
-    groups = []
+    """The model's groups: per Attention its heads, per transformer block and per feed-forward
+    layer written as a chain its hidden units."""
+    groups, inside = [], set()
     for m in model.modules():
         if isinstance(m, Attention):
             groups.append(Group([m.q_proj, m.k_proj, m.v_proj], m.out_proj, m.head_dim, m))
+        elif isinstance(m, SelfAttention):
+            groups.append(Group(m.projections(), m.out_proj, m.head_dim, m))
         elif isinstance(m, BLOCKS):
             groups.append(Group([m.linear1], m.linear2, 1, m))
+        if isinstance(m, ATTENTION + BLOCKS):
+            inside.update(id(layer) for layer in m.modules())
+    for m in model.modules():
+        if id(m) not in inside:
+            for first, last in feed_forward(chained(m)):
+                if id(first) not in inside:
+                    groups.append(Group([first], last, 1, m))
+                    inside.add(id(first))
     return groups
+
+
+ELEMENTWISE = "element-wise"  # a function or tensor method of a chain, as chain.ACTIVATIONS reads them
+
+
+def chained(owner):
+    """The children owner's forward runs one after another (ELEMENTWISE for an activation
+    function between them), or [] where its forward is no such chain."""
+    if isinstance(owner, nn.Sequential):
+        return list(owner)
+    if type(owner).__module__.startswith("torch.") or not any(True for _ in owner.children()):
+        return []
+    try:
+        first, nodes = chain.walked(owner, "chain")
+    except chain.NotAChain:
+        return []
+    steps, last = [], first
+    for node, reads in nodes:
+        if reads != [last]:
+            return []
+        if node.op == "call_module" and "." not in node.target:
+            steps.append(owner.get_submodule(node.target))
+        else:
+            steps.append(ELEMENTWISE if node.op != "call_module" and node.target in chain.ACTIVATIONS else None)
+        last = node
+    return steps
+
+
+def feed_forward(steps):
+    """Each (first, last) nn.Linear pair of a chain's steps with only element-wise layers between:
+    first's outputs are read by last alone."""
+    for k, first in enumerate(steps):
+        if not isinstance(first, nn.Linear):
+            continue
+        j = k + 1
+        while j < len(steps) and (steps[j] is ELEMENTWISE or isinstance(steps[j], chain.ELEMENTWISE + chain.DROPOUTS)):
+            j += 1
+        if j < len(steps) and isinstance(steps[j], nn.Linear) and steps[j].in_features == first.out_features:
+            yield first, steps[j]
 
 
 @torch.no_grad()
@@ -119,10 +175,11 @@ def remove(group, keep):
     def every(n):
         return torch.ones(n, dtype=torch.bool, device=device)
 
-    for layer in group.first:
-        replace(group.owner, layer, surgery.rebuilt(layer, kept, every(layer.in_features), None))
+    for layer in group.first:  # a packed projection's rows: the query's, the key's, the value's
+        rows = kept.repeat(layer.out_features // len(kept))
+        replace(group.owner, layer, surgery.rebuilt(layer, rows, every(layer.in_features), None))
     replace(group.owner, group.last, surgery.rebuilt(group.last, every(group.last.out_features), kept, None))
-    if isinstance(group.owner, Attention):
+    if isinstance(group.owner, (Attention, SelfAttention)):
         group.owner.num_heads = len(keep)
 
 

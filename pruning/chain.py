@@ -11,6 +11,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pruning.attention import SelfAttention
 from pruning.model import KeepInputs, Normalize
 
 WEIGHTED = (nn.Linear, nn.Conv2d)
@@ -79,7 +80,7 @@ class LayerTracer(torch.fx.Tracer):
     """Traces a forward down to the layers this library knows, each one call."""
 
     def is_leaf_module(self, module, name):
-        return isinstance(module, KNOWN) or super().is_leaf_module(module, name)
+        return isinstance(module, KNOWN + (SelfAttention,)) or super().is_leaf_module(module, name)
 
 
 def traced(model):

@@ -11,7 +11,8 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from pruning import chain, surgery
+from pruning import chain, handwritten, surgery
+from pruning.attention import SelfAttention
 from pruning.model import evaluating
 
 
@@ -104,7 +105,7 @@ class Token(nn.Module):
 
 
 JOINS = (Add, Cat)
-BLOCKS = (nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.LayerNorm)  # layers of a graph, not of a chain
+BLOCKS = (nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.LayerNorm, SelfAttention)  # a graph's, not a chain's
 MEANS = (torch.mean, "mean")
 RESHAPES = ("view", "reshape", torch.reshape)
 SUMS = (operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__iadd__")
@@ -112,9 +113,11 @@ CATS = (torch.cat, torch.concat, torch.concatenate)
 
 
 def of(model):
-    """model as a Graph of its own layers (the same module objects), read from its forward."""
+    """model as a Graph of its own layers (the same module objects, but for attention written by
+    hand: a SelfAttention computing the same, handwritten.py), read from its forward."""
     if isinstance(model, Graph):
         return model
+    model = handwritten.with_self_attention(model)
     first, nodes = chain.walked(model, "graph")
     index, layers, inputs = {first: -1}, [], []
     for node, reads in nodes:
