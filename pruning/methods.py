@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from pruning import blocks, chain, criteria, graph, oneshot, surgery, training
+from pruning import blocks, chain, channels, criteria, graph, oneshot, surgery, training
 from pruning.model import count_params, evaluating, weight_matrices, weight_tensors, weighted
 from pruning.schedules import cubic_schedule
 from pruning.training import Data, Finetune, Teacher
@@ -121,13 +121,13 @@ def graph_prune(joined, inputs, reduction, steps, finetune, prune_inputs, criter
     if prune_inputs or callable(criterion):
         raise chain.NotAChain("a network with residual sums or concatenations is pruned by 'activation' or "
                               "'contribution', without prune_inputs")
-    graph.prunable(joined, inputs)
+    channels.prunable(joined, inputs)
     mode, original = joined.training, count_params(joined)
     pruned = graph.Graph([copy.deepcopy(layer) for layer in joined.layers], joined.inputs).train(mode)
     if reduction == 0:
         return pruned
     for r in cubic_schedule(reduction, steps):
-        pruned = surgery.reestimate_batchnorm(graph.shrink(pruned, inputs, (1 - r) * original, criterion), inputs)
+        pruned = surgery.reestimate_batchnorm(channels.shrink(pruned, inputs, (1 - r) * original, criterion), inputs)
         if finetune:
             finetune(pruned)
     return pruned.train(mode)
@@ -137,10 +137,22 @@ def mean_activations(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """Per hidden layer of model (a chain), each neuron's or channel's mean activation over the
     images x, measured in eval mode after the ReLU that follows it (after a signed activation,
     its standard deviation): what remove_below cuts by."""
-    layers = chain.layers(model)
+    layers = thresholded(model, "mean_activations")
     with evaluating(layers):
         means, _, _, _ = criteria.statistics(layers, x)
     return means
+
+
+def thresholded(model, call):
+    """model's chain, for a cut by threshold; a network with residual sums or concatenations, whose
+    channels a sum joins have no one mean to compare, refused in one line saying what cuts it."""
+    try:
+        return chain.layers(model)
+    except chain.NotAChain as not_a_chain:
+        joins(model, not_a_chain)  # what is no such network either is refused as it is
+        raise chain.NotAChain(f"{not_a_chain}; {call} is for chains: cut a network with residual sums or "
+                              "concatenations with activation_prune(model, inputs, reduction, criterion='activation')"
+                              ) from None
 
 
 def remove_below(model: nn.Module, means: list[torch.Tensor], threshold: float, *, multiple_of: int = 1,
@@ -153,7 +165,7 @@ def remove_below(model: nn.Module, means: list[torch.Tensor], threshold: float, 
     a signed activation, means is not its mean). example: one input,
     needed for a convolutional model (where a channel's columns lie after its Flatten).
     Returns (the model, the indices of the layers that kept only their strongest unit)."""
-    layers = chain.layers(model)
+    layers = thresholded(model, "remove_below")
     keep, rescued = criteria.neurons_to_keep(means, threshold, multiple_of)
     spatial = surgery.spatial(layers, example) if example is not None else [1] * len(keep)
     folds = [m if nonnegative else None for m, nonnegative in zip(means, criteria.unsigned(layers))]
@@ -210,8 +222,18 @@ def group_lasso(model: nn.Module, strength: float, example: torch.Tensor, *,
     out together (every input pixel's too with prune_inputs), which drives the weights of the
     units the network can best spare toward zero as groups (group lasso: Yuan and Lin 2006; for
     neurons and channels, Wen et al. 2016). Trained with it, a network learns which units to do
-    without, and a cut by contribution then removes those. example: one input of the network."""
-    layers = chain.layers(model)
+    without, and a cut by contribution then removes those. example: one input of the network.
+    A network with residual sums and concatenations: one group per channel of each channel space
+    (channels.py), its rows in every layer that makes it and its columns in every one that reads it."""
+    try:
+        layers = chain.layers(model)
+    except chain.NotAChain as not_a_chain:  # residual sums, concatenations: a channel space is a group
+        joined = joins(model, not_a_chain)
+        if prune_inputs:
+            raise chain.NotAChain("prune_inputs is for a chain whose first weighted layer is an nn.Linear, not a "
+                                  "network with residual sums or concatenations") from None
+        spaces, seen = channels.layout(joined, example)
+        return lambda: strength * sum(norms.sum() for norms in channels.channel_norms(joined, spaces, seen))
     spatial = surgery.spatial(layers, example)
 
     def penalty():

@@ -4,6 +4,8 @@ with residual sums and a concatenation; each pruned both ways, saved, loaded bac
 exported. Files that keep the dtype, padding="same",
 more parameters than the default bound, and the compressed format from any model."""
 
+import copy
+
 import onnxruntime
 import pytest
 import torch
@@ -12,7 +14,7 @@ import torch.nn.functional as F
 
 import pruning
 from networks import ExamplesNet, ResNet
-from pruning import chain
+from pruning import chain, channels
 
 
 class Reshaped(nn.Module):
@@ -221,13 +223,13 @@ def test_removing_channels_that_pass_on_nothing_keeps_every_output_of_a_residual
     torch.manual_seed(0)
     model = ResNet().eval()
     joined = pruning.graph.of(model)
-    spaces, seen = pruning.graph.layout(joined, torch.rand(2, 1, 28, 28))
+    spaces, seen = channels.layout(joined, torch.rand(2, 1, 28, 28))
     stage2 = spaces.find(seen[[k for k, layer in enumerate(joined.layers) if isinstance(layer, nn.Conv2d)][-1]][0][0])
     keep = {stage2: torch.arange(32) != 7}  # channel 7 of stage 2: zero in both branches and in the head
     for layer in (model.stage2.bn2, model.stage2.project[1]):
         layer.weight[7], layer.bias[7] = 0, 0
     x = torch.rand(8, 1, 28, 28)
-    smaller = pruning.graph.shrunk(joined, keep, spaces, seen).eval()
+    smaller = channels.shrunk(joined, keep, spaces, seen).eval()
     assert torch.allclose(smaller(x), model(x), atol=1e-6)
     assert smaller.layers[-1].weight.shape == (10, 62)
 
@@ -408,3 +410,52 @@ def test_the_example_transformer_reads_rows_as_tokens_and_one_shot_takes_every_m
     assert len(zeros) == 2 + 2 * 4  # the embedding and the head; each layer's in_proj, out_proj, linear1, linear2
     assert pruning.count_zeros(model) == pytest.approx(0.6 * pruning.count_weights(model), abs=2)
     assert all(z > 0 for z in zeros)
+
+
+class Residual(nn.Module):
+    """fc1's four channels, ReLU'd, summed with fc2's: one space, read by fc2 and fc3."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x))
+        return self.fc3(h + self.fc2(h))
+
+
+def test_group_lasso_on_a_residual_network_groups_each_channel_in_every_layer_that_makes_or_reads_it():
+    torch.manual_seed(0)
+    model = Residual()
+    with torch.no_grad():  # channel 2 gone from every layer: its group's norm 0, its gradient 0 (not NaN)
+        for w in (model.fc1.weight[2], model.fc1.bias[2:3], model.fc2.weight[2], model.fc2.weight[:, 2],
+                  model.fc2.bias[2:3], model.fc3.weight[:, 2]):
+            w.zero_()
+    penalty = pruning.group_lasso(model, 0.5, torch.rand(1, 3))
+    fc1, fc2, fc3 = model.fc1, model.fc2, model.fc3
+    by_hand = sum((fc1.weight[c].square().sum() + fc1.bias[c] ** 2 + fc2.weight[c].square().sum() + fc2.bias[c] ** 2
+                   + fc2.weight[:, c].square().sum() + fc3.weight[:, c].square().sum()).sqrt() for c in range(4))
+    value = penalty()
+    torch.testing.assert_close(value, 0.5 * by_hand)
+    value.backward()
+    assert torch.isfinite(fc2.weight.grad).all()
+    assert fc2.weight.grad[2].abs().sum() == 0 == fc1.weight.grad[2].abs().sum()
+    x = torch.rand(8, 3)
+    one_channel = (3 + 1) + (4 + 1 + 4 - 1) + 2  # its row in fc1; its row and column in fc2; its column in fc3
+    smaller = pruning.activation_prune(model, x, one_channel / pruning.count_params(model) - 1e-6)
+    assert smaller.layers[0].out_features == 3  # the channel the penalty emptied is the one cut
+    torch.testing.assert_close(smaller(x), model(x))
+
+
+def test_cuts_by_threshold_and_input_pixels_are_refused_on_a_residual_network_in_one_line_saying_what_cuts_it():
+    model, x = Residual(), torch.rand(8, 3)
+    before = copy.deepcopy(model.state_dict())
+    for call in (lambda: pruning.mean_activations(model, x), lambda: pruning.remove_below(model, [], 0.1)):
+        with pytest.raises(pruning.NotAChain, match=r"^add in Residual .* is for chains: cut a network with "
+                           r"residual sums .* activation_prune\(model, inputs, reduction, criterion='activation'\)$"):
+            call()
+    with pytest.raises(pruning.NotAChain, match="prune_inputs is for a chain"):
+        pruning.group_lasso(model, 0.5, x[:1], prune_inputs=True)
+    with pytest.raises(pruning.NotAChain, match="without prune_inputs"):
+        pruning.activation_prune(model, x, 0.3, prune_inputs=True)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
