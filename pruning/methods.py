@@ -88,7 +88,10 @@ def activation_prune(model: nn.Module, inputs: torch.Tensor, reduction: float, *
         layers = chain.layers(model)
     except chain.NotAChain as not_a_chain:
         joined = joins(model, not_a_chain)
-        return graph_prune(joined, inputs, reduction, steps, finetune, prune_inputs, criterion)
+        if prune_inputs or callable(criterion):
+            raise chain.NotAChain(f"{not_a_chain}; a network with residual sums or concatenations is pruned by "
+                                  "'activation' or 'contribution', without prune_inputs") from None
+        return graph_prune(joined, inputs, reduction, steps, finetune, criterion)
     chain.groups(layers)
     if prune_inputs and not criteria.reads_pixels(layers):
         raise chain.NotAChain("prune_inputs needs a network whose first weighted layer is an nn.Linear")
@@ -115,12 +118,9 @@ def joins(model, not_a_chain):
     return joined
 
 
-def graph_prune(joined, inputs, reduction, steps, finetune, prune_inputs, criterion):
+def graph_prune(joined, inputs, reduction, steps, finetune, criterion):
     """activation_prune on a network with residual sums and concatenations (graph.py): every channel
-    space cut by one fraction, the channels joined by a sum together."""
-    if prune_inputs or callable(criterion):
-        raise chain.NotAChain("a network with residual sums or concatenations is pruned by 'activation' or "
-                              "'contribution', without prune_inputs")
+    space cut by one fraction (channels.py), the channels joined by a sum together."""
     channels.prunable(joined, inputs)
     mode, original = joined.training, count_params(joined)
     pruned = graph.Graph([copy.deepcopy(layer) for layer in joined.layers], joined.inputs).train(mode)
@@ -230,8 +230,8 @@ def group_lasso(model: nn.Module, strength: float, example: torch.Tensor, *,
     except chain.NotAChain as not_a_chain:  # residual sums, concatenations: a channel space is a group
         joined = joins(model, not_a_chain)
         if prune_inputs:
-            raise chain.NotAChain("prune_inputs is for a chain whose first weighted layer is an nn.Linear, not a "
-                                  "network with residual sums or concatenations") from None
+            raise chain.NotAChain(f"{not_a_chain}; prune_inputs is for a chain whose first weighted layer is an "
+                                  "nn.Linear: drop it for a network with residual sums or concatenations") from None
         spaces, seen = channels.layout(joined, example)
         return lambda: strength * sum(norms.sum() for norms in channels.channel_norms(joined, spaces, seen))
     spatial = surgery.spatial(layers, example)
