@@ -225,6 +225,10 @@ def group_lasso(model: nn.Module, strength: float, example: torch.Tensor, *,
     without, and a cut by contribution then removes those. example: one input of the network.
     A network with residual sums and concatenations: one group per channel of each channel space
     (channels.py), its rows in every layer that makes it and its columns in every one that reads it."""
+    if blocks.has_blocks(model):
+        raise chain.NotAChain(f"{type(model).__name__} holds attention: group_lasso groups the units of chains and "
+                              "residual networks; remove a transformer's heads and feed-forward units with "
+                              "activation_prune")
     try:
         layers = chain.layers(model)
     except chain.NotAChain as not_a_chain:  # residual sums, concatenations: a channel space is a group

@@ -198,3 +198,8 @@ def test_a_transformer_written_by_hand_exports_to_onnx_and_runs_through_for_infe
     out = onnxruntime.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"images": x.numpy()})[0]
     assert abs(out - model(x).detach().numpy()).max() < 1e-5
     assert torch.equal(pruning.for_inference(model, example=x[:2])(x).argmax(1), model(x).argmax(1))
+
+
+def test_group_lasso_refuses_a_transformer_in_one_line_saying_what_removes_its_units():
+    with pytest.raises(pruning.NotAChain, match="^Net holds attention: .* with activation_prune$"):
+        pruning.group_lasso(Net(), 0.1, torch.randn(1, 5, 8))
