@@ -9,6 +9,7 @@ the module's own outputs kept. A module that matches none is refused in one line
 import copy
 import inspect
 import itertools
+import math
 
 import torch
 import torch.nn as nn
@@ -115,17 +116,31 @@ def recognised(module: nn.Module, name: str) -> SelfAttention:
     originals = {twin: m for m, twin in twins.items()}
     ran = [originals[m] for m in order]
     call = calls[0] if len(calls) == 1 else None
-    if call is None or call.get("attn_mask") is not None or call.get("scale") is not None or call.get(
+    causal = call is not None and (bool(call.get("is_causal", False)) or is_causal_mask(call.get("attn_mask")))
+    if call is None or call.get("attn_mask") is not None and not causal or call.get("scale") is not None or call.get(
             "enable_gqa") or call["query"].shape != call["key"].shape or call["key"].shape != call["value"].shape:
         raise NotRecognised(f"{where} calls scaled_dot_product_attention other than once, on heads of one "
-                            "size, with no mask or scale of its own: write it as nn.MultiheadAttention")
+                            "size, with no mask (but a causal one) or scale of its own: write it as "
+                            "nn.MultiheadAttention")
     heads, head_dim = call["query"].shape[1], call["query"].shape[-1]
-    for attention in candidates(ran, width, heads, head_dim, bool(call.get("is_causal", False))):
+    for attention in candidates(ran, width, heads, head_dim, causal):
         if torch.allclose(attention.double().eval()(x), out, rtol=1e-9, atol=1e-9):
             parameter = linears[0].weight
             return attention.to(parameter.device, parameter.dtype).train(module.training)
     raise NotRecognised(f"{where}: no arrangement of its projections as query, key, value and output gives "
                         "its outputs: write it as nn.MultiheadAttention")
+
+
+def is_causal_mask(mask):
+    """Whether mask lets each of the probe's tokens attend to those up to its own alone (True where
+    attended, or 0 there and -inf elsewhere), as is_causal would: a causal mask kept as a buffer."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() < 2 or mask.shape[-2:] != (TOKENS, TOKENS):
+        return False
+    allowed = torch.ones(TOKENS, TOKENS, dtype=torch.bool, device=mask.device).tril()
+    if mask.dtype == torch.bool:
+        return bool((mask == allowed).all())
+    below, above = mask.masked_fill(~allowed, 0), mask.masked_fill(allowed, -math.inf)
+    return bool((below == 0).all() and torch.isneginf(above).all())
 
 
 def candidates(ran, width, heads, head_dim, causal):

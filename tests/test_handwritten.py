@@ -82,8 +82,26 @@ class Net(nn.Module):
         return self.fc(self.blocks(x).mean(1))
 
 
+class CausalBuffer(Packed):
+    """Older nanoGPT: the causal mask a buffer, as bool or as 0 and -inf, not is_causal."""
+
+    def __init__(self, additive=False):
+        super().__init__()
+        allowed = torch.ones(16, 16, dtype=torch.bool).tril()
+        self.register_buffer("bias", torch.zeros(16, 16).masked_fill(~allowed, float("-inf")) if additive else
+                             allowed.view(1, 1, 16, 16))
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = (t.view(B, T, self.heads, -1).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+        mask = self.bias[..., :T, :T]
+        return self.c_proj(F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2))
+
+
 @pytest.mark.parametrize("make, heads, head_dim, causal", [(Packed, 2, 4, True), (Separate, 4, 3, False),
-                                                            (lambda: Packed(bias=False), 2, 4, True)])
+                                                            (lambda: Packed(bias=False), 2, 4, True),
+                                                            (CausalBuffer, 2, 4, True),
+                                                            (lambda: CausalBuffer(additive=True), 2, 4, True)])
 def test_attention_written_by_hand_is_read_as_self_attention_with_the_same_outputs(make, heads, head_dim, causal):
     torch.manual_seed(0)
     written = make().eval()
@@ -128,7 +146,7 @@ class Holder(nn.Module):
         return self.fc((y[0] if isinstance(y, tuple) else y).mean(1))
 
 
-@pytest.mark.parametrize("make, message", [(Masked, "no mask or scale of its own"),
+@pytest.mark.parametrize("make, message", [(Masked, "no mask \\(but a causal one\\) or scale of its own"),
                                            (Scaled, "no arrangement of its projections"),
                                            (WithWeights, "does not run on one tensor")])
 def test_attention_computed_otherwise_is_refused_in_one_line_and_the_model_kept(make, message, tmp_path):
