@@ -111,7 +111,6 @@ def from_multihead(mha: nn.MultiheadAttention) -> Attention:
     return attention.to(mha.out_proj.weight.device, mha.out_proj.weight.dtype).train(mha.training)
 
 
-
 class SelfAttention(nn.Module):
     """Attention of a sequence over itself as attention written by hand around
     F.scaled_dot_product_attention computes it: one tensor (batch, tokens, width) in, one out, each

@@ -85,6 +85,22 @@ def layout(graph, example):
     return spaces, seen
 
 
+def prunable_roots(spaces):
+    """The root of every space whose channels may go."""
+    return {spaces.find(s) for s in range(len(spaces.parent)) if not spaces.fixed[spaces.find(s)]}
+
+
+def column_squares(layer, weight, segments, spaces):
+    """(root space, each channel's squared norm over its columns) for every part of a weighted
+    layer's input laid out as segments; weight: the layer's, detached or not."""
+    columns = weight.transpose(0, 1).flatten(1) if isinstance(layer, nn.Conv2d) else weight.t()
+    offset = 0
+    for s, p in segments:
+        width = spaces.width[spaces.find(s)]
+        yield spaces.find(s), columns[offset:offset + width * p].reshape(width, -1).square().sum(1)
+        offset += width * p
+
+
 def mask(segments, keep, spaces):
     """The boolean mask of kept columns of a tensor of this layout."""
     return torch.cat([keep[spaces.find(s)].repeat_interleave(p) for s, p in segments])
@@ -97,15 +113,14 @@ def scores(graph, x, spaces, seen, criterion, batch_size=500):
     """Per prunable space, each channel's strength: the mean absolute value of every node output laid
     out as that space alone, summed; with 'contribution', times the norm of the channel's columns
     in every weighted layer that reads it."""
-    roots = {spaces.find(s) for s in range(len(spaces.parent)) if not spaces.fixed[spaces.find(s)]}
-    strength = {r: torch.zeros(spaces.width[r], dtype=torch.float64) for r in roots}
+    strength = {r: torch.zeros(spaces.width[r], dtype=torch.float64) for r in prunable_roots(spaces)}
     with evaluating([graph]):
         for xb in x.split(batch_size):
             values = {-1: xb}
             for k, (layer, reads) in enumerate(zip(graph.layers, graph.inputs)):
                 values[k] = layer(*(values[i] for i in reads))
                 (s, p), *rest = seen[k]
-                if not rest and p == 1 and spaces.find(s) in roots:
+                if not rest and p == 1 and spaces.find(s) in strength:
                     out = values[k].detach().double().abs().cpu()
                     strength[spaces.find(s)] += out.transpose(0, 1).flatten(1).sum(1) / (out[0, 0].numel() * len(x))
     if criterion == "contribution":
@@ -113,14 +128,9 @@ def scores(graph, x, spaces, seen, criterion, batch_size=500):
         for layer, reads in zip(graph.layers, graph.inputs):
             if isinstance(layer, chain.WEIGHTED):
                 weight = layer.weight.detach().double().cpu()
-                columns = weight.transpose(0, 1).flatten(1) if isinstance(layer, nn.Conv2d) else weight.t()
-                offset = 0
-                for s, p in seen[reads[0]]:
-                    width = spaces.width[spaces.find(s)]
-                    part = columns[offset:offset + width * p].reshape(width, -1)
-                    if spaces.find(s) in squares:
-                        squares[spaces.find(s)] += part.square().sum(1)
-                    offset += width * p
+                for root, part in column_squares(layer, weight, seen[reads[0]], spaces):
+                    if root in squares:
+                        squares[root] += part
         strength = {r: v * squares[r].sqrt() for r, v in strength.items()}
     return {r: v.float() for r, v in strength.items()}
 
@@ -145,8 +155,7 @@ def shrunk(graph, keep, spaces, seen):
 
 def widths_for(spaces, fraction):
     """{root space: the channels it keeps} when every prunable space keeps `fraction` of them."""
-    roots = {spaces.find(s) for s in range(len(spaces.parent))}
-    return {r: max(1, round(fraction * spaces.width[r])) for r in roots if not spaces.fixed[r]}
+    return {r: max(1, round(fraction * spaces.width[r])) for r in prunable_roots(spaces)}
 
 
 def params_at(graph, spaces, seen, widths):
@@ -191,8 +200,7 @@ def channel_norms(graph, spaces, seen):
     """Per prunable space, each channel's weight norm: its rows (and biases) in every weighted layer
     that makes it and its columns in every one that reads it, together. Differentiable, with a zero
     gradient at a zero norm: group lasso's groups, one per channel a cut can remove."""
-    roots = {spaces.find(s) for s in range(len(spaces.parent)) if not spaces.fixed[spaces.find(s)]}
-    squares = {}
+    roots, squares = prunable_roots(spaces), {}
     for k, (layer, reads) in enumerate(zip(graph.layers, graph.inputs)):
         if not isinstance(layer, chain.WEIGHTED):
             continue
@@ -200,14 +208,9 @@ def channel_norms(graph, spaces, seen):
         if root in roots:
             rows = layer.weight.flatten(1).square().sum(1) + (0 if layer.bias is None else layer.bias.square())
             squares[root] = squares.get(root, 0) + rows
-        columns = layer.weight.transpose(0, 1).flatten(1) if isinstance(layer, nn.Conv2d) else layer.weight.t()
-        offset = 0
-        for s, p in seen[reads[0]]:
-            width = spaces.width[spaces.find(s)]
-            if spaces.find(s) in roots:
-                part = columns[offset:offset + width * p].reshape(width, -1).square().sum(1)
-                squares[spaces.find(s)] = squares.get(spaces.find(s), 0) + part
-            offset += width * p
+        for root, part in column_squares(layer, layer.weight, seen[reads[0]], spaces):
+            if root in roots:
+                squares[root] = squares.get(root, 0) + part
     norms = []
     for sq in squares.values():
         safe = torch.where(sq > 0, sq, torch.ones_like(sq))

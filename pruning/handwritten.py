@@ -104,7 +104,7 @@ def recognised(module: nn.Module, name: str) -> SelfAttention:
     if not linears:
         raise NotRecognised(f"{where} calls scaled_dot_product_attention with no nn.Linear projections")
     reference = copy.deepcopy(module).double().eval()
-    twins = dict(zip(linears, [m for m in reference.modules() if isinstance(m, nn.Linear)]))
+    originals = dict(zip([m for m in reference.modules() if isinstance(m, nn.Linear)], linears))
     for width in dict.fromkeys(m.in_features for m in linears):
         seen = probe(reference, width, linears[0].weight.device)
         if seen is not None:
@@ -113,7 +113,6 @@ def recognised(module: nn.Module, name: str) -> SelfAttention:
         raise NotRecognised(f"{where} calls scaled_dot_product_attention but does not run on one tensor of "
                             "(batch, tokens, features) alone: write it as nn.MultiheadAttention")
     out, x, calls, order = seen
-    originals = {twin: m for m, twin in twins.items()}
     ran = [originals[m] for m in order]
     call = calls[0] if len(calls) == 1 else None
     causal = call is not None and (bool(call.get("is_causal", False)) or is_causal_mask(call.get("attn_mask")))
