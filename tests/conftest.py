@@ -1,5 +1,6 @@
 import fcntl
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -78,15 +79,23 @@ def script_command(script, *args):
 def main_in_process(monkeypatch, script, *args):
     """Run one of the project's entry points as its command line does (sys.argv, cli.run.main),
     in this process: a new one would pay PyTorch's import, 2.5 s. Returns its exit code, 0 when
-    its main returns."""
+    its main returns; the signal handlers and thread count the script sets are put back after it."""
     import importlib
+
+    import torch
 
     from cli import run
     monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    threads = torch.get_num_threads()
     try:
         run.main(importlib.import_module(Path(script).stem).main)
     except SystemExit as exit:
         return exit.code
+    finally:  # what a script's main sets for its own process: its signal handlers, its threads
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        torch.set_num_threads(threads)
     return 0
 
 
