@@ -85,7 +85,7 @@ def main_in_process(monkeypatch, script, *args):
     import torch
 
     from cli import run
-    monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+    monkeypatch.setattr(sys, "argv", [script, *script_command(script, *args)[2:]])  # models to a temporary folder
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     threads = torch.get_num_threads()
     try:

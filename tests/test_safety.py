@@ -79,6 +79,13 @@ def refused_in_process(script, tiny_data, tmp_path, *args, message, capsys, monk
     assert after == before  # refused before the work: every file as it was, none written
 
 
+def ran(script, *args, capsys, monkeypatch):
+    """Run script's main in this process, as its command line does, for a test that reads what it
+    wrote (its JSON, its files): exit 0. A new process would only add PyTorch's import."""
+    code = main_in_process(monkeypatch, script, *args)
+    assert code == 0, capsys.readouterr().err
+
+
 def user_files(tmp_path):
     """Files of a user's own, none of them written by this project."""
     folder = tmp_path / "mine"
@@ -147,12 +154,11 @@ def test_files_of_ours_by_name_but_not_by_content_are_refused_before_the_work(sc
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_a_second_run_replaces_its_own_files(script, tiny_data, tmp_path):
+def test_a_second_run_replaces_its_own_files(script, tiny_data, tmp_path, capsys, monkeypatch):
     args = ["--data-dir", tiny_data, "--epochs", "1", "--checkpoint", tmp_path / "m.pt", "--thresholds", "0", "0.05",
             "--save-dir", tmp_path / "sd", "--plot-dir", tmp_path / "pd", "--json", tmp_path / "out.json"]
     for _ in range(2):
-        result = run_script(script, *args)
-        assert result.returncode == 0, result.stderr
+        ran(script, *args, capsys=capsys, monkeypatch=monkeypatch)
     assert json.loads((tmp_path / "out.json").read_text())["written_by"] == files.WRITER
     assert all(files.is_ours(p) for p in (tmp_path / "sd").iterdir())
     assert all(files.is_ours(p) for p in (tmp_path / "pd").iterdir())
@@ -403,11 +409,10 @@ def test_validation_and_control_are_reported_under_their_names(tiny_data, tmp_pa
      ("--group-lasso", "0", "--criterion", "contribution", "--prune-inputs", "--input-dropout", "0"), 0, 6, 30,
      {"criterion": "contribution", "group_lasso": 0.0, "input_dropout": 0.0})])
 def test_steps_without_finetune_epochs_fine_tune_each_scripts_defaults(script, target, extra, first, step, final, cut,
-                                                                        tiny_data, tmp_path):
-    result = run_script(script, "--data-dir", tiny_data, "--epochs", "1", "--checkpoint", tmp_path / "m.pt", target,
-                        "0.5", "--steps", "3", *extra, "--control", "--json", tmp_path / "r.json",
-                        "--save-dir", tmp_path / "sd")
-    assert result.returncode == 0, result.stderr
+                                                                        tiny_data, tmp_path, capsys, monkeypatch):
+    ran(script, "--data-dir", tiny_data, "--epochs", "1", "--checkpoint", tmp_path / "m.pt", target, "0.5", "--steps",
+        "3", *extra, "--control", "--json", tmp_path / "r.json", "--save-dir", tmp_path / "sd", capsys=capsys,
+        monkeypatch=monkeypatch)
     results = json.loads((tmp_path / "r.json").read_text())
     assert (results["settings"]["finetune_epochs"], results["settings"]["final_epochs"]) == (step, final)
     assert {k: results["settings"][k] for k in cut} == cut  # what learns and ranks the cut, unless given
@@ -415,14 +420,14 @@ def test_steps_without_finetune_epochs_fine_tune_each_scripts_defaults(script, t
 
 
 @pytest.mark.slow
-def test_group_lasso_training_counts_in_the_control_and_the_cut_starts_from_it(tiny_data, tmp_path):
+def test_group_lasso_training_counts_in_the_control_and_the_cut_starts_from_it(tiny_data, tmp_path, capsys,
+                                                                               monkeypatch):
     common = ("--data-dir", tiny_data, "--epochs", "1", "--checkpoint", tmp_path / "m.pt", "--reduction", "0.5",
               "--steps", "2", "--finetune-epochs", "1", "--final-epochs", "1", "--prune-inputs", "--control")
     runs = {}
     for name, extra in (("plain", ()), ("lasso", ("--group-lasso", "0.01", "--group-lasso-epochs", "2"))):
-        result = run_script("activation_pruning.py", *common, *extra, "--json", tmp_path / f"{name}.json",
-                            "--save-dir", tmp_path / name)
-        assert result.returncode == 0, result.stderr
+        ran("activation_pruning.py", *common, *extra, "--json", tmp_path / f"{name}.json", "--save-dir",
+            tmp_path / name, capsys=capsys, monkeypatch=monkeypatch)
         runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
     assert runs["plain"]["control_epochs"] == 1 + 1 + 1 and runs["lasso"]["control_epochs"] == 1 + 2 + 1 + 1
     plain, lasso = runs["plain"]["rows"][0], runs["lasso"]["rows"][0]
@@ -432,7 +437,8 @@ def test_group_lasso_training_counts_in_the_control_and_the_cut_starts_from_it(t
 
 
 @pytest.mark.slow
-def test_variational_dropout_counts_in_the_control_and_pruning_in_steps_starts_from_it(tiny_data, tmp_path):
+def test_variational_dropout_counts_in_the_control_and_pruning_in_steps_starts_from_it(tiny_data, tmp_path, capsys,
+                                                                                       monkeypatch):
     common = ("--data-dir", tiny_data, "--epochs", "1", "--checkpoint", tmp_path / "m.pt", "--sparsity", "0.5",
               "--steps", "2", "--control")
     runs = {}
@@ -440,9 +446,8 @@ def test_variational_dropout_counts_in_the_control_and_pruning_in_steps_starts_f
                         ("dropout", ("--finetune-epochs", "1", "--final-epochs", "1", "--variational-dropout", "10",
                                      "--variational-dropout-epochs", "2")),
                         ("off", ("--final-epochs", "1", "--variational-dropout", "0"))):
-        result = run_script("zero_pruning.py", *common, *extra, "--json", tmp_path / f"{name}.json",
-                            "--save-dir", tmp_path / name)
-        assert result.returncode == 0, result.stderr
+        ran("zero_pruning.py", *common, *extra, "--json", tmp_path / f"{name}.json", "--save-dir", tmp_path / name,
+            capsys=capsys, monkeypatch=monkeypatch)
         runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
     assert [runs[name]["control_epochs"] for name in runs] == [1 + 1 + 1, 1 + 2 + 1 + 1, 1 + 4 + 1]
     weights = [pruning.load(tmp_path / name / "csr-sparsity0.5.pt")[-1].weight for name in ("plain", "dropout")]
@@ -450,12 +455,12 @@ def test_variational_dropout_counts_in_the_control_and_pruning_in_steps_starts_f
 
 
 @pytest.mark.slow
-def test_bf16_trains_a_model_of_its_own_and_leaves_the_fp32_checkpoints_name_alone(tiny_data, tmp_path):
+def test_bf16_trains_a_model_of_its_own_and_leaves_the_fp32_checkpoints_name_alone(tiny_data, tmp_path, capsys,
+                                                                                   monkeypatch):
     args = ("--data-dir", tiny_data, "--epochs", "1", "--thresholds", "0", "--quiet")
     for extra in ((), ("--bf16",)):
-        result = run_script("zero_pruning.py", *args, *extra, "--checkpoint", tmp_path / "m.pt",
-                            "--json", tmp_path / "r.json")
-        assert result.returncode == 0, result.stderr
+        ran("zero_pruning.py", *args, *extra, "--checkpoint", tmp_path / "m.pt", "--json", tmp_path / "r.json",
+            capsys=capsys, monkeypatch=monkeypatch)
     assert json.loads((tmp_path / "r.json").read_text())["settings"]["bf16"] is True
     assert formats.load(tmp_path / "m.pt", with_about=True)[1]["config"]["bf16"] is True  # retrained, not reused
     fp32 = argparse.Namespace(model="mlp", hidden=[512, 256, 128], epochs=5, lr=1e-3, batch_size=128, seed=0,
@@ -465,11 +470,10 @@ def test_bf16_trains_a_model_of_its_own_and_leaves_the_fp32_checkpoints_name_alo
 
 
 @pytest.mark.slow
-def test_shift_trains_a_model_of_its_own_and_distils_from_it(tiny_data, tmp_path):
+def test_shift_trains_a_model_of_its_own_and_distils_from_it(tiny_data, tmp_path, capsys, monkeypatch):
     args = ("--data-dir", tiny_data, "--epochs", "1", "--reduction", "0.5", "--steps", "2", "--distill", "--quiet",
             "--checkpoint", tmp_path / "m.pt", "--json", tmp_path / "r.json", "--control")
-    result = run_script("activation_pruning.py", *args, "--shift", "2")
-    assert result.returncode == 0, result.stderr
+    ran("activation_pruning.py", *args, "--shift", "2", capsys=capsys, monkeypatch=monkeypatch)
     assert json.loads((tmp_path / "r.json").read_text())["settings"]["shift"] == 2
     for name in ("m.pt", "m-control.pt"):
         assert formats.load(tmp_path / name, with_about=True)[1]["config"]["shift"] == 2
