@@ -58,6 +58,19 @@ def run_json(script, tmp_path, *args, **kwargs):
     return json.loads(out.read_text()), result.stdout, result.stderr
 
 
+@pytest.fixture
+def json_of(capsys, monkeypatch):
+    """run_json for a test that reads no log line: the script's main in this process, as its command
+    line runs it (a new process would only add PyTorch's import). Returns (results, stdout)."""
+    def run(script, tmp_path, *args):
+        out = tmp_path / f"{script}.json"
+        code = main_in_process(monkeypatch, script, *args, "--json", out)
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        return json.loads(out.read_text()), captured.out
+    return run
+
+
 def test_zero_pruning_default_sweep(checkpoint, tmp_path):
     results, stdout, stderr = run_json("zero_pruning.py", tmp_path, "--checkpoint", checkpoint, "--save-dir", tmp_path)
     rows = results["rows"]
@@ -127,9 +140,9 @@ def dense_accuracy(checkpoint):
 
 
 def test_fine_tuning_after_one_cut_to_95_percent_zeros_recovers_and_speed_is_timed(checkpoint, small_mnist,
-                                                                                    tmp_path):
+                                                                                    tmp_path, json_of):
     """On a slice of MNIST (the bar on all of it, within half a point of dense: bench.py --bars)."""
-    results, stdout, _ = run_json("zero_pruning.py", tmp_path, "--checkpoint", checkpoint, "--data-dir", small_mnist,
+    results, stdout = json_of("zero_pruning.py", tmp_path, "--checkpoint", checkpoint, "--data-dir", small_mnist,
                                   "--sparsity", "0.95", "--finetune-epochs", "1", "--speed")
     (row,) = results["rows"]
     assert row["zero_percentage"] >= 95
@@ -141,16 +154,17 @@ def test_fine_tuning_after_one_cut_to_95_percent_zeros_recovers_and_speed_is_tim
     assert "Speed-up (batch 1 / 32 / 10,000)" in header(stdout) and "pruning.for_inference(model, batch)" in stdout
 
 
-def test_one_step_is_the_one_shot_path(checkpoint, small_mnist, tmp_path):
+def test_one_step_is_the_one_shot_path(checkpoint, small_mnist, tmp_path, json_of):
     args = ("--checkpoint", checkpoint, "--data-dir", small_mnist, "--sparsity", "0.9", "--finetune-epochs", "1")
-    one_shot = run_json("zero_pruning.py", tmp_path, *args)[0]
-    one_step = run_json("zero_pruning.py", tmp_path, *args, "--steps", "1")[0]
+    one_shot = json_of("zero_pruning.py", tmp_path, *args)[0]
+    one_step = json_of("zero_pruning.py", tmp_path, *args, "--steps", "1")[0]
     assert one_step["rows"] == one_shot["rows"]
 
 
-def test_pruning_by_saliency_reaches_the_sparsity_and_saves_what_it_measured(checkpoint, small_mnist, tmp_path):
+def test_pruning_by_saliency_reaches_the_sparsity_and_saves_what_it_measured(checkpoint, small_mnist, tmp_path,
+                                                                             json_of):
     """On a slice of MNIST (the bar on all of it, within half a point of dense: bench.py --bars)."""
-    results, stdout, _ = run_json("zero_pruning.py", tmp_path, "--checkpoint", checkpoint, "--data-dir", small_mnist,
+    results, stdout = json_of("zero_pruning.py", tmp_path, "--checkpoint", checkpoint, "--data-dir", small_mnist,
                                   "--sparsity", "0.95", "--steps", "2", "--finetune-epochs", "1", "--final-epochs", "1",
                                   "--criterion", "saliency", "--save-dir", tmp_path)
     (row,) = results["rows"]
@@ -179,10 +193,10 @@ def test_variational_dropout_zeroes_most_weights_by_itself_and_pruning_in_steps_
     assert row["finetuned_accuracy"] > 70  # 3,000 training images; on all of MNIST (bench.py --bars) at least 96%
 
 
-def test_pruning_in_steps_writes_a_5_bit_file_100_times_smaller_that_loads_as_measured(small_mnist, tmp_path):
+def test_pruning_in_steps_writes_a_5_bit_file_100_times_smaller_that_loads_as_measured(small_mnist, tmp_path, json_of):
     """The README's 98.5% command on a slice of MNIST, fewer steps: its accuracy bars are
     bench.py --bars' (cli/bars.py), its files and figures are checked here."""
-    results, stdout, _ = run_json("zero_pruning.py", tmp_path, "--data-dir", small_mnist, "--checkpoint",
+    results, stdout = json_of("zero_pruning.py", tmp_path, "--data-dir", small_mnist, "--checkpoint",
                                   tmp_path / "m.pt", "--sparsity", "0.985", "--steps", "2", "--finetune-epochs", "1",
                                   "--distill", "--bits", "5", "--save-dir", tmp_path)
     (row,) = results["rows"]
@@ -195,8 +209,8 @@ def test_pruning_in_steps_writes_a_5_bit_file_100_times_smaller_that_loads_as_me
     assert training.accuracy(pruning.load(tmp_path / "csr-sparsity0.985.pt"), test) == row["finetuned_accuracy"]
 
 
-def test_lenet_300_100_is_the_hidden_option_and_prunes_to_98_percent_zeros(small_mnist, tmp_path):
-    results, _, _ = run_json("zero_pruning.py", tmp_path, "--data-dir", small_mnist, "--checkpoint",
+def test_lenet_300_100_is_the_hidden_option_and_prunes_to_98_percent_zeros(small_mnist, tmp_path, json_of):
+    results, _ = json_of("zero_pruning.py", tmp_path, "--data-dir", small_mnist, "--checkpoint",
                              tmp_path / "lenet.pt", "--hidden", "300", "100", "--sparsity", "0.98", "--steps", "2",
                              "--finetune-epochs", "1", "--distill")
     (row,) = results["rows"]
@@ -206,9 +220,9 @@ def test_lenet_300_100_is_the_hidden_option_and_prunes_to_98_percent_zeros(small
 
 
 def test_activation_pruning_at_80_percent_fewer_params_is_fine_tuned_compensated_and_set_beside_baselines(
-        checkpoint, small_mnist, tmp_path):
+        checkpoint, small_mnist, tmp_path, json_of):
     """On a slice of MNIST (the bar on all of it, within half a point of dense: bench.py --bars)."""
-    results, stdout, _ = run_json("activation_pruning.py", tmp_path, "--checkpoint", checkpoint, "--thresholds",
+    results, stdout = json_of("activation_pruning.py", tmp_path, "--checkpoint", checkpoint, "--thresholds",
                                   "0.9", "--finetune-epochs", "1", "--bias-compensation", "--baselines",
                                   "--data-dir", small_mnist)
     (row,) = results["rows"]
@@ -220,9 +234,9 @@ def test_activation_pruning_at_80_percent_fewer_params_is_fine_tuned_compensated
 
 
 def test_activation_pruning_by_saliency_removes_80_percent_of_parameters_and_saves_what_it_measured(
-        checkpoint, small_mnist, tmp_path):
+        checkpoint, small_mnist, tmp_path, json_of):
     """On a slice of MNIST (the bar on all of it, within half a point of dense: bench.py --bars)."""
-    results, stdout, _ = run_json("activation_pruning.py", tmp_path, "--checkpoint", checkpoint, "--reduction", "0.8",
+    results, stdout = json_of("activation_pruning.py", tmp_path, "--checkpoint", checkpoint, "--reduction", "0.8",
                                   "--steps", "2", "--finetune-epochs", "1", "--final-epochs", "1", "--distill",
                                   "--prune-inputs", "--criterion", "saliency", "--data-dir", small_mnist,
                                   "--save-dir", tmp_path)
@@ -234,10 +248,10 @@ def test_activation_pruning_by_saliency_removes_80_percent_of_parameters_and_sav
     assert training.accuracy(saved, mnist.load(small_mnist)[1]) == row["finetuned_accuracy"] > 90
 
 
-def test_activation_pruning_in_steps_removes_95_percent_of_parameters_and_pixels(small_mnist, tmp_path):
+def test_activation_pruning_in_steps_removes_95_percent_of_parameters_and_pixels(small_mnist, tmp_path, json_of):
     """The README's 95% command on a slice of MNIST, fewer steps: its accuracy bars (two seeds) are
     bench.py --bars', its widths, pixels and file are checked here."""
-    results, stdout, _ = run_json("activation_pruning.py", tmp_path, "--data-dir", small_mnist, "--checkpoint",
+    results, stdout = json_of("activation_pruning.py", tmp_path, "--data-dir", small_mnist, "--checkpoint",
                                   tmp_path / "m.pt", "--reduction", "0.95", "--steps", "2", "--finetune-epochs", "1",
                                   "--distill", "--prune-inputs", "--save-dir", tmp_path)
     (row,) = results["rows"]
@@ -254,16 +268,16 @@ def test_activation_pruning_in_steps_removes_95_percent_of_parameters_and_pixels
     assert training.accuracy(model, (x.view(-1, 28, 28), y)) == row["finetuned_accuracy"] > 70
 
 
-def test_same_seed_same_results(small_mnist, tmp_path):
+def test_same_seed_same_results(small_mnist, tmp_path, json_of):
     """Two trainings from scratch with the same settings give the same accuracies and counts."""
     runs = []
     for i in range(2):
-        results = run_json("zero_pruning.py", tmp_path, "--checkpoint", tmp_path / f"m{i}.pt", "--epochs", "1",
+        results = json_of("zero_pruning.py", tmp_path, "--checkpoint", tmp_path / f"m{i}.pt", "--epochs", "1",
                            "--thresholds", "0", "0.05", "--finetune-epochs", "1", "--data-dir", small_mnist)[0]
         runs.append(results["rows"])
-    runs.append(run_json("activation_pruning.py", tmp_path, "--checkpoint", tmp_path / "m0.pt", "--epochs", "1",
+    runs.append(json_of("activation_pruning.py", tmp_path, "--checkpoint", tmp_path / "m0.pt", "--epochs", "1",
                          "--thresholds", "0", "0.5", "--data-dir", small_mnist)[0]["rows"])
-    runs.append(run_json("activation_pruning.py", tmp_path, "--checkpoint", tmp_path / "m1.pt", "--epochs", "1",
+    runs.append(json_of("activation_pruning.py", tmp_path, "--checkpoint", tmp_path / "m1.pt", "--epochs", "1",
                          "--thresholds", "0", "0.5", "--data-dir", small_mnist)[0]["rows"])
     assert runs[0] == runs[1]
     strip = [[{k: v for k, v in r.items() if k not in TIMINGS} for r in rows] for rows in runs[2:]]
@@ -470,12 +484,12 @@ def test_onnx_files_predict_as_the_saved_models_in_onnxruntime(script, name, che
     assert (logits.argmax(1) == expected.argmax(1)).all()
 
 
-def test_one_shot_reconstruction_beats_magnitude_with_no_training(checkpoint, dense_accuracy, tmp_path):
+def test_one_shot_reconstruction_beats_magnitude_with_no_training(checkpoint, dense_accuracy, tmp_path, json_of):
     """The bars of pruning without retraining, on the default MLP (seed 0): at 90% zeros at least 3
     points above global magnitude, at 80% at least 0.8; 2:4 within 0.3 points of dense."""
     accuracy = {}
     for method in ("magnitude", "reconstruct"):
-        results, stdout, _ = run_json("zero_pruning.py", tmp_path, "--checkpoint", checkpoint, "--one-shot", method,
+        results, stdout = json_of("zero_pruning.py", tmp_path, "--checkpoint", checkpoint, "--one-shot", method,
                                       "--sparsity", "0.8", "0.9", "--baselines", "--save-dir", tmp_path / method)
         accuracy[method] = [r["accuracy"] for r in results["rows"]]
         assert [r["zero_percentage"] for r in results["rows"]] == pytest.approx([80, 90], abs=0.01)
@@ -484,7 +498,7 @@ def test_one_shot_reconstruction_beats_magnitude_with_no_training(checkpoint, de
         assert header(stdout)[5:7] == ["Random", "Layer-wise"]
     assert accuracy["reconstruct"][0] >= accuracy["magnitude"][0] + 0.8
     assert accuracy["reconstruct"][1] >= accuracy["magnitude"][1] + 3
-    results, stdout, _ = run_json("zero_pruning.py", tmp_path, "--checkpoint", checkpoint, "--one-shot",
+    results, stdout = json_of("zero_pruning.py", tmp_path, "--checkpoint", checkpoint, "--one-shot",
                                   "reconstruct", "--pattern", "2:4", "--save-dir", tmp_path / "pattern")
     (row,) = results["rows"]
     assert row["sparsity"] == 0.5 and row["accuracy"] >= dense_accuracy - 0.3
