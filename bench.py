@@ -149,6 +149,28 @@ COLUMNS = [("Model", "model", str), ("Batch", "batch", "{:,}".format), ("Dense (
            ("Realized", "realized", "{:.2f}".format)]
 
 
+ALONE_COLUMNS = [("Model", "model", str), ("Batch", "batch", "{:,}".format),
+                 ("Dense (ms)", "dense_ms", "{:.3f}".format), ("for_inference (ms)", "pruned_ms", "{:.3f}".format),
+                 ("Speed-up", "speedup", "{:.2f}x".format)]
+
+
+def alone_row(name, dense_file, file, batch, data_dir):
+    """The dense model and for_inference(model in file) each timed alone, in a process of its own,
+    on `batch` test images: two models timed in turn in one process share its threads (PyTorch's
+    OpenMP workers still spinning, the kernel's), which can slow one by the other's."""
+    code = ("import sys, torch, pruning; from pruning.measure import in_turn; "
+            "path, batch, fast, root = sys.argv[1], int(sys.argv[2]), sys.argv[3] == 'fast', sys.argv[4]; "
+            "x = pruning.mnist(root)[1][0][torch.arange(batch) % 10000].contiguous(); model = pruning.load(path); "
+            "run = pruning.for_inference(model, batch) if fast else torch.no_grad()(model); "
+            "print(in_turn([run], x)[0])")
+    root = str(mnist.data_root(data_dir))
+    dense, pruned = (float(subprocess.run([sys.executable, "-c", code, str(path), str(batch), way, root],
+                                          capture_output=True, text=True, check=True).stdout.split()[-1])
+                     for path, way in ((dense_file, "dense"), (file, "fast")))
+    return {"model": name, "batch": batch, "dense_ms": 1e3 * dense, "pruned_ms": 1e3 * pruned,
+            "speedup": dense / pruned}
+
+
 def sgemm_gflops(threads, n=4096, repeats=5):
     """This machine's single-precision matrix-multiply speed: the ceiling for training the MLP."""
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -237,7 +259,7 @@ def lenet5_rows(args, x):
             + latency_rows("LeNet-5, 50% zeros", dense, halved, x) + latency_rows("LeNet-5, dense", dense, dense, x))
 
 
-def inference_rows(args, machine, model, train_data, x):
+def inference_rows(args, state, model, train_data, x):
     """Print the inference tables: the README's models (trained from scratch unless
     --skip-state-of-the-art, each command timed), the dense model itself, and one-shot zero and
     activation pruning of it at several sizes."""
@@ -248,9 +270,13 @@ def inference_rows(args, machine, model, train_data, x):
                 print(f"{name}, from scratch: {time_command(command):.0f} s (bar: 180 s)")
             for name in FAST_MODELS:
                 rows += latency_rows(name, model, saved_model(tmp, name), x)
-        print()
+            alone = [alone_row(name, state.checkpoint_file, Path(tmp) / str(list(STATE_OF_THE_ART).index(command))
+                               / file, batch, args.data_dir) for name, (command, file) in FAST_MODELS.items()
+                     for batch in BATCHES]
+        print(f"\nEach model alone, in a process of its own (torch imported first, as a user does), the dense "
+              f"one in PyTorch, for_inference's model in another:\n\n{markdown_table(alone, ALONE_COLUMNS)}\n")
     print(f"Inference: pruning.for_inference(model, batch) against the dense model in PyTorch, timed in turn, "
-          f"each the median of {measure.ROUNDS} rounds; {args.threads} threads, {machine['cpu']}. Realized: "
+          f"each the median of {measure.ROUNDS} rounds; {args.threads} threads, {state.machine['cpu']}. Realized: "
           "the speed-up over how many times fewer multiply-adds the model does.\n")
     for s in SPARSITIES:
         threshold = criteria.threshold_for_sparsity(model, s) if s else -1.0
@@ -304,7 +330,7 @@ def main():
     model, train_data, _, test_data = run.setup(args, state)
     print()
     if args.inference_only:
-        inference_rows(args, state.machine, model, train_data, test_data[0])
+        inference_rows(args, state, model, train_data, test_data[0])
         if report_load("after") or busy:
             print("Warning: the machine was busy while these figures were taken; rerun them on an idle machine.")
         return
@@ -350,7 +376,7 @@ def main():
           f"Per step: {1e3 * dense / steps:.2f} ms, of which the matrix products alone take {1e3 * products:.2f} ms: "
           f"{1e3 * (dense / steps - products):.2f} ms is other work.\n")
 
-    inference_rows(args, state.machine, model, train_data, test_data[0])
+    inference_rows(args, state, model, train_data, test_data[0])
     if report_load("after") or busy:
         print("Warning: the machine was busy while these figures were taken; rerun them on an idle machine.")
 

@@ -8,6 +8,7 @@ import torchvision
 from conftest import main_in_process
 
 import bench
+import pruning
 from cli import bars, waiting
 from cli.results import markdown_table
 from pruning.model import mlp
@@ -25,6 +26,17 @@ def test_latency_rows_time_both_models_at_every_batch_size():
         assert r["realized"] == pytest.approx(r["speedup"] / r["arithmetic"])
     last_line = markdown_table(rows, bench.COLUMNS).splitlines()[-1]
     assert [cell.strip() for cell in last_line.split("|")[1:3]] == ["small", "10,000"]
+
+
+@pytest.mark.slow
+def test_alone_rows_time_each_model_in_a_process_of_its_own(mnist_dir, tmp_path):
+    torch.manual_seed(0)
+    dense = mlp([784, 64, 10])
+    pruning.save(dense, tmp_path / "dense.pt")
+    pruning.save(pruning.zero_prune(dense, 0.9), tmp_path / "sparse.pt", storage="csr")
+    row = bench.alone_row("sparse", tmp_path / "dense.pt", tmp_path / "sparse.pt", 32, mnist_dir)
+    assert (row["model"], row["batch"]) == ("sparse", 32) and row["dense_ms"] > 0 and row["pruned_ms"] > 0
+    assert row["speedup"] == pytest.approx(row["dense_ms"] / row["pruned_ms"])
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import main_in_process
 from test_mnist import assert_fast_predicts_as_loaded
 
 import pruning
@@ -16,15 +16,22 @@ from pruning import training
 pytestmark = pytest.mark.slow
 
 
-def run(script, small_mnist, tmp_path, *args):
-    out = tmp_path / "out.json"
-    result = run_script(script, "--model", "lenet5", "--data-dir", small_mnist, "--epochs", "2",
-                        "--checkpoint", tmp_path / "lenet5.pt", "--save-dir", tmp_path / "models", "--json", out, *args)
-    assert result.returncode == 0, result.stderr
-    return json.loads(out.read_text()), result.stdout
+@pytest.fixture
+def run(capsys, monkeypatch):
+    """Run a script on LeNet-5 and the small MNIST, its main in this process as its command line runs
+    it (a new process would only add PyTorch's import): (its JSON, its stdout)."""
+    def run(script, small_mnist, tmp_path, *args):
+        out = tmp_path / "out.json"
+        code = main_in_process(monkeypatch, script, "--model", "lenet5", "--data-dir", small_mnist, "--epochs", "2",
+                               "--checkpoint", tmp_path / "lenet5.pt", "--save-dir", tmp_path / "models", "--json",
+                               out, *args)
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        return json.loads(out.read_text()), captured.out
+    return run
 
 
-def test_lenet5_zero_pruning_ranks_conv_and_linear_weights_together(small_mnist, tmp_path):
+def test_lenet5_zero_pruning_ranks_conv_and_linear_weights_together(run, small_mnist, tmp_path):
     results, stdout = run("zero_pruning.py", small_mnist, tmp_path, "--sparsity", "0.9", "--steps", "2",
                           "--finetune-epochs", "2", "--final-epochs", "2", "--distill", "--bits", "5")
     (row,) = results["rows"]
@@ -45,7 +52,7 @@ def test_lenet5_zero_pruning_ranks_conv_and_linear_weights_together(small_mnist,
 @pytest.mark.parametrize("args", [["--reduction", "0.8", "--steps", "2", "--finetune-epochs", "3",
                                    "--final-epochs", "3", "--distill"],
                                   ["--thresholds", "0", "0.5"]])
-def test_lenet5_activation_pruning_removes_channels(args, small_mnist, tmp_path):
+def test_lenet5_activation_pruning_removes_channels(run, args, small_mnist, tmp_path):
     results, stdout = run("activation_pruning.py", small_mnist, tmp_path, *args)
     test = mnist.load(small_mnist)[1]
     for row in results["rows"]:
