@@ -1,5 +1,9 @@
 """The compressed model file: weight sharing, position encodings, and refusing damaged files."""
 
+import functools
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -92,9 +96,19 @@ def test_positions_use_the_encoding_that_fits():
         assert cz.decode_positions(kind, data, 20).tolist() == [7]
 
 
+@functools.cache
+def compressed_bytes():
+    """A compressed file of pruned_mlp(), made once (quantizing takes half a second): each test that
+    damages it writes its own copy."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "m.bin"
+        cz.save_compressed(cz.quantize(pruned_mlp(), 4), path)
+        return path.read_bytes()
+
+
 def saved(tmp_path):
     path = tmp_path / "m.bin"
-    cz.save_compressed(cz.quantize(pruned_mlp(), 4), path)
+    path.write_bytes(compressed_bytes())
     return path, path.read_bytes()
 
 
