@@ -62,6 +62,19 @@ def small_mnist(mnist_dir, tmp_path_factory):
     return root
 
 
+def no_network(monkeypatch):
+    """Point torchvision's MNIST download at a closed local port, so that a missing file fails at
+    once; torchvision (2 s to import) is imported only when a test reaches the download."""
+    download = mnist.download
+
+    def at_a_closed_port(root):
+        import torchvision
+        monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+        return download(root)
+
+    monkeypatch.setattr(mnist, "download", at_a_closed_port)
+
+
 SCRIPTS = ("zero_pruning.py", "activation_pruning.py")
 RUNS = tempfile.TemporaryDirectory(prefix="pruning-test-runs-")  # removed when the tests end
 

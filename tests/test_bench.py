@@ -4,8 +4,7 @@ import argparse
 
 import pytest
 import torch
-import torchvision
-from conftest import main_in_process
+from conftest import main_in_process, no_network
 
 import bench
 import pruning
@@ -43,7 +42,7 @@ def test_alone_rows_time_each_model_in_a_process_of_its_own(mnist_dir, tmp_path)
 def test_the_state_of_the_art_commands_pass_every_check_before_the_data(tmp_path, capsys, monkeypatch):
     """bench.py times these from scratch; each must get as far as loading the (here missing) data,
     its script's main run in this process as its command line runs it."""
-    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])  # a download fails at once
+    no_network(monkeypatch)
     for name, command in bench.state_of_the_art_commands(tmp_path, tmp_path / "no-data").items():
         code = main_in_process(monkeypatch, *command[1:])
         err = capsys.readouterr().err

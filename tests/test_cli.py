@@ -6,8 +6,7 @@ import zipfile
 
 import pytest
 import torch
-import torchvision
-from conftest import main_in_process
+from conftest import main_in_process, no_network
 
 from pruning import files as files_module
 from pruning import formats
@@ -17,9 +16,8 @@ SCRIPTS = ["zero_pruning.py", "activation_pruning.py"]
 
 
 @pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Point torchvision's download at a closed local port, so a missing file fails at once."""
-    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+def offline(monkeypatch):
+    no_network(monkeypatch)
 
 
 def files(folder):

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-import torchvision
+from conftest import no_network
 
 from pruning import data as mnist
 
@@ -25,9 +25,8 @@ def fake_mnist(root, n_train=5, n_test=3):
 
 
 @pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Point torchvision's download at a closed local port, so a missing file fails at once."""
-    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+def offline(monkeypatch):
+    no_network(monkeypatch)
 
 
 def test_loads_flat_images_with_values_from_0_to_1(tmp_path):
