@@ -81,10 +81,10 @@ def state_of_the_art_commands(folder, data_dir):
             for i, (name, command) in enumerate(STATE_OF_THE_ART.items())}
 
 
-def saved_model(folder, name):
-    """The model a STATE_OF_THE_ART command saved in folder (FAST_MODELS' name), through pruning.load."""
+def saved_file(folder, name):
+    """The file a STATE_OF_THE_ART command saved in folder (FAST_MODELS' name)."""
     command, file = FAST_MODELS[name]
-    return pruning.load(Path(folder) / str(list(STATE_OF_THE_ART).index(command)) / file)
+    return Path(folder) / str(list(STATE_OF_THE_ART).index(command)) / file
 
 
 def time_command(command):
@@ -269,10 +269,9 @@ def inference_rows(args, state, model, train_data, x):
             for name, command in state_of_the_art_commands(tmp, mnist.data_root(args.data_dir)).items():
                 print(f"{name}, from scratch: {time_command(command):.0f} s (bar: 180 s)")
             for name in FAST_MODELS:
-                rows += latency_rows(name, model, saved_model(tmp, name), x)
-            alone = [alone_row(name, state.checkpoint_file, Path(tmp) / str(list(STATE_OF_THE_ART).index(command))
-                               / file, batch, args.data_dir) for name, (command, file) in FAST_MODELS.items()
-                     for batch in BATCHES]
+                rows += latency_rows(name, model, pruning.load(saved_file(tmp, name)), x)
+            alone = [alone_row(name, state.checkpoint_file, saved_file(tmp, name), batch, args.data_dir)
+                     for name in FAST_MODELS for batch in BATCHES]
         print(f"\nEach model alone, in a process of its own (torch imported first, as a user does), the dense "
               f"one in PyTorch, for_inference's model in another:\n\n{markdown_table(alone, ALONE_COLUMNS)}\n")
     print(f"Inference: pruning.for_inference(model, batch) against the dense model in PyTorch, timed in turn, "

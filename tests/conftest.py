@@ -1,4 +1,5 @@
 import fcntl
+import json
 import os
 import signal
 import subprocess
@@ -110,6 +111,20 @@ def main_in_process(monkeypatch, script, *args):
             signal.signal(s, handler)
         torch.set_num_threads(threads)
     return 0
+
+
+@pytest.fixture
+def json_of(capsys, monkeypatch):
+    """For a test that reads a run's JSON and stdout, not its log: json_of(script, folder, *args) runs
+    the script's main in this process, as its command line runs it, its JSON in folder; exit 0.
+    Returns (results, stdout)."""
+    def run(script, folder, *args):
+        out = folder / f"{script}.json"
+        code = main_in_process(monkeypatch, script, *args, "--json", out)
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        return json.loads(out.read_text()), captured.out
+    return run
 
 
 def run_script(script, *args, env=None, **kwargs):

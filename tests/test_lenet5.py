@@ -2,11 +2,9 @@
 the README's commands run it on the whole set: conv kernels and linear weights ranked together,
 channels removed with their block of columns after the Flatten, files that load as their rows say."""
 
-import json
 
 import pytest
 import torch
-from conftest import main_in_process
 from test_mnist import assert_fast_predicts_as_loaded
 
 import pruning
@@ -17,17 +15,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def run(capsys, monkeypatch):
-    """Run a script on LeNet-5 and the small MNIST, its main in this process as its command line runs
-    it (a new process would only add PyTorch's import): (its JSON, its stdout)."""
+def run(json_of):
+    """Run a script on LeNet-5 and the small MNIST (conftest.json_of): (its JSON, its stdout)."""
     def run(script, small_mnist, tmp_path, *args):
-        out = tmp_path / "out.json"
-        code = main_in_process(monkeypatch, script, "--model", "lenet5", "--data-dir", small_mnist, "--epochs", "2",
-                               "--checkpoint", tmp_path / "lenet5.pt", "--save-dir", tmp_path / "models", "--json",
-                               out, *args)
-        captured = capsys.readouterr()
-        assert code == 0, captured.err
-        return json.loads(out.read_text()), captured.out
+        return json_of(script, tmp_path, "--model", "lenet5", "--data-dir", small_mnist, "--epochs", "2",
+                       "--checkpoint", tmp_path / "lenet5.pt", "--save-dir", tmp_path / "models", *args)
     return run
 
 

@@ -58,19 +58,6 @@ def run_json(script, tmp_path, *args, **kwargs):
     return json.loads(out.read_text()), result.stdout, result.stderr
 
 
-@pytest.fixture
-def json_of(capsys, monkeypatch):
-    """run_json for a test that reads no log line: the script's main in this process, as its command
-    line runs it (a new process would only add PyTorch's import). Returns (results, stdout)."""
-    def run(script, tmp_path, *args):
-        out = tmp_path / f"{script}.json"
-        code = main_in_process(monkeypatch, script, *args, "--json", out)
-        captured = capsys.readouterr()
-        assert code == 0, captured.err
-        return json.loads(out.read_text()), captured.out
-    return run
-
-
 def test_zero_pruning_default_sweep(checkpoint, tmp_path):
     results, stdout, stderr = run_json("zero_pruning.py", tmp_path, "--checkpoint", checkpoint, "--save-dir", tmp_path)
     rows = results["rows"]
