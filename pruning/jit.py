@@ -7,6 +7,7 @@ for_inference of a process), never by `import pruning`."""
 import ctypes
 
 VECTOR = "<16 x float>"  # the vector every kernel loop works on: one AVX-512 register, two AVX2 ones
+LANES = 16  # floats in a vector
 
 
 def function(head, body, counters=(), slots=()):
@@ -53,6 +54,23 @@ def splat(name, value):
     """IR of %name = a vector of the float `value` in every lane."""
     return (f"  %{name}.one = insertelement {VECTOR} poison, float {value}, i64 0\n"
             f"  %{name} = shufflevector {VECTOR} %{name}.one, {VECTOR} poison, <16 x i32> zeroinitializer\n")
+
+
+def accumulate(name, slot, weight, x, kind=VECTOR):
+    """IR of slot += weight * x."""
+    fma = "@llvm.fmuladd.f32" if kind == "float" else "@llvm.fmuladd.v16f32"
+    return (f"  %{name}.s = load {kind}, ptr %{slot}.p\n"
+            f"  %{name}.t = call fast {kind} {fma}({kind} {weight}, {kind} {x}, {kind} %{name}.s)\n"
+            f"  store {kind} %{name}.t, ptr %{slot}.p\n")
+
+
+def output(name, slot, index, kind=VECTOR):
+    """IR of b[index] = activation(slot)."""
+    zero, test = ("0.0", "i1") if kind == "float" else ("zeroinitializer", "<16 x i1>")
+    return (f"  %{name}.v = load {kind}, ptr %{slot}.p\n  %{name}.neg = fcmp olt {kind} %{name}.v, {zero}\n"
+            f"  %{name}.clip = select {test} %{name}.neg, {kind} {zero}, {kind} %{name}.v\n"
+            f"  %{name}.y = select i1 %relu, {kind} %{name}.clip, {kind} %{name}.v\n"
+            + store(name, kind, f"%{name}.y", "%b", index))
 
 
 def compiled(source, names, arguments):

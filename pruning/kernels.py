@@ -1,7 +1,7 @@
 """The sparse kernel: a chain of fully connected layers run on a batch in one compiled call, each
 layer stored as its non-zeros (compressed sparse rows) or whole. It is written in LLVM's language
 (jit.py) and compiled for the CPU it runs on, once a process, when a model is first prepared for
-inference (about a second).
+inference (about two seconds; its convolutions in strips are strips.py).
 
 The batch is cut into tiles of 16, 32 or 64 images. A tile's activations are held feature-major,
 (features, images), so that one feature of the tile is one, two or four vectors of 16 floats; its
@@ -17,41 +17,23 @@ NaN outputs, as from dense layers (summed, then tested one by one where the sum 
 import ctypes
 import functools
 
-from pruning.jit import VECTOR, function, load, loop, splat, store, when
+from pruning.jit import LANES, VECTOR, accumulate, function, load, loop, output, splat, store, when
+from pruning.strips import LAYER, strips, strips_of_one
 
 NONE, RELU = 0, 1  # activation after a layer
-SPARSE, WHOLE, MAX = 0, 1, 2  # how a layer's rows are stored: each its non-zeros; every row every column it
-# reads; each the inputs it takes the largest of (max-pooling: no weights)
+SPARSE, WHOLE, MAX, STRIP = 0, 1, 2, 3  # how a layer's rows are stored: each its non-zeros; every row every
+# column it reads; each the inputs it takes the largest of (max-pooling: no weights); a convolution's strips,
+# each the non-zeros that STRIP_OUTPUTS outputs along a row of the image share (lowering.convolution_strips)
 LOWEST = "0xFFF0000000000000"  # minus infinity, where a maximum starts
 BLOCK = 4  # rows of a layer stored whole computed together, each input vector loaded once for them
-LANES = 16  # floats in a vector
 TILES = (1, 16, 32, 64)  # the images a tile may hold
-FIELDS = 5  # a layer's entry in the layer table: rows, where its row pointers start, where its biases
-# start, activation, storage
+FIELDS = 6  # a layer's entry in the layer table: rows (its outputs), where its row pointers start, where its
+# biases start, activation, storage, and the row groups the kernel walks (rows; a convolution's strips)
 PLAN = ("layers", "count", "indptr", "indices", "data", "bias", "blocks", "block_count", "inputs", "outputs",
         "columns", "column_count", "first_indices", "checked", "checked_count")  # the model, as the kernel is
 # given it (int64 each)
-LAYER = ("i64 %rows, ptr noalias %pointers, ptr noalias %indices, ptr noalias %data, ptr noalias %bias, i1 %relu, "
-         "i64 %storage, ptr noalias %a, ptr noalias %b")
 ARGUMENTS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]  # of run_<tile>: see driver
-
-
-def accumulate(name, slot, weight, x, kind=VECTOR):
-    """IR of slot += weight * x."""
-    fma = "@llvm.fmuladd.f32" if kind == "float" else "@llvm.fmuladd.v16f32"
-    return (f"  %{name}.s = load {kind}, ptr %{slot}.p\n"
-            f"  %{name}.t = call fast {kind} {fma}({kind} {weight}, {kind} {x}, {kind} %{name}.s)\n"
-            f"  store {kind} %{name}.t, ptr %{slot}.p\n")
-
-
-def output(name, slot, index, kind=VECTOR):
-    """IR of b[index] = activation(slot)."""
-    zero, test = ("0.0", "i1") if kind == "float" else ("zeroinitializer", "<16 x i1>")
-    return (f"  %{name}.v = load {kind}, ptr %{slot}.p\n  %{name}.neg = fcmp olt {kind} %{name}.v, {zero}\n"
-            f"  %{name}.clip = select {test} %{name}.neg, {kind} {zero}, {kind} %{name}.v\n"
-            f"  %{name}.y = select i1 %relu, {kind} %{name}.clip, {kind} %{name}.v\n"
-            + store(name, kind, f"%{name}.y", "%b", index))
 
 
 def layer(width):
@@ -278,7 +260,7 @@ def driver(width):
                 f"{arguments})\n")
         inputs = when("full", "%full", full, part)
     layer_entry = "".join(load(f"{field}", "i64", "%info", k)
-                          for k, field in enumerate(("rows", "pointers", "biases", "activation", "storage")))
+                          for k, field in enumerate(("rows", "pointers", "biases", "activation", "storage", "groups")))
     step = (f"  %info.at = mul i64 %l, {FIELDS}\n  %info = getelementptr inbounds i64, ptr %layers, i64 %info.at\n"
             + layer_entry + f"  %relu = icmp eq i64 %activation, {RELU}\n"
             "  %pointers.l = getelementptr inbounds i64, ptr %indptr, i64 %pointers\n"
@@ -286,9 +268,11 @@ def driver(width):
             "  %from = load ptr, ptr %from.p\n  %to = load ptr, ptr %to.p\n  %first.layer = icmp eq i64 %l, 0\n"
             f"  %indices.l = select i1 %first.layer, ptr {'%first_indices' if width == 1 else '%indices'}, "
             "ptr %indices\n"
-            f"  call void @layer_{width}(i64 %rows, ptr %pointers.l, ptr %indices.l, ptr %data, ptr %bias.l, i1 %relu, "
-            "i64 %storage, ptr %from, ptr %to)\n"
-            "  store ptr %to, ptr %from.p\n  store ptr %from, ptr %to.p\n")
+            f"  %strip = icmp eq i64 %storage, {STRIP}\n"
+            + when("strip", "%strip", *(f"  call void @{kind}_{width}(i64 %groups, ptr %pointers.l, ptr %indices.l, "
+                                        "ptr %data, ptr %bias.l, i1 %relu, i64 %storage, ptr %from, ptr %to)\n"
+                                        for kind in ("strips", "layer")))
+            + "  store ptr %to, ptr %from.p\n  store ptr %from, ptr %to.p\n")
     layers = "  store ptr %one, ptr %from.p\n  store ptr %two, ptr %to.p\n" + loop("l", 0, "%count.n", step)
     unit = (f"  %r.row = mul i64 %u, {width}\n  %r.i = add i64 %r.row, %m\n" + load("r", "float", "%result", "%r.i")
             + "  %out.i = add i64 %target.at, %u\n" + store("r", "float", "%r", "%out", "%out.i"))
@@ -327,7 +311,9 @@ def source():
     return ("declare <16 x float> @llvm.fmuladd.v16f32(<16 x float>, <16 x float>, <16 x float>)\n"
             "declare float @llvm.fmuladd.f32(float, float, float)\n"
             "declare float @llvm.vector.reduce.fadd.v16f32(float, <16 x float>)\n"
-            + layer_of_one() + "".join(layer(w) for w in TILES[1:]) + transpose() + gather() + scatter() + pick()
+            "declare <8 x float> @llvm.fmuladd.v8f32(<8 x float>, <8 x float>, <8 x float>)\n"
+            + layer_of_one() + "".join(layer(w) for w in TILES[1:]) + strips_of_one() + "".join(map(strips, TILES[1:]))
+            + transpose() + gather() + scatter() + pick()
             + summed() + poison()
             + "".join(driver(w) for w in TILES))
 

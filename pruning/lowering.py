@@ -14,7 +14,9 @@ import torch.nn as nn
 from torch.nn.modules.utils import _pair
 
 from pruning import kernels
+from pruning.strips import STRIP_OUTPUTS
 
+STRIP = STRIP_OUTPUTS  # the most outputs of a convolution the kernel sums together
 MAX_STORED = 1 << 24  # the most entries a lowered layer may store (128 MB of indices and values; a few times
 # that while they are built)
 
@@ -30,14 +32,18 @@ class Lowered(nn.Module):
             self.out_shape = tuple(module(torch.zeros(1, *shape, dtype=torch.float32, device="cpu")).shape[1:])
         self.in_features, self.out_features = math.prod(self.shape), math.prod(self.out_shape)
 
-    def rows(self):
+    def rows(self, strips=False):
         """(each row's length, the input each stored entry reads as uint32, the entries' weights as
-        fp32 (zeros for a pooling), each row's bias, the kernel's storage code)."""
+        fp32 (zeros for a pooling), each row's bias, the kernel's storage code, and for a convolution
+        in strips each strip's (first output, outputs + input step << 16), else None). strips: a
+        convolution as strips of up to STRIP outputs along a row of the image, sharing their weights
+        (convolution_strips), rather than one row an output."""
         if self.entries() > MAX_STORED:
             raise ValueError(f"{self.module} over {self.shape} would store {self.entries():,} entries")
         if isinstance(self.module, nn.Conv2d):
-            return convolution_rows(self.module, self.shape, self.out_shape)
-        return pooling_rows(self.module, self.shape, self.out_shape)
+            make = convolution_strips if strips else convolution_rows
+            return make(self.module, self.shape, self.out_shape)
+        return (*pooling_rows(self.module, self.shape, self.out_shape), None)
 
     def entries(self):
         """How many entries rows() stores, at most (a convolution's non-zeros at every position,
@@ -91,9 +97,60 @@ def convolution_rows(conv, shape, out_shape):
     rows = (out[:, None] * places + torch.arange(places)[None, :])[inside]
     columns = (inp[:, None] * height * width + iy * width + ix)[inside]
     lengths, index, stored = in_order(rows, columns, values[:, None].expand(-1, places)[inside], out_shape[0] * places)
-    bias = (np.zeros(out_shape[0] * places, np.float32) if conv.bias is None
+    return lengths, index, stored, bias_of(conv, out_shape), kernels.SPARSE, None
+
+
+def bias_of(conv, out_shape):
+    """Each output's bias, in PyTorch's order (channel, then y, then x)."""
+    places = out_shape[1] * out_shape[2]
+    return (np.zeros(out_shape[0] * places, np.float32) if conv.bias is None
             else conv.bias.detach().cpu().float().repeat_interleave(places).numpy())
-    return lengths, index, stored, bias, kernels.SPARSE
+
+
+def strips_of_row(width, out_width, stride, left, dilation, size):
+    """[(first x, outputs, the kernel columns kx every output of the strip reads inside the image)]
+    covering one output row of out_width positions: the row cut where the columns inside change
+    (near the padding), each part cut into strips of STRIP outputs, the last overlapping the one
+    before (computing some outputs twice, alike) so that every strip of a part that long is full."""
+    low = [max(0, -(-(left - kx * dilation) // stride)) for kx in range(size)]  # first x where column kx is inside
+    high = [min(out_width - 1, (width - 1 + left - kx * dilation) // stride) for kx in range(size)]
+    cuts = sorted({0, out_width, *(c for c in low + [h + 1 for h in high] if 0 < c < out_width)})
+    strips = []
+    for a, b in zip(cuts, cuts[1:]):
+        inside = [kx for kx in range(size) if low[kx] <= a and b - 1 <= high[kx]]
+        if b - a < STRIP:
+            strips.append((a, b - a, inside))
+            continue
+        strips += [(min(start, b - STRIP), STRIP, inside) for start in range(a, b, STRIP)]
+    return strips
+
+
+def convolution_strips(conv, shape, out_shape):
+    """A convolution as strips: each strip STRIP (or fewer) consecutive outputs of one channel along
+    a row of the image, stored once as the non-zero weights that every one of its outputs reads
+    inside the input, each with the input its first output reads; the next output reads the input
+    `stride` further along the row. The kernel sums a strip's outputs together, each weight loaded
+    once for all of them."""
+    channels, height, width = shape
+    _, out_height, out_width = out_shape
+    left, _, top, _ = conv._reversed_padding_repeated_twice
+    weight = conv.weight.detach().cpu().float().numpy()
+    along = strips_of_row(width, out_width, conv.stride[1], left, conv.dilation[1], weight.shape[3])
+    lengths, index, values, strips = [], [], [], []
+    kept = [weight[out].nonzero() for out in range(out_shape[0])]  # each output channel's (inp, ky, kx), in order
+    for y in range(out_height):
+        for x, count, inside_x in along:
+            for out, (inp, ky, kx) in enumerate(kept):  # the channels of one place read the same inputs, from cache
+                iy = y * conv.stride[0] - top + ky * conv.dilation[0]
+                use = (iy >= 0) & (iy < height) & np.isin(kx, inside_x)
+                ix = x * conv.stride[1] - left + kx[use] * conv.dilation[1]
+                index.append(inp[use] * height * width + iy[use] * width + ix)
+                values.append(weight[out][inp[use], ky[use], kx[use]])
+                lengths.append(int(use.sum()))
+                strips.append((out * out_height * out_width + y * out_width + x, count + (conv.stride[1] << 16)))
+    return (np.array(lengths, np.int64), np.concatenate(index).astype(np.uint32),
+            np.concatenate(values).astype(np.float32), bias_of(conv, out_shape), kernels.STRIP,
+            np.array(strips, np.int64).reshape(-1, 2))
 
 
 def pooling_rows(pool, shape, out_shape):

@@ -100,13 +100,15 @@ def stored_rows(weight, whole, read):
 
 def layer_rows(layer, whole, read):
     """A layer as the kernel stores it: (each row's length, the input of each stored entry as
-    uint32, the entries as fp32, each row's bias, the storage code). An nn.Linear as stored_rows
-    says; a convolution or a pooling (lowering.Lowered) as its rows."""
+    uint32, the entries as fp32, each row's bias, the storage code, each strip's first output and
+    outputs for a convolution in strips, else None). An nn.Linear as stored_rows says (whole: every
+    weight); a convolution or a pooling (lowering.Lowered) as its rows (whole: a convolution in
+    strips)."""
     if isinstance(layer, Lowered):
-        return layer.rows()
+        return layer.rows(strips=whole)
     lengths, index, values = stored_rows(layer.weight.detach(), whole, read)
     bias = np.zeros(len(lengths), np.float32) if layer.bias is None else layer.bias.detach().cpu().float().numpy()
-    return lengths, index, values, bias, kernels.WHOLE if whole else kernels.SPARSE
+    return lengths, index, values, bias, kernels.WHOLE if whole else kernels.SPARSE, None
 
 
 def rebuilt(arguments, tile, threads):
@@ -137,22 +139,28 @@ class KernelLayers:
         if len(columns) != first or (len(columns) and not 0 <= columns.min() <= columns.max() < inputs):
             raise ValueError(f"the kernel's first layer reads {first} of {inputs} inputs, not columns "
                              f"{columns.min() if len(columns) else ''}..{columns.max() if len(columns) else ''}")
-        pointers, indices, data, biases, table, stored, rows_before = [np.zeros(1, np.int64)], [], [], [], [], 0, 0
+        pointers, indices, data, biases, table = [np.zeros(1, np.int64)], [], [], [], []
+        stored = rows_before = pointers_before = 0
         for k, ((layer, activation), whole) in enumerate(zip(layers, dense)):
             read_here = read if k == 0 else None
+            whole = whole and not (k == 0 and isinstance(layer, Lowered) and not np.array_equal(
+                columns, np.arange(inputs)))  # a strip's outputs read inputs a step apart: all the inputs, in order
             key = (id(layer), whole, None if read_here is None else tuple(read_here))
             if key not in packed:
                 packed[key] = layer_rows(layer, whole, read_here)
-            lengths, index, values, bias, storage = packed[key]
-            rows = len(lengths)
+            lengths, index, values, bias, storage, strips = packed[key]
+            rows, groups = len(bias), len(lengths)
             if k == 0:  # a tile reads the input's columns; one image, those columns picked in order
                 first_indices, index = index, columns[index]
-            table.append([rows, rows_before, rows_before, activation, storage])  # where its pointers, biases start
-            pointers.append(stored + np.cumsum(lengths, dtype=np.int64))
+            table.append([rows, pointers_before, rows_before, activation, storage, groups])
+            ends = stored + np.cumsum(lengths, dtype=np.int64)
+            pointers.append(ends if strips is None else np.column_stack([strips, ends]).ravel())  # start of the
+            # next group, after each strip's first output and outputs (the kernel reads a strip's three and the next)
             indices.append(index.astype(np.uint32))
             data.append(values)
             biases.append(bias)
-            stored, rows_before = stored + int(lengths.sum()), rows_before + rows
+            stored, rows_before, pointers_before = stored + int(lengths.sum()), rows_before + rows, \
+                pointers_before + len(pointers[-1])
         self.layers, self.first_indices = np.array(table, np.int64), first_indices
         self.columns = columns.astype(np.int64)
         self.indptr, self.indices = np.concatenate(pointers), np.concatenate(indices)
@@ -224,5 +232,6 @@ class KernelLayers:
         return out
 
     def __repr__(self):
-        ways = ["rows" if whole else "sparse" for whole in self.layers[:, 4].tolist()]
+        names = {kernels.SPARSE: "sparse", kernels.WHOLE: "rows", kernels.MAX: "max", kernels.STRIP: "strips"}
+        ways = [names[storage] for storage in self.layers[:, 4].tolist()]
         return f"KernelLayers({', '.join(ways)}; tiles of {self.tile}, {self.threads} threads)"

@@ -20,6 +20,7 @@ from pruning.packing import KernelLayers
 
 SKIPPED = (nn.Dropout, nn.Identity)  # nothing in eval mode
 WAYS = ("dense", "sparse", "rows")  # how a layer runs: PyTorch, the kernel on its non-zeros, the kernel on every weight
+# (a lowered convolution: 'sparse' as rows, 'strips' as strips; a pooling: 'max')
 MARGIN = 1.05  # a faster plan is taken only when at least this much faster: timing noise is not speed
 MAX_BATCH = 1 << 20
 ROWS_ABOVE = {1: 0.25, "more": 0.5}  # density from which the kernel runs a layer faster whole than by its
@@ -112,7 +113,8 @@ def summary(ways, runs_before, what="fully connected layers"):
     where = ", ".join(f"{k}: {w}" for k, w in enumerate(ways))
     head = "PyTorch runs the layers before them; " if runs_before else ""
     return (f"{head}{what} ({where}; dense = PyTorch, sparse = the kernel on the non-zeros, "
-            "rows = the kernel on every weight, max = the kernel's max-pooling)")
+            "rows = the kernel on every weight, strips = the kernel's sparse convolution, max = the kernel's "
+            "max-pooling)")
 
 
 def split(layers):
@@ -220,8 +222,9 @@ def lowered(layers, shape):
 
 def ways_of(run, batch):
     """How the kernel stores each layer of a run: a pooling's windows ('max'), a convolution's
-    non-zeros ('sparse'), a fully connected layer by its density (way)."""
-    return [("max" if isinstance(layer.module, nn.MaxPool2d) else "sparse") if isinstance(layer, Lowered)
+    non-zeros in strips of outputs along the image's rows ('strips'), a fully connected layer by
+    its density (way)."""
+    return [("max" if isinstance(layer.module, nn.MaxPool2d) else "strips") if isinstance(layer, Lowered)
             else way(layer, batch) for layer, _ in run]
 
 
@@ -237,7 +240,8 @@ def plan(before, run, ways, folded, shape, loose, given, packed=None, what="full
         j = next((k for k in range(i, len(run)) if ways[k] == "dense"), len(run))
         reads_input = i == 0 and folded is not None
         inputs, gathered = (math.prod(shape), folded) if reads_input else (run[i][0].in_features, ())
-        steps.append(KernelLayers(run[i:j], [w == "rows" for w in ways[i:j]], inputs, *gathered, packed=packed))
+        whole = [w in ("rows", "strips") for w in ways[i:j]]
+        steps.append(KernelLayers(run[i:j], whole, inputs, *gathered, packed=packed))
         i = j
     reads_input = ways[0] != "dense" and folded is not None
     return Prepared(nn.Sequential() if reads_input else nn.Sequential(*before), steps, shape, loose, given,

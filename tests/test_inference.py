@@ -166,7 +166,7 @@ def test_lenet5_runs_in_the_kernel_from_its_first_convolution_as_the_model():
     with torch.no_grad():
         expected = model.eval()(x)
     plan = inference.convolution_plan(pruning.chain.layers(model), (1, 28, 28), True, model, 16, {})
-    assert plan.summary.startswith("layers from the first convolution (0: sparse, 1: max, 2: sparse, 3: max")
+    assert plan.summary.startswith("layers from the first convolution (0: strips, 1: max, 2: strips, 3: max")
     for tile in (1, 16, 32):
         for step in plan.steps:
             step.tile = tile
@@ -183,13 +183,54 @@ def test_a_convolution_as_rows_by_hand():
     conv = nn.Conv2d(1, 1, 2, padding="same", bias=False)  # pads one row and column after
     with torch.no_grad():
         conv.weight.copy_(torch.tensor([[[[1.0, 0.0], [0.0, 2.0]]]]))
-    lengths, index, values, bias, storage = lowering.Lowered(conv, (1, 2, 2)).rows()
+    lengths, index, values, bias, storage, strips = lowering.Lowered(conv, (1, 2, 2)).rows()
     # outputs (0,0) (0,1) (1,0) (1,1) of a 2x2 input: x00 + 2 x11, x01, x10, x11
     assert lengths.tolist() == [2, 1, 1, 1] and index.tolist() == [0, 3, 1, 2, 3]
     assert values.tolist() == [1.0, 2.0, 1.0, 1.0, 1.0] and bias.tolist() == [0] * 4 and storage == kernels.SPARSE
-    lengths, index, _, _, storage = lowering.Lowered(nn.MaxPool2d(2), (2, 2, 4)).rows()
+    assert strips is None
+    lengths, index, _, _, storage, _ = lowering.Lowered(nn.MaxPool2d(2), (2, 2, 4)).rows()
     assert lengths.tolist() == [4] * 4 and storage == kernels.MAX
     assert index.tolist() == [0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15]  # channel, then y, then x
+
+
+def test_a_convolution_in_strips_by_hand():
+    conv = nn.Conv2d(1, 1, (1, 3), padding=(0, 1), bias=False)  # y[x] = x[x - 1] + 2 x[x + 1] on a row of 10
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[[[1.0, 0.0, 2.0]]]]))
+    lengths, index, values, bias, storage, strips = lowering.Lowered(conv, (1, 1, 10)).rows(strips=True)
+    # output 0 reads only x[1]; outputs 1-8 one strip of eight, each weight from its own input on; output 9 only x[8]
+    assert lengths.tolist() == [1, 2, 1] and index.tolist() == [1, 0, 2, 8] and values.tolist() == [2, 1, 2, 1]
+    assert strips.tolist() == [[0, 1 + (1 << 16)], [1, 8 + (1 << 16)], [9, 1 + (1 << 16)]]
+    assert storage == kernels.STRIP and bias.tolist() == [0] * 10
+    x = torch.randn(33, 1, 1, 10)
+    model = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.Linear(10, 3)).eval()
+    with torch.no_grad():
+        expected = model(x)
+    plan = inference.convolution_plan(pruning.chain.layers(model), (1, 1, 10), False, model, 16, {})
+    assert plan.ways[0] == "strips"
+    for tile in (1, 16, 32, 64):
+        for step in plan.steps:
+            step.tile = tile
+        assert torch.allclose(plan(x), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_residual_networks_convolution_in_strips_computes_what_its_rows_do(stride):
+    torch.manual_seed(stride)
+    conv = nn.Conv2d(16, 16, 3, stride, 1)
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand_like(conv.weight) < 0.1)
+    model = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.Linear(16 * (28 // stride) ** 2, 10)).eval()
+    x = torch.randn(70, 16, 28, 28)
+    with torch.no_grad():
+        expected = model(x)
+    run = inference.lowered(pruning.chain.layers(model), (16, 28, 28))[1]
+    for strips in (False, True):
+        kernel = packing.KernelLayers(run, [strips, False], 16 * 28 * 28)
+        assert repr(kernel).startswith(f"KernelLayers({'strips' if strips else 'sparse'}, sparse")
+        for tile in (1, 16, 32, 64):
+            kernel.tile = tile
+            assert torch.allclose(kernel(x.flatten(1)), expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("seed", range(6))
