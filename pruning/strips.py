@@ -55,38 +55,32 @@ def one_at_a_time(width, kind):
 def strips(width):
     """IR of @strips_<width>: b = activation(convolution of a + bias) on a tile of `width` images (a
     multiple of 16), the convolution stored in %rows strips. A full strip's outputs are summed one
-    vector of 16 images at a time (eight sums in registers), over its weights once per vector."""
+    vector v of 16 images at a time (eight sums in registers), over its weights once per vector."""
     vectors = width // LANES
     outputs = range(STRIP_OUTPUTS)
-    full = "".join(f"  %zskip{r} = mul i64 %zskip, {r}\n" for r in outputs[1:]) + "  %zskip0 = add i64 0, 0\n"
-    for g in range(vectors):
-        pair = [g]
-        entry = (load(f"w{g}", "float", "%data", f"%k{g}") + splat(f"w{g}.v", f"%w{g}")
-                 + load(f"c{g}", "i32", "%indices", f"%k{g}") + f"  %c{g}.wide = zext i32 %c{g} to i64\n"
-                 f"  %c{g}.row = mul i64 %c{g}.wide, {width}\n")
+    full = "".join(f"  %zskip{r} = mul i64 %zskip, {r}\n" for r in outputs)
+    for v in range(vectors):
+        entry = (load(f"w{v}", "float", "%data", f"%k{v}") + splat(f"w{v}.v", f"%w{v}")
+                 + load(f"c{v}", "i32", "%indices", f"%k{v}") + f"  %c{v}.wide = zext i32 %c{v} to i64\n"
+                 f"  %c{v}.row = mul i64 %c{v}.wide, {width}\n  %c{v}.lane = add i64 %c{v}.row, {v * LANES}\n")
         for r in outputs:
-            entry += f"  %c{g}.{r} = add i64 %c{g}.row, %zskip{r}\n"
-            entry += "".join(f"  %x{g}.{r}.{v}.i = add i64 %c{g}.{r}, {v * LANES}\n"
-                             + load(f"x{g}.{r}.{v}", VECTOR, "%a", f"%x{g}.{r}.{v}.i")
-                             + accumulate(f"m{g}.{r}.{v}", f"sum{r}.{v}", f"%w{g}.v", f"%x{g}.{r}.{v}")
-                             for v in pair)
-        full += "".join(f"  store {VECTOR} zeroinitializer, ptr %sum{r}.{v}.p\n" for r in outputs for v in pair)
-        full += loop(f"k{g}", "%zs", "%ze", entry)
+            entry += (f"  %x{v}.{r}.i = add i64 %c{v}.lane, %zskip{r}\n"
+                      + load(f"x{v}.{r}", VECTOR, "%a", f"%x{v}.{r}.i")
+                      + accumulate(f"m{v}.{r}", f"sum{r}", f"%w{v}.v", f"%x{v}.{r}"))
+        full += "".join(f"  store {VECTOR} zeroinitializer, ptr %sum{r}.p\n" for r in outputs)
+        full += loop(f"k{v}", "%zs", "%ze", entry)
         for r in outputs:
-            full += (f"  %o{g}.{r} = add i64 %zo, {r}\n" + load(f"b{g}.{r}", "float", "%bias", f"%o{g}.{r}")
-                     + splat(f"b{g}.{r}.v", f"%b{g}.{r}") + f"  %o{g}.{r}.row = mul i64 %o{g}.{r}, {width}\n")
-            for v in pair:
-                name = f"y{g}.{r}.{v}"
-                full += (f"  %{name}.s = load {VECTOR}, ptr %sum{r}.{v}.p\n"
-                         f"  %{name}.t = fadd fast {VECTOR} %{name}.s, %b{g}.{r}.v\n"
-                         f"  store {VECTOR} %{name}.t, ptr %sum{r}.{v}.p\n"
-                         f"  %{name}.i = add i64 %o{g}.{r}.row, {v * LANES}\n"
-                         + output(name, f"sum{r}.{v}", f"%{name}.i"))
+            name = f"y{v}.{r}"
+            full += (f"  %o{v}.{r} = add i64 %zo, {r}\n" + load(f"b{v}.{r}", "float", "%bias", f"%o{v}.{r}")
+                     + splat(f"b{v}.{r}.v", f"%b{v}.{r}") + f"  %o{v}.{r}.row = mul i64 %o{v}.{r}, {width}\n"
+                     f"  %{name}.s = load {VECTOR}, ptr %sum{r}.p\n"
+                     f"  %{name}.t = fadd fast {VECTOR} %{name}.s, %b{v}.{r}.v\n"
+                     f"  store {VECTOR} %{name}.t, ptr %sum{r}.p\n"
+                     f"  %{name}.i = add i64 %o{v}.{r}.row, {v * LANES}\n" + output(name, f"sum{r}", f"%{name}.i"))
     body = loop("z", 0, "%rows", header(width) + when("zfull", "%zfull", full, one_at_a_time(width, VECTOR)))
     return function(f"internal void @strips_{width}({LAYER})", body,
-                    counters=("z", "r", "kq", *(f"k{g}" for g in range(vectors))),
-                    slots=[(f"sum{r}.{v}", VECTOR) for r in outputs for v in range(vectors)]
-                    + [(f"one{v}", VECTOR) for v in range(vectors)])
+                    counters=("z", "r", "kq", *(f"k{v}" for v in range(vectors))),
+                    slots=[(f"sum{r}", VECTOR) for r in outputs] + [(f"one{v}", VECTOR) for v in range(vectors)])
 
 
 def eight_outputs(tag, step):
