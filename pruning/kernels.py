@@ -1,7 +1,7 @@
 """The sparse kernel: a chain of fully connected layers run on a batch in one compiled call, each
 layer stored as its non-zeros (compressed sparse rows) or whole. It is written in LLVM's language
 (jit.py) and compiled for the CPU it runs on, once a process, when a model is first prepared for
-inference (about two seconds; its convolutions in strips are strips.py).
+inference (under two seconds; its convolutions in strips are strips.py).
 
 The batch is cut into tiles of 16, 32 or 64 images. A tile's activations are held feature-major,
 (features, images), so that one feature of the tile is one, two or four vectors of 16 floats; its

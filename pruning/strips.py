@@ -55,32 +55,27 @@ def one_at_a_time(width, kind):
 def strips(width):
     """IR of @strips_<width>: b = activation(convolution of a + bias) on a tile of `width` images (a
     multiple of 16), the convolution stored in %rows strips. A full strip's outputs are summed one
-    vector v of 16 images at a time (eight sums in registers), over its weights once per vector."""
-    vectors = width // LANES
+    vector of 16 images (%v) at a time (eight sums in registers), over its weights once per vector."""
     outputs = range(STRIP_OUTPUTS)
-    full = "".join(f"  %zskip{r} = mul i64 %zskip, {r}\n" for r in outputs)
-    for v in range(vectors):
-        entry = (load(f"w{v}", "float", "%data", f"%k{v}") + splat(f"w{v}.v", f"%w{v}")
-                 + load(f"c{v}", "i32", "%indices", f"%k{v}") + f"  %c{v}.wide = zext i32 %c{v} to i64\n"
-                 f"  %c{v}.row = mul i64 %c{v}.wide, {width}\n  %c{v}.lane = add i64 %c{v}.row, {v * LANES}\n")
-        for r in outputs:
-            entry += (f"  %x{v}.{r}.i = add i64 %c{v}.lane, %zskip{r}\n"
-                      + load(f"x{v}.{r}", VECTOR, "%a", f"%x{v}.{r}.i")
-                      + accumulate(f"m{v}.{r}", f"sum{r}", f"%w{v}.v", f"%x{v}.{r}"))
-        full += "".join(f"  store {VECTOR} zeroinitializer, ptr %sum{r}.p\n" for r in outputs)
-        full += loop(f"k{v}", "%zs", "%ze", entry)
-        for r in outputs:
-            name = f"y{v}.{r}"
-            full += (f"  %o{v}.{r} = add i64 %zo, {r}\n" + load(f"b{v}.{r}", "float", "%bias", f"%o{v}.{r}")
-                     + splat(f"b{v}.{r}.v", f"%b{v}.{r}") + f"  %o{v}.{r}.row = mul i64 %o{v}.{r}, {width}\n"
-                     f"  %{name}.s = load {VECTOR}, ptr %sum{r}.p\n"
-                     f"  %{name}.t = fadd fast {VECTOR} %{name}.s, %b{v}.{r}.v\n"
-                     f"  store {VECTOR} %{name}.t, ptr %sum{r}.p\n"
-                     f"  %{name}.i = add i64 %o{v}.{r}.row, {v * LANES}\n" + output(name, f"sum{r}", f"%{name}.i"))
+    entry = (load("w", "float", "%data", "%k") + splat("w.v", "%w") + load("c", "i32", "%indices", "%k")
+             + f"  %c.wide = zext i32 %c to i64\n  %c.row = mul i64 %c.wide, {width}\n"
+             "  %c.lane = add i64 %c.row, %v.lane\n")
+    for r in outputs:
+        entry += (f"  %x{r}.i = add i64 %c.lane, %zskip{r}\n" + load(f"x{r}", VECTOR, "%a", f"%x{r}.i")
+                  + accumulate(f"m{r}", f"sum{r}", "%w.v", f"%x{r}"))
+    vector = (f"  %v.lane = mul i64 %v, {LANES}\n"
+              + "".join(f"  store {VECTOR} zeroinitializer, ptr %sum{r}.p\n" for r in outputs)
+              + loop("k", "%zs", "%ze", entry))
+    for r in outputs:
+        vector += (f"  %o{r} = add i64 %zo, {r}\n" + load(f"b{r}", "float", "%bias", f"%o{r}")
+                   + splat(f"b{r}.v", f"%b{r}") + f"  %o{r}.row = mul i64 %o{r}, {width}\n"
+                   f"  %y{r}.s = load {VECTOR}, ptr %sum{r}.p\n  %y{r}.t = fadd fast {VECTOR} %y{r}.s, %b{r}.v\n"
+                   f"  store {VECTOR} %y{r}.t, ptr %sum{r}.p\n  %y{r}.i = add i64 %o{r}.row, %v.lane\n"
+                   + output(f"y{r}", f"sum{r}", f"%y{r}.i"))
+    full = "".join(f"  %zskip{r} = mul i64 %zskip, {r}\n" for r in outputs) + loop("v", 0, width // LANES, vector)
     body = loop("z", 0, "%rows", header(width) + when("zfull", "%zfull", full, one_at_a_time(width, VECTOR)))
-    return function(f"internal void @strips_{width}({LAYER})", body,
-                    counters=("z", "r", "kq", *(f"k{v}" for v in range(vectors))),
-                    slots=[(f"sum{r}", VECTOR) for r in outputs] + [(f"one{v}", VECTOR) for v in range(vectors)])
+    return function(f"internal void @strips_{width}({LAYER})", body, counters=("z", "v", "k", "r", "kq"),
+                    slots=[(f"sum{r}", VECTOR) for r in outputs] + [(f"one{v}", VECTOR) for v in range(width // LANES)])
 
 
 def eight_outputs(tag, step):
