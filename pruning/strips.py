@@ -5,8 +5,8 @@ A strip's outputs are summed together in vector registers: each weight is loaded
 them, and each output's sums wait on one addition per weight, not on the output before. A full
 tile of images (width 16 to 64, feature-major as kernels.py holds it) keeps a strip's eight
 outputs of one vector of 16 images in registers at a time; one image (width 1) keeps
-eight outputs in one vector where they read consecutive inputs. A strip of fewer outputs (near
-the padding) is summed one output at a time."""
+eight outputs in one vector where they read inputs one or two apart (stride 1 or 2). A strip of
+fewer outputs (near the padding) is summed one output at a time."""
 
 from pruning.jit import LANES, VECTOR, accumulate, function, load, loop, output, splat, when
 
