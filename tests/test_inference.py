@@ -233,6 +233,20 @@ def test_a_residual_networks_convolution_in_strips_computes_what_its_rows_do(str
             assert torch.allclose(kernel(x.flatten(1)), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_a_first_convolution_reading_chosen_inputs_is_stored_as_rows():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    columns = torch.randperm(2 * 9 * 9).numpy()  # the convolution's inputs, in another order than x's
+    kernel = packing.KernelLayers([(lowering.Lowered(conv, (2, 9, 9)), kernels.NONE)], [True], 2 * 9 * 9, columns)
+    assert repr(kernel).startswith("KernelLayers(sparse;")  # strips would read inputs a step apart in x itself
+    x = torch.randn(20, 2 * 9 * 9)
+    with torch.no_grad():
+        expected = conv(x[:, torch.from_numpy(columns)].view(-1, 2, 9, 9)).flatten(1)
+    for tile in (1, 16):
+        kernel.tile = tile
+        assert torch.allclose(kernel(x), expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_random_convolution_chains_through_the_kernel_give_the_models_logits(seed):
     torch.manual_seed(seed)
