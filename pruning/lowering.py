@@ -16,7 +16,6 @@ from torch.nn.modules.utils import _pair
 from pruning import kernels
 from pruning.strips import STRIP_OUTPUTS
 
-STRIP = STRIP_OUTPUTS  # the most outputs of a convolution the kernel sums together
 MAX_STORED = 1 << 24  # the most entries a lowered layer may store (128 MB of indices and values; a few times
 # that while they are built)
 
@@ -36,8 +35,8 @@ class Lowered(nn.Module):
         """(each row's length, the input each stored entry reads as uint32, the entries' weights as
         fp32 (zeros for a pooling), each row's bias, the kernel's storage code, and for a convolution
         in strips each strip's (first output, outputs + input step << 16), else None). strips: a
-        convolution as strips of up to STRIP outputs along a row of the image, sharing their weights
-        (convolution_strips), rather than one row an output."""
+        convolution as strips of up to STRIP_OUTPUTS outputs along a row of the image, sharing their
+        weights (convolution_strips), rather than one row an output."""
         if self.entries() > MAX_STORED:
             raise ValueError(f"{self.module} over {self.shape} would store {self.entries():,} entries")
         if isinstance(self.module, nn.Conv2d):
@@ -110,26 +109,27 @@ def bias_of(conv, out_shape):
 def strips_of_row(width, out_width, stride, left, dilation, size):
     """[(first x, outputs, the kernel columns kx every output of the strip reads inside the image)]
     covering one output row of out_width positions: the row cut where the columns inside change
-    (near the padding), each part cut into strips of STRIP outputs, the last overlapping the one
-    before (computing some outputs twice, alike) so that every strip of a part that long is full."""
+    (near the padding), each part cut into strips of STRIP_OUTPUTS outputs, the last overlapping the
+    one before (computing some outputs twice, alike) so that every strip of a part that long is full."""
     low = [max(0, -(-(left - kx * dilation) // stride)) for kx in range(size)]  # first x where column kx is inside
     high = [min(out_width - 1, (width - 1 + left - kx * dilation) // stride) for kx in range(size)]
     cuts = sorted({0, out_width, *(c for c in low + [h + 1 for h in high] if 0 < c < out_width)})
     strips = []
     for a, b in zip(cuts, cuts[1:]):
         inside = [kx for kx in range(size) if low[kx] <= a and b - 1 <= high[kx]]
-        if b - a < STRIP:
+        if b - a < STRIP_OUTPUTS:
             strips.append((a, b - a, inside))
             continue
-        strips += [(min(start, b - STRIP), STRIP, inside) for start in range(a, b, STRIP)]
+        strips += [(min(start, b - STRIP_OUTPUTS), STRIP_OUTPUTS, inside)
+                   for start in range(a, b, STRIP_OUTPUTS)]
     return strips
 
 
 def convolution_strips(conv, shape, out_shape):
-    """A convolution as strips: each strip STRIP (or fewer) consecutive outputs of one channel along
-    a row of the image, stored once as the non-zero weights that every one of its outputs reads
-    inside the input, each with the input its first output reads; the next output reads the input
-    `stride` further along the row. The kernel sums a strip's outputs together, each weight loaded
+    """A convolution as strips: each strip STRIP_OUTPUTS (or fewer) consecutive outputs of one
+    channel along a row of the image, stored once as the non-zero weights that every one of its
+    outputs reads inside the input, each with the input its first output reads; the next output
+    reads the input `stride` further along the row. The kernel sums a strip's outputs together, each weight loaded
     once for all of them."""
     channels, height, width = shape
     _, out_height, out_width = out_shape
@@ -140,7 +140,7 @@ def convolution_strips(conv, shape, out_shape):
     kept = [weight[out].nonzero() for out in range(out_shape[0])]  # each output channel's (inp, ky, kx), in order
     for y in range(out_height):
         for x, count, inside_x in along:
-            for out, (inp, ky, kx) in enumerate(kept):  # the channels of one place read the same inputs, from cache
+            for out, (inp, ky, kx) in enumerate(kept):  # by place, then channel: no faster measured than the reverse
                 iy = y * conv.stride[0] - top + ky * conv.dilation[0]
                 use = (iy >= 0) & (iy < height) & np.isin(kx, inside_x)
                 ix = x * conv.stride[1] - left + kx[use] * conv.dilation[1]

@@ -229,8 +229,9 @@ def ways_of(run, batch):
 
 
 def plan(before, run, ways, folded, shape, loose, given, packed=None, what="fully connected layers"):
-    """A Prepared model whose layers of `run` run as `ways` says (one of WAYS each, or 'max' for a
-    pooling); packed: the layers stored for the kernel so far (KernelLayers)."""
+    """A Prepared model whose layers of `run` run as `ways` says (one of WAYS each, 'strips' for a
+    convolution, or 'max' for a pooling); packed: the layers stored for the kernel so far
+    (KernelLayers)."""
     steps, i = [], 0
     while i < len(run):
         if ways[i] == "dense":
