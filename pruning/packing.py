@@ -111,6 +111,13 @@ def layer_rows(layer, whole, read):
     return lengths, index, values, bias, kernels.WHOLE if whole else kernels.SPARSE, None
 
 
+def one_image(run, plan, scales, inputs, one, two):
+    """run(x, out): one image at address x through the kernel's call `run` (kernels.driver's
+    run_1), its outputs to address out, in the buffers at one and two (their addresses bound once:
+    a call of one image takes microseconds)."""
+    return lambda x, out: run(plan, scales, x, inputs, 0, 1, out, one, two)
+
+
 def rebuilt(arguments, tile, threads):
     """A KernelLayers from the arguments it was made with, tuned as given (for copies and pickles:
     a KernelLayers holds the raw addresses of its own arrays)."""
@@ -183,6 +190,8 @@ class KernelLayers:
         self.one = empty(2 * self.width + 16)  # one image's buffers, under the same lock
         self.one_at = aligned(self.one)
         self.runs = kernels.compiled()[1]
+        self.one_image = one_image(self.runs[1], self.plan_at, self.scales_at, inputs, self.one_at,
+                                   self.one_at + 4 * self.width)
 
     def __reduce__(self):
         return rebuilt, (self.arguments, self.tile, self.threads)
@@ -198,11 +207,10 @@ class KernelLayers:
     def run(self, x):
         """__call__ without its checks, for a caller that has made them (plans.Prepared)."""
         batch = x.shape[0]
-        out = empty(batch, self.outputs)
+        out = torch.empty(batch, self.outputs, dtype=torch.float32, device=CPU)  # empty(), a call less
         if batch == 1 and self.scratch_free.acquire(blocking=False):
             try:  # one image: the call alone, its buffers made once (a few µs of Python are most of its time)
-                self.runs[1](self.plan_at, self.scales_at, x.data_ptr(), self.inputs, 0, 1, out.data_ptr(),
-                             self.one_at, self.one_at + 4 * self.width)
+                self.one_image(x.data_ptr(), out.data_ptr())
             finally:
                 self.scratch_free.release()
             return out
