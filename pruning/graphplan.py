@@ -6,6 +6,7 @@ PyTorch on the inputs it gets there at the batch size asked; the sums, concatena
 everything else stay PyTorch's. The whole is then timed against the model as given."""
 
 import copy
+import math
 
 import torch
 import torch.nn as nn
@@ -13,7 +14,8 @@ import torch.nn as nn
 from pruning import graph, lowering
 from pruning.kernels import NONE, RELU
 from pruning.lowering import Lowered, lowerable
-from pruning.plans import SKIPPED, as_written, fastest, plain, plan, tune, ways_of
+from pruning.model import KeepInputs, Normalize
+from pruning.plans import SKIPPED, as_written, fastest, plain, plan, sized, tune, ways_of
 
 CALIBRATION = 2048  # the most inputs a graph's plan is timed on: a convolution's activations are tens of MB by
 # then, past every cache, as at any larger batch; a ResNet's dense call on 10,000 takes seconds, timed many times
@@ -54,6 +56,12 @@ def norms_folded(layers, inputs):
                 and type(layers[reads[0]]) is nn.Conv2d and count[reads[0]] == 1:
             layers[reads[0]], layers[k] = folded(layers[reads[0]], layer), nn.Identity()
     return layers
+
+
+def pools_made_faster(layers):
+    """layers with each nn.AdaptiveMaxPool2d to one value a channel as graph.GlobalMax."""
+    return [graph.GlobalMax() if as_written(layer, nn.AdaptiveMaxPool2d) and not layer.return_indices
+            and layer.output_size in (1, (1, 1)) else layer for layer in layers]
 
 
 def seen_on(layers, inputs, x):
@@ -138,14 +146,17 @@ def kernel_run(layers, members, shapes, in_shape, batch, packed):
 
 class FastGraph(nn.Module):
     """A graph whose nodes are PyTorch's layers, joins and Segments; inputs it was not planned for
-    (not fp32 on the CPU, of another shape, needing gradients, traced) go to the model as given."""
+    (not fp32 on the CPU, of another shape (of another size, where its first node reshapes the
+    input: `loose`), needing gradients, traced) go to the model as given."""
 
-    def __init__(self, layers, inputs, shape, given, summary):
+    def __init__(self, layers, inputs, shape, given, summary, loose=False):
         super().__init__()
         self.graph, self.shape, self.given, self.summary = graph.Graph(layers, inputs), tuple(shape), [given], summary
+        self.inputs, self.loose = math.prod(shape), loose
 
     def forward(self, x):
-        if not (plain(x) and tuple(x.shape[1:]) == self.shape):
+        if not (plain(x) and x.dim() > 1
+                and (sized(x, self.inputs) if self.loose else tuple(x.shape[1:]) == self.shape)):
             return self.given[0](x)
         return self.graph(x)
 
@@ -155,7 +166,7 @@ def prepared(given, joined, shape, batch, x, threads, pick=fastest):
     """given (a graph, joined: its graph.Graph) ready to predict: each run in the kernel where that
     is faster at this batch size on x, the whole against given; None where no run is faster.
     pick(candidates, x): the one to keep, the incumbent first (plans.fastest: by timing them)."""
-    layers = norms_folded(joined.layers, joined.inputs)
+    layers = pools_made_faster(norms_folded(joined.layers, joined.inputs))
     shapes, seen = seen_on(layers, joined.inputs, x)  # each run timed on the inputs it gets
     packed, chosen = {}, []
     new_layers, new_inputs = list(layers), [list(r) for r in joined.inputs]
@@ -179,5 +190,7 @@ def prepared(given, joined, shape, batch, x, threads, pick=fastest):
     summary = (f"a graph: {inside} of its {weighted} convolutions and fully connected layers in the kernel, in "
                f"{len(chosen)} runs (BatchNorm folded into the convolution before it); its sums, concatenations "
                "and other layers in PyTorch")
-    fast = FastGraph(new_layers, new_inputs, shape, given, summary).eval()
+    loose = [k for k, reads in enumerate(joined.inputs) if -1 in reads] == [0] and isinstance(
+        layers[0], (Normalize, KeepInputs, nn.Flatten))  # the input reshaped first: any shape of its size
+    fast = FastGraph(new_layers, new_inputs, shape, given, summary, loose).eval()
     return fast if pick([given, fast], x) is fast else None

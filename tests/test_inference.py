@@ -409,6 +409,26 @@ def test_a_prepared_model_copies_and_pickles_as_a_model_does():
     assert set(fast.state_dict()) == {f"layers.{k}.{p}" for k in range(3) for p in ("weight", "bias")}
 
 
+def test_hooks_on_a_prepared_model_or_on_every_module_run_as_nn_module_runs_them():
+    model = sparse_mlp((40, 23, 13, 6), density=0.1)
+    x = torch.rand(1, 40)
+    fast = pruning.for_inference(model, 1)
+    fast.steps = [kernel_of(model, False, 16, 1)]  # the kernel's call, whichever plan won
+    fast.one_call = True
+    expected = fast(x)
+    seen = []
+    own = fast.register_forward_hook(lambda m, i, out: seen.append("own") or out + 1)
+    assert torch.equal(fast(x), expected + 1) and seen == ["own"]
+    own.remove()
+    every = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, i: seen.append(type(m).__name__))
+    try:
+        assert torch.equal(fast(x), expected)
+    finally:
+        every.remove()
+    assert seen == ["own", "Prepared"]
+    assert torch.equal(fast(x=x), expected) and len(seen) == 2  # by keyword, as nn.Module takes it
+
+
 def test_a_forked_child_runs_a_prepared_model():
     import multiprocessing
     model = sparse_mlp((40, 23, 13, 6), density=0.1)
@@ -563,6 +583,34 @@ def test_for_inference_takes_a_graph_and_predicts_as_it_does():
     fast = pruning.for_inference(model, 32, example=x)
     assert torch.equal(fast(x).argmax(1), model(x).argmax(1))
     assert fast.summary.startswith(("a graph: ", "the model as given, in PyTorch: timed faster"))
+
+
+def test_a_max_pooling_to_one_value_a_channel_is_taken_as_each_channels_largest():
+    from pruning import graph, graphplan
+    x = torch.randn(5, 3, 7, 6)
+    x[0, 1, 2, 3] = float("nan")
+    others = [nn.AdaptiveMaxPool2d(2), nn.AdaptiveMaxPool2d(1, return_indices=True), nn.AdaptiveAvgPool2d(1)]
+    faster = graphplan.pools_made_faster([nn.AdaptiveMaxPool2d((1, 1))] + others)
+    assert type(faster[0]) is graph.GlobalMax and faster[1:] == others
+    torch.testing.assert_close(faster[0](x), nn.AdaptiveMaxPool2d(1)(x), atol=0, rtol=0, equal_nan=True)
+
+
+def test_a_graph_that_reshapes_its_input_first_takes_every_shape_of_its_size_in_its_plan():
+    from pruning import graph, graphplan
+
+    def refused(x):
+        raise AssertionError("the model as given ran")
+
+    model = nn.Sequential(pruning.Normalize(shape=(1, 8, 8)), residual()).eval()
+    x = torch.rand(9, 1, 8, 8)
+    fast = graphplan.prepared(model, graph.of(model), (1, 8, 8), 9, x, 2, pick=lambda candidates, x: candidates[-1])
+    expected = fast(x)
+    fast.given = [refused]
+    for shape in ((9, 64), (9, 8, 8)):
+        torch.testing.assert_close(fast(x.reshape(shape)), expected, atol=0, rtol=0)
+    whole = graphplan.prepared(residual(), graph.of(residual()), (1, 8, 8), 9, x, 2,
+                               pick=lambda candidates, x: candidates[-1])
+    assert not whole.loose  # a convolution reads the input: only its own shape
 
 
 def test_a_graphs_plan_copies_pickles_and_takes_an_empty_batch():
