@@ -44,6 +44,17 @@ class Graph(nn.Module):
         return values[len(self.layers) - 1]
 
 
+def consumers(inputs):
+    """How many nodes read each node (the last, the model's output, counted once more)."""
+    count = [0] * len(inputs)
+    for reads in inputs:
+        for i in reads:
+            if i >= 0:
+                count[i] += 1
+    count[-1] += 1
+    return count
+
+
 class Tensor(nn.Module):
     """A learned tensor the forward uses as it is (a position embedding): a node that reads nothing."""
 

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn as nn
 
-from pruning import graph, lowering
+from pruning import graph, lowering, wholegraph
 from pruning.kernels import NONE, RELU
 from pruning.lowering import Lowered, lowerable
 from pruning.model import KeepInputs, Normalize
@@ -36,21 +36,10 @@ def folded(conv, norm):
     return new
 
 
-def consumers(inputs):
-    """How many nodes read each node (the last, the model's output, counted once more)."""
-    count = [0] * len(inputs)
-    for reads in inputs:
-        for i in reads:
-            if i >= 0:
-                count[i] += 1
-    count[-1] += 1
-    return count
-
-
 def norms_folded(layers, inputs):
     """layers with every BatchNorm2d whose only input is a convolution that feeds nothing else folded
     into it (the convolution replaced, the BatchNorm by an nn.Identity)."""
-    layers, count = list(layers), consumers(inputs)
+    layers, count = list(layers), graph.consumers(inputs)
     for k, (layer, reads) in enumerate(zip(layers, inputs)):
         if type(layer) is nn.BatchNorm2d and layer.running_mean is not None and len(reads) == 1 and reads[0] >= 0 \
                 and type(layers[reads[0]]) is nn.Conv2d and count[reads[0]] == 1:
@@ -92,7 +81,7 @@ def runs(layers, inputs, shapes):
     """The runs of nodes the kernel can take as one call: each starts at a kernel layer and goes on
     while the next node reads only the one before, which nothing else reads, and is a kernel layer, a
     ReLU, a flatten of the kernel's rows, or does nothing in eval mode."""
-    count, found, k = consumers(inputs), [], 0
+    count, found, k = graph.consumers(inputs), [], 0
     while k < len(layers):
         if not kernel_layer(layers[k], shapes[inputs[k][0]] if len(inputs[k]) == 1 else ()):
             k += 1
@@ -183,14 +172,19 @@ def prepared(given, joined, shape, batch, x, threads, pick=fastest):
             new_inputs[members[-1]] = list(joined.inputs[first])
             for k in members[:-1]:
                 new_layers[k], new_inputs[k] = nn.Identity(), [-1]  # not read: runs on the input, unused
-    if not chosen:
-        return None
-    weighted = sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in layers)
-    inside = sum(isinstance(layers[k], (nn.Linear, nn.Conv2d)) for members in chosen for k in members)
-    summary = (f"a graph: {inside} of its {weighted} convolutions and fully connected layers in the kernel, in "
-               f"{len(chosen)} runs (BatchNorm folded into the convolution before it); its sums, concatenations "
-               "and other layers in PyTorch")
     loose = [k for k, reads in enumerate(joined.inputs) if -1 in reads] == [0] and isinstance(
         layers[0], (Normalize, KeepInputs, nn.Flatten))  # the input reshaped first: any shape of its size
-    fast = FastGraph(new_layers, new_inputs, shape, given, summary, loose).eval()
-    return fast if pick([given, fast], x) is fast else None
+    candidates = [given]
+    if chosen:
+        weighted = sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in layers)
+        inside = sum(isinstance(layers[k], (nn.Linear, nn.Conv2d)) for members in chosen for k in members)
+        summary = (f"a graph: {inside} of its {weighted} convolutions and fully connected layers in the kernel, in "
+                   f"{len(chosen)} runs (BatchNorm folded into the convolution before it); its sums, concatenations "
+                   "and other layers in PyTorch")
+        candidates.append(FastGraph(new_layers, new_inputs, shape, given, summary, loose).eval())
+    whole = wholegraph.one_call(given, layers, joined.inputs, shapes, shape, batch, loose, packed)
+    if whole is not None:
+        tune(whole, x, batch, threads)
+        candidates.append(whole)
+    best = pick(candidates, x) if len(candidates) > 1 else given
+    return None if best is given else best

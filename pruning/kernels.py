@@ -27,8 +27,11 @@ SPARSE, WHOLE, MAX, STRIP = 0, 1, 2, 3  # how a layer's rows are stored: each it
 LOWEST = "0xFFF0000000000000"  # minus infinity, where a maximum starts
 BLOCK = 4  # rows of a layer stored whole computed together, each input vector loaded once for them
 TILES = (1, 16, 32, 64)  # the images a tile may hold
-FIELDS = 6  # a layer's entry in the layer table: rows (its outputs), where its row pointers start, where its
-# biases start, activation, storage, and the row groups the kernel walks (rows; a convolution's strips)
+FIELDS = 10  # a layer's entry in the layer table: rows (its outputs), where its row pointers start, where its
+# biases start, activation, storage, the row groups the kernel walks (rows; a convolution's strips), the buffer
+# it reads, the buffer it writes, the row of that buffer its outputs start at, and the buffer of the outputs
+# added to its own before the activation (-1: none). Buffer k of a tile is `width` rows of the tile's images
+# from one + k * (two - one): a chain reads buffers 0, 1, 0, ... and writes 1, 0, 1, ...
 PLAN = ("layers", "count", "indptr", "indices", "data", "bias", "blocks", "block_count", "inputs", "outputs",
         "columns", "column_count", "first_indices", "checked", "checked_count")  # the model, as the kernel is
 # given it (int64 each)
@@ -259,21 +262,31 @@ def driver(width):
         part = (f"  call void @gather(ptr %x, i64 %stride, i64 %t, i64 %images, i64 0, i64 %inputs.n, ptr %one, "
                 f"{arguments})\n")
         inputs = when("full", "%full", full, part)
-    layer_entry = "".join(load(f"{field}", "i64", "%info", k)
-                          for k, field in enumerate(("rows", "pointers", "biases", "activation", "storage", "groups")))
+    layer_entry = "".join(load(f"{field}", "i64", "%info", k) for k, field in enumerate(
+        ("rows", "pointers", "biases", "activation", "storage", "groups", "reads", "writes", "offset", "adds")))
+    buffers = ("  %from.at = mul i64 %reads, %apart\n  %from = getelementptr inbounds i8, ptr %one, i64 %from.at\n"
+               "  %to.at = mul i64 %writes, %apart\n  %to.base = getelementptr inbounds i8, ptr %one, i64 %to.at\n"
+               f"  %to.row = mul i64 %offset, {width}\n"
+               "  %to = getelementptr inbounds float, ptr %to.base, i64 %to.row\n"
+               "  %added = icmp sge i64 %adds, 0\n  %adds.k = select i1 %added, i64 %adds, i64 %writes\n"
+               "  %res.at = mul i64 %adds.k, %apart\n  %res = getelementptr inbounds i8, ptr %one, i64 %res.at\n")
     step = (f"  %info.at = mul i64 %l, {FIELDS}\n  %info = getelementptr inbounds i64, ptr %layers, i64 %info.at\n"
             + layer_entry + f"  %relu = icmp eq i64 %activation, {RELU}\n"
             "  %pointers.l = getelementptr inbounds i64, ptr %indptr, i64 %pointers\n"
             "  %bias.l = getelementptr inbounds float, ptr %bias, i64 %biases\n"
-            "  %from = load ptr, ptr %from.p\n  %to = load ptr, ptr %to.p\n  %first.layer = icmp eq i64 %l, 0\n"
+            + buffers + "  %first.layer = icmp eq i64 %l, 0\n"
             f"  %indices.l = select i1 %first.layer, ptr {'%first_indices' if width == 1 else '%indices'}, "
             "ptr %indices\n"
             f"  %strip = icmp eq i64 %storage, {STRIP}\n"
+            + "  %not.added = xor i1 %added, true\n  %relu.now = and i1 %relu, %not.added\n"
             + when("strip", "%strip", *(f"  call void @{kind}_{width}(i64 %groups, ptr %pointers.l, ptr %indices.l, "
-                                        "ptr %data, ptr %bias.l, i1 %relu, i64 %storage, ptr %from, ptr %to)\n"
+                                        "ptr %data, ptr %bias.l, i1 %relu.now, i64 %storage, ptr %from, ptr %to)\n"
                                         for kind in ("strips", "layer")))
-            + "  store ptr %to, ptr %from.p\n  store ptr %from, ptr %to.p\n")
-    layers = "  store ptr %one, ptr %from.p\n  store ptr %two, ptr %to.p\n" + loop("l", 0, "%count.n", step)
+            + when("sum", "%added", f"  %sum.count = mul i64 %rows, {width}\n"
+                   "  call void @residual(ptr %to, ptr %res, i64 %sum.count, i1 %relu)\n")
+            + "  store ptr %to.base, ptr %result.p\n")
+    layers = ("  %one.n = ptrtoint ptr %one to i64\n  %two.n = ptrtoint ptr %two to i64\n"
+              "  %apart = sub i64 %two.n, %one.n\n" + loop("l", 0, "%count.n", step))
     unit = (f"  %r.row = mul i64 %u, {width}\n  %r.i = add i64 %r.row, %m\n" + load("r", "float", "%result", "%r.i")
             + "  %out.i = add i64 %target.at, %u\n" + store("r", "float", "%r", "%out", "%out.i"))
     poisoned = ("  %in.at = mul i64 %target, %stride\n  %in.row = getelementptr inbounds float, ptr %x, i64 %in.at\n"
@@ -297,13 +310,23 @@ def driver(width):
                "  %suspect = fcmp uno float %total.d, 0.0\n")  # a NaN or infinity, or an overflow
     tile = (f"  %rest = sub i64 %last, %t\n  %short = icmp ult i64 %rest, {width}\n"
             f"  %images = select i1 %short, i64 %rest, i64 {width}\n  %full = icmp eq i64 %images, {width}\n"
-            + checked + inputs + layers + "  %result = load ptr, ptr %from.p\n" + outputs
+            + checked + inputs + layers + "  %result = load ptr, ptr %result.p\n" + outputs
             + loop("m", 0, "%images", image))
     body += loop("t", "%first", "%last", tile, width)
     return function(f"void @run_{width}(ptr noalias %plan, ptr noalias %scales, ptr noalias %x, i64 %stride, "
                     "i64 %first, i64 %last, ptr noalias %out, ptr noalias %one, ptr noalias %two)", body,
                     counters=("t", "s", "g", "b", "l", "m", "u"),
-                    slots=[("from", "ptr"), ("to", "ptr"), ("total", "float")])
+                    slots=[("result", "ptr"), ("total", "float")])
+
+
+def residual():
+    """IR of @residual: b = activation(b + addend), `count` floats each (a layer's outputs and those of
+    the layer its sum adds, both as the kernel holds them)."""
+    add = (load("made", "float", "%b", "%i") + load("r", "float", "%addend", "%i") + "  %s = fadd float %made, %r\n"
+           "  %neg = fcmp olt float %s, 0.0\n  %clip = select i1 %neg, float 0.0, float %s\n"
+           "  %y = select i1 %relu, float %clip, float %s\n" + store("y", "float", "%y", "%b", "%i"))
+    return function("internal void @residual(ptr noalias %b, ptr noalias %addend, i64 %count, i1 %relu)",
+                    loop("i", 0, "%count", add), counters=("i",))
 
 
 def source():
@@ -314,7 +337,7 @@ def source():
             "declare <8 x float> @llvm.fmuladd.v8f32(<8 x float>, <8 x float>, <8 x float>)\n"
             + layer_of_one() + "".join(layer(w) for w in TILES[1:]) + strips_of_one() + "".join(map(strips, TILES[1:]))
             + transpose() + gather() + scatter() + pick()
-            + summed() + poison()
+            + summed() + poison() + residual()
             + "".join(driver(w) for w in TILES))
 
 

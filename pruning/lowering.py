@@ -21,8 +21,9 @@ MAX_STORED = 1 << 24  # the most entries a lowered layer may store (128 MB of in
 
 
 class Lowered(nn.Module):
-    """A convolution (nn.Conv2d, ungrouped, zero-padded) or a max-pooling (nn.MaxPool2d, no padding,
-    no dilation) of inputs shaped `shape` (channels, height, width), as the kernel's rows."""
+    """A convolution (nn.Conv2d, ungrouped, zero-padded) or a pooling (nn.MaxPool2d, no padding, no
+    dilation; nn.AvgPool2d over whole windows, as an average over each channel's whole image is) of
+    inputs shaped `shape` (channels, height, width), as the kernel's rows."""
 
     def __init__(self, module, shape):
         super().__init__()
@@ -163,5 +164,7 @@ def pooling_rows(pool, shape, out_shape):
     channel = torch.arange(channels)[:, None, None]
     columns = (channel * height * width + (iy * width + ix)[None]).flatten()
     rows = (channel * places + torch.arange(places)[None, :, None]).expand(-1, -1, window).flatten()
-    lengths, index, stored = in_order(rows, columns, torch.zeros(len(rows)), channels * places)
-    return lengths, index, stored, np.zeros(channels * places, np.float32), kernels.MAX
+    average = isinstance(pool, nn.AvgPool2d)  # each input times 1 / window, summed; else the largest taken
+    lengths, index, stored = in_order(rows, columns, torch.full((len(rows),), 1 / window if average else 0.0),
+                                      channels * places)
+    return lengths, index, stored, np.zeros(channels * places, np.float32), kernels.SPARSE if average else kernels.MAX

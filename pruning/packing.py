@@ -118,10 +118,10 @@ def one_image(run, plan, scales, inputs, one, two):
     return lambda x, out: run(plan, scales, x, inputs, 0, 1, out, one, two)
 
 
-def rebuilt(arguments, tile, threads):
+def rebuilt(arguments, tile, threads, routes=None):
     """A KernelLayers from the arguments it was made with, tuned as given (for copies and pickles:
     a KernelLayers holds the raw addresses of its own arrays)."""
-    made = KernelLayers(*arguments)
+    made = KernelLayers(*arguments, routes=routes)
     made.tile, made.threads = tile, threads
     return made
 
@@ -138,9 +138,10 @@ class KernelLayers:
     model (storing a large layer's non-zeros takes seconds)."""
 
     def __init__(self, layers, dense, inputs, columns=None, shift=0.0, scale=1.0, read=None, checked=None, *,
-                 packed=None):
+                 packed=None, routes=None):
         packed = {} if packed is None else packed  # layers already stored, shared by plans of one model
         self.arguments = (layers, dense, inputs, columns, shift, scale, read, checked)
+        self.routes = [(k % 2, 1 - k % 2, 0, -1) for k in range(len(layers))] if routes is None else routes
         columns = np.arange(inputs) if columns is None else np.asarray(columns)
         first = layers[0][0].in_features if read is None else len(read)
         if len(columns) != first or (len(columns) and not 0 <= columns.min() <= columns.max() < inputs):
@@ -159,7 +160,7 @@ class KernelLayers:
             rows, groups = len(bias), len(lengths)
             if k == 0:  # a tile reads the input's columns; one image, those columns picked in order
                 first_indices, index = index, columns[index]
-            table.append([rows, pointers_before, rows_before, activation, storage, groups])
+            table.append([rows, pointers_before, rows_before, activation, storage, groups, *self.routes[k]])
             ends = stored + np.cumsum(lengths, dtype=np.int64)
             pointers.append(ends if strips is None else np.column_stack([strips, ends]).ravel())  # start of the
             # next group, after each strip's first output and outputs (the kernel reads a strip's three and the next)
@@ -177,7 +178,8 @@ class KernelLayers:
         self.checked = np.arange(inputs, dtype=np.int64) if checked is None else np.asarray(checked, np.int64)
         self.scales = np.array([shift, 1 / scale], np.float32)
         self.inputs, self.outputs = inputs, int(self.layers[-1, 0])
-        self.width = max(inputs, *self.layers[:, 0].tolist())
+        self.width = max(inputs, *(self.layers[:, 0] + self.layers[:, 8]).tolist())  # rows, past a concatenation's
+        # earlier parts
         self.tile, self.threads = TILES[-1], 1
         fields = dict(layers=self.layers, count=len(self.layers), indptr=self.indptr, indices=self.indices,
                       data=self.data, bias=self.bias, blocks=self.blocks, block_count=len(self.blocks),
@@ -187,14 +189,15 @@ class KernelLayers:
                              np.int64)
         self.plan_at, self.scales_at = self.plan.ctypes.data, self.scales.ctypes.data
         self.scratch, self.scratch_free = empty(0), threading.Lock()  # buffers kept between calls
-        self.one = empty(2 * self.width + 16)  # one image's buffers, under the same lock
+        self.buffers = 1 + max(max(route[:2] + route[3:]) for route in self.routes)
+        self.one = empty(self.buffers * self.width + 16)  # one image's buffers, under the same lock
         self.one_at = aligned(self.one)
         self.runs = kernels.compiled()[1]
         self.one_image = one_image(self.runs[1], self.plan_at, self.scales_at, inputs, self.one_at,
                                    self.one_at + 4 * self.width)
 
     def __reduce__(self):
-        return rebuilt, (self.arguments, self.tile, self.threads)
+        return rebuilt, (self.arguments, self.tile, self.threads, self.routes)
 
     def __call__(self, x):
         """x: fp32 on the CPU, contiguous, each of its len(x) inputs `inputs` values. Returns (batch, outputs)."""
@@ -224,19 +227,20 @@ class KernelLayers:
         def part(k, buffers):
             """Images of the k-th share through the kernel, in the two buffers from address `buffers`."""
             self.runs[tile](self.plan_at, self.scales_at, x.data_ptr(), self.inputs, k * share,
-                            min((k + 1) * share, batch), out.data_ptr(), buffers, buffers + 4 * size)
+                            min((k + 1) * share, batch), out.data_ptr(), buffers, buffers + 4 * size)  # buffer
+            # j of the share from buffers + 4 * size * j (kernels.FIELDS)
 
         if threads == 1 and self.scratch_free.acquire(blocking=False):
             try:  # the buffers kept for one call at a time
-                if len(self.scratch) < 2 * size + 16:
-                    self.scratch = empty(2 * size + 16)
+                if len(self.scratch) < self.buffers * size + 16:
+                    self.scratch = empty(self.buffers * size + 16)
                 part(0, aligned(self.scratch))
             finally:
                 self.scratch_free.release()
             return out
-        buffers = empty(threads * 2 * size + 16)  # kept until the shares are done
+        buffers = empty(threads * self.buffers * size + 16)  # kept until the shares are done
         at = aligned(buffers)
-        in_parallel(lambda k: part(k, at + 8 * size * k), threads)
+        in_parallel(lambda k: part(k, at + 4 * self.buffers * size * k), threads)
         return out
 
     def __repr__(self):

@@ -567,7 +567,7 @@ def test_a_graph_with_every_run_in_the_kernel_computes_what_the_model_does(batch
     from pruning import graph, graphplan
     model = residual()
     x = torch.randn(batch, 1, 8, 8)
-    fast = graphplan.prepared(model, graph.of(model), (1, 8, 8), batch, x, 2, pick=lambda candidates, x: candidates[-1])
+    fast = graphplan.prepared(model, graph.of(model), (1, 8, 8), batch, x, 2, pick=lambda candidates, x: candidates[1])
     assert sum(isinstance(m, graphplan.Segment) for m in fast.graph.layers) == 5
     torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
     x[0, 0, 3, 3] = float("nan")
@@ -582,7 +582,63 @@ def test_for_inference_takes_a_graph_and_predicts_as_it_does():
     x = torch.randn(64, 1, 8, 8)
     fast = pruning.for_inference(model, 32, example=x)
     assert torch.equal(fast(x).argmax(1), model(x).argmax(1))
-    assert fast.summary.startswith(("a graph: ", "the model as given, in PyTorch: timed faster"))
+    assert fast.summary.startswith(("a graph: ", "every layer of the graph", "the model as given, in PyTorch: timed"))
+
+
+@pytest.mark.parametrize("batch", [1, 5, 37])
+def test_a_whole_graph_in_one_kernel_call_computes_what_the_model_does(batch):
+    from pruning import graph, graphplan
+    model = nn.Sequential(pruning.Normalize(shape=(1, 8, 8)), residual()).eval()
+    x = torch.rand(batch, 1, 8, 8)
+    fast = graphplan.prepared(model, graph.of(model), (1, 8, 8), batch, x, 2, pick=lambda candidates, x: candidates[-1])
+    assert fast.summary.startswith("every layer of the graph") and len(fast.steps) == 1
+    for tile, threads in ((16, 1), (32, 2), (64, 2)):
+        fast.steps[0].tile, fast.steps[0].threads = tile, threads
+        torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast(x.flatten(1)), model(x), atol=1e-5, rtol=1e-5)  # Normalize reshapes it
+    x[0, 0, 3, 3] = float("nan")
+    assert fast(x)[0].isnan().all() and not fast(x)[1:].isnan().any()
+    other = torch.rand(batch, 1, 10, 10)  # inputs it was not planned for: the model as given
+    with pytest.raises(ValueError, match="reads images of 64 values"):
+        fast(other)
+
+
+def test_a_graphs_buffers_are_taken_when_made_and_given_back_after_their_last_reader():
+    from pruning import graph, graphplan, wholegraph
+    joined = graph.of(residual())
+    layers = graphplan.norms_folded(joined.layers, joined.inputs)
+    shapes, _ = graphplan.seen_on(layers, joined.inputs, torch.rand(2, 1, 8, 8))
+    nodes, cats, _ = wholegraph.nodes_of(layers, joined.inputs, shapes)
+    names = [(type(n.layer.module if hasattr(n, "layer") and hasattr(n.layer, "module") else n.layer).__name__,
+              n.activation, n.adds is not None) for _, n in sorted(nodes.items())]
+    assert names == [("Conv2d", kernels.RELU, False), ("Conv2d", kernels.RELU, False),  # the stem; the block's first
+                     ("Conv2d", kernels.RELU, True),  # its second, the stem's outputs added, then its ReLU
+                     ("Conv2d", kernels.RELU, False), ("Conv2d", kernels.NONE, True),  # the strided branch beside
+                     ("AvgPool2d", kernels.NONE, False), ("MaxPool2d", kernels.NONE, False),  # the projection
+                     ("Linear", kernels.NONE, False)]
+    assert len(cats) == 1
+    # (reads, writes, at row, adds): the input in buffer 0; the stem's outputs kept in 1 for the sum
+    assert wholegraph.routes_of(nodes) == [(0, 1, 0, -1), (1, 0, 0, -1), (0, 2, 0, 1), (2, 0, 0, -1), (2, 1, 0, 0),
+                                           (1, 2, 0, -1), (1, 2, 6, -1), (2, 1, 0, -1)]
+
+
+def test_a_graph_the_kernel_cannot_run_in_one_call_is_refused_before_any_buffer():
+    from pruning import graph, graphplan, wholegraph
+
+    class Shared(nn.Module):  # the sum's later part also read by the concatenation: not added into it
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.fc = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1), nn.Linear(256, 3)
+
+        def forward(self, x):
+            h = self.a(x)
+            y = self.b(h)
+            return self.fc(torch.flatten(torch.cat([y + h, y], 1), 1))
+
+    for model in (Shared().eval(), nn.Sequential(nn.Conv2d(1, 2, 3), nn.GELU(), nn.Flatten(), nn.Linear(72, 3))):
+        joined = graph.of(model)
+        shapes, _ = graphplan.seen_on(list(joined.layers), joined.inputs, torch.rand(2, 1, 8, 8))
+        assert wholegraph.nodes_of(list(joined.layers), joined.inputs, shapes) is None
 
 
 def test_a_max_pooling_to_one_value_a_channel_is_taken_as_each_channels_largest():
