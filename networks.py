@@ -285,7 +285,7 @@ def speeds(models, x):
         for what, model in kept.items():
             fewer = pruning.flops(dense, x[:1]) / pruning.flops(model, x[:1])
             times = inference.speedups(dense, model, x)
-            summary = pruning.for_inference(model, 32).summary.split(":")[0]
+            summary = pruning.for_inference(model, 32).summary.split(":")[0].split(" (")[0]
             cells = " | ".join(f"{times[str(b)]:.2f}x" for b in inference.BATCHES)
             print(f"| {name} | {what} | {fewer:.1f}x | {cells} | {summary} (batch 32) |", flush=True)
 

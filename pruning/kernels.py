@@ -1,5 +1,7 @@
 """The sparse kernel: a chain of fully connected layers run on a batch in one compiled call, each
-layer stored as its non-zeros (compressed sparse rows) or whole. It is written in LLVM's language
+layer stored as its non-zeros (compressed sparse rows) or whole; or a graph's layers, each reading
+and writing the buffers its entry in the layer table names, a residual sum added into a layer's
+outputs before its activation (wholegraph.py). It is written in LLVM's language
 (jit.py) and compiled for the CPU it runs on, once a process, when a model is first prepared for
 inference (under two seconds; its convolutions in strips are strips.py).
 

@@ -142,6 +142,9 @@ class KernelLayers:
         packed = {} if packed is None else packed  # layers already stored, shared by plans of one model
         self.arguments = (layers, dense, inputs, columns, shift, scale, read, checked)
         self.routes = [(k % 2, 1 - k % 2, 0, -1) for k in range(len(layers))] if routes is None else routes
+        if len(self.routes) != len(layers) or any(min(r, w, at) < 0 or a < -1 or w in (r, a)
+                                                  for r, w, at, a in self.routes):
+            raise ValueError(f"each layer must read one buffer and write another: not routes {self.routes}")
         columns = np.arange(inputs) if columns is None else np.asarray(columns)
         first = layers[0][0].in_features if read is None else len(read)
         if len(columns) != first or (len(columns) and not 0 <= columns.min() <= columns.max() < inputs):
@@ -178,8 +181,8 @@ class KernelLayers:
         self.checked = np.arange(inputs, dtype=np.int64) if checked is None else np.asarray(checked, np.int64)
         self.scales = np.array([shift, 1 / scale], np.float32)
         self.inputs, self.outputs = inputs, int(self.layers[-1, 0])
-        self.width = max(inputs, *(self.layers[:, 0] + self.layers[:, 8]).tolist())  # rows, past a concatenation's
-        # earlier parts
+        self.width = max(inputs, *(self.layers[:, 0] + self.layers[:, 8]).tolist(),  # rows, past a concatenation's
+                         *(layer.in_features for layer, _ in layers))  # earlier parts; what each layer reads
         self.tile, self.threads = TILES[-1], 1
         fields = dict(layers=self.layers, count=len(self.layers), indptr=self.indptr, indices=self.indices,
                       data=self.data, bias=self.bias, blocks=self.blocks, block_count=len(self.blocks),

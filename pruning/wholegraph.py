@@ -159,4 +159,5 @@ def one_call(given, layers, inputs, shapes, shape, batch, loose, packed):
             else "sparse" if isinstance(layer.module, nn.AvgPool2d) else "strips" for layer, _ in run]
     kernel = KernelLayers(run, [w in ("rows", "strips") for w in ways], math.prod(shape), None, shift, scale,
                           packed=packed, routes=routes_of(nodes))
-    return Prepared(nn.Sequential(), [kernel], shape, loose, given, ways, what="every layer of the graph")
+    return Prepared(nn.Sequential(), [kernel], shape, loose, given, ways,
+                    what="every layer of the graph, in one kernel call")

@@ -369,6 +369,11 @@ def test_a_wrong_example_is_refused_before_the_kernel_reads_it():
     _, run = plans.split(pruning.chain.layers(model))
     with pytest.raises(ValueError, match="reads 1000 of 16 inputs"):
         packing.KernelLayers(run, [False], 16)
+    _, run = plans.split(pruning.chain.layers(sparse_mlp()))
+    for routes in ([(0, 0, 0, -1)] * 3, [(0, 1, 0, -1), (1, 0, 0, 0), (0, 1, 0, -1)], [(0, 1, -3, -1)] * 3,
+                   [(0, 1, 0, -1)] * 2):  # a layer writing what it reads or adds, above its buffer, one route short
+        with pytest.raises(ValueError, match="each layer must read one buffer and write another"):
+            packing.KernelLayers(run, [False] * 3, 40, routes=routes)
 
 
 @pytest.mark.parametrize("default", [torch.float16, torch.bfloat16, torch.float64, "meta"])
