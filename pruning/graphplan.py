@@ -3,7 +3,8 @@ BatchNorm that only a convolution feeds is folded into it; each run of layers th
 that one path goes through (convolutions and max-poolings as lowering.py lowers them, a flatten,
 fully connected layers, each maybe followed by a ReLU) becomes one kernel call, timed against
 PyTorch on the inputs it gets there at the batch size asked; the sums, concatenations and
-everything else stay PyTorch's. The whole is then timed against the model as given."""
+everything else stay PyTorch's. Where the kernel runs every node, the whole graph in one call
+(wholegraph.py) is timed beside that plan, and the fastest of them and the model as given kept."""
 
 import copy
 import math
@@ -153,7 +154,8 @@ class FastGraph(nn.Module):
 @torch.no_grad()
 def prepared(given, joined, shape, batch, x, threads, pick=fastest):
     """given (a graph, joined: its graph.Graph) ready to predict: each run in the kernel where that
-    is faster at this batch size on x, the whole against given; None where no run is faster.
+    is faster at this batch size on x, or the whole graph in one kernel call, whichever is faster,
+    against given; None where neither is faster than given.
     pick(candidates, x): the one to keep, the incumbent first (plans.fastest: by timing them)."""
     layers = pools_made_faster(norms_folded(joined.layers, joined.inputs))
     shapes, seen = seen_on(layers, joined.inputs, x)  # each run timed on the inputs it gets

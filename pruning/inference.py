@@ -6,7 +6,8 @@ kernel, the densest layers in PyTorch, all in PyTorch) are timed on this machine
 size beside the model as given, and the fastest is kept, so what it returns is never slower than
 what it was given. Where a chain's convolutions and max-poolings can all be lowered to the
 kernel's rows (lowering.py: LeNet-5's), a plan running everything from its first convolution in
-the kernel is timed against the best of those too; otherwise they stay PyTorch's.
+the kernel is timed against the best of those too; otherwise they stay PyTorch's. A graph
+(residual sums, concatenations) goes to graphplan.py.
 """
 
 import copy
@@ -44,12 +45,12 @@ BATCHES = (1, 32, 10000)  # the batch sizes every speed-up is measured at
 @torch.no_grad()
 def for_inference(model: nn.Module, batch_size: int = 32, *, example: torch.Tensor | None = None) -> nn.Module:
     """A copy of model for predicting on the CPU, about batch_size inputs a call: in eval mode,
-    without gradients, its last run of fully connected layers computed on their non-zeros where
-    that is faster here, and the model as given kept where that is faster still. It predicts as
-    model does: its logits differ only by float rounding (the sums run in another order). What it
-    returns says what it did in its `summary`; where it cannot run any layer faster (a graph, no
-    fully connected layers at the end, not fp32, hooks, no llvmlite) it returns the model as given
-    with a warning.
+    without gradients, its last run of fully connected layers (a chain's convolutions too; a graph's
+    runs of layers, or the whole graph in one call) computed on their non-zeros where that is
+    faster here, and the model as given kept where that is faster still. It predicts as model
+    does: its logits differ only by float rounding (the sums run in another order). What it
+    returns says what it did in its `summary`; where it cannot run any layer faster (no layer the
+    kernel runs, not fp32, hooks, no llvmlite) it returns the model as given with a warning.
     example: a batch of the model's inputs, needed only for a model that does not start with
     nn.Linear or this project's Normalize or KeepInputs.
 
