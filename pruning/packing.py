@@ -157,9 +157,9 @@ class KernelLayers:
             whole = whole and not (k == 0 and isinstance(layer, Lowered) and not np.array_equal(
                 columns, np.arange(inputs)))  # a strip's outputs read inputs a step apart: all the inputs, in order
             key = (id(layer), whole, None if read_here is None else tuple(read_here))
-            if key not in packed:
-                packed[key] = layer_rows(layer, whole, read_here)
-            lengths, index, values, bias, storage, strips = packed[key]
+            if key not in packed:  # the layer kept beside its rows: no other object takes its id while packed lives
+                packed[key] = layer, layer_rows(layer, whole, read_here)
+            lengths, index, values, bias, storage, strips = packed[key][1]
             rows, groups = len(bias), len(lengths)
             if k == 0:  # a tile reads the input's columns; one image, those columns picked in order
                 first_indices, index = index, columns[index]

@@ -2,6 +2,7 @@
 (one image, tiles, four rows at a time, threads) checked against PyTorch on small models."""
 
 import copy
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -360,6 +361,21 @@ def test_random_chains_through_the_kernel_give_the_models_logits(seed):
         kernel.threads = int(rng.integers(1, 3))
     with torch.no_grad():
         assert torch.allclose(fast(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_layer_made_after_another_was_dropped_is_stored_as_itself():
+    import gc
+    torch.manual_seed(0)
+    packed, shape = {}, (2, 6, 6)
+    convs = [nn.Conv2d(2, 3, 3, padding=1).eval() for _ in range(20)]
+    x = torch.rand(4, *shape)
+    for conv in convs:  # each wrapper dropped before the next is made: CPython hands its memory, and id, on
+        layer = lowering.Lowered(conv, shape)
+        kernel = packing.KernelLayers([(layer, kernels.NONE)], [False], math.prod(shape), packed=packed)
+        with torch.no_grad():
+            torch.testing.assert_close(kernel(x.flatten(1)), conv(x).flatten(1), atol=1e-5, rtol=1e-5)
+        del layer, kernel
+        gc.collect()
 
 
 def test_a_wrong_example_is_refused_before_the_kernel_reads_it():
