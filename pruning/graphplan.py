@@ -12,11 +12,11 @@ import math
 import torch
 import torch.nn as nn
 
-from pruning import graph, lowering, wholegraph
+from pruning import graph, wholegraph
 from pruning.kernels import NONE, RELU
-from pruning.lowering import Lowered, lowerable
+from pruning.lowering import lowerable
 from pruning.model import KeepInputs, Normalize
-from pruning.plans import SKIPPED, as_written, fastest, plain, plan, sized, tune, ways_of
+from pruning.plans import SKIPPED, as_written, fastest, flattens, plain, plan, sized, tune, ways_of
 
 CALIBRATION = 2048  # the most inputs a graph's plan is timed on: a convolution's activations are tens of MB by
 # then, past every cache, as at any larger batch; a ResNet's dense call on 10,000 takes seconds, timed many times
@@ -98,11 +98,6 @@ def runs(layers, inputs, shapes):
     return found
 
 
-def flattens(layer):
-    """Whether layer is a flatten that keeps the batch (the kernel's rows are flat already)."""
-    return as_written(layer, nn.Flatten) and layer.start_dim == 1 and layer.end_dim == -1
-
-
 class Segment(nn.Module):
     """A run of nodes as one kernel call (a plans.Prepared, which runs the layers in PyTorch for
     inputs it was not planned for), its output given the shape the run's last node gives."""
@@ -120,13 +115,11 @@ def kernel_run(layers, members, shapes, in_shape, batch, packed):
     run, shape = [], in_shape
     for k in members:
         layer = layers[k]
-        if lowerable(layer) and len(shape) == 3:
-            lowered = Lowered(layer, shape)
-            if lowered.entries() > lowering.MAX_STORED:
+        if lowerable(layer) and len(shape) == 3 or isinstance(layer, nn.Linear):
+            stored = wholegraph.kernel_layer(layer, shape)
+            if stored is None:
                 return None
-            run.append((lowered, NONE))
-        elif isinstance(layer, nn.Linear):
-            run.append((layer, NONE))
+            run.append((stored, NONE))
         elif isinstance(layer, nn.ReLU):
             run[-1] = (run[-1][0], RELU)
         shape = shapes[k]

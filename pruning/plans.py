@@ -218,7 +218,7 @@ def lowered(layers, shape):
     if start is None:
         return None
     flatten = [k for k, m in enumerate(layers[start:], start) if as_written(m, nn.Flatten)]
-    if len(flatten) != 1 or layers[flatten[0]].start_dim != 1 or layers[flatten[0]].end_dim != -1:
+    if len(flatten) != 1 or not flattens(layers[flatten[0]]):
         return None
     tail = split(layers[flatten[0] + 1:])
     if tail is None or tail[0]:  # the flatten must lead straight into the fully connected run
@@ -247,11 +247,16 @@ def lowered(layers, shape):
 
 
 def ways_of(run, batch):
-    """How the kernel stores each layer of a run: a pooling's windows ('max'), a convolution's
-    non-zeros in strips of outputs along the image's rows ('strips'), a fully connected layer by
-    its density (way)."""
-    return [("max" if isinstance(layer.module, nn.MaxPool2d) else "strips") if isinstance(layer, Lowered)
-            else way(layer, batch) for layer, _ in run]
+    """How the kernel stores each layer of a run: a max-pooling's windows ('max'), an average
+    pooling's as rows of weights 1 / window ('sparse'), a convolution's non-zeros in strips of
+    outputs along the image's rows ('strips'), a fully connected layer by its density (way)."""
+    lowered = {nn.MaxPool2d: "max", nn.AvgPool2d: "sparse", nn.Conv2d: "strips"}
+    return [lowered[type(layer.module)] if isinstance(layer, Lowered) else way(layer, batch) for layer, _ in run]
+
+
+def flattens(layer):
+    """Whether layer is a flatten that keeps the batch (the kernel's rows are flat already)."""
+    return as_written(layer, nn.Flatten) and layer.start_dim == 1 and layer.end_dim == -1
 
 
 def plan(before, run, ways, folded, shape, loose, given, packed=None, what="fully connected layers"):

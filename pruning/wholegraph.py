@@ -17,7 +17,7 @@ from pruning.kernels import NONE, RELU
 from pruning.lowering import MAX_STORED, Lowered, lowerable
 from pruning.model import Normalize
 from pruning.packing import KernelLayers
-from pruning.plans import SKIPPED, Prepared, as_written, way
+from pruning.plans import SKIPPED, Prepared, as_written, flattens, ways_of
 
 INPUT = -1  # the node whose outputs are the model's input (the kernel's buffer 0)
 
@@ -55,16 +55,14 @@ def whole_image(layer):
 
 def passes(layer):
     """Whether layer hands its input on as the kernel holds it: nothing in eval mode, or a flatten
-    keeping the batch (the kernel's rows are flat already)."""
-    return as_written(layer, SKIPPED) or as_written(layer, nn.Flatten) and layer.start_dim == 1 \
-        and layer.end_dim == -1
+    keeping the batch."""
+    return as_written(layer, SKIPPED) or flattens(layer)
 
 
 def nodes_of(layers, inputs, shapes):
-    """(the kernel's layers, each a Node, by the graph node it computes, in order; the node holding
-    each graph node's outputs; the input normalisation (shift, scale)), or None where some node is
-    none of those the module's docstring names."""
-    count, owner, nodes, cats = graph.consumers(inputs), {INPUT: INPUT}, {}, set()
+    """(the kernel's layers, each a Node, by the graph node it computes; the input normalisation
+    (shift, scale)), or None where some node is none of those the module's docstring names."""
+    count, owner, nodes = graph.consumers(inputs), {INPUT: INPUT}, {}
     shift, scale = 0.0, 1.0
     through = {}  # a node handing on another's outputs: the node it reads
 
@@ -103,7 +101,6 @@ def nodes_of(layers, inputs, shapes):
                     return None
                 nodes[made].into, row = (k, row), row + math.prod(shapes[r])
             owner[k] = k
-            cats.add(k)
         elif len(reads) == 1 and (made := kernel_layer(layer, shapes[reads[0]])) is not None:
             nodes[k], owner[k] = Node(made, owner[reads[0]]), k
         else:
@@ -112,7 +109,7 @@ def nodes_of(layers, inputs, shapes):
     if not nodes or last != max(nodes) or nodes[last].into is not None or len(shapes[len(layers) - 1]) != 1 \
             or nodes[min(nodes)].reads != INPUT:
         return None
-    return nodes, cats, (shift, scale)
+    return nodes, (shift, scale)
 
 
 def routes_of(nodes):
@@ -153,10 +150,9 @@ def one_call(given, layers, inputs, shapes, shape, batch, loose, packed):
     found = nodes_of(layers, inputs, shapes)
     if found is None:
         return None
-    nodes, _, (shift, scale) = found
+    nodes, (shift, scale) = found
     run = [(nodes[k].layer, nodes[k].activation) for k in sorted(nodes)]
-    ways = [way(layer, batch) if isinstance(layer, nn.Linear) else "max" if isinstance(layer.module, nn.MaxPool2d)
-            else "sparse" if isinstance(layer.module, nn.AvgPool2d) else "strips" for layer, _ in run]
+    ways = ways_of(run, batch)
     kernel = KernelLayers(run, [w in ("rows", "strips") for w in ways], math.prod(shape), None, shift, scale,
                           packed=packed, routes=routes_of(nodes))
     return Prepared(nn.Sequential(), [kernel], shape, loose, given, ways,
