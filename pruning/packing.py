@@ -6,6 +6,7 @@ import ctypes
 import functools
 import itertools
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,6 +16,9 @@ import torch
 from pruning import kernels
 from pruning.kernels import TILES
 from pruning.lowering import Lowered
+
+GIL = getattr(sys, "_is_gil_enabled", lambda: True)()  # whether a call that keeps the GIL runs alone (a
+# free-threaded Python may turn the GIL on as it runs, never off)
 
 
 def aligned(buffer):
@@ -111,13 +115,6 @@ def layer_rows(layer, whole, read):
     return lengths, index, values, bias, kernels.WHOLE if whole else kernels.SPARSE, None
 
 
-def one_image(run, plan, scales, inputs, one, two):
-    """run(x, out): one image at address x through the kernel's call `run` (kernels.driver's
-    run_1), its outputs to address out, in the buffers at one and two (their addresses bound once:
-    a call of one image takes microseconds)."""
-    return lambda x, out: run(plan, scales, x, inputs, 0, 1, out, one, two)
-
-
 def rebuilt(arguments, tile, threads, routes=None):
     """A KernelLayers from the arguments it was made with, tuned as given (for copies and pickles:
     a KernelLayers holds the raw addresses of its own arrays)."""
@@ -193,11 +190,12 @@ class KernelLayers:
         self.plan_at, self.scales_at = self.plan.ctypes.data, self.scales.ctypes.data
         self.scratch, self.scratch_free = empty(0), threading.Lock()  # buffers kept between calls
         self.buffers = 1 + max(max(route[:2] + route[3:]) for route in self.routes)
-        self.one = empty(self.buffers * self.width + 16)  # one image's buffers, under the same lock
+        self.one = empty(self.buffers * self.width + 16)  # one image's buffers (under the GIL, or that lock)
         self.one_at = aligned(self.one)
-        self.runs = kernels.compiled()[1]
-        self.one_image = one_image(self.runs[1], self.plan_at, self.scales_at, inputs, self.one_at,
-                                   self.one_at + 4 * self.width)
+        _, self.runs, self.run_image = kernels.compiled()
+        self.image_arguments = np.array([self.plan_at, self.scales_at, inputs, self.one_at,
+                                         self.one_at + 4 * self.width], np.int64)  # kernels.IMAGE
+        self.image_at = self.image_arguments.ctypes.data
 
     def __reduce__(self):
         return rebuilt, (self.arguments, self.tile, self.threads, self.routes)
@@ -210,13 +208,24 @@ class KernelLayers:
                              f"not {x.dtype} {tuple(x.shape)} on {x.device}")
         return self.run(x)
 
+    def image(self, x):
+        """run for one image (a contiguous fp32 CPU tensor of `inputs` values, checked by the caller)."""
+        out = x.new_empty(1, self.outputs)  # x's dtype and device: fp32 on the CPU (a few tenths of a µs
+        if GIL:  # less than torch.empty naming them)
+            self.run_image(self.image_at, x.data_ptr(), out.data_ptr())
+            return out
+        return self.run(x)
+
     def run(self, x):
         """__call__ without its checks, for a caller that has made them (plans.Prepared)."""
         batch = x.shape[0]
         out = torch.empty(batch, self.outputs, dtype=torch.float32, device=CPU)  # empty(), a call less
-        if batch == 1 and self.scratch_free.acquire(blocking=False):
-            try:  # one image: the call alone, its buffers made once (a few µs of Python are most of its time)
-                self.one_image(x.data_ptr(), out.data_ptr())
+        if batch == 1 and GIL:  # one image: the call alone, in the buffers made for it (a few µs of Python are
+            self.run_image(self.image_at, x.data_ptr(), out.data_ptr())  # most of its time), under the GIL
+            return out
+        if batch == 1 and self.scratch_free.acquire(blocking=False):  # a Python without a GIL: under the lock
+            try:
+                self.run_image(self.image_at, x.data_ptr(), out.data_ptr())
             finally:
                 self.scratch_free.release()
             return out

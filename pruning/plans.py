@@ -27,6 +27,9 @@ MAX_BATCH = 1 << 20
 ROWS_ABOVE = {1: 0.25, "more": 0.5}  # density from which the kernel runs a layer faster whole than by its
 # non-zeros, at batch 1 and above (a 512-256 layer on a Xeon: 25% at 1, 50% at 32, 40% at 2,048; speed.md)
 DENSE_ABOVE = 0.5  # density from which a layer is tried in PyTorch (dense) beside the kernel
+GLOBAL_HOOKS = (module_hooks._global_forward_hooks, module_hooks._global_forward_pre_hooks,
+                module_hooks._global_backward_hooks, module_hooks._global_backward_pre_hooks)  # the dicts
+# torch.nn.modules.module.register_module_forward_hook and its kin add to (and their handles remove from)
 CALIBRATION = 10000  # the most inputs a plan is timed on: a larger batch is more tiles of the same (a
 # smaller one may sit in a cache the batch asked for does not)
 
@@ -64,6 +67,9 @@ class Prepared(nn.Module):
                             for table in (m._forward_hooks, m._forward_pre_hooks)]
         self.hooks_planned = self.hooks()
         self.unhooked = self.hooks_planned == 0
+        self.images = {(1, *self.shape), *([(1, self.inputs)] if loose else [])} if self.one_call else set()
+        self.watched = [self._forward_hooks, self._forward_pre_hooks, self._backward_hooks, self._backward_pre_hooks,
+                        *self.hook_tables]  # none holds a hook, nor GLOBAL_HOOKS: one image goes straight through
 
     def hooks(self):
         """How many forward hooks the run's layers hold (a pruning mask's among them)."""
@@ -71,21 +77,38 @@ class Prepared(nn.Module):
 
     def __call__(self, *args, **kwargs):
         """nn.Module's call, straight to forward where nothing else would run (no hook, global or
-        the model's own; not compiled or traced): a call of one image takes microseconds, and this
-        saves a few tenths of one."""
+        the model's own; not compiled or traced), and for one image of a model that is one kernel
+        call, straight to the kernel: a call of one image takes microseconds, and this saves one."""
+        if self.images and len(args) == 1 and not kwargs:
+            x = args[0]
+            if (type(x) is torch.Tensor and (x.shape in self.images or self.image_shaped(x))
+                    and x.dtype is torch.float32 and x.is_cpu and x.layout is torch.strided
+                    and not x.requires_grad and x.is_contiguous() and self.unhooked and not any(self.watched)
+                    and not any(GLOBAL_HOOKS) and self._compiled_call_impl is None and not torch._C._is_tracing()
+                    and not torch.compiler.is_compiling()):  # planned_for's checks, and nn.Module's
+                return self.steps[0].image(x)
         if (kwargs or len(args) != 1 or self._compiled_call_impl is not None or self._forward_hooks
                 or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks or any_global_hook()
                 or torch.jit.is_tracing()):
             return super().__call__(*args, **kwargs)
         return self.forward(args[0])
 
+    def image_shaped(self, x):
+        """Whether x is one image of the planned size in a shape not seen before (where the model reshapes
+        its input: (1, 1, 28, 28) as well as (1, 784)); if so, its shape is remembered."""
+        if self.loose and x.dim() > 1 and x.shape[0] == 1 and x.numel() == self.inputs:
+            self.images.add(x.shape)
+            return True
+        return False
+
     def planned_for(self, x):
         """Whether x is a batch this plan computes: a plain fp32 tensor on the CPU with no gradient,
         each input of the planned shape (of its size, where the model reshapes its input), not traced
         or compiled, and no hook registered on the layers since planning (measure.flops', say: the
         model as given runs it). One expression: batch 1 takes microseconds."""
-        return (type(x) is torch.Tensor and x.dtype is torch.float32 and x.is_cpu and not x.requires_grad
-                and x.dim() > 1 and (sized(x, self.inputs) if self.loose else x.shape[1:] == self.shape)
+        return (type(x) is torch.Tensor and x.dtype is torch.float32 and x.is_cpu and x.layout is torch.strided
+                and not x.requires_grad and x.dim() > 1
+                and (sized(x, self.inputs) if self.loose else x.shape[1:] == self.shape)
                 and (not any(self.hook_tables) if self.unhooked else self.hooks() == self.hooks_planned)
                 and not (torch.jit.is_tracing() or torch.compiler.is_compiling()))
 
@@ -113,8 +136,7 @@ def sized(x, inputs):
 def any_global_hook():
     """Whether a hook registered for every module (torch.nn.modules.module.register_module_forward_hook
     and its kin) would run."""
-    return bool(module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks
-                or module_hooks._global_backward_hooks or module_hooks._global_backward_pre_hooks)
+    return any(GLOBAL_HOOKS)
 
 
 def plain(x):
