@@ -11,7 +11,8 @@ inputs are transposed 16 by 16 with shuffles as they are read, its outputs as th
 Each output unit of the tile is summed in vector registers over its row's stored weights, each
 weight times the vectors of the input it reads, and stored once; a layer stored whole is computed
 four rows at a time, so that each input vector is loaded once for the four. A tile of one image
-(batch 1) sums each output in a register, a whole row as a contiguous dot product. Every pointer
+(batch 1) sums each output in a register, a whole row as a contiguous dot product; its first layer,
+stored as its non-zeros, is taken by its columns where most of the image is zero (columns.py). Every pointer
 the kernel is given is marked as overlapping no other, so nothing is reloaded or checked inside
 its loops. An image with a NaN or an infinity among the inputs its model's first layer reads gets
 NaN outputs, as from dense layers (summed, then tested one by one where the sum is not finite)."""
@@ -19,6 +20,7 @@ NaN outputs, as from dense layers (summed, then tested one by one where the sum 
 import ctypes
 import functools
 
+from pruning.columns import DECLARATIONS, columns_1, nonzero
 from pruning.jit import LANES, VECTOR, accumulate, function, load, loop, output, splat, store, when
 from pruning.strips import LAYER, strips, strips_of_one
 
@@ -35,8 +37,10 @@ FIELDS = 10  # a layer's entry in the layer table: rows (its outputs), where its
 # added to its own before the activation (-1: none). Buffer k of a tile is `width` rows of the tile's images
 # from one + k * (two - one): a chain reads buffers 0, 1, 0, ... and writes 1, 0, 1, ...
 PLAN = ("layers", "count", "indptr", "indices", "data", "bias", "blocks", "block_count", "inputs", "outputs",
-        "columns", "column_count", "first_indices", "checked", "checked_count")  # the model, as the kernel is
-# given it (int64 each)
+        "columns", "column_count", "first_indices", "checked", "checked_count", "by_columns", "lit_most",
+        "column_pointers", "column_rows", "column_values", "column_bias")  # the model, as the kernel is given it
+# (int64 each); by_columns: the buffer one image lists its inputs that are not zero in, where its first layer
+# may be taken by columns (else 0), up to lit_most of them (columns.py)
 ARGUMENTS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]  # of run_<tile>: see driver
 IMAGE = ("plan", "scales", "inputs", "one", "two")  # what run_image is given of one model (int64 each)
@@ -242,13 +246,24 @@ def driver(width):
     buffers, each `width` times the widest layer's (or the input's) floats."""
     body = "".join(load(f"{name}.n", "i64", "%plan", k) for k, name in enumerate(PLAN))
     body += "".join(f"  %{name} = inttoptr i64 %{name}.n to ptr\n" for name in
-                    ("layers", "indptr", "indices", "data", "bias", "blocks", "columns", "first_indices", "checked"))
+                    ("layers", "indptr", "indices", "data", "bias", "blocks", "columns", "first_indices", "checked",
+                     "column_pointers", "column_rows", "column_values", "column_bias"))
     body += load("shift", "float", "%scales", 0) + load("inverse", "float", "%scales", 1)
+    body += ("  %one.n = ptrtoint ptr %one to i64\n  %two.n = ptrtoint ptr %two to i64\n"
+             "  %apart = sub i64 %two.n, %one.n\n")
     arguments = f"i64 {width}, float %shift, float %inverse"
     if width == 1:
-        inputs = ("  %image.at = mul i64 %t, %stride\n  %image = getelementptr inbounds float, ptr %x, i64 %image.at\n"
-                  "  call void @pick(ptr %image, ptr %columns, i64 %column_count.n, ptr %one, float %shift, "
+        picked = ("  call void @pick(ptr %image, ptr %columns, i64 %column_count.n, ptr %one, float %shift, "
                   "float %inverse)\n")
+        listed = ("  call void @nonzero(ptr %image, i64 %inputs.n, ptr %list, ptr %lit.p)\n"
+                  "  %lit = load i64, ptr %lit.p\n  %few = icmp ule i64 %lit, %lit_most.n\n"
+                  "  store i1 %few, ptr %by.p\n")
+        inputs = ("  %image.at = mul i64 %t, %stride\n  %image = getelementptr inbounds float, ptr %x, i64 %image.at\n"
+                  "  %list.at = mul i64 %by_columns.n, %apart\n"
+                  "  %list = getelementptr inbounds i8, ptr %one, i64 %list.at\n"
+                  "  store i1 false, ptr %by.p\n  %columnar = icmp ne i64 %by_columns.n, 0\n"
+                  + when("columnar", "%columnar", listed) + "  %by = load i1, ptr %by.p\n"
+                  + when("picked", "%by", "", picked))
     else:
         block = (load("start", "i64", "%blocks", "%b")
                  + "  %src = getelementptr inbounds float, ptr %g.src, i64 %start\n"
@@ -267,6 +282,12 @@ def driver(width):
         inputs = when("full", "%full", full, part)
     layer_entry = "".join(load(f"{field}", "i64", "%info", k) for k, field in enumerate(
         ("rows", "pointers", "biases", "activation", "storage", "groups", "reads", "writes", "offset", "adds")))
+    rows = when("strip", "%strip", *(f"  call void @{kind}_{width}(i64 %groups, ptr %pointers.l, ptr %indices.l, "
+                                      "ptr %data, ptr %bias.l, i1 %relu.now, i64 %storage, ptr %from, ptr %to)\n"
+                                      for kind in ("strips", "layer")))
+    by_columns = ("  %lit.now = load i64, ptr %lit.p\n"
+                  "  call void @columns_1(ptr %image, ptr %list, i64 %lit.now, ptr %column_pointers, ptr %column_rows, "
+                  "ptr %column_values, ptr %column_bias, i64 %rows, i1 %relu.now, ptr %to)\n")
     buffers = ("  %from.at = mul i64 %reads, %apart\n  %from = getelementptr inbounds i8, ptr %one, i64 %from.at\n"
                "  %to.at = mul i64 %writes, %apart\n  %to.base = getelementptr inbounds i8, ptr %one, i64 %to.at\n"
                f"  %to.row = mul i64 %offset, {width}\n"
@@ -282,14 +303,12 @@ def driver(width):
             "ptr %indices\n"
             f"  %strip = icmp eq i64 %storage, {STRIP}\n"
             + "  %not.added = xor i1 %added, true\n  %relu.now = and i1 %relu, %not.added\n"
-            + when("strip", "%strip", *(f"  call void @{kind}_{width}(i64 %groups, ptr %pointers.l, ptr %indices.l, "
-                                        "ptr %data, ptr %bias.l, i1 %relu.now, i64 %storage, ptr %from, ptr %to)\n"
-                                        for kind in ("strips", "layer")))
+            + ("  %by.now = load i1, ptr %by.p\n  %first.by = and i1 %first.layer, %by.now\n" if width == 1 else "")
+            + (when("by.columns", "%first.by", by_columns, rows) if width == 1 else rows)
             + when("sum", "%added", f"  %sum.count = mul i64 %rows, {width}\n"
                    "  call void @residual(ptr %to, ptr %res, i64 %sum.count, i1 %relu)\n")
             + "  store ptr %to.base, ptr %result.p\n")
-    layers = ("  %one.n = ptrtoint ptr %one to i64\n  %two.n = ptrtoint ptr %two to i64\n"
-              "  %apart = sub i64 %two.n, %one.n\n" + loop("l", 0, "%count.n", step))
+    layers = loop("l", 0, "%count.n", step)
     unit = (f"  %r.row = mul i64 %u, {width}\n  %r.i = add i64 %r.row, %m\n" + load("r", "float", "%result", "%r.i")
             + "  %out.i = add i64 %target.at, %u\n" + store("r", "float", "%r", "%out", "%out.i"))
     poisoned = ("  %in.at = mul i64 %target, %stride\n  %in.row = getelementptr inbounds float, ptr %x, i64 %in.at\n"
@@ -318,8 +337,8 @@ def driver(width):
     body += loop("t", "%first", "%last", tile, width)
     return function(f"void @run_{width}(ptr noalias %plan, ptr noalias %scales, ptr noalias %x, i64 %stride, "
                     "i64 %first, i64 %last, ptr noalias %out, ptr noalias %one, ptr noalias %two)", body,
-                    counters=("t", "s", "g", "b", "l", "m", "u"),
-                    slots=[("result", "ptr"), ("total", "float")])
+                    counters=("t", "s", "g", "b", "l", "m", "u", "lit"),
+                    slots=[("result", "ptr"), ("total", "float"), ("by", "i1")])
 
 
 def residual():
@@ -350,6 +369,7 @@ def source():
             "declare float @llvm.vector.reduce.fadd.v16f32(float, <16 x float>)\n"
             "declare <8 x float> @llvm.fmuladd.v8f32(<8 x float>, <8 x float>, <8 x float>)\n"
             + layer_of_one() + "".join(layer(w) for w in TILES[1:]) + strips_of_one() + "".join(map(strips, TILES[1:]))
+            + DECLARATIONS + nonzero() + columns_1()
             + transpose() + gather() + scatter() + pick()
             + summed() + poison() + residual()
             + "".join(driver(w) for w in TILES) + one_image())

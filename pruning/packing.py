@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from pruning import kernels
+from pruning.columns import COLUMNS_BELOW, columns_of
 from pruning.kernels import TILES
 from pruning.lowering import Lowered
 
@@ -115,6 +116,18 @@ def layer_rows(layer, whole, read):
     return lengths, index, values, bias, kernels.WHOLE if whole else kernels.SPARSE, None
 
 
+def input_read_again(routes):
+    """Whether a layer after the first reads the buffer the first reads (the input, as one image's
+    first layer by its rows reads it: picked and normalised) before a layer writes another there."""
+    buffer = routes[0][0]
+    for reads, writes, _, adds in routes[1:]:
+        if buffer in (reads, adds):
+            return True
+        if writes == buffer:
+            return False
+    return False
+
+
 def rebuilt(arguments, tile, threads, routes=None):
     """A KernelLayers from the arguments it was made with, tuned as given (for copies and pickles:
     a KernelLayers holds the raw addresses of its own arrays)."""
@@ -160,6 +173,7 @@ class KernelLayers:
             rows, groups = len(bias), len(lengths)
             if k == 0:  # a tile reads the input's columns; one image, those columns picked in order
                 first_indices, index = index, columns[index]
+                first = lengths, index, values, bias, storage == kernels.SPARSE and not isinstance(layer, Lowered)
             table.append([rows, pointers_before, rows_before, activation, storage, groups, *self.routes[k]])
             ends = stored + np.cumsum(lengths, dtype=np.int64)
             pointers.append(ends if strips is None else np.column_stack([strips, ends]).ravel())  # start of the
@@ -177,6 +191,13 @@ class KernelLayers:
         self.blocks = (read_blocks * kernels.LANES).astype(np.int64)
         self.checked = np.arange(inputs, dtype=np.int64) if checked is None else np.asarray(checked, np.int64)
         self.scales = np.array([shift, 1 / scale], np.float32)
+        self.buffers = 1 + max(max(route[:2] + route[3:]) for route in self.routes)
+        lengths, index, values, bias, sparse = first
+        self.by_columns = self.buffers if sparse and not input_read_again(self.routes) else 0
+        self.buffers += self.by_columns > 0  # a buffer more, for the list of one image's inputs not zero
+        by_columns = columns_of(lengths, index, values, bias, inputs, float(self.scales[0]), float(self.scales[1])) \
+            if self.by_columns else [np.zeros(1, np.int64)] * 4
+        self.column_pointers, self.column_rows, self.column_values, self.column_bias = by_columns
         self.inputs, self.outputs = inputs, int(self.layers[-1, 0])
         self.width = max(inputs, *(self.layers[:, 0] + self.layers[:, 8]).tolist(),  # rows, past a concatenation's
                          *(layer.in_features for layer, _ in layers))  # earlier parts; what each layer reads
@@ -184,12 +205,14 @@ class KernelLayers:
         fields = dict(layers=self.layers, count=len(self.layers), indptr=self.indptr, indices=self.indices,
                       data=self.data, bias=self.bias, blocks=self.blocks, block_count=len(self.blocks),
                       inputs=inputs, outputs=self.outputs, columns=self.columns, column_count=len(self.columns),
-                      first_indices=self.first_indices, checked=self.checked, checked_count=len(self.checked))
+                      first_indices=self.first_indices, checked=self.checked, checked_count=len(self.checked),
+                      by_columns=self.by_columns, lit_most=int(COLUMNS_BELOW * inputs),
+                      column_pointers=self.column_pointers, column_rows=self.column_rows,
+                      column_values=self.column_values, column_bias=self.column_bias)
         self.plan = np.array([v.ctypes.data if isinstance(v, np.ndarray) else v for v in map(fields.get, kernels.PLAN)],
                              np.int64)
         self.plan_at, self.scales_at = self.plan.ctypes.data, self.scales.ctypes.data
         self.scratch, self.scratch_free = empty(0), threading.Lock()  # buffers kept between calls
-        self.buffers = 1 + max(max(route[:2] + route[3:]) for route in self.routes)
         self.one = empty(self.buffers * self.width + 16)  # one image's buffers (under the GIL, or that lock)
         self.one_at = aligned(self.one)
         _, self.runs, self.run_image = kernels.compiled()

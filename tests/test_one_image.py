@@ -12,7 +12,9 @@ import torch
 import torch.nn as nn
 from test_inference import kernel_of, sparse_mlp
 
-from pruning import kernels, packing, plans
+import pruning
+from pruning import columns, kernels, packing, plans
+from pruning.model import KeepInputs, Normalize
 
 
 def one_call(model, inputs=40, loose=True):
@@ -115,3 +117,63 @@ def test_run_image_is_given_the_model_in_the_order_the_kernel_reads_it():
     assert kernel.one_at % 64 == 0 and kernel.one_at + 4 * kernel.width * kernel.buffers <= (
         kernel.one.data_ptr() + 4 * kernel.one.numel())
     assert np.array_equal(kernel.image_arguments, copy.deepcopy(kernel).image_arguments) is False  # its own arrays
+
+
+def test_a_first_layer_as_columns_by_hand():
+    lengths, index = np.array([2, 0, 1]), np.array([0, 2, 2])  # rows: {0: w 2, 2: w 4}, {}, {2: w 8}
+    values, bias = np.array([2.0, 4.0, 8.0], np.float32), np.array([1.0, 0.0, 0.5], np.float32)
+    pointers, rows, scaled, folded = columns.columns_of(lengths, index, values, bias, 4, 0.25, 2.0)
+    assert pointers.tolist() == [0, 1, 1, 3, 3] and rows.tolist() == [0, 0, 2] and scaled.tolist() == [4, 8, 16]
+    assert folded.tolist() == [1.0 - 0.25 * 12, 0.0, 0.5 - 0.25 * 16]  # bias - shift * inverse * the row's sum
+
+
+def test_the_input_a_first_layer_by_columns_skips_is_read_by_no_other_layer():
+    assert not packing.input_read_again([(0, 1, 0, -1), (1, 0, 0, -1), (0, 1, 0, -1)])  # a chain
+    assert packing.input_read_again([(0, 1, 0, -1), (1, 2, 0, 0)])  # the input added into a later layer
+    assert packing.input_read_again([(0, 1, 0, -1), (1, 2, 0, -1), (0, 1, 0, -1)])  # read again
+    assert not packing.input_read_again([(0, 1, 0, -1), (1, 0, 0, -1), (0, 2, 0, -1)])  # written first
+
+
+def mostly_blank(count, inputs=40, lit=0.2, seed=0):
+    """count inputs with about `lit` of their values not zero (as an MNIST image's pixels), a -0.0 among them."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(count, inputs, generator=generator) * (torch.rand(count, inputs, generator=generator) < lit)
+    x[:, 1] = -0.0
+    return x
+
+
+def test_one_image_with_few_inputs_lit_is_taken_by_columns_and_one_with_many_by_rows():
+    model = nn.Sequential(Normalize(0.25, 0.5, shape=(40,)), *sparse_mlp())
+    kernel = packing.KernelLayers(plans.split(pruning.chain.layers(model))[1], [False] * 3, 40, shift=0.25, scale=0.5)
+    fast = plans.Prepared(nn.Sequential(), [kernel], (40,), True, model, ["sparse"] * 3)
+    assert kernel.by_columns == 2 and kernel.buffers == 3 and kernel.width >= 40
+    blank, lit = mostly_blank(30), torch.rand(30, 40) + 0.1
+    half = mostly_blank(2, lit=1.0) * (torch.arange(40) < 20)  # 20 of 40 lit: at COLUMNS_BELOW, by columns
+    x = torch.cat([blank, lit, half, half + 1])
+    with torch.no_grad():
+        expected = model(x)
+    got = torch.cat([fast(row[None]) for row in x])
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+    kernel.column_values[:] = 0  # the columns' weights gone: only what is taken by columns changes
+    got = torch.cat([fast(row[None]) for row in x])
+    changed = (got - expected).abs().amax(1) > 1e-4
+    assert changed[:30].all() and not changed[30:60].any() and changed[60:62].all() and not changed[62:].any()
+    assert torch.allclose(kernel(x), expected, rtol=1e-5, atol=1e-5)  # a batch: rows, in tiles
+
+
+def test_one_image_by_columns_reads_only_the_inputs_its_first_layer_reads_and_keeps_nans():
+    kept = torch.tensor([3, 5, 8, 13, 21, 34, 39])
+    model = nn.Sequential(KeepInputs(kept, size=40), *sparse_mlp((7, 9, 4)))
+    kernel = packing.KernelLayers(plans.split(pruning.chain.layers(model))[1], [False] * 2, 40, kept.numpy(),
+                                  checked=kept.numpy())  # as for_inference makes it
+    fast = plans.Prepared(nn.Sequential(), [kernel], (40,), True, model, ["sparse"] * 3)
+    assert kernel.by_columns == 2
+    x = mostly_blank(50, lit=0.1)
+    with torch.no_grad():
+        expected = model(x)
+    assert torch.allclose(torch.cat([fast(row[None]) for row in x]), expected, rtol=1e-5, atol=1e-5)
+    x[:, 0] = float("nan")  # read by no layer: no NaN
+    assert torch.allclose(fast(x[:1]), expected[:1], rtol=1e-5, atol=1e-5)
+    for poisoned in (float("nan"), float("inf")):
+        x[0, 5] = poisoned
+        assert fast(x[:1]).isnan().all()  # as a dense layer gives
