@@ -62,7 +62,9 @@ class Prepared(nn.Module):
         self.layers = nn.ModuleList(linear for step in steps for linear in step_linears(step))
         self.shape, self.loose, self.inputs, self.ways = tuple(shape), loose, math.prod(shape), ways
         self.given = [given]  # in a list: not a submodule
-        self.summary = summary(ways, self.runs_before, what)
+        self.summary = summary(ways, self.runs_before, what) + (
+            "; one image's first layer by the columns of its inputs not zero, where at most half are"
+            if self.one_call and self.steps[0].by_columns else "")
         self.hook_tables = [table for layer in self.layers for m in layer.modules()
                             for table in (m._forward_hooks, m._forward_pre_hooks)]
         self.hooks_planned = self.hooks()

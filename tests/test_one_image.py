@@ -147,6 +147,9 @@ def test_one_image_with_few_inputs_lit_is_taken_by_columns_and_one_with_many_by_
     kernel = packing.KernelLayers(plans.split(pruning.chain.layers(model))[1], [False] * 3, 40, shift=0.25, scale=0.5)
     fast = plans.Prepared(nn.Sequential(), [kernel], (40,), True, model, ["sparse"] * 3)
     assert kernel.by_columns == 2 and kernel.buffers == 3 and kernel.width >= 40
+    assert "one image's first layer by the columns" in fast.summary  # and not where it is stored whole:
+    assert "by the columns" not in plans.Prepared(nn.Sequential(), [kernel_of(model[1:], True, 16, 1)], (40,), True,
+                                                  model, ["rows"] * 3).summary
     blank, lit = mostly_blank(30), torch.rand(30, 40) + 0.1
     half = mostly_blank(2, lit=1.0) * (torch.arange(40) < 20)  # 20 of 40 lit: at COLUMNS_BELOW, by columns
     x = torch.cat([blank, lit, half, half + 1])
