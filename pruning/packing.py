@@ -173,7 +173,7 @@ class KernelLayers:
             rows, groups = len(bias), len(lengths)
             if k == 0:  # a tile reads the input's columns; one image, those columns picked in order
                 first_indices, index = index, columns[index]
-                first = lengths, index, values, bias, storage == kernels.SPARSE and not isinstance(layer, Lowered)
+                first_rows = lengths, index, values, bias, storage == kernels.SPARSE and not isinstance(layer, Lowered)
             table.append([rows, pointers_before, rows_before, activation, storage, groups, *self.routes[k]])
             ends = stored + np.cumsum(lengths, dtype=np.int64)
             pointers.append(ends if strips is None else np.column_stack([strips, ends]).ravel())  # start of the
@@ -192,7 +192,7 @@ class KernelLayers:
         self.checked = np.arange(inputs, dtype=np.int64) if checked is None else np.asarray(checked, np.int64)
         self.scales = np.array([shift, 1 / scale], np.float32)
         self.buffers = 1 + max(max(route[:2] + route[3:]) for route in self.routes)
-        lengths, index, values, bias, sparse = first
+        lengths, index, values, bias, sparse = first_rows
         self.by_columns = self.buffers if sparse and not input_read_again(self.routes) else 0
         self.buffers += self.by_columns > 0  # a buffer more, for the list of one image's inputs not zero
         by_columns = columns_of(lengths, index, values, bias, inputs, float(self.scales[0]), float(self.scales[1])) \
@@ -233,11 +233,11 @@ class KernelLayers:
 
     def image(self, x):
         """run for one image (a contiguous fp32 CPU tensor of `inputs` values, checked by the caller)."""
+        if not GIL:
+            return self.run(x)
         out = x.new_empty(1, self.outputs)  # x's dtype and device: fp32 on the CPU (a few tenths of a µs
-        if GIL:  # less than torch.empty naming them)
-            self.run_image(self.image_at, x.data_ptr(), out.data_ptr())
-            return out
-        return self.run(x)
+        self.run_image(self.image_at, x.data_ptr(), out.data_ptr())  # less than torch.empty naming them)
+        return out  # the call alone, in the buffers made for it, under the GIL
 
     def run(self, x):
         """__call__ without its checks, for a caller that has made them (plans.Prepared)."""
